@@ -1,0 +1,212 @@
+"""Kafka adapter (kafka-python): acks=all, idempotent producer, bounded retries.
+
+The only module that imports kafka. Errors leave here as BusError with a one-line
+message that names the bootstrap servers but never credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from pydantic import SecretStr
+
+from chainwatch.bus.base import Bus, Consumer, Message
+from chainwatch.exceptions import BusError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    client_id: str = "chainwatch"
+    partitions: int = 6
+    replication_factor: int = 1
+    session_timeout_ms: int = 10_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def common(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            conf["sasl_mechanism"] = self.sasl_mechanism
+            conf["sasl_plain_username"] = self.sasl_username
+            conf["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            conf["ssl_cafile"] = self.ssl_cafile
+        return conf
+
+
+def _describe(exc: BaseException) -> str:
+    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+class _KafkaConsumer(Consumer):
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+
+    def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Message]:
+        try:
+            batches = self._consumer.poll(
+                timeout_ms=int(timeout * 1000), max_records=max_records
+            )
+        except KafkaError as exc:
+            raise BusError(f"Kafka poll failed: {_describe(exc)}") from None
+        out: list[Message] = []
+        for tp, records in batches.items():
+            for r in records:
+                key = r.key.decode("utf-8", "replace") if r.key is not None else None
+                out.append(Message(tp.topic, key, r.value or b"", tp.partition, r.offset))
+        return out
+
+    def commit(self) -> None:
+        try:
+            self._consumer.commit()
+        except KafkaError as exc:
+            raise BusError(f"Kafka commit failed: {_describe(exc)}") from None
+
+    def lag(self) -> int | None:
+        try:
+            assigned = self._consumer.assignment()
+            if not assigned:
+                return 0
+            ends = self._consumer.end_offsets(list(assigned))
+            return sum(max(ends[tp] - self._consumer.position(tp), 0) for tp in assigned)
+        except (KafkaError, AssertionError, KeyError):
+            return None
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaBus(Bus):
+    name = "kafka"
+
+    def __init__(self, config: KafkaConfig, *, max_retries: int = 10) -> None:
+        self.config = config
+        self.max_retries = max_retries
+        self._producer: KafkaProducer | None = None
+        self._pending: list[Any] = []
+
+    def _producer_or_connect(self) -> KafkaProducer:
+        if self._producer is None:
+            try:
+                self._producer = KafkaProducer(
+                    **self.config.common(),
+                    acks="all",
+                    enable_idempotence=True,
+                    retries=self.max_retries,
+                    retry_backoff_ms=200,
+                    delivery_timeout_ms=60_000,
+                    request_timeout_ms=15_000,
+                    max_block_ms=30_000,
+                    linger_ms=5,
+                    batch_size=256 * 1024,
+                    max_request_size=8 * 1024 * 1024,
+                )
+            except NoBrokersAvailable:
+                raise BusError(
+                    f"cannot reach Kafka at {self.config.bootstrap_servers}"
+                ) from None
+            except KafkaError as exc:
+                raise BusError(f"Kafka producer failed to start: {_describe(exc)}") from None
+        return self._producer
+
+    def check(self) -> None:
+        """Fail fast with one line when the brokers cannot be reached."""
+        self.ensure_topics([])
+
+    def ensure_topics(self, topics: list[str]) -> None:
+        try:
+            admin = KafkaAdminClient(**self.config.common(), request_timeout_ms=10_000)
+        except NoBrokersAvailable:
+            raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
+        except KafkaError as exc:
+            raise BusError(f"Kafka admin failed: {_describe(exc)}") from None
+        try:
+            existing = set(admin.list_topics())
+            missing = {
+                t: {
+                    "num_partitions": self.config.partitions,
+                    "replication_factor": self.config.replication_factor,
+                }
+                for t in topics
+                if t not in existing
+            }
+            if missing:
+                try:
+                    admin.create_topics(missing, wait_for_metadata=True)
+                    log.info("created topics", extra={"topics": sorted(missing)})
+                except TopicAlreadyExistsError:
+                    pass
+        except KafkaError as exc:
+            raise BusError(f"Kafka topic setup failed: {_describe(exc)}") from None
+        finally:
+            admin.close()
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> None:
+        producer = self._producer_or_connect()
+        try:
+            future = producer.send(
+                topic, key=key.encode() if key is not None else None, value=value
+            )
+        except KafkaError as exc:
+            raise BusError(f"Kafka publish failed: {_describe(exc)}") from None
+        self._pending.append(future)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self._producer is None:
+            return
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            raise BusError(f"Kafka flush failed: {_describe(exc)}") from None
+        pending, self._pending = self._pending, []
+        for future in pending:
+            if not future.is_done:
+                self._pending = pending  # keep them: caller retries the whole batch
+                raise BusError("Kafka did not acknowledge all messages in time")
+            if future.failed():
+                raise BusError(f"Kafka rejected a message: {_describe(future.exception)}")
+
+    def consumer(self, topics: list[str], group: str) -> Consumer:
+        try:
+            consumer = KafkaConsumer(
+                *topics,
+                **self.config.common(),
+                group_id=group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=self.config.session_timeout_ms,
+                heartbeat_interval_ms=max(self.config.session_timeout_ms // 4, 500),
+                max_poll_interval_ms=300_000,
+                fetch_max_bytes=32 * 1024 * 1024,
+                max_partition_fetch_bytes=8 * 1024 * 1024,
+            )
+        except NoBrokersAvailable:
+            raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
+        except KafkaError as exc:
+            raise BusError(f"Kafka consumer failed to start: {_describe(exc)}") from None
+        return _KafkaConsumer(consumer)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=10)
+            finally:
+                self._producer.close(timeout=5)
+                self._producer = None

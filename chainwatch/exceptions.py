@@ -1,0 +1,25 @@
+"""Errors chainwatch raises on purpose; each carries a one-line message for users."""
+
+
+class ChainwatchError(Exception):
+    """Base class: anything the CLI may print as one line instead of a traceback."""
+
+
+class InvalidRecord(ChainwatchError):
+    """A message on the bus is not a valid chainwatch record (poison message)."""
+
+
+class ConfigError(ChainwatchError):
+    """A setting or flag is wrong (bad URL scheme, missing value...)."""
+
+
+class RpcError(ChainwatchError):
+    """The node could not be reached or answered with an error. Never holds the URL."""
+
+
+class MalformedRpcPayload(RpcError):
+    """The node answered, but the payload lacks a field or has a wrong type."""
+
+
+class BusError(ChainwatchError):
+    """The bus (Kafka) could not be reached or did not acknowledge a publish."""

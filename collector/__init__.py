@@ -1,0 +1,1 @@
+"""Collectors: follow nodes over JSON-RPC and publish records to the bus."""

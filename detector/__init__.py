@@ -1,0 +1,1 @@
+"""Detectors: consume records, keep per-node state, score, and publish findings."""

@@ -1,0 +1,58 @@
+"""Per-block features, vectorised in polars. Domain code: no I/O.
+
+One definition serves the live path (a poll batch at a time) and training/replay.
+Input columns (one row per block): number, timestamp, parent_timestamp, gas_used,
+gas_limit, tx_count, base_fee_per_gas, parent_base_fee_per_gas, observed_at.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+BLOCK_FEATURES: tuple[str, ...] = (
+    "interval_seconds",
+    "gas_used_ratio",
+    "tx_count",
+    "base_fee_change_ratio",
+    "propagation_delay_seconds",
+)
+
+BLOCK_INPUT_SCHEMA: dict[str, type[pl.DataType]] = {
+    "number": pl.Int64,
+    "timestamp": pl.Int64,
+    "parent_timestamp": pl.Int64,
+    "gas_used": pl.Float64,
+    "gas_limit": pl.Float64,
+    "tx_count": pl.Int64,
+    "base_fee_per_gas": pl.Float64,
+    "parent_base_fee_per_gas": pl.Float64,
+    "observed_at": pl.Float64,
+}
+
+
+def block_features(blocks: pl.DataFrame) -> pl.DataFrame:
+    """Feature columns for each block; rows without a known parent get nulls there."""
+    return blocks.select(
+        pl.col("number"),
+        (pl.col("timestamp") - pl.col("parent_timestamp")).cast(pl.Float64).alias(
+            "interval_seconds"
+        ),
+        pl.when(pl.col("gas_limit") > 0)
+        .then(pl.col("gas_used") / pl.col("gas_limit"))
+        .otherwise(0.0)
+        .alias("gas_used_ratio"),
+        pl.col("tx_count").cast(pl.Float64),
+        pl.when(pl.col("parent_base_fee_per_gas") > 0)
+        .then(pl.col("base_fee_per_gas") / pl.col("parent_base_fee_per_gas") - 1.0)
+        .otherwise(0.0)
+        .fill_null(0.0)
+        .alias("base_fee_change_ratio"),
+        (pl.col("observed_at") - pl.col("timestamp").cast(pl.Float64)).alias(
+            "propagation_delay_seconds"
+        ),
+    )
+
+
+def complete_rows(features: pl.DataFrame) -> pl.DataFrame:
+    """Rows usable by a model: every feature present (the first block has no interval)."""
+    return features.drop_nulls(subset=list(BLOCK_FEATURES))
