@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from pydantic import SecretStr
 
 from chainwatch.bus.base import Bus, Consumer, Message
@@ -32,6 +32,7 @@ class KafkaConfig:
     partitions: int = 6
     replication_factor: int = 1
     session_timeout_ms: int = 10_000
+    bootstrap_timeout_ms: int = 10_000
     extra: dict[str, Any] = field(default_factory=dict)
 
     def common(self) -> dict[str, Any]:
@@ -39,6 +40,7 @@ class KafkaConfig:
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "security_protocol": self.security_protocol,
             "client_id": self.client_id,
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
         }
         if self.sasl_mechanism:
             conf["sasl_mechanism"] = self.sasl_mechanism
@@ -118,7 +120,7 @@ class KafkaBus(Bus):
                     batch_size=256 * 1024,
                     max_request_size=8 * 1024 * 1024,
                 )
-            except NoBrokersAvailable:
+            except KafkaTimeoutError:
                 raise BusError(
                     f"cannot reach Kafka at {self.config.bootstrap_servers}"
                 ) from None
@@ -133,7 +135,7 @@ class KafkaBus(Bus):
     def ensure_topics(self, topics: list[str]) -> None:
         try:
             admin = KafkaAdminClient(**self.config.common(), request_timeout_ms=10_000)
-        except NoBrokersAvailable:
+        except KafkaTimeoutError:
             raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
         except KafkaError as exc:
             raise BusError(f"Kafka admin failed: {_describe(exc)}") from None
@@ -197,7 +199,7 @@ class KafkaBus(Bus):
                 fetch_max_bytes=32 * 1024 * 1024,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
             )
-        except NoBrokersAvailable:
+        except KafkaTimeoutError:
             raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
         except KafkaError as exc:
             raise BusError(f"Kafka consumer failed to start: {_describe(exc)}") from None

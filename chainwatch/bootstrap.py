@@ -1,0 +1,253 @@
+"""The one place where adapters are wired: bus, node RPC, metrics server, loops.
+
+`collect`, `detect` and `run` are the same pieces in different arrangements:
+- run (embedded): collector + detector in one process on the in-process bus;
+- collect / detect: the two halves as separate services joined by Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chainwatch.bus import Bus, EmbeddedBus, Topics
+from chainwatch.exceptions import ConfigError
+from chainwatch.httpserver import Health, serve
+from chainwatch.logs import redact_url
+from chainwatch.metrics import Metrics
+from chainwatch.schema import Finding
+from chainwatch.settings import Settings
+from collector.checkpoint import FileCheckpointStore
+from collector.rpc import NodeRpc, check_url
+from collector.service import BlockCollector, CollectorConfig
+from detector.engine import Detector, DetectorConfig
+from detector.service import DetectorService
+
+log = logging.getLogger("chainwatch")
+
+
+@dataclass
+class Runtime:
+    """What a running process holds; handy for the demo and for tests."""
+
+    settings: Settings
+    bus: Bus
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=lambda: Health(time.time))
+    topics: Topics = field(default_factory=Topics)
+    detector: Detector | None = None
+    metrics_url: str = ""
+    metrics_address: str = ""  # host:port; logged instead of the URL, which scrub() redacts
+
+
+def make_bus(settings: Settings) -> Bus:
+    if not settings.kafka:
+        return EmbeddedBus()
+    from chainwatch.bus.kafka import KafkaBus, KafkaConfig  # only Kafka mode imports kafka
+
+    bus = KafkaBus(
+        KafkaConfig(
+            bootstrap_servers=settings.kafka,
+            security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_username=settings.kafka_sasl_username,
+            sasl_password=settings.kafka_sasl_password,
+            ssl_cafile=settings.kafka_ssl_cafile,
+            partitions=settings.kafka_partitions,
+            replication_factor=settings.kafka_replication_factor,
+        )
+    )
+    bus.ensure_topics(Topics(settings.topic_prefix).all())  # fails fast if unreachable
+    return bus
+
+
+def make_runtime(settings: Settings, bus: Bus | None = None) -> Runtime:
+    return Runtime(
+        settings=settings,
+        bus=bus if bus is not None else make_bus(settings),
+        topics=Topics(settings.topic_prefix),
+    )
+
+
+def start_http(rt: Runtime, chain_view: Callable[[], object] | None = None) -> None:
+    s = rt.settings
+    try:
+        server = serve(s.metrics_host, s.metrics_port, rt.metrics.registry, rt.health, chain_view)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror}"
+        ) from None
+    host = "127.0.0.1" if s.metrics_host in ("0.0.0.0", "") else s.metrics_host
+    rt.metrics_address = f"{host}:{server.server_address[1]}"
+    rt.metrics_url = f"http://{rt.metrics_address}/metrics"
+
+
+def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -> DetectorService:
+    s = rt.settings
+    rt.detector = Detector(
+        DetectorConfig(
+            warmup_blocks=s.warmup_blocks,
+            refit_every_blocks=s.refit_every_blocks,
+            contamination=s.contamination,
+            reorg_warning_depth=s.reorg_warning_depth,
+            reorg_critical_depth=s.reorg_critical_depth,
+        ),
+        rt.metrics,
+    )
+    return DetectorService(rt.bus, rt.topics, rt.detector, rt.health, group=s.group, sinks=sinks)
+
+
+def make_collector(rt: Runtime) -> BlockCollector:
+    s = rt.settings
+    check_node_settings(s)
+    assert s.rpc is not None
+    rpc = NodeRpc(s.rpc.get_secret_value(), node=s.node, timeout=s.rpc_timeout)
+    ws_url = s.ws.get_secret_value() if s.ws else None
+    return BlockCollector(
+        rpc,
+        rt.bus,
+        rt.topics,
+        FileCheckpointStore(s.state_dir),
+        rt.metrics,
+        rt.health,
+        CollectorConfig(
+            poll_interval=s.poll_interval,
+            window=s.window,
+            max_reorg_depth=s.max_reorg_depth,
+            start_block=s.start_block,
+        ),
+        ws_url=ws_url,
+    )
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _collect_until(collector: BlockCollector, stop: asyncio.Event, duration: float | None):
+    _install_signal_handlers(asyncio.get_running_loop(), stop)
+    try:
+        await collector.start()  # unreachable node: raises here, before any loop starts
+        if duration is not None:
+            asyncio.get_running_loop().call_later(duration, stop.set)
+        await collector.run(stop)
+    finally:
+        await collector.rpc.close()
+
+
+def check_node_settings(settings: Settings) -> None:
+    """Reject a missing or malformed node URL before connecting to anything."""
+    if settings.rpc is None:
+        raise ConfigError("no node to follow: give --rpc URL (or CHAINWATCH_RPC)")
+    check_url(
+        settings.rpc.get_secret_value(), ("http", "https"), f"RPC URL of node {settings.node!r}"
+    )
+    if settings.ws is not None:
+        check_url(
+            settings.ws.get_secret_value(),
+            ("ws", "wss"),
+            f"WebSocket URL of node {settings.node!r}",
+        )
+
+
+def run_collect(settings: Settings, duration: float | None = None) -> None:
+    check_node_settings(settings)
+    rt = make_runtime(settings)
+    collector = make_collector(rt)
+    start_http(rt)
+    log.info(
+        "collect",
+        extra={
+            "node": settings.node,
+            "bus": rt.bus.name,
+            "rpc": redact_url(collector.rpc.url),
+            "metrics": rt.metrics_address,
+        },
+    )
+    try:
+        asyncio.run(_collect_until(collector, asyncio.Event(), duration))
+    finally:
+        rt.bus.close()
+
+
+def run_detect(settings: Settings, duration: float | None = None) -> None:
+    rt = make_runtime(settings)
+    service = make_detector_service(rt, sinks=[_log_finding])
+    service.subscribe()
+    start_http(rt, chain_view=lambda: rt.detector.state.describe() if rt.detector else [])
+    log.info(
+        "detect", extra={"bus": rt.bus.name, "group": settings.group, "metrics": rt.metrics_address}
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if duration is not None:
+        threading.Timer(duration, stop.set).start()
+    try:
+        service.run(stop)
+    finally:
+        rt.bus.close()
+
+
+def run_all(
+    settings: Settings,
+    *,
+    sinks: list[Callable[[Finding], None]] | None = None,
+    duration: float | None = None,
+    on_ready: Callable[[Runtime], None] | None = None,
+) -> Runtime:
+    """Collector and detector in one process (embedded bus unless --kafka is set)."""
+    check_node_settings(settings)
+    rt = make_runtime(settings)
+    collector = make_collector(rt)
+    service = make_detector_service(rt, sinks=sinks if sinks is not None else [_log_finding])
+    service.subscribe()  # before the collector publishes anything
+    start_http(rt, chain_view=lambda: rt.detector.state.describe() if rt.detector else [])
+    log.info(
+        "run",
+        extra={
+            "node": settings.node,
+            "bus": rt.bus.name,
+            "rpc": redact_url(collector.rpc.url),
+            "metrics": rt.metrics_address,
+        },
+    )
+    detector_stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(detector_stop,), name="detector")
+    thread.start()
+    if on_ready is not None:
+        on_ready(rt)
+    try:
+        asyncio.run(_collect_until(collector, asyncio.Event(), duration))
+        # let the detector drain what the collector delivered before it stopped
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (service.consumer and service.consumer.lag()):
+            time.sleep(0.05)
+    finally:
+        detector_stop.set()
+        thread.join(timeout=10)
+        rt.bus.close()
+    return rt
+
+
+def _log_finding(finding: Finding) -> None:
+    log.warning(
+        "finding",
+        extra={
+            "chain_id": finding.chain_id,
+            "node": finding.node,
+            "detector": finding.detector,
+            "severity": finding.severity,
+            "score": round(finding.score, 3),
+            "block": finding.block_number,
+            "summary": finding.summary,
+        },
+    )

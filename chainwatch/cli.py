@@ -1,0 +1,184 @@
+"""The `chainwatch` command. Every option also reads CHAINWATCH_<OPTION> from the environment.
+
+Errors users can fix (bad flag, unreachable node or Kafka) print one line and exit
+non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chainwatch import __version__
+from chainwatch.exceptions import ChainwatchError
+from chainwatch.logs import setup_logging
+from chainwatch.settings import load_settings
+
+app = typer.Typer(
+    name="chainwatch",
+    help="Anomaly monitoring for Ethereum/EVM nodes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Rpc = Annotated[str | None, typer.Option("--rpc", help="Node HTTP JSON-RPC URL [CHAINWATCH_RPC]")]
+Ws = Annotated[str | None, typer.Option("--ws", help="Node WebSocket URL [CHAINWATCH_WS]")]
+Node = Annotated[str | None, typer.Option("--node", help="Name of the node in metrics and records")]
+Kafka = Annotated[
+    str | None, typer.Option("--kafka", help="Kafka bootstrap servers HOST:PORT[,HOST:PORT]")
+]
+MetricsPort = Annotated[
+    int | None, typer.Option("--metrics-port", help="Port for /metrics, /healthz, /readyz")
+]
+MetricsHost = Annotated[str | None, typer.Option("--metrics-host", help="Address to bind")]
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="Where collector checkpoints are kept")
+]
+TopicPrefix = Annotated[str | None, typer.Option("--topic-prefix", help="Kafka topic prefix")]
+Group = Annotated[str | None, typer.Option("--group", help="Detector consumer group")]
+StartBlock = Annotated[
+    int | None, typer.Option("--start-block", help="First block when there is no checkpoint")
+]
+PollInterval = Annotated[
+    float | None, typer.Option("--poll-interval", help="Seconds between head polls")
+]
+Warmup = Annotated[
+    int | None, typer.Option("--warmup-blocks", help="Blocks seen before the model first fits")
+]
+Duration = Annotated[
+    float | None, typer.Option("--duration", help="Stop after this many seconds")
+]
+LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR")]
+
+
+def _settings(**flags: object):
+    settings = load_settings(**flags)
+    setup_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+@app.command()
+def collect(
+    rpc: Rpc = None,
+    ws: Ws = None,
+    node: Node = None,
+    kafka: Kafka = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = None,
+    state_dir: StateDir = None,
+    topic_prefix: TopicPrefix = None,
+    start_block: StartBlock = None,
+    poll_interval: PollInterval = None,
+    duration: Duration = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Follow a node and publish its blocks and reorgs to Kafka."""
+    from chainwatch.bootstrap import run_collect
+
+    settings = _settings(
+        rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
+        metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
+        start_block=start_block, poll_interval=poll_interval, log_level=log_level,
+    )
+    if not settings.kafka:
+        raise ChainwatchError("collect publishes to Kafka: give --kafka HOST:PORT "
+                              "(or use `chainwatch run` for the embedded mode)")
+    run_collect(settings, duration=duration)
+
+
+@app.command()
+def detect(
+    kafka: Kafka = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = None,
+    topic_prefix: TopicPrefix = None,
+    group: Group = None,
+    warmup_blocks: Warmup = None,
+    duration: Duration = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Consume blocks from Kafka, export metrics and publish findings."""
+    from chainwatch.bootstrap import run_detect
+
+    settings = _settings(
+        kafka=kafka, metrics_port=metrics_port, metrics_host=metrics_host,
+        topic_prefix=topic_prefix, group=group, warmup_blocks=warmup_blocks,
+        log_level=log_level,
+    )
+    if not settings.kafka:
+        raise ChainwatchError("detect consumes from Kafka: give --kafka HOST:PORT")
+    run_detect(settings, duration=duration)
+
+
+@app.command()
+def run(
+    rpc: Rpc = None,
+    ws: Ws = None,
+    node: Node = None,
+    kafka: Kafka = None,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = None,
+    state_dir: StateDir = None,
+    topic_prefix: TopicPrefix = None,
+    start_block: StartBlock = None,
+    poll_interval: PollInterval = None,
+    warmup_blocks: Warmup = None,
+    duration: Duration = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Collector and detector in one process (embedded bus; --kafka switches to Kafka)."""
+    from chainwatch.bootstrap import run_all
+
+    settings = _settings(
+        rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
+        metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
+        start_block=start_block, poll_interval=poll_interval, warmup_blocks=warmup_blocks,
+        log_level=log_level,
+    )
+    run_all(settings, duration=duration)
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option("--duration", help="Seconds to run")] = 60.0,
+    metrics_port: MetricsPort = None,
+) -> None:
+    """Start a local anvil, send traffic, inject a reorg, and watch chainwatch catch it."""
+    from chainwatch.demo import run_demo
+
+    setup_logging("WARNING", json_logs=False)
+    run_demo(duration=duration, metrics_port=metrics_port)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point: one-line errors instead of tracebacks for problems users can fix."""
+    try:
+        app(standalone_mode=False)
+    except ChainwatchError as exc:
+        typer.echo(f"chainwatch: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        # click's usage errors (typer vendors click) arrive here in non-standalone mode
+        format_message = getattr(exc, "format_message", None)
+        if format_message is None:
+            raise
+        typer.echo(f"chainwatch: error: {format_message()}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+
+
+if __name__ == "__main__":
+    main()

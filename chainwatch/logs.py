@@ -1,0 +1,83 @@
+"""Structured logging: JSON lines when stderr is not a TTY, and secret redaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from urllib.parse import urlsplit
+
+_STD_ATTRS = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+def redact_url(url: str) -> str:
+    """Keep scheme, host and port; drop credentials, path and query (where API keys live)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    if not parts.scheme or not host:
+        return "<invalid url>"
+    hidden = "/***" if (parts.path.strip("/") or parts.query or parts.username) else ""
+    return f"{parts.scheme}://{host}{port}{hidden}"
+
+
+_URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+")
+
+
+def scrub(text: str) -> str:
+    """Redact every URL inside a free-form message (exception texts from libraries)."""
+    return _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                entry[key] = scrub(value) if isinstance(value, str) else value
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            entry["error"] = scrub(f"{type(exc).__name__}: {exc}")
+        return json.dumps(entry, default=str)
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in _STD_ATTRS and not k.startswith("_")
+        )
+        line = f"{time.strftime('%H:%M:%S')} {record.levelname.lower():7} {record.getMessage()}"
+        if extras:
+            line += f"  {extras}"
+        if record.exc_info and record.exc_info[1] is not None:
+            line += f"  error={type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return scrub(line)
+
+
+def setup_logging(level: str = "INFO", json_logs: bool | None = None) -> None:
+    use_json = (not sys.stderr.isatty()) if json_logs is None else json_logs
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if use_json else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("web3", "websockets", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs every reconnect attempt at ERROR; the bus adapter reports failures
+    # itself, once, as BusError. Its own logs are for debugging.
+    logging.getLogger("kafka").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL
+    )

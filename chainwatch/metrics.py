@@ -1,0 +1,176 @@
+"""Prometheus adapter: every chainwatch series, on one registry. See docs/metrics.md.
+
+Labels are low-cardinality only (chain_id, node, detector, severity, kind): never
+hashes, addresses or peer ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from chainwatch import __version__
+
+# The *_created series double the series count and no dashboard of ours reads them.
+disable_created_metrics()
+
+REORG_DEPTH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64)
+INTERVAL_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60, 120, 300)
+SEVERITIES = ("info", "warning", "critical")
+DETECTORS = ("reorg_depth", "block_iforest")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        node = ["chain_id", "node"]
+        self.build_info = Gauge(
+            "chainwatch_build_info", "chainwatch version; always 1.", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        # chain and node health
+        self.head_block_number = Gauge(
+            "chainwatch_head_block_number", "Canonical head height per node.", node, registry=r
+        )
+        self.blocks_observed = Counter(
+            "chainwatch_blocks_observed", "Distinct blocks seen per node.", node, registry=r
+        )
+        self.reorgs = Counter(
+            "chainwatch_reorgs", "Chain reorganisations seen per node.", node, registry=r
+        )
+        self.reorg_depth = Histogram(
+            "chainwatch_reorg_depth_blocks",
+            "Blocks dropped from the canonical chain per reorg.",
+            node,
+            buckets=REORG_DEPTH_BUCKETS,
+            registry=r,
+        )
+        self.head_lag = Gauge(
+            "chainwatch_head_lag_blocks",
+            "Blocks behind the best head seen across nodes of the same chain.",
+            node,
+            registry=r,
+        )
+        self.last_block_timestamp = Gauge(
+            "chainwatch_last_block_timestamp_seconds",
+            "Timestamp in the header of the node's head block (unix seconds).",
+            node,
+            registry=r,
+        )
+        self.last_head_seen = Gauge(
+            "chainwatch_last_head_seen_timestamp_seconds",
+            "When chainwatch observed the node's latest new head (unix seconds).",
+            node,
+            registry=r,
+        )
+        self.block_interval = Histogram(
+            "chainwatch_block_interval_seconds",
+            "Header timestamp difference between a block and its parent.",
+            node,
+            buckets=INTERVAL_BUCKETS,
+            registry=r,
+        )
+        # models and findings
+        self.block_anomaly_score = Gauge(
+            "chainwatch_block_anomaly_score",
+            "Anomaly score of the node's latest scored block, 0 (normal) to 1.",
+            node,
+            registry=r,
+        )
+        self.block_anomaly_threshold = Gauge(
+            "chainwatch_block_anomaly_threshold",
+            "Score above which a block becomes a finding (from the contamination).",
+            ["chain_id"],
+            registry=r,
+        )
+        self.model_fits = Counter(
+            "chainwatch_model_fits",
+            "Times the block model was (re)fitted.",
+            ["chain_id"],
+            registry=r,
+        )
+        self.findings = Counter(
+            "chainwatch_findings",
+            "Findings published, by detector and severity.",
+            ["chain_id", "detector", "severity"],
+            registry=r,
+        )
+        # the detector itself
+        self.events_processed = Counter(
+            "chainwatch_events_processed",
+            "Records processed by the detector.",
+            ["type"],
+            registry=r,
+        )
+        self.duplicate_events = Counter(
+            "chainwatch_duplicate_events",
+            "Records dropped as already processed (at-least-once redelivery).",
+            ["type"],
+            registry=r,
+        )
+        self.invalid_records = Counter(
+            "chainwatch_invalid_records",
+            "Messages that were not valid records, sent to the dead-letter topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.last_event_processed = Gauge(
+            "chainwatch_detector_last_event_timestamp_seconds",
+            "When the detector last processed a record (unix seconds).",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "chainwatch_consumer_lag_messages",
+            "Messages published but not yet consumed by this detector.",
+            registry=r,
+        )
+        # collectors (exported by `collect` and `run`)
+        self.collector_published = Counter(
+            "chainwatch_collector_blocks_published",
+            "Blocks the collector published and the bus acknowledged.",
+            node,
+            registry=r,
+        )
+        self.collector_checkpoint = Gauge(
+            "chainwatch_collector_checkpoint_block_number",
+            "Height of the last block acknowledged by the bus and checkpointed.",
+            node,
+            registry=r,
+        )
+        self.collector_lag = Gauge(
+            "chainwatch_collector_lag_blocks",
+            "Node head minus the collector's last delivered block.",
+            node,
+            registry=r,
+        )
+        self.collector_errors = Counter(
+            "chainwatch_collector_errors",
+            "Collector errors by kind (rpc, malformed, bus, websocket).",
+            ["node", "kind"],
+            registry=r,
+        )
+        self.node_up = Gauge(
+            "chainwatch_node_up",
+            "1 if the node's RPC answered on the last try.",
+            node,
+            registry=r,
+        )
+        for kind in ("blocks", "block", "reorg"):
+            self.events_processed.labels(kind)
+            self.duplicate_events.labels(kind)
+
+    def init_node(self, chain_id: int, node: str) -> None:
+        """Pre-create a node's series so rates and absences work from the first scrape."""
+        labels = (str(chain_id), node)
+        for metric in (self.blocks_observed, self.reorgs, self.block_interval, self.reorg_depth):
+            metric.labels(*labels)
+        self.head_lag.labels(*labels).set(0)
+        for detector in DETECTORS:
+            for severity in SEVERITIES:
+                self.findings.labels(str(chain_id), detector, severity)
+        self.model_fits.labels(str(chain_id))
+
+    def init_collector(self, chain_id: int, node: str) -> None:
+        self.collector_published.labels(str(chain_id), node)
+        for kind in ("rpc", "malformed", "bus", "websocket"):
+            self.collector_errors.labels(node, kind)

@@ -1,0 +1,160 @@
+"""web3 adapter: the node's JSON-RPC over HTTP, and new-head notifications over WebSocket.
+
+The only collector module that imports web3. Raw JSON-RPC results go through the
+mappers; every failure leaves as RpcError/MalformedRpcPayload with a message that never
+contains the endpoint URL (keys live in it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from web3 import AsyncWeb3, WebSocketProvider
+from web3.providers.rpc import AsyncHTTPProvider
+
+from chainwatch.exceptions import ConfigError, MalformedRpcPayload, RpcError
+from chainwatch.logs import redact_url, scrub
+from chainwatch.schema import Block
+from collector.mappers import hex_to_int, map_block
+
+log = logging.getLogger("chainwatch.collector.rpc")
+
+
+def check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
+    """One-line ConfigError for a URL the collector cannot use."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{what} is not a valid URL: {redact_url(url)}") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{what} must start with {' or '.join(s + '://' for s in schemes)}"
+            f" (got {parts.scheme + '://' if parts.scheme else 'no scheme'})"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{what} has no host: {redact_url(url)}")
+    return url
+
+
+class NodeRpc:
+    """One node's HTTP JSON-RPC, as a BlockSource for chain tracking."""
+
+    def __init__(
+        self,
+        http_url: str,
+        *,
+        node: str,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = check_url(http_url, ("http", "https"), f"RPC URL of node {node!r}")
+        self.node = node
+        self.clock = clock
+        self.chain_id: int | None = None
+        self._provider = AsyncHTTPProvider(
+            http_url,
+            request_kwargs={"timeout": timeout},
+            exception_retry_configuration=None,
+        )
+
+    def __repr__(self) -> str:
+        return f"NodeRpc(node={self.node!r}, url={redact_url(self.url)!r})"
+
+    async def call(self, method: str, params: list[Any]) -> Any:
+        try:
+            response = await self._provider.make_request(method, params)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # aiohttp, timeouts, JSON decoding: all mean "no answer"
+            detail = scrub(str(exc))[:200] or type(exc).__name__
+            raise RpcError(
+                f"node {self.node!r} ({redact_url(self.url)}) did not answer {method}: "
+                f"{type(exc).__name__}: {detail}"
+            ) from None
+        if not isinstance(response, dict):
+            raise MalformedRpcPayload(f"{method}: response is not a JSON object")
+        if response.get("error"):
+            error = response["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise RpcError(
+                f"node {self.node!r} answered {method} with error: {scrub(str(message))}"
+            )
+        if "result" not in response:
+            raise MalformedRpcPayload(f"{method}: response has no result")
+        return response["result"]
+
+    async def fetch_chain_id(self) -> int:
+        self.chain_id = hex_to_int(await self.call("eth_chainId", []), "eth_chainId")
+        return self.chain_id
+
+    async def latest_number(self) -> int:
+        return hex_to_int(await self.call("eth_blockNumber", []), "eth_blockNumber")
+
+    async def block_by_number(self, number: int) -> Block | None:
+        return self._map(await self.call("eth_getBlockByNumber", [hex(number), True]))
+
+    async def block_by_hash(self, block_hash: str) -> Block | None:
+        return self._map(await self.call("eth_getBlockByHash", [block_hash, True]))
+
+    def _map(self, raw: Any) -> Block | None:
+        if raw is None:
+            return None
+        assert self.chain_id is not None, "fetch_chain_id() first"
+        return map_block(raw, chain_id=self.chain_id, node=self.node, observed_at=self.clock())
+
+    async def close(self) -> None:
+        await self._provider.disconnect()
+
+
+class HeadSubscription:
+    """Sets `event` on every newHeads notification; reconnects forever with backoff.
+
+    web3 8 raises an RPC error answered on the socket inside its listener task, which
+    ends the subscription stream: every end of the stream, clean or not, leads to a
+    reconnect, and `event` is set so the collector polls and backfills what it missed.
+    """
+
+    def __init__(
+        self,
+        ws_url: str,
+        *,
+        node: str,
+        event: asyncio.Event,
+        on_error: Callable[[str], None],
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.url = check_url(ws_url, ("ws", "wss"), f"WebSocket URL of node {node!r}")
+        self.node = node
+        self.event = event
+        self.on_error = on_error
+        self.max_backoff = max_backoff
+        self.connected = False
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                async with AsyncWeb3(WebSocketProvider(self.url)) as w3:
+                    await w3.eth.subscribe("newHeads")
+                    self.connected = True
+                    backoff = 1.0
+                    self.event.set()
+                    async for _ in w3.socket.process_subscriptions():
+                        self.event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.on_error(
+                    f"WebSocket to node {self.node!r} ({redact_url(self.url)}) failed: "
+                    f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+                )
+            self.connected = False
+            self.event.set()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)

@@ -1,0 +1,211 @@
+"""The block collector: follows one node and publishes its chain to the bus.
+
+Loop: wait for a new head (WebSocket notification, or the polling interval as a
+fallback), then step the ChainFollower until it has nothing new; each step's records
+are published, flushed (acknowledged) and only then checkpointed. Any failure rolls
+the tracker back to the last acknowledged checkpoint, so the next try re-fetches and
+re-publishes from there: at-least-once, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chainwatch.bus import Bus, Topics
+from chainwatch.exceptions import BusError, MalformedRpcPayload, RpcError
+from chainwatch.httpserver import Health
+from chainwatch.metrics import Metrics
+from chainwatch.schema import Block, Reorg, encode
+from collector.chain import ChainFollower, ChainTracker
+from collector.checkpoint import FileCheckpointStore
+from collector.rpc import HeadSubscription, NodeRpc
+
+log = logging.getLogger("chainwatch.collector")
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    poll_interval: float = 2.0  # seconds between polls when no WebSocket head arrives
+    window: int = 64
+    max_reorg_depth: int = 128
+    batch_size: int = 100
+    start_block: int | None = None  # None: start at the node's head when no checkpoint
+
+
+class BlockCollector:
+    def __init__(
+        self,
+        rpc: NodeRpc,
+        bus: Bus,
+        topics: Topics,
+        store: FileCheckpointStore,
+        metrics: Metrics,
+        health: Health,
+        config: CollectorConfig,
+        *,
+        ws_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rpc = rpc
+        self.bus = bus
+        self.topics = topics
+        self.store = store
+        self.metrics = metrics
+        self.health = health
+        self.config = config
+        self.ws_url = ws_url
+        self.clock = clock
+        self.node = rpc.node
+        self.follower: ChainFollower | None = None
+        self._acked: list[list[object]] = []
+        self._head_event = asyncio.Event()
+        self._failing: set[str] = set()
+
+    @property
+    def loop_name(self) -> str:
+        return f"collector:{self.node}"
+
+    async def start(self) -> None:
+        """Connect and restore the checkpoint. Raises RpcError if the node is unreachable."""
+        chain_id = await self.rpc.fetch_chain_id()
+        saved = self.store.load(chain_id, self.node)
+        self._acked = list(saved["refs"]) if saved else []
+        tracker = ChainTracker.restore(self._acked, self.config.window)
+        self.follower = ChainFollower(
+            self.rpc,
+            tracker,
+            chain_id=chain_id,
+            node=self.node,
+            max_reorg_depth=self.config.max_reorg_depth,
+            batch_size=self.config.batch_size,
+            start_block=self.config.start_block,
+            clock=self.clock,
+        )
+        self.metrics.init_collector(chain_id, self.node)
+        head = tracker.head
+        log.info(
+            "collector started",
+            extra={"node": self.node, "chain_id": chain_id,
+                   "resume_from": head.number if head else None,
+                   "websocket": self.ws_url is not None},
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.follower is None:
+            await self.start()
+        ws_task = None
+        if self.ws_url:
+            sub = HeadSubscription(
+                self.ws_url,
+                node=self.node,
+                event=self._head_event,
+                on_error=lambda msg: self._error("websocket", msg),
+            )
+            ws_task = asyncio.create_task(sub.run(), name=f"ws:{self.node}")
+        backoff = 1.0
+        try:
+            while not stop.is_set():
+                self.health.beat(self.loop_name)
+                try:
+                    await self.catch_up()
+                    self._recovered()
+                    backoff = 1.0
+                    self.health.set_ready(self.loop_name, True)
+                    await self._wait_for_head(stop, self.config.poll_interval)
+                except (RpcError, BusError) as exc:
+                    kind = (
+                        "malformed"
+                        if isinstance(exc, MalformedRpcPayload)
+                        else "bus"
+                        if isinstance(exc, BusError)
+                        else "rpc"
+                    )
+                    self._error(kind, str(exc))
+                    self._rollback()
+                    if kind == "rpc":
+                        self.metrics.node_up.labels(*self._labels()).set(0)
+                    await self._wait_for_head(stop, backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            if ws_task:
+                ws_task.cancel()
+                await asyncio.gather(ws_task, return_exceptions=True)
+
+    async def _wait_for_head(self, stop: asyncio.Event, timeout: float) -> None:
+        self._head_event.clear()
+        waits = [asyncio.create_task(self._head_event.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+
+    async def catch_up(self) -> int:
+        """Step until the tracked head is the node's head; returns records delivered."""
+        assert self.follower is not None
+        delivered = 0
+        while records := await self.follower.step():
+            await self.deliver(records)
+            delivered += len(records)
+            self.health.beat(self.loop_name)
+        self.metrics.node_up.labels(*self._labels()).set(1)
+        self.metrics.collector_lag.labels(*self._labels()).set(self.follower.lag_blocks)
+        return delivered
+
+    async def deliver(self, records: list[Block | Reorg]) -> None:
+        """Publish, wait for the acknowledgement, then move the checkpoint."""
+        assert self.follower is not None
+        messages = [(self.topics.blocks, r.stream_key(), encode(r)) for r in records]
+        await asyncio.to_thread(self._publish_all, messages)
+        snapshot = self.follower.tracker.snapshot()
+        self.store.save(
+            self.follower.chain_id, self.node,
+            {"chain_id": self.follower.chain_id, "node": self.node, "refs": snapshot},
+        )
+        self._acked = snapshot
+        blocks = [r for r in records if isinstance(r, Block)]
+        labels = self._labels()
+        self.metrics.collector_published.labels(*labels).inc(len(blocks))
+        head = self.follower.tracker.head
+        if head is not None:
+            self.metrics.collector_checkpoint.labels(*labels).set(head.number)
+        for r in records:
+            if isinstance(r, Reorg):
+                log.warning(
+                    "reorg",
+                    extra={"node": self.node, "chain_id": r.chain_id, "depth": r.depth,
+                           "old_head": r.old_head_number, "new_head": r.new_head_number,
+                           "common_ancestor": r.common_ancestor_number},
+                )
+
+    def _publish_all(self, messages: list[tuple[str, str, bytes]]) -> None:
+        for topic, key, value in messages:
+            self.bus.publish(topic, key, value)
+        self.bus.flush()
+
+    def _rollback(self) -> None:
+        """Forget everything not acknowledged: the next step fetches it again."""
+        if self.follower is not None:
+            self.follower.tracker = ChainTracker.restore(self._acked, self.config.window)
+
+    def _labels(self) -> tuple[str, str]:
+        assert self.follower is not None
+        return str(self.follower.chain_id), self.node
+
+    def _error(self, kind: str, message: str) -> None:
+        self.metrics.collector_errors.labels(self.node, kind).inc()
+        if kind not in self._failing:  # log once per episode, count every time
+            self._failing.add(kind)
+            log.error("collector error, retrying", extra={"node": self.node, "kind": kind,
+                                                           "error": message})
+        if kind != "websocket":
+            self.health.set_ready(self.loop_name, False)
+
+    def _recovered(self) -> None:
+        for kind in [k for k in self._failing if k != "websocket"]:
+            self._failing.discard(kind)
+            log.info("collector recovered", extra={"node": self.node, "kind": kind})

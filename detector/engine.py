@@ -1,0 +1,219 @@
+"""The detector's core: records in, findings out, metrics kept current.
+
+No bus and no HTTP here; `detector.service` feeds it from a consumer. Records are
+processed in poll batches so the model scores many blocks in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from chainwatch.metrics import Metrics
+from chainwatch.schema import Block, Finding, Reorg, Severity
+from detector.features import BLOCK_FEATURES, BLOCK_INPUT_SCHEMA, block_features
+from detector.model import BlockAnomalyModel
+from detector.state import ChainState, SeenIds
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    warmup_blocks: int = 200
+    refit_every_blocks: int = 1000
+    history_blocks: int = 5000
+    contamination: float = 0.01
+    seed: int = 42
+    reorg_warning_depth: int = 2
+    reorg_critical_depth: int = 6
+
+
+class Detector:
+    def __init__(
+        self,
+        config: DetectorConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.state = ChainState()
+        self.seen = SeenIds()
+        self.models: dict[int, BlockAnomalyModel] = {}
+
+    def model_for(self, chain_id: int) -> BlockAnomalyModel:
+        model = self.models.get(chain_id)
+        if model is None:
+            c = self.config
+            model = self.models[chain_id] = BlockAnomalyModel(
+                BLOCK_FEATURES,
+                warmup=c.warmup_blocks,
+                refit_every=c.refit_every_blocks,
+                history=c.history_blocks,
+                contamination=c.contamination,
+                seed=c.seed,
+            )
+        return model
+
+    def process(self, records: list[Block | Reorg | Finding]) -> list[Finding]:
+        """Apply a batch in order; return the findings it produced (new ones only)."""
+        findings: list[Finding] = []
+        rows: list[dict[str, object]] = []
+        block_of_row: list[Block] = []
+        touched_chains: set[int] = set()
+        for record in records:
+            if isinstance(record, Finding):
+                continue  # findings are outputs; other detectors' findings are not inputs
+            if not self.seen.add(record.event_id):
+                self.metrics.duplicate_events.labels(record.type).inc()
+                continue
+            self.metrics.events_processed.labels(record.type).inc()
+            if (record.chain_id, record.node) not in self.state.nodes:
+                self.metrics.init_node(record.chain_id, record.node)
+                self.state.node(record.chain_id, record.node)
+            touched_chains.add(record.chain_id)
+            if isinstance(record, Block):
+                row = self._on_block(record)
+                if row is not None:
+                    rows.append(row)
+                    block_of_row.append(record)
+            else:
+                findings.extend(self._on_reorg(record))
+        for chain_id in touched_chains:
+            for (cid, node), _ in self.state.nodes.items():
+                if cid == chain_id:
+                    self.metrics.head_lag.labels(str(cid), node).set(
+                        self.state.head_lag(cid, node)
+                    )
+        if rows:
+            findings.extend(self._score(rows, block_of_row))
+        if records:
+            self.metrics.last_event_processed.set(self.clock())
+        fresh = [f for f in findings if self.seen.add(f.event_id)]
+        for f in fresh:
+            self.metrics.findings.labels(str(f.chain_id), f.detector, f.severity).inc()
+        return fresh
+
+    def _on_block(self, block: Block) -> dict[str, object] | None:
+        update = self.state.apply_block(block)
+        labels = (str(block.chain_id), block.node)
+        m = self.metrics
+        m.blocks_observed.labels(*labels).inc()
+        m.head_block_number.labels(*labels).set(block.number)
+        m.last_block_timestamp.labels(*labels).set(block.timestamp)
+        if update.new_head:
+            m.last_head_seen.labels(*labels).set(block.observed_at)
+        if update.parent_timestamp is not None:
+            m.block_interval.labels(*labels).observe(
+                max(block.timestamp - update.parent_timestamp, 0)
+            )
+        return {
+            "number": block.number,
+            "timestamp": block.timestamp,
+            "parent_timestamp": update.parent_timestamp,
+            "gas_used": float(block.gas_used),
+            "gas_limit": float(block.gas_limit),
+            "tx_count": block.tx_count,
+            "base_fee_per_gas": _float_or_none(block.base_fee_per_gas),
+            "parent_base_fee_per_gas": _float_or_none(update.parent_base_fee_per_gas),
+            "observed_at": block.observed_at,
+        }
+
+    def _on_reorg(self, reorg: Reorg) -> list[Finding]:
+        self.state.apply_reorg(reorg)
+        labels = (str(reorg.chain_id), reorg.node)
+        self.metrics.reorgs.labels(*labels).inc()
+        self.metrics.reorg_depth.labels(*labels).observe(reorg.depth)
+        c = self.config
+        severity: Severity = (
+            "critical"
+            if reorg.depth >= c.reorg_critical_depth
+            else "warning"
+            if reorg.depth >= c.reorg_warning_depth
+            else "info"
+        )
+        ancestor = (
+            f"common ancestor {reorg.common_ancestor_number}"
+            if reorg.ancestor_found
+            else "common ancestor deeper than the reorg limit"
+        )
+        return [
+            Finding(
+                chain_id=reorg.chain_id,
+                node=reorg.node,
+                event_id=Finding.id_for(reorg.chain_id, reorg.node, "reorg_depth", reorg.event_id),
+                observed_at=self.clock(),
+                detector="reorg_depth",
+                family="fork_risk",
+                severity=severity,
+                score=min(reorg.depth / c.reorg_critical_depth, 1.0),
+                threshold=min(c.reorg_warning_depth / c.reorg_critical_depth, 1.0),
+                subject_kind="node",
+                subject=reorg.node,
+                block_number=reorg.new_head_number,
+                summary=(
+                    f"reorg of depth {reorg.depth} on {reorg.node}: head "
+                    f"{reorg.old_head_number} -> {reorg.new_head_number}, {ancestor}"
+                ),
+            )
+        ]
+
+    def _score(self, rows: list[dict[str, object]], blocks: list[Block]) -> list[Finding]:
+        frame = pl.DataFrame(rows, schema=BLOCK_INPUT_SCHEMA)
+        features = block_features(frame)
+        complete = features.select(
+            pl.all_horizontal(pl.col(list(BLOCK_FEATURES)).is_not_null()).alias("ok")
+        )["ok"].to_numpy()
+        matrix = features.select(BLOCK_FEATURES).to_numpy()
+        findings: list[Finding] = []
+        by_chain: dict[int, list[int]] = {}
+        for i, block in enumerate(blocks):
+            if complete[i]:
+                by_chain.setdefault(block.chain_id, []).append(i)
+        for chain_id, idx in by_chain.items():
+            model = self.model_for(chain_id)
+            x = matrix[idx]
+            scored = model.score(x)
+            if scored is not None:
+                self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
+                for j, i in enumerate(idx):
+                    block = blocks[i]
+                    score = float(scored.scores[j])
+                    self.metrics.block_anomaly_score.labels(str(chain_id), block.node).set(score)
+                    if scored.anomalous[j]:
+                        findings.append(self._block_finding(block, score, scored.threshold, x[j]))
+            if model.learn(x):
+                self.metrics.model_fits.labels(str(chain_id)).inc()
+        return findings
+
+    def _block_finding(
+        self, block: Block, score: float, threshold: float, row: np.ndarray
+    ) -> Finding:
+        model = self.model_for(block.chain_id)
+        explanation = model.explain(row)
+        top = ", ".join(f"{e.feature}={e.value:.3g} (z={e.deviation:+.1f})" for e in explanation)
+        return Finding(
+            chain_id=block.chain_id,
+            node=block.node,
+            event_id=Finding.id_for(block.chain_id, block.node, "block_iforest", block.hash),
+            observed_at=self.clock(),
+            detector="block_iforest",
+            family="block",
+            severity="info",
+            score=score,
+            threshold=threshold,
+            subject_kind="block",
+            subject=block.hash,
+            block_number=block.number,
+            explanation=explanation,
+            summary=f"abnormal block {block.number} on {block.node}: {top}",
+            model_version=model.version,
+        )
+
+
+def _float_or_none(value: int | None) -> float | None:
+    return None if value is None else float(value)
