@@ -128,6 +128,9 @@ async def resolve_fork(
     assert old_head is not None, "fork resolution needs a tracked head"
     old_hashes = {r.number: r.hash for r in tracker.refs_above(-1)}
     deep_old_cursor = tracker.oldest  # extended downward over RPC when needed
+    if deep_old_cursor is not None and deep_old_cursor.number > 0:
+        # the oldest ref also tells its parent's hash: one more height to compare
+        old_hashes[deep_old_cursor.number - 1] = deep_old_cursor.parent_hash
 
     branch: list[Block] = []
     ancestor: tuple[int, str] | None = None

@@ -160,3 +160,15 @@ def test_tracker_refuses_a_block_that_does_not_extend_it():
     tracker.append(chain.canonical[0])
     with pytest.raises(ValueError):
         tracker.append(chain.canonical[2])
+
+
+def test_reorg_right_after_start_uses_the_parent_hash_of_the_oldest_block():
+    chain = FakeChain(11)
+    chain.forget_side_blocks = True
+    f = follow(chain)  # starts at the head: the tracker holds block 10 only
+    drain(f)
+    chain.reorg(3)
+    reorg = drain(f)[0]
+    assert isinstance(reorg, Reorg)
+    assert not reorg.ancestor_found
+    assert reorg.depth == 2  # a lower bound: block 9 differs, block 8 is unknown
