@@ -150,7 +150,7 @@ def demo(
     """Start a local anvil, send traffic, inject a reorg, and watch chainwatch catch it."""
     from chainwatch.demo import run_demo
 
-    setup_logging("WARNING", json_logs=False)
+    setup_logging("ERROR", json_logs=False)
     run_demo(duration=duration, metrics_port=metrics_port)
 
 

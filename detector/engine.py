@@ -15,7 +15,12 @@ import polars as pl
 
 from chainwatch.metrics import Metrics
 from chainwatch.schema import Block, Finding, Reorg, Severity
-from detector.features import BLOCK_FEATURES, BLOCK_INPUT_SCHEMA, block_features
+from detector.features import (
+    BLOCK_FEATURE_MIN_SCALE,
+    BLOCK_FEATURES,
+    BLOCK_INPUT_SCHEMA,
+    block_features,
+)
 from detector.model import BlockAnomalyModel
 from detector.state import ChainState, SeenIds
 
@@ -27,6 +32,7 @@ class DetectorConfig:
     history_blocks: int = 5000
     contamination: float = 0.01
     seed: int = 42
+    z_limit: float = 12.0
     reorg_warning_depth: int = 2
     reorg_critical_depth: int = 6
 
@@ -56,6 +62,8 @@ class Detector:
                 history=c.history_blocks,
                 contamination=c.contamination,
                 seed=c.seed,
+                min_scale=BLOCK_FEATURE_MIN_SCALE,
+                z_limit=c.z_limit,
             )
         return model
 

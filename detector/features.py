@@ -17,6 +17,11 @@ BLOCK_FEATURES: tuple[str, ...] = (
     "propagation_delay_seconds",
 )
 
+# The smallest deviation that means something for each feature, in its own unit. Robust
+# z-scores divide by at least this, so a feature that barely varies in training (block
+# intervals on a steady chain) does not turn noise into alarms.
+BLOCK_FEATURE_MIN_SCALE: tuple[float, ...] = (1.0, 0.05, 5.0, 0.02, 1.0)
+
 BLOCK_INPUT_SCHEMA: dict[str, type[pl.DataType]] = {
     "number": pl.Int64,
     "timestamp": pl.Int64,

@@ -2,6 +2,12 @@
 
 Scores are normalised to [0, 1] against the training scores (0 = most normal seen,
 1 = most abnormal seen); the threshold comes from the configured contamination.
+
+An isolation forest cannot score a point beyond the training range higher than the
+most extreme training point (its splits only cover that range), and it never splits on
+a feature that was constant in training. A range guard covers both: a row whose robust
+z-score on any feature exceeds `z_limit` is anomalous, with a score above the threshold
+that grows with the deviation.
 The model warms up on the first `warmup` complete blocks, then refits every
 `refit_every` blocks on the last `history` blocks. Fixed seed: same data, same model.
 Each finding is explained by the features furthest from their training median.
@@ -36,6 +42,8 @@ class BlockAnomalyModel:
         contamination: float = 0.01,
         n_estimators: int = 100,
         seed: int = 42,
+        min_scale: tuple[float, ...] | None = None,
+        z_limit: float = 12.0,
     ) -> None:
         if not 0 < contamination < 0.5:
             raise ValueError("contamination must be in (0, 0.5)")
@@ -45,6 +53,8 @@ class BlockAnomalyModel:
         self.contamination = contamination
         self.n_estimators = n_estimators
         self.seed = seed
+        self.z_limit = z_limit
+        self._min_scale = np.array(min_scale if min_scale else [0.0] * len(feature_names))
         self._rows: deque[np.ndarray] = deque(maxlen=history)
         self._since_fit = 0
         self._model: IForest | None = None
@@ -66,7 +76,15 @@ class BlockAnomalyModel:
         raw = self._model.decision_function(x)
         scores = np.clip((raw - self._lo) / self._span, 0.0, 1.0)
         threshold = float(np.clip((self._model.threshold_ - self._lo) / self._span, 0, 1))
-        return Scored(scores, raw > self._model.threshold_, threshold)
+        max_z = np.abs(self.robust_z(x)).max(axis=1)
+        beyond = max_z > self.z_limit
+        guard = threshold + (1.0 - threshold) * (1.0 - self.z_limit / np.maximum(max_z, 1e-12))
+        scores = np.where(beyond, np.maximum(scores, guard), scores)
+        return Scored(scores, (raw > self._model.threshold_) | beyond, threshold)
+
+    def robust_z(self, x: np.ndarray) -> np.ndarray:
+        """(x - training median) / robust scale, per feature."""
+        return (x - self._median) / self._scale
 
     def learn(self, x: np.ndarray) -> bool:
         """Add rows to the training history; fit or refit when due. True if it (re)fitted."""
@@ -95,7 +113,7 @@ class BlockAnomalyModel:
         mad = np.median(np.abs(train - self._median), axis=0) * 1.4826
         # IQR-based scale, falling back to MAD and then to 1 for constant features
         scale = np.where((q75 - q25) > 0, (q75 - q25) / 1.349, mad)
-        self._scale = np.where(scale > 0, scale, 1.0)
+        self._scale = np.maximum(np.where(scale > 0, scale, 1.0), self._min_scale)
         self._model = model
         self._since_fit = 0
         self.fits += 1
@@ -103,7 +121,7 @@ class BlockAnomalyModel:
 
     def explain(self, row: np.ndarray, top: int = 3) -> tuple[FeatureDeviation, ...]:
         """The `top` features furthest from their training median, in robust z units."""
-        z = (row - self._median) / self._scale
+        z = self.robust_z(row)
         order = np.argsort(-np.abs(z))[:top]
         return tuple(
             FeatureDeviation(

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up everything chainwatch needs on a fresh clone; safe to run again (it skips what is there).
+#   scripts/setup.sh          Python venv + package + anvil (enough for the demo)
+#   scripts/setup.sh --test   ... plus the Kafka broker jars (for the test suite)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: Python >= 3.11 is required (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.chainwatch-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python dependencies (first time: a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+
+scripts/install-anvil.sh >/dev/null
+if [ "${1:-}" = "--test" ]; then
+  command -v java >/dev/null || { echo "setup: Java 17+ is required for the Kafka broker" >&2; exit 1; }
+  scripts/install-kafka.sh >/dev/null
+fi
