@@ -6,6 +6,7 @@ non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -78,6 +79,9 @@ def collect(
 ) -> None:
     """Follow a node and publish its blocks and reorgs to Kafka."""
     from chainwatch.bootstrap import run_collect
+
+    if metrics_port is None and "CHAINWATCH_METRICS_PORT" not in os.environ:
+        metrics_port = 9109  # beside a detector on 9108 on the same host
 
     settings = _settings(
         rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,

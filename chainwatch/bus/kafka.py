@@ -7,6 +7,7 @@ message that names the bootstrap servers but never credentials.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,9 +103,26 @@ class KafkaBus(Bus):
         self.config = config
         self.max_retries = max_retries
         self._producer: KafkaProducer | None = None
-        self._pending: list[Any] = []
+        self._producer_lock = threading.Lock()
+        # In `run --kafka` the collector and the detector share this bus from two threads:
+        # each thread waits for the acknowledgements of its own messages only.
+        self._local = threading.local()
+
+    @property
+    def _pending(self) -> list[Any]:
+        if not hasattr(self._local, "pending"):
+            self._local.pending = []
+        return self._local.pending  # type: ignore[no-any-return]
+
+    @_pending.setter
+    def _pending(self, value: list[Any]) -> None:
+        self._local.pending = value
 
     def _producer_or_connect(self) -> KafkaProducer:
+        with self._producer_lock:
+            return self._connect_producer()
+
+    def _connect_producer(self) -> KafkaProducer:
         if self._producer is None:
             try:
                 self._producer = KafkaProducer(

@@ -104,3 +104,63 @@ def test_collector_killed_and_restarted_backfills_every_height_exactly_once(
     assert {n: h for n, h in view["canonical"]} == expected
     # at-least-once delivery, but each block counted once
     assert metric(port, "chainwatch_blocks_observed_total", LABELS) == 26
+
+
+def read_topic(kafka: KafkaBroker, topic: str, expect: int, timeout: float = 20) -> list:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=[kafka.bootstrap],
+                             auto_offset_reset="earliest", group_id=f"reader-{uuid.uuid4().hex}",
+                             session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    got: list = []
+    try:
+        def enough() -> bool:
+            for records in consumer.poll(timeout_ms=500).values():
+                got.extend(records)
+            return len(got) >= expect
+
+        wait_until(enough, timeout, f"{expect} message(s) on {topic}")
+    finally:
+        consumer.close()
+    return got
+
+
+def test_poison_message_goes_to_the_dead_letter_topic_and_findings_reach_kafka(
+    anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path
+) -> None:
+    import base64
+    import json
+
+    from kafka import KafkaProducer
+
+    from chainwatch.schema import Finding, decode
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    chainwatch_procs("detect", "detect", "--kafka", kafka.bootstrap, "--metrics-port", str(port),
+                     "--metrics-host", "127.0.0.1", "--topic-prefix", prefix,
+                     "--group", f"g-{prefix}")
+    wait_until(lambda: metric(port, "chainwatch_build_info") == 1, 30, "the detector to start")
+    producer = KafkaProducer(bootstrap_servers=[kafka.bootstrap], acks="all")
+    producer.send(f"{prefix}.blocks", key=b"31337:anvil1", value=b"\xffnot a record")
+    producer.flush()
+    producer.close()
+    wait_until(lambda: metric(port, "chainwatch_invalid_records_total",
+                              {"topic": f"{prefix}.blocks"}) == 1, 20, "the poison to be counted")
+    [dead] = read_topic(kafka, f"{prefix}.deadletter", 1)
+    envelope = json.loads(dead.value)
+    assert dead.key == b"31337:anvil1"
+    assert base64.b64decode(envelope["payload_base64"]) == b"\xffnot a record"
+    assert envelope["error"].startswith("undecodable record") or "invalid" in envelope["error"]
+
+    # the detector keeps going: a reorg after the poison is processed and its finding published
+    chainwatch_procs("collect", "collect", *node_args(anvil, str(tmp_path / "state")),
+                     "--kafka", kafka.bootstrap, "--topic-prefix", prefix,
+                     "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1")
+    assert_reorg_of_depth_3_is_seen(anvil, port)
+    [message] = read_topic(kafka, f"{prefix}.findings", 1)
+    finding = decode(message.value)
+    assert isinstance(finding, Finding)
+    assert (finding.detector, finding.severity) == ("reorg_depth", "warning")
+    assert finding.node == "anvil1"
+    assert message.key == b"31337:anvil1"
