@@ -16,17 +16,18 @@ def redact_url(url: str) -> str:
     """Keep scheme, host and port; drop credentials, path and query (where API keys live)."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
+        parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         return "<invalid url>"
-    if not parts.scheme or not host:
+    host_port = parts.netloc.rsplit("@", 1)[-1]  # keeps [ipv6] brackets and the port
+    if not parts.scheme or not parts.hostname:
         return "<invalid url>"
     hidden = "/***" if (parts.path.strip("/") or parts.query or parts.username) else ""
-    return f"{parts.scheme}://{host}{port}{hidden}"
+    return f"{parts.scheme}://{host_port}{hidden}"
 
 
-_URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+")
+# A URL ends before whitespace, quotes, brackets, or trailing punctuation of the sentence.
+_URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]*[^\s'\"<>(),.;:]", re.IGNORECASE)
 
 
 def scrub(text: str) -> str:
@@ -49,7 +50,8 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             entry["error"] = scrub(f"{type(exc).__name__}: {exc}")
-        return json.dumps(entry, default=str)
+        # scrub the whole line: secrets can hide in non-string extras too
+        return scrub(json.dumps(entry, default=str))
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -26,7 +26,7 @@ def make_event_id(*parts: object) -> str:
 
 class _Record(BaseModel):
     # Unknown fields are ignored so that a v1 reader survives additive changes.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     chain_id: int = Field(ge=0)
@@ -73,6 +73,9 @@ class Block(_Record):
     tx_count: int = Field(ge=0)
     size: int | None = Field(default=None, ge=0)
     transactions: tuple[TxSummary, ...] = ()
+    # true when the summaries were cut to keep the message under the bus's size limit;
+    # tx_count still holds the real number
+    transactions_truncated: bool = False
 
     @staticmethod
     def id_for(chain_id: int, node: str, block_hash: str) -> str:
@@ -139,25 +142,136 @@ class Finding(_Record):
         return make_event_id("finding", chain_id, node, detector, subject)
 
 
-Record = Annotated[Block | Reorg | Finding, Field(discriminator="type")]
-_RECORD_ADAPTER: TypeAdapter[Block | Reorg | Finding] = TypeAdapter(Record)
+class NodeStatus(_Record):
+    """Heartbeat of one followed node, from its collector (every poll or on change).
+
+    Tells the detector what it cannot see from blocks alone: the node stopped answering
+    (unreachable) versus answering without new heads (stalled), and how fast it should
+    produce blocks.
+    """
+
+    type: Literal["node_status"] = "node_status"
+    reachable: bool
+    head_number: int | None = Field(default=None, ge=0)
+    expected_block_time_seconds: float = Field(gt=0)
+    error_kind: str | None = None  # rpc, malformed, ... when not reachable
+
+    @staticmethod
+    def id_for(chain_id: int, node: str, observed_at: float) -> str:
+        return make_event_id("node_status", chain_id, node, repr(observed_at))
 
 
-def encode(record: Block | Reorg | Finding) -> bytes:
+class PendingTx(_Record):
+    """A transaction the node's mempool announced for the first time."""
+
+    type: Literal["pending_tx"] = "pending_tx"
+    first_seen_at: float = Field(ge=0)
+    hash: str
+    from_address: str
+    to_address: str | None
+    nonce: int = Field(ge=0)
+    value: int = Field(ge=0)
+    gas: int = Field(ge=0)
+    gas_price: int | None = Field(default=None, ge=0)
+    max_fee_per_gas: int | None = Field(default=None, ge=0)
+    max_priority_fee_per_gas: int | None = Field(default=None, ge=0)
+    tx_type: int = Field(default=0, ge=0)
+    input_size: int = Field(ge=0)
+    method_id: str | None
+    is_contract_creation: bool
+
+    @staticmethod
+    def id_for(chain_id: int, node: str, tx_hash: str) -> str:
+        return make_event_id("pending_tx", chain_id, node, tx_hash)
+
+
+class MempoolSnapshot(_Record):
+    """Periodic summary of the node's mempool."""
+
+    type: Literal["mempool_snapshot"] = "mempool_snapshot"
+    pending_count: int = Field(ge=0)
+    queued_count: int | None = Field(default=None, ge=0)
+    tracked_count: int = Field(ge=0)  # pending txs chainwatch follows to their fate
+    sender_count: int = Field(ge=0)
+    priority_fee_p50: int | None = Field(default=None, ge=0)
+    priority_fee_p90: int | None = Field(default=None, ge=0)
+    priority_fee_p99: int | None = Field(default=None, ge=0)
+    max_fee_p50: int | None = Field(default=None, ge=0)
+    source: Literal["txpool", "subscription"] = "subscription"
+
+    @staticmethod
+    def id_for(chain_id: int, node: str, observed_at: float) -> str:
+        return make_event_id("mempool_snapshot", chain_id, node, repr(observed_at))
+
+
+TxFate = Literal["included", "replaced", "dropped", "requeued"]
+
+
+class TxLifecycle(_Record):
+    """What became of a pending transaction.
+
+    included: mined in `block_number` after `inclusion_delay_seconds` (from first seen);
+    replaced: same sender and nonce, new hash `replaced_by`, fee bumped by `fee_bump_ratio`;
+    dropped: gone from the pool without inclusion; requeued: its block left the canonical
+    chain in a reorg and the new branch does not hold it.
+    """
+
+    type: Literal["tx_lifecycle"] = "tx_lifecycle"
+    hash: str
+    fate: TxFate
+    from_address: str
+    nonce: int = Field(ge=0)
+    block_number: int | None = Field(default=None, ge=0)
+    block_hash: str | None = None
+    inclusion_delay_seconds: float | None = None
+    replaced_by: str | None = None
+    fee_bump_ratio: float | None = None
+
+    @staticmethod
+    def id_for(chain_id: int, node: str, tx_hash: str, fate: str, block_hash: str | None) -> str:
+        return make_event_id("tx_lifecycle", chain_id, node, tx_hash, fate, block_hash or "")
+
+
+class PeerSnapshot(_Record):
+    """The node's peer set. Peer ids appear only hashed (sha256, 16 hex chars)."""
+
+    type: Literal["peer_snapshot"] = "peer_snapshot"
+    peer_count: int = Field(ge=0)  # net_peerCount
+    detailed: bool  # admin_peers answered; the fields below are filled
+    inbound: int | None = Field(default=None, ge=0)
+    outbound: int | None = Field(default=None, ge=0)
+    clients: dict[str, int] = Field(default_factory=dict)  # client name -> peers
+    client_versions: dict[str, int] = Field(default_factory=dict)  # "Geth/v1.17.10" -> peers
+    connected: tuple[str, ...] = ()  # hashed ids of peers new since the last snapshot
+    disconnected: tuple[str, ...] = ()  # hashed ids of peers gone since the last snapshot
+
+    @staticmethod
+    def id_for(chain_id: int, node: str, observed_at: float) -> str:
+        return make_event_id("peer_snapshot", chain_id, node, repr(observed_at))
+
+
+AnyRecord = (
+    Block | Reorg | Finding | NodeStatus | PendingTx | MempoolSnapshot | TxLifecycle | PeerSnapshot
+)
+Record = Annotated[AnyRecord, Field(discriminator="type")]
+_RECORD_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(Record)
+
+
+def encode(record: AnyRecord) -> bytes:
     """Record to JSON bytes for the wire."""
     return record.model_dump_json().encode()
 
 
-def decode(payload: bytes | str) -> Block | Reorg | Finding:
+def decode(payload: bytes | str) -> AnyRecord:
     """JSON bytes to a record; anything else raises InvalidRecord with a one-line reason."""
     try:
         return _RECORD_ADAPTER.validate_json(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+        reason = " ".join(str(first.get("msg", "invalid")).split())  # one line, always
         raise InvalidRecord(
-            f"invalid record at {where}: {first.get('msg', 'invalid')}"
-            f" ({exc.error_count()} error(s))"
+            f"invalid record at {where[:80]}: {reason[:200]} ({exc.error_count()} error(s))"
         ) from None
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
         raise InvalidRecord(f"undecodable record: {type(exc).__name__}") from None

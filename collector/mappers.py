@@ -84,7 +84,7 @@ def map_transaction(raw: Any) -> TxSummary:
             tx_type=hex_to_int(raw.get("type") or "0x0", "type"),
             input_size=len(body) // 2,
             method_id=("0x" + body[:8].lower()) if len(body) >= 8 else None,
-            is_contract_creation=to_address is None,
+            is_contract_creation=not to_address,
         )
     except ValidationError as exc:
         raise MalformedRpcPayload(f"transaction: {exc.errors()[0]['msg']}") from None

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from chainwatch.metrics import Metrics
-from chainwatch.schema import Block, Finding, Reorg, Severity
+from chainwatch.schema import AnyRecord, Block, Finding, Reorg, Severity
 from detector.features import (
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
@@ -67,7 +67,7 @@ class Detector:
             )
         return model
 
-    def process(self, records: list[Block | Reorg | Finding]) -> list[Finding]:
+    def process(self, records: list[AnyRecord]) -> list[Finding]:
         """Apply a batch in order; return the findings it produced (new ones only)."""
         findings: list[Finding] = []
         rows: list[dict[str, object]] = []

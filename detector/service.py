@@ -17,7 +17,7 @@ from collections.abc import Callable
 from chainwatch.bus import Bus, Consumer, Message, Topics
 from chainwatch.exceptions import BusError, InvalidRecord
 from chainwatch.httpserver import Health
-from chainwatch.schema import Block, Finding, Reorg, decode, encode
+from chainwatch.schema import AnyRecord, Finding, decode, encode
 from detector.engine import Detector
 
 log = logging.getLogger("chainwatch.detector")
@@ -58,7 +58,7 @@ class DetectorService:
 
     def handle(self, messages: list[Message]) -> list[Finding]:
         """Decode and process a batch; queue its findings and dead letters for publishing."""
-        records: list[Block | Reorg | Finding] = []
+        records: list[AnyRecord] = []
         for message in messages:
             try:
                 records.append(decode(message.value))

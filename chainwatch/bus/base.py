@@ -40,8 +40,16 @@ class Topics:
     def deadletter(self) -> str:
         return f"{self.prefix}.deadletter"
 
+    @property
+    def mempool(self) -> str:
+        return f"{self.prefix}.mempool"
+
+    @property
+    def peers(self) -> str:
+        return f"{self.prefix}.peers"
+
     def all(self) -> list[str]:
-        return [self.blocks, self.findings, self.deadletter]
+        return [self.blocks, self.mempool, self.peers, self.findings, self.deadletter]
 
 
 class Consumer(ABC):

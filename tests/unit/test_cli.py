@@ -1,0 +1,104 @@
+"""The command line: mistakes users can fix end in one error line, never a traceback.
+
+Each case runs `python -m chainwatch.cli` in a subprocess. The processes start together
+(each but the first pays ~3 s of imports) and every test checks the outcome of one of them.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@dataclass
+class Outcome:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("chainwatch: error:")]
+
+
+def cases(state_dir: Path) -> dict[str, list[str]]:
+    return {
+        "unknown flag": ["run", "--no-such-flag"],
+        "wrong scheme": ["run", "--rpc", "ftp://x", "--metrics-port", "0",
+                         "--state-dir", str(state_dir)],
+        "unreachable node": ["run", "--rpc", f"http://127.0.0.1:{closed_port()}/SECRETKEY",
+                             "--metrics-port", "0", "--state-dir", str(state_dir)],
+        "collect without kafka": ["collect", "--rpc", "http://127.0.0.1:8545"],
+    }
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    tmp = tmp_path_factory.mktemp("cli")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAINWATCH_")}
+    env["XDG_STATE_HOME"] = str(tmp / "xdg")
+    procs = {
+        name: (args, subprocess.Popen(
+            [sys.executable, "-m", "chainwatch.cli", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+        ))
+        for name, args in cases(tmp / "state").items()
+    }
+    done: dict[str, Outcome] = {}
+    try:
+        for name, (args, proc) in procs.items():
+            out, err = proc.communicate(timeout=60)
+            done[name] = Outcome(args, proc.returncode, out, err)
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return done
+
+
+NAMES = list(cases(Path("/unused")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_user_error_exits_non_zero_with_exactly_one_error_line(outcomes, name):
+    o = outcomes[name]
+    assert o.returncode != 0, o
+    assert len(o.error_lines()) == 1, o.stderr
+    assert "Traceback" not in o.stderr, o.stderr
+
+
+def test_unknown_flag_names_the_flag(outcomes):
+    o = outcomes["unknown flag"]
+    assert o.returncode == 2
+    assert "--no-such-flag" in o.error_lines()[0]
+
+
+def test_wrong_scheme_says_which_schemes_work(outcomes):
+    line = outcomes["wrong scheme"].error_lines()[0]
+    assert "http://" in line and "ftp://" in line
+
+
+def test_unreachable_node_error_hides_the_url_secret(outcomes):
+    o = outcomes["unreachable node"]
+    line = o.error_lines()[0]
+    assert "did not answer" in line
+    assert "127.0.0.1" in line
+    # neither the error line nor any log line nor stdout shows the key in the URL path
+    assert "SECRETKEY" not in o.stderr
+    assert "SECRETKEY" not in o.stdout
+
+
+def test_collect_without_kafka_asks_for_kafka(outcomes):
+    assert "--kafka" in outcomes["collect without kafka"].error_lines()[0]
+
