@@ -21,12 +21,14 @@ from chainwatch.exceptions import ConfigError
 from chainwatch.httpserver import Health, serve
 from chainwatch.logs import redact_url
 from chainwatch.metrics import Metrics
+from chainwatch.nodes import NodeConfig, load_nodes
 from chainwatch.schema import Finding
 from chainwatch.settings import Settings
 from collector.checkpoint import FileCheckpointStore
 from collector.rpc import NodeRpc, check_url
 from collector.service import BlockCollector, CollectorConfig
 from detector.engine import Detector, DetectorConfig
+from detector.health import HealthConfig
 from detector.service import DetectorService
 
 log = logging.getLogger("chainwatch")
@@ -97,18 +99,46 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
             contamination=s.contamination,
             reorg_warning_depth=s.reorg_warning_depth,
             reorg_critical_depth=s.reorg_critical_depth,
+            health=HealthConfig(
+                lag_start_blocks=s.lag_start_blocks,
+                lag_clear_blocks=s.lag_clear_blocks,
+                stall_factor=s.stall_factor,
+                default_block_time=s.expected_block_time,
+            ),
         ),
         rt.metrics,
     )
     return DetectorService(rt.bus, rt.topics, rt.detector, rt.health, group=s.group, sinks=sinks)
 
 
-def make_collector(rt: Runtime) -> BlockCollector:
+def node_configs(settings: Settings) -> list[NodeConfig]:
+    """The nodes to follow, validated before connecting to anything."""
+    if settings.nodes is not None:
+        if settings.rpc is not None:
+            raise ConfigError("give either --nodes FILE or --rpc URL, not both")
+        nodes = load_nodes(settings.nodes)
+    else:
+        if settings.rpc is None:
+            raise ConfigError("no node to follow: give --rpc URL or --nodes FILE")
+        nodes = [
+            NodeConfig(
+                name=settings.node,
+                rpc=settings.rpc,
+                ws=settings.ws,
+                expected_block_time=settings.expected_block_time,
+            )
+        ]
+    for node in nodes:
+        what = f"node {node.name!r}"
+        check_url(node.rpc.get_secret_value(), ("http", "https"), f"RPC URL of {what}")
+        if node.ws is not None:
+            check_url(node.ws.get_secret_value(), ("ws", "wss"), f"WebSocket URL of {what}")
+    return nodes
+
+
+def make_collector(rt: Runtime, node: NodeConfig) -> BlockCollector:
     s = rt.settings
-    check_node_settings(s)
-    assert s.rpc is not None
-    rpc = NodeRpc(s.rpc.get_secret_value(), node=s.node, timeout=s.rpc_timeout)
-    ws_url = s.ws.get_secret_value() if s.ws else None
+    rpc = NodeRpc(node.rpc.get_secret_value(), node=node.name, timeout=s.rpc_timeout)
     return BlockCollector(
         rpc,
         rt.bus,
@@ -121,8 +151,10 @@ def make_collector(rt: Runtime) -> BlockCollector:
             window=s.window,
             max_reorg_depth=s.max_reorg_depth,
             start_block=s.start_block,
+            expected_block_time=node.expected_block_time,
+            status_interval=s.status_interval,
         ),
-        ws_url=ws_url,
+        ws_url=node.ws.get_secret_value() if node.ws else None,
     )
 
 
@@ -132,48 +164,52 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
             loop.add_signal_handler(sig, stop.set)
 
 
-async def _collect_until(collector: BlockCollector, stop: asyncio.Event, duration: float | None):
-    _install_signal_handlers(asyncio.get_running_loop(), stop)
+async def _collect_until(
+    collectors: list[BlockCollector], *, fail_fast: bool, duration: float | None
+) -> None:
+    """Run every collector until SIGTERM/SIGINT or `duration`.
+
+    fail_fast (one node from flags): an unreachable node is a one-line error at start.
+    With a nodes file, a node that is down at start is retried like any later failure.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _install_signal_handlers(loop, stop)
     try:
-        await collector.start()  # unreachable node: raises here, before any loop starts
+        if fail_fast:
+            for collector in collectors:
+                await collector.start()
         if duration is not None:
-            asyncio.get_running_loop().call_later(duration, stop.set)
-        await collector.run(stop)
+            loop.call_later(duration, stop.set)
+        await asyncio.gather(*(c.run(stop) for c in collectors))
     finally:
-        await collector.rpc.close()
+        for collector in collectors:
+            await collector.rpc.close()
 
 
-def check_node_settings(settings: Settings) -> None:
-    """Reject a missing or malformed node URL before connecting to anything."""
-    if settings.rpc is None:
-        raise ConfigError("no node to follow: give --rpc URL (or CHAINWATCH_RPC)")
-    check_url(
-        settings.rpc.get_secret_value(), ("http", "https"), f"RPC URL of node {settings.node!r}"
+def _collect_blocking(rt: Runtime, collectors: list[BlockCollector], duration: float | None):
+    asyncio.run(
+        _collect_until(collectors, fail_fast=rt.settings.nodes is None, duration=duration)
     )
-    if settings.ws is not None:
-        check_url(
-            settings.ws.get_secret_value(),
-            ("ws", "wss"),
-            f"WebSocket URL of node {settings.node!r}",
-        )
+
+
+def _describe(rt: Runtime, collectors: list[BlockCollector]) -> dict[str, object]:
+    return {
+        "nodes": [c.node for c in collectors],
+        "rpc": [redact_url(c.rpc.url) for c in collectors],
+        "bus": rt.bus.name,
+        "metrics": rt.metrics_address,
+    }
 
 
 def run_collect(settings: Settings, duration: float | None = None) -> None:
-    check_node_settings(settings)
+    nodes = node_configs(settings)
     rt = make_runtime(settings)
-    collector = make_collector(rt)
+    collectors = [make_collector(rt, node) for node in nodes]
     start_http(rt)
-    log.info(
-        "collect",
-        extra={
-            "node": settings.node,
-            "bus": rt.bus.name,
-            "rpc": redact_url(collector.rpc.url),
-            "metrics": rt.metrics_address,
-        },
-    )
+    log.info("collect", extra=_describe(rt, collectors))
     try:
-        asyncio.run(_collect_until(collector, asyncio.Event(), duration))
+        _collect_blocking(rt, collectors, duration)
     finally:
         rt.bus.close()
 
@@ -205,28 +241,20 @@ def run_all(
     on_ready: Callable[[Runtime], None] | None = None,
 ) -> Runtime:
     """Collector and detector in one process (embedded bus unless --kafka is set)."""
-    check_node_settings(settings)
+    nodes = node_configs(settings)
     rt = make_runtime(settings)
-    collector = make_collector(rt)
+    collectors = [make_collector(rt, node) for node in nodes]
     service = make_detector_service(rt, sinks=sinks if sinks is not None else [_log_finding])
     service.subscribe()  # before the collector publishes anything
     start_http(rt, chain_view=lambda: rt.detector.state.describe() if rt.detector else [])
-    log.info(
-        "run",
-        extra={
-            "node": settings.node,
-            "bus": rt.bus.name,
-            "rpc": redact_url(collector.rpc.url),
-            "metrics": rt.metrics_address,
-        },
-    )
+    log.info("run", extra=_describe(rt, collectors))
     detector_stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(detector_stop,), name="detector")
     thread.start()
     if on_ready is not None:
         on_ready(rt)
     try:
-        asyncio.run(_collect_until(collector, asyncio.Event(), duration))
+        _collect_blocking(rt, collectors, duration)
         # let the detector drain what the collector delivered before it stopped
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and (service.consumer and service.consumer.lag()):

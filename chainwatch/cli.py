@@ -28,6 +28,13 @@ app = typer.Typer(
 
 Rpc = Annotated[str | None, typer.Option("--rpc", help="Node HTTP JSON-RPC URL [CHAINWATCH_RPC]")]
 Ws = Annotated[str | None, typer.Option("--ws", help="Node WebSocket URL [CHAINWATCH_WS]")]
+Nodes = Annotated[
+    Path | None, typer.Option("--nodes", help="YAML file listing the nodes to follow")
+]
+BlockTime = Annotated[
+    float | None,
+    typer.Option("--expected-block-time", help="Seconds between blocks (single node)"),
+]
 Node = Annotated[str | None, typer.Option("--node", help="Name of the node in metrics and records")]
 Kafka = Annotated[
     str | None, typer.Option("--kafka", help="Kafka bootstrap servers HOST:PORT[,HOST:PORT]")
@@ -64,9 +71,11 @@ def _settings(**flags: object):
 
 @app.command()
 def collect(
+    nodes: Nodes = None,
     rpc: Rpc = None,
     ws: Ws = None,
     node: Node = None,
+    expected_block_time: BlockTime = None,
     kafka: Kafka = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = None,
@@ -84,9 +93,10 @@ def collect(
         metrics_port = 9109  # beside a detector on 9108 on the same host
 
     settings = _settings(
-        rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
+        nodes=nodes, rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
         metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
         start_block=start_block, poll_interval=poll_interval, log_level=log_level,
+        expected_block_time=expected_block_time,
     )
     if not settings.kafka:
         raise ChainwatchError("collect publishes to Kafka: give --kafka HOST:PORT "
@@ -120,9 +130,11 @@ def detect(
 
 @app.command()
 def run(
+    nodes: Nodes = None,
     rpc: Rpc = None,
     ws: Ws = None,
     node: Node = None,
+    expected_block_time: BlockTime = None,
     kafka: Kafka = None,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = None,
@@ -138,10 +150,10 @@ def run(
     from chainwatch.bootstrap import run_all
 
     settings = _settings(
-        rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
+        nodes=nodes, rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
         metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
         start_block=start_block, poll_interval=poll_interval, warmup_blocks=warmup_blocks,
-        log_level=log_level,
+        log_level=log_level, expected_block_time=expected_block_time,
     )
     run_all(settings, duration=duration)
 

@@ -16,7 +16,10 @@ disable_created_metrics()
 REORG_DEPTH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64)
 INTERVAL_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60, 120, 300)
 SEVERITIES = ("info", "warning", "critical")
-DETECTORS = ("reorg_depth", "block_iforest")
+DETECTORS = ("reorg_depth", "block_iforest", "node_state", "chain_split")
+NODE_STATES = ("up", "lagging", "stalled", "unreachable")
+TX_FATES = ("included", "replaced", "dropped", "requeued")
+INCLUSION_BUCKETS = (1, 2, 4, 8, 12, 24, 36, 60, 120, 300, 600, 1800, 3600)
 
 
 class Metrics:
@@ -70,6 +73,100 @@ class Metrics:
             buckets=INTERVAL_BUCKETS,
             registry=r,
         )
+        self.node_state = Gauge(
+            "chainwatch_node_state",
+            "1 for the node's current state (up, lagging, stalled, unreachable), else 0.",
+            [*node, "state"],
+            registry=r,
+        )
+        self.node_state_transitions = Counter(
+            "chainwatch_node_state_transitions",
+            "Times the node entered each state.",
+            [*node, "state"],
+            registry=r,
+        )
+        self.chain_split_blocks = Gauge(
+            "chainwatch_chain_split_blocks",
+            "Heights two nodes disagree on (0 when they agree).",
+            ["chain_id", "node", "other_node"],
+            registry=r,
+        )
+        self.chain_split_point = Gauge(
+            "chainwatch_chain_split_point_block_number",
+            "Last height two split nodes agree on (-1 when below both windows).",
+            ["chain_id", "node", "other_node"],
+            registry=r,
+        )
+        self.chain_splits = Counter(
+            "chainwatch_chain_splits", "Chain splits detected between two nodes.", ["chain_id"],
+            registry=r,
+        )
+        # mempool
+        self.mempool_pending = Gauge(
+            "chainwatch_mempool_pending_transactions",
+            "Pending (executable) transactions in the node's mempool.",
+            node,
+            registry=r,
+        )
+        self.mempool_queued = Gauge(
+            "chainwatch_mempool_queued_transactions",
+            "Queued (not yet executable) transactions in the node's mempool.",
+            node,
+            registry=r,
+        )
+        self.mempool_senders = Gauge(
+            "chainwatch_mempool_senders", "Distinct senders among tracked pending txs.", node,
+            registry=r,
+        )
+        self.mempool_priority_fee = Gauge(
+            "chainwatch_mempool_priority_fee_wei",
+            "Priority fee percentiles of tracked pending transactions.",
+            [*node, "quantile"],
+            registry=r,
+        )
+        self.pending_tx_arrivals = Counter(
+            "chainwatch_pending_tx_arrivals",
+            "Pending transactions first seen in the node's mempool.",
+            node,
+            registry=r,
+        )
+        self.tx_fates = Counter(
+            "chainwatch_tx_lifecycle",
+            "Fates of followed pending transactions (included, replaced, dropped, requeued).",
+            [*node, "fate"],
+            registry=r,
+        )
+        self.tx_inclusion_delay = Histogram(
+            "chainwatch_tx_inclusion_delay_seconds",
+            "From first seen pending to included in a block.",
+            node,
+            buckets=INCLUSION_BUCKETS,
+            registry=r,
+        )
+        # peers
+        self.peer_count = Gauge(
+            "chainwatch_peer_count", "Peers the node reports (net_peerCount).", node, registry=r
+        )
+        self.peers = Gauge(
+            "chainwatch_peers", "Peers by direction (admin_peers).", [*node, "direction"],
+            registry=r,
+        )
+        self.peers_by_client = Gauge(
+            "chainwatch_peers_by_client", "Peers by client software (admin_peers).",
+            [*node, "client"],
+            registry=r,
+        )
+        self.peer_connects = Counter(
+            "chainwatch_peer_connects", "Peers that connected since the previous snapshot.",
+            node,
+            registry=r,
+        )
+        self.peer_disconnects = Counter(
+            "chainwatch_peer_disconnects",
+            "Peers that disconnected since the previous snapshot.",
+            node,
+            registry=r,
+        )
         # models and findings
         self.block_anomaly_score = Gauge(
             "chainwatch_block_anomaly_score",
@@ -112,6 +209,12 @@ class Metrics:
             "chainwatch_invalid_records",
             "Messages that were not valid records, sent to the dead-letter topic.",
             ["topic"],
+            registry=r,
+        )
+        self.processing_errors = Counter(
+            "chainwatch_processing_errors",
+            "Valid records the detector failed to process (sent to the dead-letter topic).",
+            ["type"],
             registry=r,
         )
         self.last_event_processed = Gauge(
@@ -165,6 +268,15 @@ class Metrics:
         for metric in (self.blocks_observed, self.reorgs, self.block_interval, self.reorg_depth):
             metric.labels(*labels)
         self.head_lag.labels(*labels).set(0)
+        for state in NODE_STATES:
+            self.node_state.labels(*labels, state).set(0)
+            self.node_state_transitions.labels(*labels, state)
+        for fate in TX_FATES:
+            self.tx_fates.labels(*labels, fate)
+        for metric in (self.pending_tx_arrivals, self.peer_connects, self.peer_disconnects,
+                       self.tx_inclusion_delay):
+            metric.labels(*labels)
+        self.chain_splits.labels(str(chain_id))
         for detector in DETECTORS:
             for severity in SEVERITIES:
                 self.findings.labels(str(chain_id), detector, severity)

@@ -24,7 +24,9 @@ def default_state_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAINWATCH_", extra="ignore")
 
-    # the node
+    # the node(s): --nodes FILE, or one node from --rpc/--ws/--node
+    nodes: Path | None = None
+    expected_block_time: float = Field(default=12.0, gt=0)
     rpc: SecretStr | None = None
     ws: SecretStr | None = None
     node: str = Field(default="node", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
     contamination: float = Field(default=0.01, gt=0, lt=0.5)
     reorg_warning_depth: int = Field(default=2, ge=1)
     reorg_critical_depth: int = Field(default=6, ge=1)
+    lag_start_blocks: int = Field(default=3, ge=1)
+    lag_clear_blocks: int = Field(default=1, ge=0)
+    stall_factor: float = Field(default=3.0, gt=0)
+    status_interval: float = Field(default=5.0, gt=0)
 
     # the process
     metrics_host: str = "0.0.0.0"

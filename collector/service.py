@@ -19,7 +19,7 @@ from chainwatch.bus import Bus, Topics
 from chainwatch.exceptions import BusError, MalformedRpcPayload, RpcError
 from chainwatch.httpserver import Health
 from chainwatch.metrics import Metrics
-from chainwatch.schema import Block, Reorg, encode
+from chainwatch.schema import Block, NodeStatus, Reorg, encode
 from collector.chain import ChainFollower, ChainTracker
 from collector.checkpoint import FileCheckpointStore
 from collector.rpc import HeadSubscription, NodeRpc
@@ -34,6 +34,8 @@ class CollectorConfig:
     max_reorg_depth: int = 128
     batch_size: int = 100
     start_block: int | None = None  # None: start at the node's head when no checkpoint
+    expected_block_time: float = 12.0
+    status_interval: float = 5.0  # seconds between node_status heartbeats
 
 
 class BlockCollector:
@@ -64,6 +66,8 @@ class BlockCollector:
         self._acked: list[list[object]] = []
         self._head_event = asyncio.Event()
         self._failing: set[str] = set()
+        self._last_status: tuple[bool, float] | None = None  # (reachable, monotonic time)
+        self.listeners: list[Callable[[list[Block | Reorg]], None]] = []
 
     @property
     def loop_name(self) -> str:
@@ -95,8 +99,7 @@ class BlockCollector:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        if self.follower is None:
-            await self.start()
+        """Follow the node until `stop`; connection failures (even at start) are retried."""
         ws_task = None
         if self.ws_url:
             sub = HeadSubscription(
@@ -111,7 +114,10 @@ class BlockCollector:
             while not stop.is_set():
                 self.health.beat(self.loop_name)
                 try:
+                    if self.follower is None:
+                        await self.start()
                     await self.catch_up()
+                    await self._publish_status(True, None)
                     self._recovered()
                     backoff = 1.0
                     self.health.set_ready(self.loop_name, True)
@@ -126,8 +132,9 @@ class BlockCollector:
                     )
                     self._error(kind, str(exc))
                     self._rollback()
-                    if kind == "rpc":
+                    if kind != "bus" and self.follower is not None:
                         self.metrics.node_up.labels(*self._labels()).set(0)
+                        await self._publish_status(False, kind)
                     await self._wait_for_head(stop, backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
@@ -167,6 +174,8 @@ class BlockCollector:
             {"chain_id": self.follower.chain_id, "node": self.node, "refs": snapshot},
         )
         self._acked = snapshot
+        for listener in self.listeners:  # e.g. the mempool tracker follows inclusions
+            listener(records)
         blocks = [r for r in records if isinstance(r, Block)]
         labels = self._labels()
         self.metrics.collector_published.labels(*labels).inc(len(blocks))
@@ -181,6 +190,34 @@ class BlockCollector:
                            "old_head": r.old_head_number, "new_head": r.new_head_number,
                            "common_ancestor": r.common_ancestor_number},
                 )
+
+    async def _publish_status(self, reachable: bool, error_kind: str | None) -> None:
+        """Heartbeat for the detector: on every change, else every status_interval."""
+        if self.follower is None:
+            return
+        now = time.monotonic()
+        last = self._last_status
+        interval = self.config.status_interval
+        if last is not None and last[0] == reachable and now - last[1] < interval:
+            return
+        head = self.follower.tracker.head
+        status = NodeStatus(
+            chain_id=self.follower.chain_id,
+            node=self.node,
+            event_id=NodeStatus.id_for(self.follower.chain_id, self.node, self.clock()),
+            observed_at=self.clock(),
+            reachable=reachable,
+            head_number=head.number if head else None,
+            expected_block_time_seconds=self.config.expected_block_time,
+            error_kind=error_kind,
+        )
+        try:
+            await asyncio.to_thread(
+                self._publish_all, [(self.topics.blocks, status.stream_key(), encode(status))]
+            )
+            self._last_status = (reachable, now)
+        except BusError as exc:
+            self._error("bus", str(exc))
 
     def _publish_all(self, messages: list[tuple[str, str, bytes]]) -> None:
         for topic, key, value in messages:

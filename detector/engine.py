@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, Finding, Reorg, Severity
+from chainwatch.schema import (
+    AnyRecord,
+    Block,
+    Finding,
+    MempoolSnapshot,
+    NodeStatus,
+    PeerSnapshot,
+    PendingTx,
+    Reorg,
+    Severity,
+    TxLifecycle,
+)
 from detector.features import (
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
     BLOCK_INPUT_SCHEMA,
     block_features,
 )
+from detector.health import HealthConfig, NodeHealth, Split, Transition
 from detector.model import BlockAnomalyModel
 from detector.state import ChainState, SeenIds
 
@@ -35,6 +47,8 @@ class DetectorConfig:
     z_limit: float = 12.0
     reorg_warning_depth: int = 2
     reorg_critical_depth: int = 6
+    health: HealthConfig = field(default_factory=HealthConfig)
+    split_critical_blocks: int = 3
 
 
 class Detector:
@@ -50,6 +64,9 @@ class Detector:
         self.state = ChainState()
         self.seen = SeenIds()
         self.models: dict[int, BlockAnomalyModel] = {}
+        self.health = NodeHealth(config.health)
+        # records whose processing raised: (record, reason), for the caller to dead-letter
+        self.failed: list[tuple[AnyRecord, str]] = []
 
     def model_for(self, chain_id: int) -> BlockAnomalyModel:
         model = self.models.get(chain_id)
@@ -73,6 +90,7 @@ class Detector:
         rows: list[dict[str, object]] = []
         block_of_row: list[Block] = []
         touched_chains: set[int] = set()
+        self.failed = []
         for record in records:
             if isinstance(record, Finding):
                 continue  # findings are outputs; other detectors' findings are not inputs
@@ -84,29 +102,158 @@ class Detector:
                 self.metrics.init_node(record.chain_id, record.node)
                 self.state.node(record.chain_id, record.node)
             touched_chains.add(record.chain_id)
-            if isinstance(record, Block):
-                row = self._on_block(record)
-                if row is not None:
-                    rows.append(row)
+            try:
+                if isinstance(record, Block):
+                    rows.append(self._on_block(record))
                     block_of_row.append(record)
-            else:
-                findings.extend(self._on_reorg(record))
+                elif isinstance(record, Reorg):
+                    findings.extend(self._on_reorg(record))
+                elif isinstance(record, NodeStatus):
+                    self.state.apply_status(record)
+                else:
+                    self._on_mempool_or_peers(record)
+            except Exception as exc:  # a bug must cost one record, never the detector
+                self.failed.append((record, f"{type(exc).__name__}: {exc}"))
         for chain_id in touched_chains:
-            for (cid, node), _ in self.state.nodes.items():
-                if cid == chain_id:
-                    self.metrics.head_lag.labels(str(cid), node).set(
-                        self.state.head_lag(cid, node)
-                    )
+            for node in self.state.chain_nodes(chain_id):
+                self.metrics.head_lag.labels(str(chain_id), node.node).set(
+                    self.state.head_lag(chain_id, node.node)
+                )
+            findings.extend(self._on_splits(chain_id))
+        if touched_chains:
+            findings.extend(self._on_transitions(self.health.evaluate(self.state, self.clock())))
         if rows:
             findings.extend(self._score(rows, block_of_row))
         if records:
             self.metrics.last_event_processed.set(self.clock())
+        return self._count(findings)
+
+    def tick(self) -> list[Finding]:
+        """Time-driven checks (a node that stops producing heads sends nothing)."""
+        return self._count(self._on_transitions(self.health.evaluate(self.state, self.clock())))
+
+    def _count(self, findings: list[Finding]) -> list[Finding]:
         fresh = [f for f in findings if self.seen.add(f.event_id)]
         for f in fresh:
             self.metrics.findings.labels(str(f.chain_id), f.detector, f.severity).inc()
         return fresh
 
-    def _on_block(self, block: Block) -> dict[str, object] | None:
+    def _on_transitions(self, transitions: list[Transition]) -> list[Finding]:
+        findings: list[Finding] = []
+        for t in transitions:
+            labels = (str(t.chain_id), t.node)
+            if t.old is not None:
+                self.metrics.node_state.labels(*labels, t.old).set(0)
+            self.metrics.node_state.labels(*labels, t.new).set(1)
+            self.metrics.node_state_transitions.labels(*labels, t.new).inc()
+            if t.new == "up":
+                continue
+            since = f"{t.seconds_since_head:.0f}s" if t.seconds_since_head is not None else "n/a"
+            detail = {
+                "lagging": f"{t.lag} blocks behind the best head",
+                "stalled": f"no new head for {since}",
+                "unreachable": "the collector cannot reach its RPC endpoint",
+            }[t.new]
+            now = self.clock()
+            findings.append(
+                Finding(
+                    chain_id=t.chain_id,
+                    node=t.node,
+                    event_id=Finding.id_for(t.chain_id, t.node, "node_state", f"{t.new}@{now}"),
+                    observed_at=now,
+                    detector="node_state",
+                    family="fork_risk",
+                    severity="critical" if t.new == "unreachable" else "warning",
+                    score=1.0,
+                    threshold=1.0,
+                    subject_kind="node",
+                    subject=t.node,
+                    block_number=self.state.node(t.chain_id, t.node).head_number,
+                    summary=f"node {t.node} is {t.new} (was {t.old or 'unknown'}): {detail}",
+                )
+            )
+        return findings
+
+    def _on_splits(self, chain_id: int) -> list[Finding]:
+        new, resolved = self.health.update_splits(self.state, chain_id)
+        for split in resolved:
+            labels = (str(chain_id), split.node, split.other)
+            self.metrics.chain_split_blocks.labels(*labels).set(0)
+        findings: list[Finding] = []
+        for split in self.health.splits.values():
+            if split.chain_id != chain_id:
+                continue
+            labels = (str(chain_id), split.node, split.other)
+            self.metrics.chain_split_blocks.labels(*labels).set(split.length)
+            point = split.split_point if split.split_point is not None else -1
+            self.metrics.chain_split_point.labels(*labels).set(point)
+        for split in new:
+            self.metrics.chain_splits.labels(str(chain_id)).inc()
+            findings.append(self._split_finding(split))
+        return findings
+
+    def _split_finding(self, split: Split) -> Finding:
+        c = self.config
+        where = (
+            f"diverging from height {split.first_diverging_height}"
+            if split.split_point is not None
+            else "diverging below both windows"
+        )
+        subject = f"{split.node}|{split.other}"
+        now = self.clock()
+        return Finding(
+            chain_id=split.chain_id,
+            node=split.node,
+            event_id=Finding.id_for(split.chain_id, split.node, "chain_split", f"{subject}@{now}"),
+            observed_at=now,
+            detector="chain_split",
+            family="fork_risk",
+            severity="critical" if split.length >= c.split_critical_blocks else "warning",
+            score=min(split.length / c.split_critical_blocks, 1.0),
+            threshold=min(1 / c.split_critical_blocks, 1.0),
+            subject_kind="node",
+            subject=subject,
+            block_number=split.first_diverging_height,
+            summary=(
+                f"chain split between {split.node} and {split.other}: {split.length} block(s) "
+                f"{where}, last common block {split.split_point}"
+            ),
+        )
+
+    def _on_mempool_or_peers(
+        self, record: PendingTx | MempoolSnapshot | TxLifecycle | PeerSnapshot
+    ) -> None:
+        m = self.metrics
+        labels = (str(record.chain_id), record.node)
+        if isinstance(record, PendingTx):
+            m.pending_tx_arrivals.labels(*labels).inc()
+        elif isinstance(record, TxLifecycle):
+            m.tx_fates.labels(*labels, record.fate).inc()
+            if record.fate == "included" and record.inclusion_delay_seconds is not None:
+                m.tx_inclusion_delay.labels(*labels).observe(record.inclusion_delay_seconds)
+        elif isinstance(record, MempoolSnapshot):
+            m.mempool_pending.labels(*labels).set(record.pending_count)
+            if record.queued_count is not None:
+                m.mempool_queued.labels(*labels).set(record.queued_count)
+            m.mempool_senders.labels(*labels).set(record.sender_count)
+            for quantile, value in (
+                ("0.5", record.priority_fee_p50),
+                ("0.9", record.priority_fee_p90),
+                ("0.99", record.priority_fee_p99),
+            ):
+                if value is not None:
+                    m.mempool_priority_fee.labels(*labels, quantile).set(value)
+        else:
+            m.peer_count.labels(*labels).set(record.peer_count)
+            if record.detailed:
+                m.peers.labels(*labels, "inbound").set(record.inbound or 0)
+                m.peers.labels(*labels, "outbound").set(record.outbound or 0)
+                for client, count in record.clients.items():
+                    m.peers_by_client.labels(*labels, client).set(count)
+                m.peer_connects.labels(*labels).inc(len(record.connected))
+                m.peer_disconnects.labels(*labels).inc(len(record.disconnected))
+
+    def _on_block(self, block: Block) -> dict[str, object]:
         update = self.state.apply_block(block)
         labels = (str(block.chain_id), block.node)
         m = self.metrics

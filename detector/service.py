@@ -53,7 +53,9 @@ class DetectorService:
     def subscribe(self) -> Consumer:
         """Join the group before collectors start (the embedded bus needs that order)."""
         if self.consumer is None:
-            self.consumer = self.bus.consumer([self.topics.blocks], self.group)
+            self.consumer = self.bus.consumer(
+                [self.topics.blocks, self.topics.mempool, self.topics.peers], self.group
+            )
         return self.consumer
 
     def handle(self, messages: list[Message]) -> list[Finding]:
@@ -65,13 +67,24 @@ class DetectorService:
             except InvalidRecord as exc:
                 self._dead_letter(message, str(exc))
         findings = self.detector.process(records)
+        for record, reason in self.detector.failed:
+            log.error("record failed in the detector, sent to dead-letter topic",
+                      extra={"type": record.type, "node": record.node, "reason": reason})
+            self.detector.metrics.processing_errors.labels(record.type).inc()
+            self._unsent.append(
+                (self.topics.deadletter, record.stream_key(),
+                 json.dumps({"error": reason, "record": json.loads(encode(record))}).encode())
+            )
+        self._queue_findings(findings)
+        return findings
+
+    def _queue_findings(self, findings: list[Finding]) -> None:
         for finding in findings:
             self._unsent.append(
                 (self.topics.findings, finding.stream_key(), encode(finding))
             )
             for sink in self.sinks:
                 sink(finding)
-        return findings
 
     def _deliver(self, consumer: Consumer) -> None:
         """Publish what is queued, wait for the acks, then commit the consumed offsets.
@@ -107,6 +120,7 @@ class DetectorService:
         self.health.set_ready("detector", True)
         backoff = 1.0
         last_lag_check = 0.0
+        last_tick = 0.0
         while not stop.is_set():
             self.health.beat("detector")
             try:
@@ -118,6 +132,12 @@ class DetectorService:
                 if self._uncommitted:
                     self._deliver(consumer)
                 now = time.monotonic()
+                if now - last_tick >= 1.0:
+                    last_tick = now
+                    ticked = self.detector.tick()
+                    if ticked:
+                        self._queue_findings(ticked)
+                        self._deliver(consumer)
                 if now - last_lag_check > 5:
                     last_lag_check = now
                     lag = consumer.lag()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from chainwatch.schema import Block, Reorg
+from chainwatch.schema import Block, NodeStatus, Reorg
 
 NodeKey = tuple[int, str]  # (chain_id, node)
 
@@ -34,6 +34,10 @@ class NodeState:
     head_seen_at: float | None = None
     blocks_observed: int = 0
     reorgs: int = 0
+    first_seen_at: float | None = None
+    reachable: bool | None = None  # from the collector's node_status heartbeats
+    error_kind: str | None = None
+    expected_block_time: float | None = None
 
     def trim(self) -> None:
         while len(self.canonical) > self.window:
@@ -93,6 +97,8 @@ class ChainState:
         )
         state.trim()
         state.blocks_observed += 1
+        if state.first_seen_at is None:
+            state.first_seen_at = block.observed_at
         new_head = state.head_number is None or block.number >= state.head_number
         state.head_number = block.number
         state.head_timestamp = block.timestamp
@@ -104,6 +110,15 @@ class ChainState:
             parent_timestamp=parent.timestamp if linked and parent else None,
             parent_base_fee_per_gas=parent.base_fee_per_gas if linked and parent else None,
         )
+
+    def apply_status(self, status: NodeStatus) -> NodeState:
+        state = self.node(status.chain_id, status.node)
+        state.reachable = status.reachable
+        state.error_kind = status.error_kind
+        state.expected_block_time = status.expected_block_time_seconds
+        if state.first_seen_at is None:
+            state.first_seen_at = status.observed_at
+        return state
 
     def apply_reorg(self, reorg: Reorg) -> NodeState:
         state = self.node(reorg.chain_id, reorg.node)
@@ -129,6 +144,9 @@ class ChainState:
         best = self.best_head(chain_id)
         head = self.node(chain_id, node).head_number
         return 0 if best is None or head is None else best - head
+
+    def chain_nodes(self, chain_id: int) -> list[NodeState]:
+        return [s for (cid, _), s in sorted(self.nodes.items()) if cid == chain_id]
 
     def describe(self, last: int = 256) -> list[dict[str, object]]:
         """JSON-ready view of each node's canonical window, for /api/v1/chain."""

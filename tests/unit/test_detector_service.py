@@ -22,7 +22,8 @@ class Rig:
     def __init__(self) -> None:
         self.bus = EmbeddedBus()
         self.metrics = Metrics()
-        self.detector = Detector(DetectorConfig(), self.metrics)
+        # the test chain's blocks are a few seconds old on this clock: nobody is stalled
+        self.detector = Detector(DetectorConfig(), self.metrics, clock=lambda: 1_700_000_060.0)
         self.service = DetectorService(
             self.bus, TOPICS, self.detector, Health(time.time), poll_timeout=0.05
         )
