@@ -21,5 +21,9 @@ class MalformedRpcPayload(RpcError):
     """The node answered, but the payload lacks a field or has a wrong type."""
 
 
+class RpcMethodUnsupported(RpcError):
+    """The node does not offer this method (admin_*, txpool_* are often disabled)."""
+
+
 class BusError(ChainwatchError):
     """The bus (Kafka) could not be reached or did not acknowledge a publish."""

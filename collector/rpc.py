@@ -17,7 +17,12 @@ from urllib.parse import urlsplit
 from web3 import AsyncWeb3, WebSocketProvider
 from web3.providers.rpc import AsyncHTTPProvider
 
-from chainwatch.exceptions import ConfigError, MalformedRpcPayload, RpcError
+from chainwatch.exceptions import (
+    ConfigError,
+    MalformedRpcPayload,
+    RpcError,
+    RpcMethodUnsupported,
+)
 from chainwatch.logs import redact_url, scrub
 from chainwatch.schema import Block
 from collector.mappers import hex_to_int, map_block
@@ -82,6 +87,13 @@ class NodeRpc:
         if response.get("error"):
             error = response["error"]
             message = error.get("message") if isinstance(error, dict) else error
+            code = error.get("code") if isinstance(error, dict) else None
+            if code == -32601 or "does not exist" in str(message) or "not available" in str(
+                message
+            ):
+                raise RpcMethodUnsupported(
+                    f"node {self.node!r} does not offer {method}: {scrub(str(message))[:200]}"
+                )
             raise RpcError(
                 f"node {self.node!r} answered {method} with error: {scrub(str(message))}"
             )
@@ -112,12 +124,14 @@ class NodeRpc:
         await self._provider.disconnect()
 
 
-class HeadSubscription:
-    """Sets `event` on every newHeads notification; reconnects forever with backoff.
+class Subscription:
+    """One eth_subscribe stream over WebSocket; reconnects forever with backoff.
 
-    web3 8 raises an RPC error answered on the socket inside its listener task, which
-    ends the subscription stream: every end of the stream, clean or not, leads to a
-    reconnect, and `event` is set so the collector polls and backfills what it missed.
+    `on_message` gets each notification's result; `on_gap` is called whenever the stream
+    (re)starts or ends, because notifications may have been missed: the caller polls
+    and backfills. web3 8 raises an RPC error answered on the socket inside its listener
+    task, which ends the subscription stream: every end of the stream, clean or not,
+    leads to a reconnect.
     """
 
     def __init__(
@@ -125,13 +139,19 @@ class HeadSubscription:
         ws_url: str,
         *,
         node: str,
-        event: asyncio.Event,
+        kind: str,
+        argument: object = None,
+        on_message: Callable[[Any], None],
+        on_gap: Callable[[], None],
         on_error: Callable[[str], None],
         max_backoff: float = 30.0,
     ) -> None:
         self.url = check_url(ws_url, ("ws", "wss"), f"WebSocket URL of node {node!r}")
         self.node = node
-        self.event = event
+        self.kind = kind
+        self.argument = argument
+        self.on_message = on_message
+        self.on_gap = on_gap
         self.on_error = on_error
         self.max_backoff = max_backoff
         self.connected = False
@@ -141,20 +161,25 @@ class HeadSubscription:
         while True:
             try:
                 async with AsyncWeb3(WebSocketProvider(self.url)) as w3:
-                    await w3.eth.subscribe("newHeads")
+                    if self.argument is None:
+                        await w3.eth.subscribe(self.kind)  # type: ignore[arg-type]
+                    else:
+                        await w3.eth.subscribe(self.kind, self.argument)  # type: ignore[arg-type]
                     self.connected = True
                     backoff = 1.0
-                    self.event.set()
-                    async for _ in w3.socket.process_subscriptions():
-                        self.event.set()
+                    self.on_gap()
+                    async for message in w3.socket.process_subscriptions():
+                        result = message.get("result") if isinstance(message, dict) else None
+                        self.on_message(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.on_error(
-                    f"WebSocket to node {self.node!r} ({redact_url(self.url)}) failed: "
-                    f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+                    f"WebSocket {self.kind} subscription to node {self.node!r} "
+                    f"({redact_url(self.url)}) failed: {type(exc).__name__}: "
+                    f"{scrub(str(exc))[:200]}"
                 )
             self.connected = False
-            self.event.set()
+            self.on_gap()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)

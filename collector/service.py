@@ -22,7 +22,7 @@ from chainwatch.metrics import Metrics
 from chainwatch.schema import Block, NodeStatus, Reorg, encode
 from collector.chain import ChainFollower, ChainTracker
 from collector.checkpoint import FileCheckpointStore
-from collector.rpc import HeadSubscription, NodeRpc
+from collector.rpc import NodeRpc, Subscription
 
 log = logging.getLogger("chainwatch.collector")
 
@@ -102,10 +102,12 @@ class BlockCollector:
         """Follow the node until `stop`; connection failures (even at start) are retried."""
         ws_task = None
         if self.ws_url:
-            sub = HeadSubscription(
+            sub = Subscription(
                 self.ws_url,
                 node=self.node,
-                event=self._head_event,
+                kind="newHeads",
+                on_message=lambda _: self._head_event.set(),
+                on_gap=self._head_event.set,
                 on_error=lambda msg: self._error("websocket", msg),
             )
             ws_task = asyncio.create_task(sub.run(), name=f"ws:{self.node}")
