@@ -36,6 +36,27 @@ class CollectorConfig:
     start_block: int | None = None  # None: start at the node's head when no checkpoint
     expected_block_time: float = 12.0
     status_interval: float = 5.0  # seconds between node_status heartbeats
+    max_message_bytes: int = 900_000  # Kafka's default broker limit is 1 MiB
+
+
+def encode_within(record: Block | Reorg | NodeStatus, limit: int) -> bytes:
+    """Encode a record; a block too large for the bus keeps its first transactions only.
+
+    tx_count keeps the real count and `transactions_truncated` says what happened, so a
+    huge block is delivered (and counted) instead of blocking the stream forever.
+    """
+    payload = encode(record)
+    if len(payload) <= limit or not isinstance(record, Block) or not record.transactions:
+        return payload
+    keep = len(record.transactions)
+    while keep > 0 and len(payload) > limit:
+        keep = int(keep * limit / len(payload) * 0.95)
+        payload = encode(
+            record.model_copy(
+                update={"transactions": record.transactions[:keep], "transactions_truncated": True}
+            )
+        )
+    return payload
 
 
 class BlockCollector:
@@ -168,7 +189,8 @@ class BlockCollector:
     async def deliver(self, records: list[Block | Reorg]) -> None:
         """Publish, wait for the acknowledgement, then move the checkpoint."""
         assert self.follower is not None
-        messages = [(self.topics.blocks, r.stream_key(), encode(r)) for r in records]
+        limit = self.config.max_message_bytes
+        messages = [(self.topics.blocks, r.stream_key(), encode_within(r, limit)) for r in records]
         await asyncio.to_thread(self._publish_all, messages)
         snapshot = self.follower.tracker.snapshot()
         self.store.save(

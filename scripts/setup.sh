@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything chainwatch needs on a fresh clone; safe to run again (it skips what is there).
 #   scripts/setup.sh          Python venv + package + anvil (enough for the demo)
-#   scripts/setup.sh --test   ... plus the Kafka broker jars (for the test suite)
+#   scripts/setup.sh --test   ... plus the Kafka broker jars and geth (for the test suite)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -28,4 +28,5 @@ scripts/install-anvil.sh >/dev/null
 if [ "${1:-}" = "--test" ]; then
   command -v java >/dev/null || { echo "setup: Java 17+ is required for the Kafka broker" >&2; exit 1; }
   scripts/install-kafka.sh >/dev/null
+  scripts/install-geth.sh >/dev/null
 fi

@@ -172,3 +172,21 @@ def test_reorg_right_after_start_uses_the_parent_hash_of_the_oldest_block():
     assert isinstance(reorg, Reorg)
     assert not reorg.ancestor_found
     assert reorg.depth == 2  # a lower bound: block 9 differs, block 8 is unknown
+
+
+def test_a_block_too_large_for_the_bus_keeps_its_first_transactions_and_says_so():
+    from chainwatch.schema import TxSummary, decode
+    from collector.service import encode_within
+
+    tx = TxSummary(hash="0x" + "ab" * 32, transaction_index=0, from_address="0x" + "11" * 20,
+                   to_address="0x" + "22" * 20, value=10**18, gas=21000, nonce=1,
+                   input_size=0, method_id=None, is_contract_creation=False)
+    chain = FakeChain(2)
+    big = chain.head.model_copy(update={"transactions": (tx,) * 5000, "tx_count": 5000})
+    payload = encode_within(big, 100_000)
+    assert len(payload) <= 100_000
+    small = decode(payload)
+    assert isinstance(small, Block)
+    assert small.transactions_truncated and small.tx_count == 5000
+    assert 0 < len(small.transactions) < 5000
+    assert encode_within(chain.head, 100_000) == encode_within(chain.head, 10**9)
