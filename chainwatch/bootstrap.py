@@ -25,6 +25,8 @@ from chainwatch.nodes import NodeConfig, load_nodes
 from chainwatch.schema import Finding
 from chainwatch.settings import Settings
 from collector.checkpoint import FileCheckpointStore
+from collector.mempool_service import MempoolCollector, MempoolConfig
+from collector.peer_service import PeerCollector
 from collector.rpc import NodeRpc, check_url
 from collector.service import BlockCollector, CollectorConfig
 from detector.engine import Detector, DetectorConfig
@@ -136,6 +138,42 @@ def node_configs(settings: Settings) -> list[NodeConfig]:
     return nodes
 
 
+@dataclass
+class NodeAgents:
+    """Everything that follows one node; they share its RPC connection."""
+
+    blocks: BlockCollector
+    others: list[MempoolCollector | PeerCollector]
+
+    @property
+    def rpc(self) -> NodeRpc:
+        return self.blocks.rpc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(self.blocks.run(stop), *(o.run(stop) for o in self.others))
+
+
+def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
+    s = rt.settings
+    blocks = make_collector(rt, node)
+    others: list[MempoolCollector | PeerCollector] = []
+    ws_url = node.ws.get_secret_value() if node.ws else None
+    if node.mempool and s.mempool:
+        mempool = MempoolCollector(
+            blocks.rpc, rt.bus, rt.topics, rt.metrics,
+            MempoolConfig(poll_interval=s.mempool_poll_interval,
+                          snapshot_interval=s.mempool_snapshot_interval),
+            ws_url=ws_url,
+        )
+        blocks.listeners.append(mempool.on_chain)
+        others.append(mempool)
+    if node.peers and s.peers:
+        others.append(
+            PeerCollector(blocks.rpc, rt.bus, rt.topics, rt.metrics, interval=s.peer_interval)
+        )
+    return NodeAgents(blocks, others)
+
+
 def make_collector(rt: Runtime, node: NodeConfig) -> BlockCollector:
     s = rt.settings
     rpc = NodeRpc(node.rpc.get_secret_value(), node=node.name, timeout=s.rpc_timeout)
@@ -165,7 +203,7 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 
 
 async def _collect_until(
-    collectors: list[BlockCollector], *, fail_fast: bool, duration: float | None
+    agents: list[NodeAgents], *, fail_fast: bool, duration: float | None
 ) -> None:
     """Run every collector until SIGTERM/SIGINT or `duration`.
 
@@ -177,26 +215,24 @@ async def _collect_until(
     _install_signal_handlers(loop, stop)
     try:
         if fail_fast:
-            for collector in collectors:
-                await collector.start()
+            for agent in agents:
+                await agent.blocks.start()
         if duration is not None:
             loop.call_later(duration, stop.set)
-        await asyncio.gather(*(c.run(stop) for c in collectors))
+        await asyncio.gather(*(agent.run(stop) for agent in agents))
     finally:
-        for collector in collectors:
-            await collector.rpc.close()
+        for agent in agents:
+            await agent.rpc.close()
 
 
-def _collect_blocking(rt: Runtime, collectors: list[BlockCollector], duration: float | None):
-    asyncio.run(
-        _collect_until(collectors, fail_fast=rt.settings.nodes is None, duration=duration)
-    )
+def _collect_blocking(rt: Runtime, agents: list[NodeAgents], duration: float | None) -> None:
+    asyncio.run(_collect_until(agents, fail_fast=rt.settings.nodes is None, duration=duration))
 
 
-def _describe(rt: Runtime, collectors: list[BlockCollector]) -> dict[str, object]:
+def _describe(rt: Runtime, agents: list[NodeAgents]) -> dict[str, object]:
     return {
-        "nodes": [c.node for c in collectors],
-        "rpc": [redact_url(c.rpc.url) for c in collectors],
+        "nodes": [a.blocks.node for a in agents],
+        "rpc": [redact_url(a.rpc.url) for a in agents],
         "bus": rt.bus.name,
         "metrics": rt.metrics_address,
     }
@@ -205,11 +241,11 @@ def _describe(rt: Runtime, collectors: list[BlockCollector]) -> dict[str, object
 def run_collect(settings: Settings, duration: float | None = None) -> None:
     nodes = node_configs(settings)
     rt = make_runtime(settings)
-    collectors = [make_collector(rt, node) for node in nodes]
+    agents = [make_agents(rt, node) for node in nodes]
     start_http(rt)
-    log.info("collect", extra=_describe(rt, collectors))
+    log.info("collect", extra=_describe(rt, agents))
     try:
-        _collect_blocking(rt, collectors, duration)
+        _collect_blocking(rt, agents, duration)
     finally:
         rt.bus.close()
 
@@ -243,18 +279,18 @@ def run_all(
     """Collector and detector in one process (embedded bus unless --kafka is set)."""
     nodes = node_configs(settings)
     rt = make_runtime(settings)
-    collectors = [make_collector(rt, node) for node in nodes]
+    agents = [make_agents(rt, node) for node in nodes]
     service = make_detector_service(rt, sinks=sinks if sinks is not None else [_log_finding])
     service.subscribe()  # before the collector publishes anything
     start_http(rt, chain_view=lambda: rt.detector.state.describe() if rt.detector else [])
-    log.info("run", extra=_describe(rt, collectors))
+    log.info("run", extra=_describe(rt, agents))
     detector_stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(detector_stop,), name="detector")
     thread.start()
     if on_ready is not None:
         on_ready(rt)
     try:
-        _collect_blocking(rt, collectors, duration)
+        _collect_blocking(rt, agents, duration)
         # let the detector drain what the collector delivered before it stopped
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and (service.consumer and service.consumer.lag()):

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     window: int = Field(default=64, ge=2)
     max_reorg_depth: int = Field(default=128, ge=1)
     state_dir: Path = Field(default_factory=default_state_dir)
+    mempool: bool = True  # follow pending transactions (single node; per node in --nodes)
+    mempool_poll_interval: float = Field(default=2.0, gt=0)
+    mempool_snapshot_interval: float = Field(default=10.0, gt=0)
+    peers: bool = True  # poll the peer set (single node; per node in --nodes)
+    peer_interval: float = Field(default=15.0, gt=0)
 
     # the bus
     kafka: str | None = None
