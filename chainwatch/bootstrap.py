@@ -161,8 +161,12 @@ def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
     if node.mempool and s.mempool:
         mempool = MempoolCollector(
             blocks.rpc, rt.bus, rt.topics, rt.metrics,
-            MempoolConfig(poll_interval=s.mempool_poll_interval,
-                          snapshot_interval=s.mempool_snapshot_interval),
+            MempoolConfig(
+                poll_interval=s.mempool_poll_interval,
+                snapshot_interval=s.mempool_snapshot_interval,
+                reconcile_interval=s.mempool_reconcile_interval,
+                drop_grace=s.mempool_drop_grace,
+            ),
             ws_url=ws_url,
         )
         blocks.listeners.append(mempool.on_chain)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     mempool: bool = True  # follow pending transactions (single node; per node in --nodes)
     mempool_poll_interval: float = Field(default=2.0, gt=0)
     mempool_snapshot_interval: float = Field(default=10.0, gt=0)
+    mempool_reconcile_interval: float = Field(default=30.0, gt=0)
+    mempool_drop_grace: float = Field(default=30.0, ge=0)  # gone from the pool this long
     peers: bool = True  # poll the peer set (single node; per node in --nodes)
     peer_interval: float = Field(default=15.0, gt=0)
 

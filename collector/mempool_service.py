@@ -38,6 +38,7 @@ class MempoolConfig:
     poll_interval: float = 2.0  # txpool_content polling while no subscription is live
     snapshot_interval: float = 10.0
     reconcile_interval: float = 30.0  # txpool_content check for dropped txs
+    drop_grace: float = 30.0  # a tx must be gone from the pool this long to count as dropped
     max_tracked: int = 50_000
     max_outbox: int = 100_000
 
@@ -80,7 +81,10 @@ class MempoolCollector:
             return
         assert self.rpc.chain_id is not None
         self.tracker = MempoolTracker(
-            self.rpc.chain_id, self.node, max_tracked=self.config.max_tracked
+            self.rpc.chain_id,
+            self.node,
+            max_tracked=self.config.max_tracked,
+            grace_seconds=self.config.drop_grace,
         )
         tasks = [
             asyncio.create_task(self.outbox.flush_forever(lambda m: self._error("bus", m))),

@@ -89,14 +89,17 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 class ChainwatchProcess:
     """A `chainwatch` CLI process with its output in a file (shown when a test fails)."""
 
-    def __init__(self, args: list[str], log_dir: Path, name: str) -> None:
+    def __init__(
+        self, args: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.args = args
+        self.env = env or {}
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ChainwatchProcess:
         log = self.log_path.open("ab")
-        env = {**os.environ, "CHAINWATCH_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "CHAINWATCH_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = spawn([sys.executable, "-m", "chainwatch.cli", *self.args],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -119,8 +122,8 @@ class ChainwatchProcess:
 def chainwatch_procs(tmp_path: Path, request: pytest.FixtureRequest):
     started: list[ChainwatchProcess] = []
 
-    def start(name: str, *args: str) -> ChainwatchProcess:
-        proc = ChainwatchProcess(list(args), tmp_path, name).start()
+    def start(name: str, *args: str, env: dict[str, str] | None = None) -> ChainwatchProcess:
+        proc = ChainwatchProcess(list(args), tmp_path, name, env).start()
         started.append(proc)
         return proc
 
