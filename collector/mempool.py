@@ -85,7 +85,9 @@ def parse_txpool_content(raw: Any) -> tuple[list[Mapping[str, Any]], list[Mappin
         raise MalformedRpcPayload("txpool_content: expected an object")
     out: list[list[Mapping[str, Any]]] = []
     for section in ("pending", "queued"):
-        by_sender = raw.get(section) or {}
+        by_sender = raw.get(section)
+        if by_sender is None:
+            by_sender = {}
         if not isinstance(by_sender, Mapping):
             raise MalformedRpcPayload(f"txpool_content: {section} is not an object")
         txs: list[Mapping[str, Any]] = []
@@ -261,13 +263,13 @@ class MempoolTracker:
 
     def expire(self, now: float) -> list[TxLifecycle]:
         out: list[TxLifecycle] = []
-        while self._pending:
-            oldest = next(iter(self._pending.values()))
-            if now - oldest.first_seen_at <= self.drop_after_seconds:
-                break
-            self._untrack(oldest.hash)
+        # a full scan: re-queued txs keep their old first_seen_at, so the tracking order
+        # is not the age order (this runs once per snapshot interval)
+        for tx in [t for t in self._pending.values()
+                   if now - t.first_seen_at > self.drop_after_seconds]:
+            self._untrack(tx.hash)
             self.dropped += 1
-            out.append(self._lifecycle(oldest, "dropped", now))
+            out.append(self._lifecycle(tx, "dropped", now))
         return out
 
     def snapshot(
