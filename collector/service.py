@@ -37,6 +37,8 @@ class CollectorConfig:
     expected_block_time: float = 12.0
     status_interval: float = 5.0  # seconds between node_status heartbeats
     max_message_bytes: int = 900_000  # Kafka's default broker limit is 1 MiB
+    retry_backoff: float = 1.0  # first wait after a failure; doubles while failures go on
+    max_retry_backoff: float = 30.0
 
 
 def encode_within(record: Block | Reorg | NodeStatus, limit: int) -> bytes:
@@ -132,7 +134,7 @@ class BlockCollector:
                 on_error=lambda msg: self._error("websocket", msg),
             )
             ws_task = asyncio.create_task(sub.run(), name=f"ws:{self.node}")
-        backoff = 1.0
+        backoff = self.config.retry_backoff
         try:
             while not stop.is_set():
                 self.health.beat(self.loop_name)
@@ -142,7 +144,7 @@ class BlockCollector:
                     await self.catch_up()
                     await self._publish_status(True, None)
                     self._recovered()
-                    backoff = 1.0
+                    backoff = self.config.retry_backoff
                     self.health.set_ready(self.loop_name, True)
                     await self._wait_for_head(stop, self.config.poll_interval)
                 except (RpcError, BusError) as exc:
@@ -159,7 +161,7 @@ class BlockCollector:
                         self.metrics.node_up.labels(*self._labels()).set(0)
                         await self._publish_status(False, kind)
                     await self._wait_for_head(stop, backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    backoff = min(backoff * 2, self.config.max_retry_backoff)
         finally:
             if ws_task:
                 ws_task.cancel()
