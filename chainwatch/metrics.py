@@ -186,6 +186,12 @@ class Metrics:
             ["chain_id"],
             registry=r,
         )
+        self.model_last_fit = Gauge(
+            "chainwatch_model_last_fit_timestamp_seconds",
+            "When the block model was last fitted (unix seconds).",
+            ["chain_id"],
+            registry=r,
+        )
         self.findings = Counter(
             "chainwatch_findings",
             "Findings published, by detector and severity.",

@@ -343,6 +343,7 @@ class Detector:
                         findings.append(self._block_finding(block, score, scored.threshold, x[j]))
             if model.learn(x):
                 self.metrics.model_fits.labels(str(chain_id)).inc()
+                self.metrics.model_last_fit.labels(str(chain_id)).set(self.clock())
         return findings
 
     def _block_finding(

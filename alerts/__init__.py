@@ -1,0 +1,1 @@
+"""chainwatch's Prometheus rules, rendered from one configurable source (alerts/config.yaml)."""

@@ -1,0 +1,181 @@
+"""The rendered rules are current, valid, and every alert fires exactly at its `for:` boundary.
+
+Each case below is written by hand (input series, the boundary, the exact labels and
+annotations expected) and run by `promtool test rules` from Debian's prometheus package.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "alerts" / "chainwatch.rules.yaml"
+RUNBOOK = "https://github.com/chainwatch/chainwatch/blob/main/docs/runbook.md#"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
+
+N = 'chain_id="1",node="geth-1",job="chainwatch",instance="cw:9108"'
+NODE_LABELS = {"chain_id": "1", "node": "geth-1", "job": "chainwatch", "instance": "cw:9108"}
+WHERE = "geth-1 (chain 1)"
+
+
+def case(alert, series, boundary_minutes, labels, summary, description, before=None):
+    """Not firing one minute before the boundary, firing (exactly so) at it."""
+    before = boundary_minutes - 1 if before is None else before
+    return {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "alert_rule_test": [
+            {"eval_time": f"{before}m", "alertname": alert, "exp_alerts": []},
+            {"eval_time": f"{boundary_minutes}m", "alertname": alert, "exp_alerts": [{
+                "exp_labels": labels,
+                "exp_annotations": {"summary": summary, "description": description,
+                                    "runbook_url": RUNBOOK + alert.lower()},
+            }]},
+        ],
+    }
+
+
+CASES = [
+    case("ChainwatchCollectorDown", [('up{job="chainwatch",instance="cw:9108"}', "1 1 0x10")],
+         7, {"severity": "critical", "job": "chainwatch", "instance": "cw:9108"},
+         "A chainwatch process is down.",
+         "Prometheus cannot scrape cw:9108 (job chainwatch)."),
+    case("ChainwatchNodeUnreachable",
+         [(f'chainwatch_node_state{{{N},state="unreachable"}}', "0 1x10")], 3,
+         {**NODE_LABELS, "state": "unreachable", "severity": "critical"},
+         "A followed node does not answer JSON-RPC.",
+         f"Node {WHERE} has not answered chainwatch's RPC calls."),
+    case("ChainwatchNoNewBlocks", [(f'chainwatch_node_state{{{N},state="stalled"}}', "0 1x10")],
+         3, {**NODE_LABELS, "state": "stalled", "severity": "critical"},
+         "A node has stopped producing new heads.",
+         f"Node {WHERE} has had no new head for longer than its stall limit "
+         "(3 x the expected block time by default)."),
+    case("ChainwatchNodeLagging", [(f'chainwatch_node_state{{{N},state="lagging"}}', "0 1x10")],
+         6, {**NODE_LABELS, "state": "lagging", "severity": "warning"},
+         "A node is behind the best head of its chain.",
+         f"Node {WHERE} is behind the best head seen across the chain's nodes."),
+    case("ChainwatchChainSplit",
+         [('chainwatch_chain_split_blocks{chain_id="1",node="a",other_node="b",'
+           'job="chainwatch",instance="cw:9108"}', "0 2x10")], 3,
+         {"chain_id": "1", "node": "a", "other_node": "b", "job": "chainwatch",
+          "instance": "cw:9108", "severity": "warning"},
+         "Two nodes disagree on the chain.",
+         "Nodes a and b (chain 1) have different blocks at the same height for 2 height(s)."),
+    case("ChainwatchPeerCountLow", [(f"chainwatch_peer_count{{{N}}}", "5 2x20")], 11,
+         {**NODE_LABELS, "severity": "warning"}, "A node has few peers.",
+         f"Node {WHERE} has 2 peer(s)."),
+    # rate over 10m of +20/min passes 10/min after 5 minutes (extrapolated): firing at 20m
+    case("ChainwatchPeerChurnHigh", [(f"chainwatch_peer_disconnects_total{{{N}}}", "0+20x40")],
+         20, {**NODE_LABELS, "severity": "warning"}, "A node is losing peers fast.",
+         f"Node {WHERE} loses 20 peers per minute."),
+    case("ChainwatchTransactionsDropped",
+         [(f'chainwatch_tx_lifecycle_total{{{N},fate="dropped"}}', "0+30x60"),
+          (f"chainwatch_pending_tx_arrivals_total{{{N}}}", "0+100x60")], 16,
+         {**NODE_LABELS, "severity": "warning"},
+         "Many pending transactions are dropped without inclusion.",
+         f"On node {WHERE}, 30% of pending transactions are dropped."),
+    case("ChainwatchDetectorStalled",
+         [('chainwatch_detector_last_event_timestamp_seconds{job="chainwatch",'
+           'instance="cw:9108"}', "60 120 180 180x20"),
+          ('chainwatch_consumer_lag_messages{job="chainwatch",instance="cw:9108"}', "0x25")],
+         11, {"job": "chainwatch", "instance": "cw:9108", "severity": "critical"},
+         "A chainwatch detector is not keeping up.",
+         "Detector cw:9108 has processed nothing recently or its consumer lag keeps growing."),
+    case("ChainwatchModelStale",
+         [('chainwatch_model_last_fit_timestamp_seconds{chain_id="1",job="chainwatch",'
+           'instance="cw:9108"}', "-86400x60")], 31,
+         {"chain_id": "1", "job": "chainwatch", "instance": "cw:9108", "severity": "warning"},
+         "An anomaly model has not been refitted for long.",
+         "The block model of chain 1 on cw:9108 was last fitted 1d 0h 31m 0s ago."),
+]
+
+# A depth-3 reorg at 5m: warning (2 <= depth < 6) from the increase() window, never critical.
+REORG = {
+    "interval": "1m",
+    "input_series": [
+        {"series": f'chainwatch_reorg_depth_blocks_bucket{{{N},le="1.0"}}', "values": "0x20"},
+        {"series": f'chainwatch_reorg_depth_blocks_bucket{{{N},le="5.0"}}',
+         "values": "0x4 1x15"},
+        {"series": f"chainwatch_reorg_depth_blocks_count{{{N}}}", "values": "0x4 1x15"},
+    ],
+    "alert_rule_test": [
+        {"eval_time": "4m", "alertname": "ChainwatchChainReorg", "exp_alerts": []},
+        {"eval_time": "5m", "alertname": "ChainwatchChainReorg", "exp_alerts": [{
+            "exp_labels": {**NODE_LABELS, "severity": "warning"},
+            "exp_annotations": {
+                "summary": "A chain reorganisation of depth 2 or more.",
+                "description": f"Node {WHERE} switched branches, dropping 2 or more blocks, "
+                               "in the last 10m.",
+                "runbook_url": RUNBOOK + "chainwatchchainreorg"}}]},
+        {"eval_time": "16m", "alertname": "ChainwatchChainReorg", "exp_alerts": []},
+    ],
+}
+# A depth-8 reorg: critical only.
+DEEP_REORG = {
+    "interval": "1m",
+    "input_series": [
+        {"series": f'chainwatch_reorg_depth_blocks_bucket{{{N},le="1.0"}}', "values": "0x20"},
+        {"series": f'chainwatch_reorg_depth_blocks_bucket{{{N},le="5.0"}}', "values": "0x20"},
+        {"series": f"chainwatch_reorg_depth_blocks_count{{{N}}}", "values": "0x4 1x15"},
+    ],
+    "alert_rule_test": [
+        {"eval_time": "4m", "alertname": "ChainwatchChainReorg", "exp_alerts": []},
+        {"eval_time": "5m", "alertname": "ChainwatchChainReorg", "exp_alerts": [{
+            "exp_labels": {**NODE_LABELS, "severity": "critical"},
+            "exp_annotations": {
+                "summary": "A chain reorganisation of depth 6 or more.",
+                "description": f"Node {WHERE} switched branches, dropping 6 or more blocks, "
+                               "in the last 10m.",
+                "runbook_url": RUNBOOK + "chainwatchchainreorg"}}]},
+    ],
+}
+
+
+def test_rendered_rules_are_up_to_date():
+    result = subprocess.run([sys.executable, "-m", "alerts.render", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_every_alert_has_severity_summary_description_and_runbook_section():
+    rules = yaml.safe_load(RULES.read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    runbook = (ROOT / "docs" / "runbook.md").read_text().lower()
+    for rule in alerts:
+        assert rule["labels"]["severity"] in ("info", "warning", "critical")
+        assert "{{" not in rule["annotations"]["summary"]
+        assert "{{" in rule["annotations"]["description"]
+        anchor = rule["annotations"]["runbook_url"].split("#")[1]
+        assert f"## {anchor}" in runbook, f"docs/runbook.md has no section for {rule['alert']}"
+
+
+def test_every_alert_has_a_promtool_case():
+    rules = yaml.safe_load(RULES.read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tested = {t["alert_rule_test"][0]["alertname"] for t in [*CASES, REORG, DEEP_REORG]}
+    assert names == tested
+
+
+@needs_promtool
+def test_promtool_check_rules():
+    result = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_at_the_for_boundaries(tmp_path):
+    shutil.copy(RULES, tmp_path / "rules.yaml")
+    spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+            "tests": [*CASES, REORG, DEEP_REORG]}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = subprocess.run([PROMTOOL, "test", "rules", "tests.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
