@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from chainwatch.alertmanager import AlertmanagerSink
 from chainwatch.bus import Bus, EmbeddedBus, Topics
 from chainwatch.exceptions import ConfigError
 from chainwatch.httpserver import Health, serve
@@ -94,6 +95,17 @@ def start_http(rt: Runtime, chain_view: Callable[[], object] | None = None) -> N
 
 def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -> DetectorService:
     s = rt.settings
+    if s.alertmanager:
+        check_url(s.alertmanager, ("http", "https"), "Alertmanager URL")
+        sinks = [
+            *sinks,
+            AlertmanagerSink(
+                s.alertmanager,
+                rt.metrics,
+                min_severity=s.alertmanager_severity,
+                ttl=s.alertmanager_ttl,
+            ),
+        ]
     rt.detector = Detector(
         DetectorConfig(
             warmup_blocks=s.warmup_blocks,
@@ -160,7 +172,10 @@ def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
     ws_url = node.ws.get_secret_value() if node.ws else None
     if node.mempool and s.mempool:
         mempool = MempoolCollector(
-            blocks.rpc, rt.bus, rt.topics, rt.metrics,
+            blocks.rpc,
+            rt.bus,
+            rt.topics,
+            rt.metrics,
             MempoolConfig(
                 poll_interval=s.mempool_poll_interval,
                 snapshot_interval=s.mempool_snapshot_interval,

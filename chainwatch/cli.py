@@ -57,8 +57,14 @@ PollInterval = Annotated[
 Warmup = Annotated[
     int | None, typer.Option("--warmup-blocks", help="Blocks seen before the model first fits")
 ]
-Duration = Annotated[
-    float | None, typer.Option("--duration", help="Stop after this many seconds")
+Duration = Annotated[float | None, typer.Option("--duration", help="Stop after this many seconds")]
+Alertmanager = Annotated[
+    str | None,
+    typer.Option("--alertmanager", help="Push findings to this Alertmanager (v2 API)"),
+]
+AlertSeverity = Annotated[
+    str | None,
+    typer.Option("--alertmanager-severity", help="Lowest severity pushed: info, warning, critical"),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR")]
 
@@ -93,14 +99,25 @@ def collect(
         metrics_port = 9109  # beside a detector on 9108 on the same host
 
     settings = _settings(
-        nodes=nodes, rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
-        metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
-        start_block=start_block, poll_interval=poll_interval, log_level=log_level,
+        nodes=nodes,
+        rpc=rpc,
+        ws=ws,
+        node=node,
+        kafka=kafka,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        state_dir=state_dir,
+        topic_prefix=topic_prefix,
+        start_block=start_block,
+        poll_interval=poll_interval,
+        log_level=log_level,
         expected_block_time=expected_block_time,
     )
     if not settings.kafka:
-        raise ChainwatchError("collect publishes to Kafka: give --kafka HOST:PORT "
-                              "(or use `chainwatch run` for the embedded mode)")
+        raise ChainwatchError(
+            "collect publishes to Kafka: give --kafka HOST:PORT "
+            "(or use `chainwatch run` for the embedded mode)"
+        )
     run_collect(settings, duration=duration)
 
 
@@ -112,6 +129,8 @@ def detect(
     topic_prefix: TopicPrefix = None,
     group: Group = None,
     warmup_blocks: Warmup = None,
+    alertmanager: Alertmanager = None,
+    alertmanager_severity: AlertSeverity = None,
     duration: Duration = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -119,9 +138,15 @@ def detect(
     from chainwatch.bootstrap import run_detect
 
     settings = _settings(
-        kafka=kafka, metrics_port=metrics_port, metrics_host=metrics_host,
-        topic_prefix=topic_prefix, group=group, warmup_blocks=warmup_blocks,
+        kafka=kafka,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        topic_prefix=topic_prefix,
+        group=group,
+        warmup_blocks=warmup_blocks,
         log_level=log_level,
+        alertmanager=alertmanager,
+        alertmanager_severity=alertmanager_severity,
     )
     if not settings.kafka:
         raise ChainwatchError("detect consumes from Kafka: give --kafka HOST:PORT")
@@ -143,6 +168,8 @@ def run(
     start_block: StartBlock = None,
     poll_interval: PollInterval = None,
     warmup_blocks: Warmup = None,
+    alertmanager: Alertmanager = None,
+    alertmanager_severity: AlertSeverity = None,
     duration: Duration = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -150,10 +177,22 @@ def run(
     from chainwatch.bootstrap import run_all
 
     settings = _settings(
-        nodes=nodes, rpc=rpc, ws=ws, node=node, kafka=kafka, metrics_port=metrics_port,
-        metrics_host=metrics_host, state_dir=state_dir, topic_prefix=topic_prefix,
-        start_block=start_block, poll_interval=poll_interval, warmup_blocks=warmup_blocks,
-        log_level=log_level, expected_block_time=expected_block_time,
+        nodes=nodes,
+        rpc=rpc,
+        ws=ws,
+        node=node,
+        kafka=kafka,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        state_dir=state_dir,
+        topic_prefix=topic_prefix,
+        start_block=start_block,
+        poll_interval=poll_interval,
+        warmup_blocks=warmup_blocks,
+        log_level=log_level,
+        expected_block_time=expected_block_time,
+        alertmanager=alertmanager,
+        alertmanager_severity=alertmanager_severity,
     )
     run_all(settings, duration=duration)
 

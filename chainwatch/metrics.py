@@ -233,6 +233,17 @@ class Metrics:
             "Messages published but not yet consumed by this detector.",
             registry=r,
         )
+        self.alertmanager_sent = Counter(
+            "chainwatch_alertmanager_alerts_sent",
+            "Per-finding alerts accepted by Alertmanager.",
+            registry=r,
+        )
+        self.alertmanager_errors = Counter(
+            "chainwatch_alertmanager_errors",
+            "Failed attempts to send per-finding alerts (send) or alerts dropped (queue_full).",
+            ["kind"],
+            registry=r,
+        )
         # collectors (exported by `collect` and `run`)
         self.collector_published = Counter(
             "chainwatch_collector_blocks_published",

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     stall_factor: float = Field(default=3.0, gt=0)
     status_interval: float = Field(default=5.0, gt=0)
 
+    # per-finding alerts
+    alertmanager: str | None = None  # Alertmanager base URL, e.g. http://alertmanager:9093
+    alertmanager_severity: Literal["info", "warning", "critical"] = "warning"
+    alertmanager_ttl: float = Field(default=3600.0, gt=0)  # endsAt = observed_at + ttl
+
     # the process
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9108, ge=0, le=65535)

@@ -168,7 +168,8 @@ class BlockCollector:
                 await asyncio.gather(ws_task, return_exceptions=True)
 
     async def _wait_for_head(self, stop: asyncio.Event, timeout: float) -> None:
-        self._head_event.clear()
+        # The event is cleared before each catch-up, not here: a head announced while
+        # catching up must wake the next round instead of being lost.
         waits = [asyncio.create_task(self._head_event.wait()), asyncio.create_task(stop.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -179,6 +180,7 @@ class BlockCollector:
     async def catch_up(self) -> int:
         """Step until the tracked head is the node's head; returns records delivered."""
         assert self.follower is not None
+        self._head_event.clear()
         delivered = 0
         while records := await self.follower.step():
             await self.deliver(records)

@@ -40,8 +40,9 @@ class NodeState:
     expected_block_time: float | None = None
 
     def trim(self) -> None:
+        # `canonical` is kept in ascending height order (see apply_block): oldest first
         while len(self.canonical) > self.window:
-            del self.canonical[min(self.canonical)]
+            del self.canonical[next(iter(self.canonical))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +90,11 @@ class ChainState:
         parent = state.canonical.get(block.number - 1)
         linked = parent is not None and parent.hash == block.parent_hash
         # A block replaces whatever the node had at its height and above: either the
-        # collector announced a reorg first, or we joined the stream mid-way.
-        for n in [n for n in state.canonical if n >= block.number]:
-            del state.canonical[n]
+        # collector announced a reorg first, or we joined the stream mid-way. Deleting
+        # first keeps the dict in ascending height order, so the common case is O(1).
+        if state.head_number is not None and block.number <= state.head_number:
+            for n in [n for n in state.canonical if n >= block.number]:
+                del state.canonical[n]
         state.canonical[block.number] = CanonicalEntry(
             block.hash, block.parent_hash, block.timestamp, block.base_fee_per_gas
         )
