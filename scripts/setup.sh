@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything chainwatch needs on a fresh clone; safe to run again (it skips what is there).
 #   scripts/setup.sh          Python venv + package + anvil (enough for the demo)
-#   scripts/setup.sh --test   ... plus the Kafka broker jars and geth (for the test suite)
+#   scripts/setup.sh --test   ... plus Kafka jars, geth, Prometheus/Alertmanager (for the tests)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -29,4 +29,14 @@ if [ "${1:-}" = "--test" ]; then
   command -v java >/dev/null || { echo "setup: Java 17+ is required for the Kafka broker" >&2; exit 1; }
   scripts/install-kafka.sh >/dev/null
   scripts/install-geth.sh >/dev/null
+  if ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+    echo "setup: installing Prometheus and Alertmanager (Debian packages)" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus prometheus-alertmanager >/dev/null
+    # the packages may start system services; tests run their own servers on free ports
+    pkill -x prometheus 2>/dev/null || true
+    pkill -f prometheus-alertmanager 2>/dev/null || true
+    pkill -f prometheus-node-exporter 2>/dev/null || true
+  fi
 fi
