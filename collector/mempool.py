@@ -5,33 +5,59 @@ the canonical chain the block collector delivered (blocks, reorgs), and occasion
 full pool listings. From them it says what happened to each transaction: included,
 replaced (same sender and nonce, new hash), dropped, or re-queued after a reorg.
 Memory is bounded; evictions are counted, never silent.
+
+The streams race each other (a pool listing can be older or newer than the last
+delivered block), so the tracker remembers the txs of recent blocks: a stale listing
+does not resurrect an included tx, and a tx must stay absent from the pool for the
+grace period before it counts as dropped.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from chainwatch.exceptions import MalformedRpcPayload
-from chainwatch.schema import Block, MempoolSnapshot, PendingTx, Reorg, TxLifecycle
+from chainwatch.schema import Block, MempoolSnapshot, PendingTx, Reorg, TxFate, TxLifecycle
 from collector.mappers import hex_to_int
 
+_HEX = re.compile(r"0x(?:[0-9a-f]{2})*")
+_HASH_CHARS = 64
+_ADDRESS_CHARS = 40
 
-def _hex(value: Any, field: str, *, required: bool = True) -> str | None:
-    """0x-hex string from a hex string or bytes (web3 formats hashes as HexBytes)."""
-    if value is None:
-        if required:
-            raise MalformedRpcPayload(f"pending tx: missing field {field}")
-        return None
-    if isinstance(value, bytes | bytearray):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, str) and value[:2] in ("0x", "0X"):
-        return value.lower()
-    raise MalformedRpcPayload(f"pending tx: field {field} is not hex")
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _hex(value: Any, field: str, chars: int | None = None) -> str:
+    """Lower-case 0x-hex from a hex string, bytes, or a HexBytes-like `.hex()` object."""
+    if isinstance(value, bytes | bytearray | memoryview):  # HexBytes is a bytes subclass
+        text = "0x" + bytes(value).hex()
+    elif isinstance(value, str):
+        text = value.lower()
+    elif hasattr(value, "hex") and not isinstance(value, int | float):  # float.hex exists
+        try:
+            text = value.hex()
+        except Exception:  # a foreign object: any failure is a malformed payload
+            raise MalformedRpcPayload(f"pending tx: field {field} is not hex") from None
+        if not isinstance(text, str):
+            raise MalformedRpcPayload(f"pending tx: field {field} is not hex")
+        text = text.lower()
+        text = text if text.startswith("0x") else "0x" + text
+    elif value is None:
+        raise MalformedRpcPayload(f"pending tx: missing field {field}")
+    else:
+        raise MalformedRpcPayload(f"pending tx: field {field} is not hex: {_short(value)}")
+    if not _HEX.fullmatch(text) or (chars is not None and len(text) != chars + 2):
+        raise MalformedRpcPayload(f"pending tx: field {field} is not hex: {_short(value)}")
+    return text
 
 
 def _opt_int(raw: Mapping[str, Any], key: str) -> int | None:
@@ -40,13 +66,14 @@ def _opt_int(raw: Mapping[str, Any], key: str) -> int | None:
 
 
 def map_pending_tx(raw: Any, *, chain_id: int, node: str, first_seen_at: float) -> PendingTx:
-    """A full pending transaction (subscription payload or txpool_content entry)."""
+    """A full pending transaction: a txpool_content entry, or the subscription payload
+    (web3 hands that over with ints and HexBytes instead of hex strings)."""
     if not isinstance(raw, Mapping):
-        raise MalformedRpcPayload("pending tx: expected an object")
-    tx_hash = _hex(raw.get("hash"), "hash")
-    assert tx_hash is not None
-    data = _hex(raw.get("input", raw.get("data", "0x")), "input") or "0x"
-    to_address = _hex(raw.get("to"), "to", required=False)
+        raise MalformedRpcPayload(f"pending tx: expected an object, got {_short(raw)}")
+    tx_hash = _hex(raw.get("hash"), "hash", _HASH_CHARS)
+    data = _hex(raw.get("input", raw.get("data", "0x")), "input")
+    to_raw = raw.get("to")
+    to_address = None if to_raw in (None, "", "0x", b"") else _hex(to_raw, "to", _ADDRESS_CHARS)
     body = data[2:]
     try:
         return PendingTx(
@@ -56,10 +83,10 @@ def map_pending_tx(raw: Any, *, chain_id: int, node: str, first_seen_at: float) 
             observed_at=first_seen_at,
             first_seen_at=first_seen_at,
             hash=tx_hash,
-            from_address=_hex(raw.get("from"), "from") or "",
-            to_address=to_address if to_address and to_address != "0x" else None,
+            from_address=_hex(raw.get("from"), "from", _ADDRESS_CHARS),
+            to_address=to_address,
             nonce=hex_to_int(raw.get("nonce"), "nonce"),
-            value=hex_to_int(raw.get("value", 0), "value"),
+            value=hex_to_int(raw.get("value"), "value"),
             gas=hex_to_int(raw.get("gas"), "gas"),
             gas_price=_opt_int(raw, "gasPrice"),
             max_fee_per_gas=_opt_int(raw, "maxFeePerGas"),
@@ -67,22 +94,26 @@ def map_pending_tx(raw: Any, *, chain_id: int, node: str, first_seen_at: float) 
             tx_type=hex_to_int(raw.get("type") or 0, "type"),
             input_size=len(body) // 2,
             method_id=("0x" + body[:8]) if len(body) >= 8 else None,
-            is_contract_creation=not to_address or to_address == "0x",
+            is_contract_creation=to_address is None,
         )
     except ValidationError as exc:
         raise MalformedRpcPayload(f"pending tx: {exc.errors()[0]['msg']}") from None
 
 
 def parse_txpool_status(raw: Any) -> tuple[int, int]:
+    """txpool_status -> (pending, queued)."""
     if not isinstance(raw, Mapping):
-        raise MalformedRpcPayload("txpool_status: expected an object")
+        raise MalformedRpcPayload(f"txpool_status: expected an object, got {_short(raw)}")
     return hex_to_int(raw.get("pending"), "pending"), hex_to_int(raw.get("queued"), "queued")
 
 
 def parse_txpool_content(raw: Any) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
-    """{"pending": {addr: {nonce: tx}}, "queued": {...}} -> (pending txs, queued txs)."""
+    """{"pending": {addr: {nonce: tx}}, "queued": {...}} -> (pending txs, queued txs).
+
+    The txs stay raw: each goes through `map_pending_tx`, so one bad tx is one skip.
+    """
     if not isinstance(raw, Mapping):
-        raise MalformedRpcPayload("txpool_content: expected an object")
+        raise MalformedRpcPayload(f"txpool_content: expected an object, got {_short(raw)}")
     out: list[list[Mapping[str, Any]]] = []
     for section in ("pending", "queued"):
         by_sender = raw.get(section)
@@ -102,31 +133,55 @@ def parse_txpool_content(raw: Any) -> tuple[list[Mapping[str, Any]], list[Mappin
     return out[0], out[1]
 
 
-def _fee(tx: PendingTx) -> int | None:
-    """The fee that competes for inclusion: priority fee, else legacy gas price."""
+class _Fees(Protocol):
+    @property
+    def gas_price(self) -> int | None: ...
+
+    @property
+    def max_fee_per_gas(self) -> int | None: ...
+
+    @property
+    def max_priority_fee_per_gas(self) -> int | None: ...
+
+
+def fee_bump_ratio(old: _Fees, new: _Fees) -> float | None:
+    """new fee / old fee, comparing like with like: the priority fee when both have one
+    (what a replacement must raise), else gas price, else max fee; None when unknown."""
+    for name in ("max_priority_fee_per_gas", "gas_price", "max_fee_per_gas"):
+        old_fee, new_fee = getattr(old, name), getattr(new, name)
+        if old_fee is not None and new_fee is not None:
+            return new_fee / old_fee if old_fee > 0 else None
+    return None
+
+
+def _tip(tx: PendingTx) -> int | None:
+    """The fee a tx bids for inclusion: its priority fee, or its gas price when legacy."""
     if tx.max_priority_fee_per_gas is not None:
         return tx.max_priority_fee_per_gas
-    if tx.gas_price is not None:
-        return tx.gas_price
-    return tx.max_fee_per_gas
+    return tx.gas_price
 
 
-def _percentile(sorted_values: list[int], q: float) -> int | None:
+def _percentile(sorted_values: list[int], percent: int) -> int | None:
+    """Nearest rank, in integers (no float rounding at the rank boundaries)."""
     if not sorted_values:
         return None
-    rank = max(int(-(-q * len(sorted_values) // 1)), 1)  # nearest rank
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    rank = max((percent * len(sorted_values) + 99) // 100, 1)
+    return sorted_values[rank - 1]
 
 
-@dataclass(frozen=True, slots=True)
-class _Included:
-    hash: str
-    from_address: str
-    nonce: int
-    tx: PendingTx | None  # the pending record, when we saw it pending
+@dataclass(slots=True)
+class _BlockMemory:
+    """What a delivered block held: all its tx hashes, and the txs we had seen pending
+    (kept whole so a reorg can put them back as pending)."""
+
+    number: int
+    hashes: tuple[str, ...]
+    seen: list[PendingTx] = field(default_factory=list)
 
 
 class MempoolTracker:
+    """Follows pending txs to their fate. Each method returns the records to publish."""
+
     def __init__(
         self,
         chain_id: int,
@@ -137,148 +192,157 @@ class MempoolTracker:
         grace_seconds: float = 30.0,
         remember_blocks: int = 256,
     ) -> None:
+        if max_tracked < 1 or remember_blocks < 1:
+            raise ValueError("max_tracked and remember_blocks must be at least 1")
         self.chain_id = chain_id
         self.node = node
         self.max_tracked = max_tracked
         self.drop_after_seconds = drop_after_seconds
         self.grace_seconds = grace_seconds
         self.remember_blocks = remember_blocks
-        self._pending: OrderedDict[str, PendingTx] = OrderedDict()  # oldest first
+        self._pending: OrderedDict[str, PendingTx] = OrderedDict()  # tracking order
         self._by_slot: dict[tuple[str, int], str] = {}  # (sender, nonce) -> hash
-        self._included: OrderedDict[str, tuple[int, list[_Included]]] = OrderedDict()
+        self._absent_since: dict[str, float] = {}  # tracked hash -> first poll without it
+        self._blocks: OrderedDict[str, _BlockMemory] = OrderedDict()  # block hash -> txs
+        self._included_in: dict[str, str] = {}  # tx hash -> block hash, remembered blocks
         self.included = self.replaced = self.dropped = self.requeued = self.evicted = 0
 
     @property
     def tracked_count(self) -> int:
         return len(self._pending)
 
-    def _lifecycle(self, tx: PendingTx, fate: str, now: float, **extra: Any) -> TxLifecycle:
-        block_hash = extra.get("block_hash")
-        return TxLifecycle(
-            chain_id=self.chain_id,
-            node=self.node,
-            event_id=TxLifecycle.id_for(self.chain_id, self.node, tx.hash, fate, block_hash),
-            observed_at=now,
-            hash=tx.hash,
-            fate=fate,  # type: ignore[arg-type]
-            from_address=tx.from_address,
-            nonce=tx.nonce,
-            **extra,
-        )
-
-    def _untrack(self, tx_hash: str) -> PendingTx | None:
-        tx = self._pending.pop(tx_hash, None)
-        if tx is not None and self._by_slot.get((tx.from_address, tx.nonce)) == tx_hash:
-            del self._by_slot[(tx.from_address, tx.nonce)]
-        return tx
-
-    def _track(self, tx: PendingTx) -> None:
-        self._pending[tx.hash] = tx
-        self._by_slot[(tx.from_address, tx.nonce)] = tx.hash
-        while len(self._pending) > self.max_tracked:
-            oldest = next(iter(self._pending))
-            self._untrack(oldest)
-            self.evicted += 1
+    # --- announcements ---------------------------------------------------------------
 
     def on_pending(self, tx: PendingTx) -> list[PendingTx | TxLifecycle]:
-        if tx.hash in self._pending:
+        """A tx the node announced: [replaced record of the one it replaces, tx], or []
+        when it is known already (announced twice, or a stale listing of an included tx)."""
+        if tx.hash in self._pending or tx.hash in self._included_in:
             return []
         out: list[PendingTx | TxLifecycle] = []
-        previous_hash = self._by_slot.get((tx.from_address, tx.nonce))
-        if previous_hash is not None and previous_hash != tx.hash:
-            old = self._untrack(previous_hash)
-            if old is not None:
-                old_fee, new_fee = _fee(old), _fee(tx)
-                bump = new_fee / old_fee if old_fee and new_fee is not None else None
-                self.replaced += 1
-                out.append(
-                    self._lifecycle(
-                        old, "replaced", tx.first_seen_at, replaced_by=tx.hash,
-                        fee_bump_ratio=bump,
-                    )
-                )
+        previous = self._pending.get(self._by_slot.get((tx.from_address, tx.nonce), ""))
+        if previous is not None:
+            self._untrack(previous.hash)
+            self.replaced += 1
+            out.append(self._lifecycle(previous, "replaced", tx.first_seen_at,
+                                       replaced_by=tx.hash,
+                                       fee_bump_ratio=fee_bump_ratio(previous, tx)))
         self._track(tx)
         out.append(tx)
         return out
 
+    # --- the canonical chain -----------------------------------------------------------
+
     def on_blocks(self, records: list[Block | Reorg], now: float) -> list[TxLifecycle]:
+        """One delivery of the block collector, in its order (a reorg before its branch).
+
+        A tx of a dropped block is re-queued unless a later block of the same delivery
+        holds it again (or holds another tx in its sender/nonce slot: then it is replaced).
+        """
         out: list[TxLifecycle] = []
-        dropped_blocks: list[str] = []
-        reincluded: set[str] = set()
+        # txs whose block left the chain in this delivery: hash -> (tx, block hash, number)
+        orphaned: dict[str, tuple[PendingTx, str, int]] = {}
         for record in records:
             if isinstance(record, Reorg):
-                dropped_blocks.extend(record.dropped_block_hashes)
-                continue
-            remembered: list[_Included] = []
-            for tx in record.transactions:
-                reincluded.add(tx.hash)
-                pending = self._untrack(tx.hash)
-                if pending is not None:
-                    self.included += 1
-                    out.append(
-                        self._lifecycle(
-                            pending, "included", now, block_number=record.number,
-                            block_hash=record.hash,
-                            inclusion_delay_seconds=max(
-                                record.observed_at - pending.first_seen_at, 0.0
-                            ),
-                        )
-                    )
-                else:
-                    slot_hash = self._by_slot.get((tx.from_address, tx.nonce))
-                    if slot_hash is not None and slot_hash != tx.hash:
-                        loser = self._untrack(slot_hash)
-                        if loser is not None:
-                            self.replaced += 1
-                            out.append(self._lifecycle(loser, "replaced", now,
-                                                       replaced_by=tx.hash))
-                remembered.append(_Included(tx.hash, tx.from_address, tx.nonce, pending))
-            self._remember(record, remembered)
-        for block_hash in dropped_blocks:
-            entry = self._included.pop(block_hash, None)
-            if entry is None:
-                continue
-            for inc in entry[1]:
-                if inc.hash in reincluded or inc.tx is None:
-                    continue
+                for block_hash in record.dropped_block_hashes:
+                    memory = self._forget_block(block_hash)
+                    if memory is not None:
+                        for tx in memory.seen:
+                            orphaned[tx.hash] = (tx, block_hash, memory.number)
+            elif record.hash not in self._blocks:  # a block delivered twice counts once
+                out.extend(self._on_block(record, orphaned, now))
+        if orphaned:
+            for tx, block_hash, number in orphaned.values():
                 self.requeued += 1
-                out.append(self._lifecycle(inc.tx, "requeued", now, block_hash=block_hash,
-                                           block_number=entry[0]))
-                self._track(inc.tx)
+                out.append(self._lifecycle(tx, "requeued", now, block_hash=block_hash,
+                                           block_number=number))
+                self._track(tx)
         return out
 
-    def _remember(self, block: Block, txs: list[_Included]) -> None:
-        self._included[block.hash] = (block.number, txs)
-        while len(self._included) > self.remember_blocks:
-            self._included.popitem(last=False)
+    def _on_block(
+        self, block: Block, orphaned: dict[str, tuple[PendingTx, str, int]], now: float
+    ) -> list[TxLifecycle]:
+        out: list[TxLifecycle] = []
+        orphan_slots = {(t.from_address, t.nonce): h for h, (t, _, _) in orphaned.items()}
+        memory = _BlockMemory(block.number, tuple(t.hash for t in block.transactions))
+        for summary in block.transactions:
+            slot = (summary.from_address, summary.nonce)
+            if summary.hash in orphaned:  # back in the new branch: still included
+                memory.seen.append(orphaned.pop(summary.hash)[0])
+                continue
+            tx = self._untrack(summary.hash)
+            if tx is not None:
+                self.included += 1
+                memory.seen.append(tx)
+                delay = max(block.observed_at - tx.first_seen_at, 0.0)
+                out.append(self._lifecycle(tx, "included", now, block_number=block.number,
+                                           block_hash=block.hash,
+                                           inclusion_delay_seconds=delay))
+                continue
+            loser = self._untrack(self._by_slot.get(slot, ""))
+            if loser is None and slot in orphan_slots:
+                loser = orphaned.pop(orphan_slots.pop(slot))[0]
+            if loser is not None:
+                self.replaced += 1
+                out.append(self._lifecycle(loser, "replaced", now, replaced_by=summary.hash,
+                                           fee_bump_ratio=fee_bump_ratio(loser, summary)))
+        self._remember(block.hash, memory)
+        return out
+
+    def _remember(self, block_hash: str, memory: _BlockMemory) -> None:
+        self._blocks[block_hash] = memory
+        for tx_hash in memory.hashes:
+            self._included_in[tx_hash] = block_hash
+        while len(self._blocks) > self.remember_blocks:
+            self._forget_block(next(iter(self._blocks)))
+
+    def _forget_block(self, block_hash: str) -> _BlockMemory | None:
+        memory = self._blocks.pop(block_hash, None)
+        for tx_hash in memory.hashes if memory else ():
+            if self._included_in.get(tx_hash) == block_hash:
+                del self._included_in[tx_hash]
+        return memory
+
+    # --- drops -------------------------------------------------------------------------
 
     def on_pool_contents(self, pending_hashes: set[str], now: float) -> list[TxLifecycle]:
+        """Reconcile with a full listing (lower-case hashes; pass queued ones too, a
+        demoted tx is not dropped). A tx counts as dropped once first seen more than
+        `grace_seconds` ago and absent from every listing for `grace_seconds`: a listing
+        can be newer than the last delivered block, and an included tx is not dropped."""
         out: list[TxLifecycle] = []
         for tx_hash, tx in list(self._pending.items()):
-            if tx_hash not in pending_hashes and now - tx.first_seen_at > self.grace_seconds:
-                self._untrack(tx_hash)
-                self.dropped += 1
-                out.append(self._lifecycle(tx, "dropped", now))
+            if tx_hash in pending_hashes:
+                self._absent_since.pop(tx_hash, None)
+                continue
+            absent_since = self._absent_since.setdefault(tx_hash, now)
+            if (now - tx.first_seen_at > self.grace_seconds
+                    and now - absent_since >= self.grace_seconds):
+                out.append(self._drop(tx, now))
         return out
 
     def expire(self, now: float) -> list[TxLifecycle]:
-        out: list[TxLifecycle] = []
-        # a full scan: re-queued txs keep their old first_seen_at, so the tracking order
-        # is not the age order (this runs once per snapshot interval)
-        for tx in [t for t in self._pending.values()
-                   if now - t.first_seen_at > self.drop_after_seconds]:
-            self._untrack(tx.hash)
-            self.dropped += 1
-            out.append(self._lifecycle(tx, "dropped", now))
-        return out
+        """Drop txs tracked longer than `drop_after_seconds` (a full scan: re-queued txs
+        keep their first_seen_at, so tracking order is not age order)."""
+        old = [t for t in self._pending.values()
+               if now - t.first_seen_at > self.drop_after_seconds]
+        return [self._drop(tx, now) for tx in old]
+
+    def _drop(self, tx: PendingTx, now: float) -> TxLifecycle:
+        self._untrack(tx.hash)
+        self.dropped += 1
+        return self._lifecycle(tx, "dropped", now)
+
+    # --- summary -----------------------------------------------------------------------
 
     def snapshot(
         self, now: float, pending_count: int | None, queued_count: int | None, source: str
     ) -> MempoolSnapshot:
-        fees = sorted(f for f in (_fee(t) for t in self._pending.values()) if f is not None)
-        max_fees = sorted(
-            t.max_fee_per_gas for t in self._pending.values() if t.max_fee_per_gas is not None
-        )
+        """Pool counts (the node's when known, else ours) and the fee levels of tracked txs."""
+        if source not in ("txpool", "subscription"):
+            raise ValueError(f"snapshot source must be txpool or subscription, not {source!r}")
+        tracked = self._pending.values()
+        tips = sorted(f for f in map(_tip, tracked) if f is not None)
+        max_fees = sorted(t.max_fee_per_gas for t in tracked if t.max_fee_per_gas is not None)
         return MempoolSnapshot(
             chain_id=self.chain_id,
             node=self.node,
@@ -287,10 +351,41 @@ class MempoolTracker:
             pending_count=pending_count if pending_count is not None else len(self._pending),
             queued_count=queued_count,
             tracked_count=len(self._pending),
-            sender_count=len({t.from_address for t in self._pending.values()}),
-            priority_fee_p50=_percentile(fees, 0.5),
-            priority_fee_p90=_percentile(fees, 0.9),
-            priority_fee_p99=_percentile(fees, 0.99),
-            max_fee_p50=_percentile(max_fees, 0.5),
-            source="txpool" if source == "txpool" else "subscription",
+            sender_count=len({t.from_address for t in tracked}),
+            priority_fee_p50=_percentile(tips, 50),
+            priority_fee_p90=_percentile(tips, 90),
+            priority_fee_p99=_percentile(tips, 99),
+            max_fee_p50=_percentile(max_fees, 50),
+            source=source,  # type: ignore[arg-type]
+        )
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _track(self, tx: PendingTx) -> None:
+        self._pending[tx.hash] = tx
+        self._by_slot[(tx.from_address, tx.nonce)] = tx.hash
+        while len(self._pending) > self.max_tracked:
+            self._untrack(next(iter(self._pending)))
+            self.evicted += 1
+
+    def _untrack(self, tx_hash: str) -> PendingTx | None:
+        tx = self._pending.pop(tx_hash, None)
+        if tx is not None:
+            self._absent_since.pop(tx_hash, None)
+            if self._by_slot.get((tx.from_address, tx.nonce)) == tx_hash:
+                del self._by_slot[(tx.from_address, tx.nonce)]
+        return tx
+
+    def _lifecycle(self, tx: PendingTx, fate: TxFate, now: float, **extra: Any) -> TxLifecycle:
+        return TxLifecycle(
+            chain_id=self.chain_id,
+            node=self.node,
+            event_id=TxLifecycle.id_for(self.chain_id, self.node, tx.hash, fate,
+                                        extra.get("block_hash")),
+            observed_at=now,
+            hash=tx.hash,
+            fate=fate,
+            from_address=tx.from_address,
+            nonce=tx.nonce,
+            **extra,
         )

@@ -166,10 +166,11 @@ class MempoolCollector:
 
     async def _poll_txpool(self) -> None:
         assert self.tracker is not None
-        pending, _queued = parse_txpool_content(await self.rpc.call("txpool_content", []))
+        pending, queued = parse_txpool_content(await self.rpc.call("txpool_content", []))
         now = self.clock()
         await self._ingest(pending, now)
-        hashes = {str(tx.get("hash", "")).lower() for tx in pending}
+        # a tx demoted to queued (nonce gap) is still in the pool: not dropped
+        hashes = {str(tx.get("hash", "")).lower() for tx in (*pending, *queued)}
         self._queue(self.tracker.on_pool_contents(hashes, now))
 
     async def _snapshot(self) -> None:

@@ -175,18 +175,17 @@ class Detector:
         return findings
 
     def _on_splits(self, chain_id: int) -> list[Finding]:
-        new, resolved = self.health.update_splits(self.state, chain_id)
-        for split in resolved:
-            labels = (str(chain_id), split.node, split.other)
-            self.metrics.chain_split_blocks.labels(*labels).set(0)
+        new, _resolved = self.health.update_splits(self.state, chain_id)
+        nodes = self.state.chain_nodes(chain_id)
+        for i, a in enumerate(nodes):  # every pair has a series: 0 while they agree
+            for b in nodes[i + 1 :]:
+                split = self.health.splits.get((chain_id, a.node, b.node))
+                labels = (str(chain_id), a.node, b.node)
+                self.metrics.chain_split_blocks.labels(*labels).set(split.length if split else 0)
+                if split is not None:
+                    point = split.split_point if split.split_point is not None else -1
+                    self.metrics.chain_split_point.labels(*labels).set(point)
         findings: list[Finding] = []
-        for split in self.health.splits.values():
-            if split.chain_id != chain_id:
-                continue
-            labels = (str(chain_id), split.node, split.other)
-            self.metrics.chain_split_blocks.labels(*labels).set(split.length)
-            point = split.split_point if split.split_point is not None else -1
-            self.metrics.chain_split_point.labels(*labels).set(point)
         for split in new:
             self.metrics.chain_splits.labels(str(chain_id)).inc()
             findings.append(self._split_finding(split))
@@ -246,8 +245,9 @@ class Detector:
         else:
             m.peer_count.labels(*labels).set(record.peer_count)
             if record.detailed:
-                m.peers.labels(*labels, "inbound").set(record.inbound or 0)
-                m.peers.labels(*labels, "outbound").set(record.outbound or 0)
+                if record.inbound is not None and record.outbound is not None:
+                    m.peers.labels(*labels, "inbound").set(record.inbound)
+                    m.peers.labels(*labels, "outbound").set(record.outbound)
                 for client, count in record.clients.items():
                     m.peers_by_client.labels(*labels, client).set(count)
                 m.peer_connects.labels(*labels).inc(len(record.connected))
