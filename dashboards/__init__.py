@@ -1,0 +1,1 @@
+"""Grafana dashboards for chainwatch, generated from dashboards/build.py."""

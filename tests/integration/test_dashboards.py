@@ -1,0 +1,113 @@
+"""Dashboards: well-formed, generated and current, and every panel query returns data
+from a real Prometheus that scraped chainwatch during a scenario."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alerts.mixin import load_config, render
+from chainwatch.local.anvil import Anvil
+from chainwatch.local.geth import GethNode
+from chainwatch.local.prometheus import PrometheusServer
+from tests.integration.conftest import free_port, metric, rpc, wait_until
+from tests.integration.test_multinode import nodes_file
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def targets(dashboard: dict) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def test_dashboards_are_generated_and_current():
+    result = subprocess.run([sys.executable, "-m", "dashboards.build", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert {p.stem for p in DASHBOARDS} == {
+        "chainwatch-overview", "chainwatch-fork-risk", "chainwatch-mempool", "chainwatch-miners"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_conventions(path: Path):
+    dashboard = load(path)
+    assert dashboard["uid"] == path.stem  # stable uids: links and provisioning rely on them
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names[:3] == ["datasource", "chain_id", "node"]
+    assert dashboard["annotations"]["list"], "alert annotations"
+    text = path.read_text()
+    for panel in dashboard["panels"]:
+        assert panel["description"], panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+    # the only datasource uid anywhere is the variable
+    assert text.count('"uid": "${datasource}"') == text.count('"uid": ')  - 1  # minus own uid
+
+
+@pytest.mark.integration
+def test_every_panel_query_returns_series_after_a_scenario(tmp_path, chainwatch_procs):
+    a, b = Anvil(), Anvil()
+    geth_a, geth_b = GethNode("a"), GethNode("b")
+    prometheus = PrometheusServer()
+    stop = threading.Event()
+    try:
+        a.start(block_time=1)
+        b.start(block_time=1)
+        geth_a.start()
+        geth_b.start()
+        geth_a.add_peer(geth_b)
+        path = nodes_file(tmp_path, {"anvil-a": (a.http_url, a.ws_url),
+                                     "anvil-b": (b.http_url, None),
+                                     "geth-a": (geth_a.http_url, None)}, block_time=2)
+        port = free_port()
+        chainwatch_procs(
+            "run", "run", "--nodes", path, "--metrics-port", str(port),
+            "--metrics-host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--warmup-blocks", "10", "--poll-interval", "0.5",
+            env={"CHAINWATCH_MEMPOOL_SNAPSHOT_INTERVAL": "0.5", "CHAINWATCH_PEER_INTERVAL": "1",
+                 "CHAINWATCH_REFIT_EVERY_BLOCKS": "10"},
+        )
+        prometheus.start([f"127.0.0.1:{port}"], render(load_config()))
+        accounts = rpc(a.http_url, "eth_accounts", [])
+
+        def traffic() -> None:
+            i = 0
+            while not stop.wait(0.1):
+                i += 1
+                with contextlib.suppress(OSError):
+                    rpc(a.http_url, "eth_sendTransaction",
+                        [{"from": accounts[i % 5], "to": accounts[5], "value": "0x1"}])
+
+        threading.Thread(target=traffic, daemon=True).start()
+        wait_until(lambda: metric(port, "chainwatch_model_fits_total", {"chain_id": "31337"}),
+                   60, "the block model to fit")
+        rpc(a.http_url, "anvil_reorg", [2, []])
+        time.sleep(20)  # let Prometheus collect enough samples for the rate() windows
+
+        empty = []
+        for dashboard_path in DASHBOARDS:
+            for title, expr in targets(load(dashboard_path)):
+                query = expr.replace("$chain_id", ".*").replace("$node", ".*")
+                if not prometheus.query(query):
+                    empty.append(f"{dashboard_path.stem} / {title}: {query}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)
+    finally:
+        stop.set()
+        prometheus.close()
+        for node in (a, b):
+            node.stop()
+        for node in (geth_a, geth_b):
+            node.close()
