@@ -39,6 +39,10 @@ def cases(state_dir: Path) -> dict[str, list[str]]:
         "unreachable node": ["run", "--rpc", f"http://127.0.0.1:{closed_port()}/SECRETKEY",
                              "--metrics-port", "0", "--state-dir", str(state_dir)],
         "collect without kafka": ["collect", "--rpc", "http://127.0.0.1:8545"],
+        "unreachable kafka": ["detect", "--kafka", f"127.0.0.1:{closed_port()}",
+                              "--metrics-port", "0"],
+        "bad nodes file": ["run", "--nodes", str(state_dir / "missing.yaml")],
+        "bad env value": ["run", "--rpc", "http://127.0.0.1:1"],  # with a bad env var below
     }
 
 
@@ -47,10 +51,12 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     tmp = tmp_path_factory.mktemp("cli")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAINWATCH_")}
     env["XDG_STATE_HOME"] = str(tmp / "xdg")
+    special = {"bad env value": {"CHAINWATCH_METRICS_PORT": "not-a-port"}}
     procs = {
         name: (args, subprocess.Popen(
             [sys.executable, "-m", "chainwatch.cli", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**env, **special.get(name, {})}, cwd=tmp,
         ))
         for name, args in cases(tmp / "state").items()
     }
@@ -102,3 +108,13 @@ def test_unreachable_node_error_hides_the_url_secret(outcomes):
 def test_collect_without_kafka_asks_for_kafka(outcomes):
     assert "--kafka" in outcomes["collect without kafka"].error_lines()[0]
 
+
+
+def test_unreachable_kafka_names_the_servers(outcomes):
+    [line] = outcomes["unreachable kafka"].error_lines()
+    assert "cannot reach Kafka at 127.0.0.1:" in line
+
+
+def test_bad_env_value_names_the_variable(outcomes):
+    [line] = outcomes["bad env value"].error_lines()
+    assert "CHAINWATCH_METRICS_PORT" in line
