@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chainwatch.alertmanager import AlertmanagerSink
 from chainwatch.bus import Bus, EmbeddedBus, Topics
-from chainwatch.exceptions import ConfigError
+from chainwatch.exceptions import ConfigError, InvalidRecord
 from chainwatch.httpserver import Health, serve
 from chainwatch.logs import redact_url
 from chainwatch.metrics import Metrics
@@ -33,6 +34,7 @@ from collector.service import BlockCollector, CollectorConfig
 from detector.engine import Detector, DetectorConfig
 from detector.health import HealthConfig
 from detector.service import DetectorService
+from detector.training import History, gather, load_models, read_jsonl, train_block_model
 
 log = logging.getLogger("chainwatch")
 
@@ -106,6 +108,7 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
                 ttl=s.alertmanager_ttl,
             ),
         ]
+    pretrained = load_models(s.models) if s.models else None
     rt.detector = Detector(
         DetectorConfig(
             warmup_blocks=s.warmup_blocks,
@@ -113,6 +116,7 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
             contamination=s.contamination,
             reorg_warning_depth=s.reorg_warning_depth,
             reorg_critical_depth=s.reorg_critical_depth,
+            model_kind=s.model_kind,
             health=HealthConfig(
                 lag_start_blocks=s.lag_start_blocks,
                 lag_clear_blocks=s.lag_clear_blocks,
@@ -121,6 +125,7 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
             ),
         ),
         rt.metrics,
+        pretrained=pretrained,
     )
     return DetectorService(rt.bus, rt.topics, rt.detector, rt.health, group=s.group, sinks=sinks)
 
@@ -334,3 +339,56 @@ def _log_finding(finding: Finding) -> None:
             "summary": finding.summary,
         },
     )
+
+
+def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float = 60.0) -> str:
+    """Fit the models from JSONL archives or the Kafka topics; save them under `out`."""
+    history = History()
+    if inputs:
+
+        def records():
+            for path in inputs:
+                yield from read_jsonl(path, history)
+
+        gather(records(), history)
+    elif settings.kafka:
+        gather(_read_topic_to_end(settings, timeout), history)
+    else:
+        raise ConfigError("give --input FILE (JSONL records) or --kafka HOST:PORT")
+    model = train_block_model(
+        history, kind=settings.model_kind, contamination=settings.contamination, seed=42
+    )
+    path = out / "block.joblib"
+    model.save(path)
+    for line in history.invalid[:20]:
+        log.warning("skipped invalid record", extra={"where": line})
+    return (
+        f"trained {model.version} on {model.trained_rows} blocks "
+        f"({history.first_block}..{history.last_block}; {history.records} records read, "
+        f"{history.duplicates} duplicates, {len(history.invalid)} invalid skipped) -> {path}"
+    )
+
+
+def _read_topic_to_end(settings: Settings, timeout: float):
+    """Every record on the blocks topic, from the beginning to the current end."""
+    from chainwatch.schema import decode
+
+    bus = make_bus(settings)
+    topics = Topics(settings.topic_prefix)
+    consumer = bus.consumer([topics.blocks], f"chainwatch-train-{time.time_ns()}")
+    deadline = time.monotonic() + timeout
+    idle = 0
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.poll(1.0, 5000)
+            for message in batch:
+                try:
+                    yield decode(message.value)
+                except InvalidRecord:
+                    continue
+            idle = 0 if batch else idle + 1
+            if not batch and consumer.lag() == 0 and idle >= 2:
+                return
+    finally:
+        consumer.close()
+        bus.close()

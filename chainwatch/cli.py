@@ -131,6 +131,8 @@ def detect(
     warmup_blocks: Warmup = None,
     alertmanager: Alertmanager = None,
     alertmanager_severity: AlertSeverity = None,
+    models: Models = None,
+    model: ModelKind = None,
     duration: Duration = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -147,6 +149,8 @@ def detect(
         log_level=log_level,
         alertmanager=alertmanager,
         alertmanager_severity=alertmanager_severity,
+        models=models,
+        model_kind=model,
     )
     if not settings.kafka:
         raise ChainwatchError("detect consumes from Kafka: give --kafka HOST:PORT")
@@ -170,6 +174,8 @@ def run(
     warmup_blocks: Warmup = None,
     alertmanager: Alertmanager = None,
     alertmanager_severity: AlertSeverity = None,
+    models: Models = None,
+    model: ModelKind = None,
     duration: Duration = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -193,8 +199,39 @@ def run(
         expected_block_time=expected_block_time,
         alertmanager=alertmanager,
         alertmanager_severity=alertmanager_severity,
+        models=models,
+        model_kind=model,
     )
     run_all(settings, duration=duration)
+
+
+Models = Annotated[
+    Path | None, typer.Option("--models", help="Directory of models from `chainwatch train`")
+]
+ModelKind = Annotated[
+    str | None,
+    typer.Option("--model", help="Model kind: iforest, hbos, ecod, copod, sk_iforest"),
+]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the models to")],
+    input_files: Annotated[
+        list[Path] | None, typer.Option("--input", help="JSONL file(s) of chainwatch records")
+    ] = None,
+    kafka: Kafka = None,
+    topic_prefix: TopicPrefix = None,
+    model: ModelKind = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Fit the detectors' models from history (JSONL archives or the Kafka topics)."""
+    from chainwatch.bootstrap import run_train
+
+    settings = _settings(
+        kafka=kafka, topic_prefix=topic_prefix, model_kind=model, log_level=log_level
+    )
+    typer.echo(run_train(settings, list(input_files or []), out))
 
 
 @app.command()

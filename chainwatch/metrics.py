@@ -186,6 +186,12 @@ class Metrics:
             ["chain_id"],
             registry=r,
         )
+        self.model_info = Gauge(
+            "chainwatch_model_info",
+            "1 for each model in use: feature family, model kind and version.",
+            ["family", "model", "version"],
+            registry=r,
+        )
         self.model_last_fit = Gauge(
             "chainwatch_model_last_fit_timestamp_seconds",
             "When the block model was last fitted (unix seconds).",

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     group: str = "chainwatch-detector"
 
     # the detector
+    models: Path | None = None  # directory written by `chainwatch train`
+    model_kind: Literal["iforest", "hbos", "ecod", "copod", "sk_iforest"] = "iforest"
     warmup_blocks: int = Field(default=200, ge=10)
     refit_every_blocks: int = Field(default=1000, ge=10)
     contamination: float = Field(default=0.01, gt=0, lt=0.5)

@@ -31,9 +31,11 @@ from detector.features import (
     BLOCK_FEATURES,
     BLOCK_INPUT_SCHEMA,
     block_features,
+    block_row,
 )
 from detector.health import HealthConfig, NodeHealth, Split, Transition
 from detector.model import BlockAnomalyModel
+from detector.models import AnomalyDetector
 from detector.state import ChainState, SeenIds
 
 
@@ -45,6 +47,7 @@ class DetectorConfig:
     contamination: float = 0.01
     seed: int = 42
     z_limit: float = 12.0
+    model_kind: str = "iforest"
     reorg_warning_depth: int = 2
     reorg_critical_depth: int = 6
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -57,6 +60,7 @@ class Detector:
         config: DetectorConfig,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        pretrained: dict[str, AnomalyDetector] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -64,6 +68,9 @@ class Detector:
         self.state = ChainState()
         self.seen = SeenIds()
         self.models: dict[int, BlockAnomalyModel] = {}
+        self.pretrained = pretrained or {}
+        for family, model in self.pretrained.items():
+            metrics.model_info.labels(family, model.kind, model.version or "unknown").set(1)
         self.health = NodeHealth(config.health)
         # records whose processing raised: (record, reason), for the caller to dead-letter
         self.failed: list[tuple[AnyRecord, str]] = []
@@ -81,6 +88,8 @@ class Detector:
                 seed=c.seed,
                 min_scale=BLOCK_FEATURE_MIN_SCALE,
                 z_limit=c.z_limit,
+                kind=c.model_kind,
+                pretrained=self.pretrained.get("block"),
             )
         return model
 
@@ -266,17 +275,7 @@ class Detector:
             m.block_interval.labels(*labels).observe(
                 max(block.timestamp - update.parent_timestamp, 0)
             )
-        return {
-            "number": block.number,
-            "timestamp": block.timestamp,
-            "parent_timestamp": update.parent_timestamp,
-            "gas_used": float(block.gas_used),
-            "gas_limit": float(block.gas_limit),
-            "tx_count": block.tx_count,
-            "base_fee_per_gas": _float_or_none(block.base_fee_per_gas),
-            "parent_base_fee_per_gas": _float_or_none(update.parent_base_fee_per_gas),
-            "observed_at": block.observed_at,
-        }
+        return block_row(block, update)
 
     def _on_reorg(self, reorg: Reorg) -> list[Finding]:
         self.state.apply_reorg(reorg)
@@ -342,6 +341,8 @@ class Detector:
                     if scored.anomalous[j]:
                         findings.append(self._block_finding(block, score, scored.threshold, x[j]))
             if model.learn(x):
+                self.metrics.model_info.labels("block", model.detector.kind,
+                                               model.version or "unknown").set(1)
                 self.metrics.model_fits.labels(str(chain_id)).inc()
                 self.metrics.model_last_fit.labels(str(chain_id)).set(self.clock())
         return findings
@@ -370,6 +371,3 @@ class Detector:
             model_version=model.version,
         )
 
-
-def _float_or_none(value: int | None) -> float | None:
-    return None if value is None else float(value)

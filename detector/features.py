@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from chainwatch.schema import Block
+from detector.state import BlockUpdate
+
 BLOCK_FEATURES: tuple[str, ...] = (
     "interval_seconds",
     "gas_used_ratio",
@@ -61,3 +64,22 @@ def block_features(blocks: pl.DataFrame) -> pl.DataFrame:
 def complete_rows(features: pl.DataFrame) -> pl.DataFrame:
     """Rows usable by a model: every feature present (the first block has no interval)."""
     return features.drop_nulls(subset=list(BLOCK_FEATURES))
+
+
+def block_row(block: Block, update: BlockUpdate) -> dict[str, object]:
+    """One input row for `block_features`, from a block and what ChainState knew of it."""
+
+    def as_float(value: int | None) -> float | None:
+        return None if value is None else float(value)
+
+    return {
+        "number": block.number,
+        "timestamp": block.timestamp,
+        "parent_timestamp": update.parent_timestamp,
+        "gas_used": float(block.gas_used),
+        "gas_limit": float(block.gas_limit),
+        "tx_count": block.tx_count,
+        "base_fee_per_gas": as_float(block.base_fee_per_gas),
+        "parent_base_fee_per_gas": as_float(update.parent_base_fee_per_gas),
+        "observed_at": block.observed_at,
+    }

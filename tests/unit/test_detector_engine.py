@@ -230,7 +230,7 @@ def test_clearly_abnormal_block_is_flagged_and_explained():
     assert f.score >= f.threshold
     top = [e.feature for e in f.explanation]
     assert {"interval_seconds", "propagation_delay_seconds"} & set(top), top
-    assert f.model_version and f.model_version.startswith("iforest-")
+    assert f.model_version and f.model_version.startswith("block-iforest-")
     assert value(d, "chainwatch_findings_total", chain_id="1", detector="block_iforest",
                  severity=f.severity) == 1
     assert value(d, "chainwatch_block_anomaly_score", chain_id="1", node="a") == f.score

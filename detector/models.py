@@ -1,0 +1,238 @@
+"""Our anomaly-detector interface around PyOD (and sklearn), with persistence.
+
+Every family of features (blocks, transactions, miners) uses the same contract:
+higher score = more abnormal, scores normalised to [0, 1] against the training scores,
+a threshold from the configured contamination, fixed seeds, and an explanation (the
+features furthest from their training median, in robust z units).
+
+Kinds: `iforest` (PyOD IForest, the default: fast per event), `hbos` (fastest), `ecod`
+and `copod` (rescore against the training set on every call: for batch and replay),
+`sk_iforest` (scikit-learn's IsolationForest directly).
+
+An isolation forest cannot score a point beyond the training range higher than the
+most extreme training point, and it never splits on a feature that was constant in
+training. A range guard covers both: a row whose robust z-score on any feature exceeds
+`z_limit` is anomalous, with a score above the threshold that grows with the deviation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from chainwatch import __version__
+from chainwatch.exceptions import ChainwatchError
+from chainwatch.schema import FeatureDeviation
+
+MODEL_KINDS: tuple[str, ...] = ("iforest", "hbos", "ecod", "copod", "sk_iforest")
+
+
+class ModelError(ChainwatchError):
+    """A saved model cannot be used (missing, unreadable, or for other features)."""
+
+
+class _Estimator(Protocol):
+    threshold_: float
+    decision_scores_: np.ndarray
+
+    def fit(self, x: np.ndarray) -> Any: ...
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class _SkIsolationForest:
+    """sklearn's IsolationForest with PyOD's conventions (higher = more abnormal)."""
+
+    def __init__(self, n_estimators: int, contamination: float, random_state: int) -> None:
+        from sklearn.ensemble import IsolationForest
+
+        self.contamination = contamination
+        self._model = IsolationForest(
+            n_estimators=n_estimators, contamination="auto", random_state=random_state
+        )
+
+    def fit(self, x: np.ndarray) -> _SkIsolationForest:
+        self._model.fit(x)
+        self.decision_scores_ = self.decision_function(x)
+        quantile = 100 * (1 - self.contamination)
+        self.threshold_ = float(np.percentile(self.decision_scores_, quantile))
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return -np.asarray(self._model.score_samples(x))
+
+
+def make_estimator(kind: str, contamination: float, seed: int, n_estimators: int) -> _Estimator:
+    if kind == "iforest":
+        from pyod.models.iforest import IForest
+
+        return IForest(n_estimators=n_estimators, contamination=contamination, random_state=seed)
+    if kind == "hbos":
+        from pyod.models.hbos import HBOS
+
+        return HBOS(contamination=contamination)
+    if kind == "ecod":
+        from pyod.models.ecod import ECOD
+
+        return ECOD(contamination=contamination)
+    if kind == "copod":
+        from pyod.models.copod import COPOD
+
+        return COPOD(contamination=contamination)
+    if kind == "sk_iforest":
+        return _SkIsolationForest(n_estimators, contamination, seed)
+    raise ModelError(f"unknown model kind {kind!r}: choose one of {', '.join(MODEL_KINDS)}")
+
+
+def feature_schema_hash(family: str, feature_names: tuple[str, ...]) -> str:
+    """Identifies the feature layout a model was trained on (names, order, family)."""
+    text = json.dumps({"family": family, "features": list(feature_names)})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray  # normalised to [0, 1]
+    anomalous: np.ndarray  # bool
+    threshold: float  # normalised threshold
+
+
+class AnomalyDetector:
+    """One fitted model for one feature family."""
+
+    def __init__(
+        self,
+        family: str,
+        feature_names: tuple[str, ...],
+        *,
+        kind: str = "iforest",
+        contamination: float = 0.01,
+        seed: int = 42,
+        n_estimators: int = 100,
+        min_scale: tuple[float, ...] | None = None,
+        z_limit: float = 12.0,
+    ) -> None:
+        if not 0 < contamination < 0.5:
+            raise ValueError("contamination must be in (0, 0.5)")
+        if kind not in MODEL_KINDS:
+            raise ModelError(f"unknown model kind {kind!r}: choose one of {', '.join(MODEL_KINDS)}")
+        self.family = family
+        self.feature_names = feature_names
+        self.kind = kind
+        self.contamination = contamination
+        self.seed = seed
+        self.n_estimators = n_estimators
+        self.z_limit = z_limit
+        self._min_scale = np.array(min_scale if min_scale else [0.0] * len(feature_names))
+        self._estimator: _Estimator | None = None
+        self._lo = 0.0
+        self._span = 1.0
+        self._median = np.zeros(len(feature_names))
+        self._scale = np.ones(len(feature_names))
+        self.trained_rows = 0
+        self.training_window: dict[str, Any] = {}
+        self.version: str | None = None
+
+    @property
+    def schema_hash(self) -> str:
+        return feature_schema_hash(self.family, self.feature_names)
+
+    @property
+    def fitted(self) -> bool:
+        return self._estimator is not None
+
+    def fit(self, train: np.ndarray, training_window: dict[str, Any] | None = None) -> None:
+        estimator = make_estimator(self.kind, self.contamination, self.seed, self.n_estimators)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant features are fine for our guard
+            estimator.fit(train)
+        scores = np.asarray(estimator.decision_scores_)
+        self._lo = float(scores.min())
+        self._span = max(float(scores.max()) - self._lo, 1e-12)
+        self._median = np.median(train, axis=0)
+        q75, q25 = np.percentile(train, [75, 25], axis=0)
+        mad = np.median(np.abs(train - self._median), axis=0) * 1.4826
+        scale = np.where((q75 - q25) > 0, (q75 - q25) / 1.349, mad)
+        self._scale = np.maximum(np.where(scale > 0, scale, 1.0), self._min_scale)
+        self._estimator = estimator
+        self.trained_rows = len(train)
+        self.training_window = dict(training_window or {})
+        digest = hashlib.sha256(train.tobytes()).hexdigest()[:8]
+        self.version = f"{self.family}-{self.kind}-n{len(train)}-s{self.seed}-{digest}"
+
+    def robust_z(self, x: np.ndarray) -> np.ndarray:
+        return (x - self._median) / self._scale
+
+    def score(self, x: np.ndarray) -> Scored:
+        if self._estimator is None:
+            raise ModelError(f"the {self.family} model is not fitted")
+        raw = np.asarray(self._estimator.decision_function(x))
+        scores = np.clip((raw - self._lo) / self._span, 0.0, 1.0)
+        threshold = float(np.clip((self._estimator.threshold_ - self._lo) / self._span, 0, 1))
+        max_z = np.abs(self.robust_z(x)).max(axis=1)
+        beyond = max_z > self.z_limit
+        guard = threshold + (1.0 - threshold) * (1.0 - self.z_limit / np.maximum(max_z, 1e-12))
+        scores = np.where(beyond, np.maximum(scores, guard), scores)
+        return Scored(scores, (raw > self._estimator.threshold_) | beyond, threshold)
+
+    def explain(self, row: np.ndarray, top: int = 3) -> tuple[FeatureDeviation, ...]:
+        z = self.robust_z(row)
+        order = np.argsort(-np.abs(z))[:top]
+        return tuple(
+            FeatureDeviation(feature=self.feature_names[i], value=float(row[i]),
+                             normal=float(self._median[i]), deviation=round(float(z[i]), 3))
+            for i in order
+        )
+
+    # -- persistence -----------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "kind": self.kind,
+            "feature_names": list(self.feature_names),
+            "feature_schema_hash": self.schema_hash,
+            "training_window": self.training_window,
+            "trained_rows": self.trained_rows,
+            "contamination": self.contamination,
+            "seed": self.seed,
+            "version": self.version,
+            "chainwatch_version": __version__,
+        }
+
+    def save(self, path: Path) -> None:
+        from pyod.utils.persistence import save
+
+        if not self.fitted:
+            raise ModelError(f"cannot save the {self.family} model before it is fitted")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(self, path, metadata=self.metadata())
+
+    @staticmethod
+    def load(path: Path, family: str, feature_names: tuple[str, ...]) -> AnomalyDetector:
+        """Load a saved model; refuse one trained on other features (one-line ModelError)."""
+        from pyod.utils.persistence import load
+
+        if not path.is_file():
+            raise ModelError(f"no model file at {path}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dependency drift is reported below
+                model, envelope = load(path, return_metadata=True, trusted=True)
+        except Exception as exc:  # joblib/pickle errors of every kind
+            raise ModelError(f"model file {path} is unreadable: {type(exc).__name__}") from None
+        meta = (envelope or {}).get("metadata") or {}
+        expected = feature_schema_hash(family, feature_names)
+        if not isinstance(model, AnomalyDetector) or meta.get("feature_schema_hash") != expected:
+            raise ModelError(
+                f"model {path.name} was trained on other features "
+                f"(schema {meta.get('feature_schema_hash')}, this chainwatch expects "
+                f"{expected} for {family}): retrain with `chainwatch train`"
+            )
+        return model

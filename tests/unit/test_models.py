@@ -1,0 +1,125 @@
+"""Our detector interface over PyOD: every kind, persistence, and schema refusal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chainwatch.schema import encode
+from detector.models import MODEL_KINDS, AnomalyDetector, ModelError
+from detector.training import History, gather, load_models, train_block_model
+from tests.fakes import make_block
+
+FEATURES = ("a", "b", "c")
+
+
+def normal_rows(n: int = 400, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3))
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_kind_scores_in_unit_range_and_flags_a_clear_outlier(kind):
+    model = AnomalyDetector("test", FEATURES, kind=kind, contamination=0.02, seed=7)
+    model.fit(normal_rows())
+    scored = model.score(np.array([[0.0, 0.0, 0.0], [9.0, -9.0, 9.0]]))
+    assert ((scored.scores >= 0) & (scored.scores <= 1)).all()
+    assert 0 <= scored.threshold <= 1
+    assert not scored.anomalous[0] and scored.anomalous[1]
+    assert scored.scores[1] > scored.threshold > scored.scores[0]
+    top = model.explain(np.array([9.0, 0.0, 0.0]))
+    assert top[0].feature == "a" and top[0].deviation > 5
+
+
+def test_same_seed_same_model():
+    x = normal_rows()
+    first, second = (AnomalyDetector("t", FEATURES, seed=3) for _ in range(2))
+    first.fit(x)
+    second.fit(x)
+    probe = normal_rows(20, seed=9)
+    assert np.array_equal(first.score(probe).scores, second.score(probe).scores)
+    assert first.version == second.version
+
+
+def test_save_and_load_round_trip_with_metadata(tmp_path):
+    model = AnomalyDetector("block", FEATURES, kind="hbos")
+    model.fit(normal_rows(), {"first_block": 1, "last_block": 400})
+    model.save(tmp_path / "m.joblib")
+    loaded = AnomalyDetector.load(tmp_path / "m.joblib", "block", FEATURES)
+    probe = normal_rows(10, seed=5)
+    assert np.array_equal(loaded.score(probe).scores, model.score(probe).scores)
+    assert loaded.training_window == {"first_block": 1, "last_block": 400}
+    from pyod.utils.persistence import load
+
+    _, envelope = load(tmp_path / "m.joblib", return_metadata=True, trusted=True)
+    assert envelope["metadata"]["feature_schema_hash"] == model.schema_hash
+    assert envelope["sklearn_version"] and envelope["pyod_version"]
+
+
+def test_a_model_for_other_features_is_refused_with_one_clear_line(tmp_path):
+    model = AnomalyDetector("block", FEATURES)
+    model.fit(normal_rows())
+    model.save(tmp_path / "m.joblib")
+    with pytest.raises(ModelError) as err:
+        AnomalyDetector.load(tmp_path / "m.joblib", "block", ("a", "b", "c", "d"))
+    assert "trained on other features" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "bad.joblib").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="unreadable"):
+        AnomalyDetector.load(tmp_path / "bad.joblib", "block", FEATURES)
+
+
+def chain_jsonl(path, count: int) -> None:
+    parent, lines = "0x" + "00" * 32, []
+    for n in range(count):
+        block = make_block(n, parent, tx_count=100 + (n * 7) % 40)
+        lines.append(encode(block).decode())
+        parent = block.hash
+    lines.insert(5, "{not json")
+    lines.append(lines[10])  # a duplicate, as at-least-once delivery leaves them
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_training_from_history_counts_what_it_skipped(tmp_path):
+    archive = tmp_path / "history.jsonl"
+    chain_jsonl(archive, 120)
+    from detector.training import read_jsonl
+
+    history = History()
+    gather(read_jsonl(archive, history), history)
+    assert (history.records, history.duplicates, len(history.invalid)) == (121, 1, 1)
+    assert history.invalid[0].startswith("history.jsonl:6:")
+    model = train_block_model(history, kind="iforest", contamination=0.01, seed=42)
+    assert model.trained_rows == 119  # the first block has no parent interval
+    assert model.training_window["first_block"] == 0 and model.training_window["last_block"] == 119
+
+
+def test_train_command_writes_a_model_that_detect_loads(tmp_path):
+    archive = tmp_path / "history.jsonl"
+    chain_jsonl(archive, 120)
+    result = subprocess.run(
+        [sys.executable, "-m", "chainwatch.cli", "train", "--input", str(archive),
+         "--out", str(tmp_path / "models"), "--model", "hbos"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained block-hbos-n119" in result.stdout and "1 invalid skipped" in result.stdout
+    models = load_models(tmp_path / "models")
+    assert models["block"].kind == "hbos"
+
+
+def test_detect_refuses_a_model_for_other_features_in_one_line(tmp_path):
+    model = AnomalyDetector("block", FEATURES)
+    model.fit(normal_rows())
+    model.save(tmp_path / "models" / "block.joblib")
+    result = subprocess.run(
+        [sys.executable, "-m", "chainwatch.cli", "run", "--rpc", "http://127.0.0.1:1",
+         "--models", str(tmp_path / "models"), "--metrics-port", "0",
+         "--state-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("chainwatch: error:")]
+    assert "trained on other features" in line and "chainwatch train" in line
+    assert "Traceback" not in result.stderr
