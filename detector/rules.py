@@ -1,0 +1,331 @@
+"""Known-bad patterns as plain rules. Domain code: no I/O, time passed in.
+
+Each rule is a pure function returning `RuleHit`s (empty when nothing matched). Scores
+are in [0, 1] and every rule fires at or above `RULE_THRESHOLD` (0.5): count-like rules
+score min(count / (2 x limit), 1), so "at the limit" is 0.5 and "twice the limit" is 1.
+`RuleHit.to_finding` turns a hit into a Finding; its event id depends on the rule and
+subject only, so re-evaluating the same window yields the same id (dropped as duplicate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import polars as pl
+
+from chainwatch.schema import Block, Finding, Reorg, Severity, TxLifecycle
+from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
+from detector.tx_features import blocks_to_tx_frame
+
+RULE_THRESHOLD = 0.5
+
+SubjectKind = Literal["node", "block", "tx", "miner"]
+
+
+@dataclass(frozen=True)
+class RuleHit:
+    rule: str
+    family: str  # Finding.family: fork_risk, miner, tx
+    severity: Severity
+    chain_id: int
+    node: str
+    subject_kind: SubjectKind
+    subject: str
+    block_number: int | None
+    score: float
+    summary: str
+    details: dict[str, object] = field(default_factory=dict)
+
+    def to_finding(self, now: float, episode: str | None = None) -> Finding:
+        """The Finding for this hit, observed at `now`.
+
+        The event id is (rule, node, subject[, episode]): miner hits keep one subject while
+        the window slides, so pass an episode (e.g. the window's first block) to report a
+        later, separate occurrence again.
+        """
+        key = self.subject if episode is None else f"{self.subject}|{episode}"
+        return Finding(
+            chain_id=self.chain_id,
+            node=self.node,
+            event_id=Finding.id_for(self.chain_id, self.node, self.rule, key),
+            observed_at=now,
+            detector=self.rule,
+            family=self.family,
+            severity=self.severity,
+            score=self.score,
+            threshold=RULE_THRESHOLD,
+            subject_kind=self.subject_kind,
+            subject=self.subject,
+            block_number=self.block_number,
+            summary=self.summary,
+        )
+
+
+def _count_score(count: float, limit: float) -> float:
+    return min(count / (2.0 * limit), 1.0) if limit > 0 else 1.0
+
+
+def reorg_depth_rule(reorg: Reorg, limit: int, critical: int | None = None) -> list[RuleHit]:
+    """A reorg of depth >= `limit`; critical from `critical` (default 2 x limit) or when
+    the common ancestor lies beyond the collector's search (the depth is a lower bound)."""
+    if reorg.depth < limit:
+        return []
+    critical = critical if critical is not None else 2 * limit
+    severity: Severity = (
+        "critical" if reorg.depth >= critical or not reorg.ancestor_found else "warning"
+    )
+    ancestor = (
+        f"common ancestor {reorg.common_ancestor_number}"
+        if reorg.ancestor_found
+        else "common ancestor deeper than the reorg limit"
+    )
+    return [
+        RuleHit(
+            rule="reorg_depth_rule",
+            family="fork_risk",
+            severity=severity,
+            chain_id=reorg.chain_id,
+            node=reorg.node,
+            subject_kind="node",
+            subject=f"{reorg.node}@{reorg.new_head_hash}",
+            block_number=reorg.new_head_number,
+            score=_count_score(reorg.depth, limit),
+            summary=(
+                f"reorg of depth {reorg.depth} (limit {limit}) on {reorg.node}: head "
+                f"{reorg.old_head_number} -> {reorg.new_head_number}, {ancestor}"
+            ),
+            details={
+                "depth": reorg.depth,
+                "limit": limit,
+                "old_head_hash": reorg.old_head_hash,
+                "new_head_hash": reorg.new_head_hash,
+                "common_ancestor_number": reorg.common_ancestor_number,
+                "ancestor_found": reorg.ancestor_found,
+                "dropped_blocks": len(reorg.dropped_block_hashes),
+            },
+        )
+    ]
+
+
+def miner_share_rule(
+    miner_frame: pl.DataFrame, limit: float = 0.5, min_blocks: int = 20
+) -> list[RuleHit]:
+    """Miners whose share of the window is above `limit` (from `miner_window_features`).
+
+    Needs a window of at least `min_blocks` blocks: 3 of 4 blocks is luck, not power.
+    Score = the share; critical above 0.5 (a majority producer can outpace everyone).
+    """
+    hits = miner_frame.filter(
+        pl.col("window_blocks") >= min_blocks, pl.col("block_share") > limit
+    )
+    out: list[RuleHit] = []
+    for row in hits.iter_rows(named=True):  # one row per offending miner: a handful at most
+        share = float(row["block_share"])
+        out.append(
+            RuleHit(
+                rule="miner_share_rule",
+                family="miner",
+                severity="critical" if share > 0.5 else "warning",
+                chain_id=int(row["chain_id"]),
+                node=str(row["node"]),
+                subject_kind="miner",
+                subject=str(row["miner"]),
+                block_number=None,
+                score=min(max(share, 0.0), 1.0),
+                summary=(
+                    f"miner {row['miner']} produced {row['blocks']} of the last "
+                    f"{row['window_blocks']} blocks on {row['node']} ({share:.0%}, "
+                    f"limit {limit:.0%})"
+                ),
+                details={
+                    "blocks": int(row["blocks"]),
+                    "window_blocks": int(row["window_blocks"]),
+                    "block_share": share,
+                    "window_hhi": float(row["window_hhi"]),
+                    "limit": limit,
+                },
+            )
+        )
+    return out
+
+
+def empty_blocks_rule(
+    blocks: Sequence[Block],
+    snapshots: Sequence[Snapshot],
+    pending_threshold: int = 50,
+    min_count: int = 2,
+) -> list[RuleHit]:
+    """Miners with >= `min_count` empty blocks while the pool held > `pending_threshold` txs.
+
+    Blocks and snapshots of one node; snapshot = (observed_at, pending_count), the pool
+    "before" a block is the last snapshot strictly before the node saw it.
+    """
+    if not blocks:
+        return []
+    frame = window_blocks_frame(blocks)
+    frame = frame.with_columns(empty_with_mempool(frame, snapshots, pending_threshold))
+    offenders = (
+        frame.filter(pl.col("empty_with_mempool"))
+        .group_by("chain_id", "node", "miner")
+        .agg(pl.col("number").sort().alias("numbers"))
+        .filter(pl.col("numbers").list.len() >= min_count)
+        .sort("miner")
+    )
+    out: list[RuleHit] = []
+    for row in offenders.iter_rows(named=True):
+        numbers = [int(n) for n in row["numbers"]]
+        out.append(
+            RuleHit(
+                rule="empty_blocks_rule",
+                family="miner",
+                severity="warning",
+                chain_id=int(row["chain_id"]),
+                node=str(row["node"]),
+                subject_kind="miner",
+                subject=str(row["miner"]),
+                block_number=numbers[-1],
+                score=_count_score(len(numbers), min_count),
+                summary=(
+                    f"miner {row['miner']} produced {len(numbers)} empty block(s) while "
+                    f"{row['node']}'s mempool held more than {pending_threshold} pending txs"
+                ),
+                details={
+                    "block_numbers": numbers,
+                    "pending_threshold": pending_threshold,
+                    "min_count": min_count,
+                },
+            )
+        )
+    return out
+
+
+def sandwich_rule(block: Block) -> list[RuleHit]:
+    """Same sender right before and right after a victim tx, all three to one contract.
+
+    Adjacent indices only, the victim from another sender. Bots that trade through their
+    own contract (to_address differs from the victim's) are not caught: a known-bad
+    pattern, not an MEV classifier.
+    """
+    txs = blocks_to_tx_frame([block]).sort("tx_index")
+    matched = txs.with_columns(
+        pl.col("from_address").shift(1).alias("front_from"),
+        pl.col("from_address").shift(-1).alias("back_from"),
+        pl.col("to_address").shift(1).alias("front_to"),
+        pl.col("to_address").shift(-1).alias("back_to"),
+        pl.col("tx_index").shift(1).alias("front_index"),
+        pl.col("tx_index").shift(-1).alias("back_index"),
+        pl.col("hash").shift(1).alias("front_hash"),
+        pl.col("hash").shift(-1).alias("back_hash"),
+    ).filter(
+        pl.col("front_from") == pl.col("back_from"),
+        pl.col("front_from") != pl.col("from_address"),
+        pl.col("to_address").is_not_null(),
+        pl.col("front_to") == pl.col("to_address"),
+        pl.col("back_to") == pl.col("to_address"),
+        pl.col("front_index") == pl.col("tx_index") - 1,
+        pl.col("back_index") == pl.col("tx_index") + 1,
+    )
+    out: list[RuleHit] = []
+    for row in matched.iter_rows(named=True):  # matches only, not every tx
+        indices = [int(row["front_index"]), int(row["tx_index"]), int(row["back_index"])]
+        out.append(
+            RuleHit(
+                rule="sandwich_rule",
+                family="tx",
+                severity="warning",
+                chain_id=block.chain_id,
+                node=block.node,
+                subject_kind="tx",
+                subject=str(row["hash"]),
+                block_number=block.number,
+                score=1.0,
+                summary=(
+                    f"possible sandwich in block {block.number}: {row['front_from']} traded "
+                    f"with {row['to_address']} right before and after tx {row['hash']}"
+                ),
+                details={
+                    "attacker": row["front_from"],
+                    "victim": row["hash"],
+                    "victim_sender": row["from_address"],
+                    "contract": row["to_address"],
+                    "indices": indices,
+                    "front_hash": row["front_hash"],
+                    "back_hash": row["back_hash"],
+                    "block_hash": block.hash,
+                },
+            )
+        )
+    return out
+
+
+def nonce_replacement_spam_rule(
+    lifecycles: Sequence[TxLifecycle], window_seconds: float = 60.0, limit: int = 5
+) -> list[RuleHit]:
+    """A sender replacing one nonce more than `limit` times within `window_seconds`.
+
+    Counts `replaced` lifecycles per (node, sender, nonce) in a sliding window on their
+    observed_at; duplicates (same event_id) count once. Fee-bump spam floods the pool and
+    every peer's bandwidth while paying for one transaction at most.
+    """
+    replaced = [r for r in lifecycles if r.fate == "replaced"]
+    if not replaced:
+        return []
+    frame = (
+        pl.DataFrame(
+            {
+                "chain_id": [r.chain_id for r in replaced],
+                "node": [r.node for r in replaced],
+                "event_id": [r.event_id for r in replaced],
+                "sender": [r.from_address.lower() for r in replaced],
+                "nonce": [str(r.nonce) for r in replaced],  # str: nonces may exceed Int64
+                "at_ms": [round(r.observed_at * 1000) for r in replaced],
+                "hash": [r.hash for r in replaced],
+            },
+            schema={"chain_id": pl.Int64, "node": pl.Utf8, "event_id": pl.Utf8,
+                    "sender": pl.Utf8, "nonce": pl.Utf8, "at_ms": pl.Int64, "hash": pl.Utf8},
+        )
+        .unique(subset="event_id", keep="first", maintain_order=True)
+        .sort("at_ms")
+    )
+    group = ["chain_id", "node", "sender", "nonce"]
+    windows = frame.rolling(
+        index_column="at_ms", period=f"{round(window_seconds * 1000)}i", group_by=group
+    ).agg(pl.len().alias("count"), pl.col("at_ms").min().alias("first_ms"), pl.col("hash"))
+    worst = (
+        windows.filter(pl.col("count") > limit)
+        .sort("count", "at_ms", descending=[True, False])
+        .unique(subset=group, keep="first", maintain_order=True)
+        .sort(group)
+    )
+    out: list[RuleHit] = []
+    for row in worst.iter_rows(named=True):
+        count = int(row["count"])
+        out.append(
+            RuleHit(
+                rule="nonce_replacement_spam_rule",
+                family="tx",
+                severity="warning",
+                chain_id=int(row["chain_id"]),
+                node=str(row["node"]),
+                subject_kind="tx",
+                subject=f"{row['sender']}#{row['nonce']}",
+                block_number=None,
+                score=_count_score(count, limit),
+                summary=(
+                    f"{row['sender']} replaced nonce {row['nonce']} {count} times within "
+                    f"{window_seconds:g}s on {row['node']} (limit {limit})"
+                ),
+                details={
+                    "sender": row["sender"],
+                    "nonce": int(row["nonce"]),
+                    "replacements": count,
+                    "window_seconds": window_seconds,
+                    "first_at": row["first_ms"] / 1000.0,
+                    "last_at": row["at_ms"] / 1000.0,
+                    "hashes": list(row["hash"]),
+                },
+            )
+        )
+    return out

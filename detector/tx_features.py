@@ -1,0 +1,522 @@
+"""Per-transaction features, vectorised in polars. Domain code: no I/O, time passed in.
+
+Included transactions come from `Block.transactions`, pending ones from `PendingTx`
+records; both become the same columnar frame (`TX_FRAME_SCHEMA`), so one feature
+definition serves the live path and replay.
+
+Three small stateful helpers hold what "normal" means right now: `FeeMarket` (tips of the
+last blocks), `SelectorStats` (4-byte selector frequencies of recent txs) and
+`SenderStats` (per-sender recent activity and last nonce). `tx_features` only reads them.
+Order on the live path: score a batch first, then learn from it
+(`market.update(blocks)`, `selectors.update(frame)`, `senders.update(frame)`), so a
+transaction is never compared with itself.
+
+Wei amounts are Float64: they can exceed Int64, and 53 bits of precision are plenty for
+features. Addresses and selectors are lower-cased in the frame.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from chainwatch.schema import Block, PendingTx
+
+TX_FEATURES: tuple[str, ...] = (
+    "priority_fee_percentile",
+    "priority_fee_z",
+    "gas_price_z",
+    "log_value",
+    "gas_limit_log",
+    "input_size_log",
+    "selector_rarity",
+    "sender_rate",
+    "nonce_gap",
+    "is_contract_creation",
+    "replacement_count",
+    "time_pending_seconds",
+)
+
+# Smallest meaningful deviation of each feature, in its own unit (see BLOCK_FEATURE_MIN_SCALE):
+# percentiles move in 5% steps, logs in fractions of e, a pending time in about one block.
+TX_FEATURE_MIN_SCALE: tuple[float, ...] = (
+    0.05, 1.0, 1.0, 1.0, 0.25, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 12.0,
+)
+
+# Columns `tx_features` puts before the features (to join results back to transactions).
+TX_KEYS: tuple[str, ...] = ("hash",)
+
+TX_FRAME_SCHEMA: dict[str, type[pl.DataType]] = {
+    "source": pl.Utf8,  # "block" (included) or "pending"
+    "chain_id": pl.Int64,
+    "node": pl.Utf8,
+    "block_number": pl.Int64,
+    "block_hash": pl.Utf8,
+    "tx_index": pl.Int64,
+    "hash": pl.Utf8,
+    "from_address": pl.Utf8,
+    "to_address": pl.Utf8,
+    "nonce": pl.Int64,
+    "value": pl.Float64,
+    "gas": pl.Float64,
+    "gas_price": pl.Float64,
+    "max_fee_per_gas": pl.Float64,
+    "max_priority_fee_per_gas": pl.Float64,
+    "tx_type": pl.Int64,
+    "input_size": pl.Int64,
+    "method_id": pl.Utf8,
+    "is_contract_creation": pl.Boolean,
+    "base_fee_per_gas": pl.Float64,
+    "timestamp": pl.Int64,  # block timestamp; null for pending txs
+    "observed_at": pl.Float64,  # when chainwatch saw the block / the pending tx record
+    "first_seen_at": pl.Float64,  # mempool first sighting; null for included txs
+}
+
+_I64_MAX = 2**63 - 1
+_IQR_TO_SIGMA = 1.349  # IQR of a normal distribution in standard deviations
+_NO_SELECTOR = ""  # key for txs without a 4-byte selector (plain transfers)
+
+
+def _opt_float(value: int | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _normalise(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(
+        pl.col("from_address").str.to_lowercase(),
+        pl.col("to_address").str.to_lowercase(),
+        pl.col("method_id").str.to_lowercase(),
+    )
+
+
+def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
+    """One row per included transaction, in block order then transaction order."""
+    txs = [tx for b in blocks for tx in b.transactions]
+    per_block = pl.DataFrame(
+        {
+            "chain_id": [b.chain_id for b in blocks],
+            "node": [b.node for b in blocks],
+            "block_number": [b.number for b in blocks],
+            "block_hash": [b.hash for b in blocks],
+            "base_fee_per_gas": [_opt_float(b.base_fee_per_gas) for b in blocks],
+            "timestamp": [b.timestamp for b in blocks],
+            "observed_at": [b.observed_at for b in blocks],
+        },
+        schema={k: TX_FRAME_SCHEMA[k] for k in (
+            "chain_id", "node", "block_number", "block_hash", "base_fee_per_gas",
+            "timestamp", "observed_at",
+        )},
+    )
+    owner = np.repeat(np.arange(len(blocks)), [len(b.transactions) for b in blocks])
+    block_cols = per_block[owner] if len(txs) else per_block.clear()
+    tx_cols = pl.DataFrame(
+        {
+            "tx_index": [tx.transaction_index for tx in txs],
+            "hash": [tx.hash for tx in txs],
+            "from_address": [tx.from_address for tx in txs],
+            "to_address": [tx.to_address for tx in txs],
+            "nonce": [min(tx.nonce, _I64_MAX) for tx in txs],
+            "value": [float(tx.value) for tx in txs],
+            "gas": [float(tx.gas) for tx in txs],
+            "gas_price": [_opt_float(tx.gas_price) for tx in txs],
+            "max_fee_per_gas": [_opt_float(tx.max_fee_per_gas) for tx in txs],
+            "max_priority_fee_per_gas": [_opt_float(tx.max_priority_fee_per_gas) for tx in txs],
+            "tx_type": [tx.tx_type for tx in txs],
+            "input_size": [tx.input_size for tx in txs],
+            "method_id": [tx.method_id for tx in txs],
+            "is_contract_creation": [tx.is_contract_creation for tx in txs],
+        },
+        schema={k: TX_FRAME_SCHEMA[k] for k in (
+            "tx_index", "hash", "from_address", "to_address", "nonce", "value", "gas",
+            "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type",
+            "input_size", "method_id", "is_contract_creation",
+        )},
+    )
+    frame = pl.concat([block_cols, tx_cols], how="horizontal").with_columns(
+        pl.lit("block", pl.Utf8).alias("source"),
+        pl.lit(None, pl.Float64).alias("first_seen_at"),
+    )
+    return _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
+
+
+def pending_to_tx_frame(txs: Sequence[PendingTx]) -> pl.DataFrame:
+    """One row per pending transaction; block columns are null."""
+    frame = pl.DataFrame(
+        {
+            "source": ["pending"] * len(txs),
+            "chain_id": [t.chain_id for t in txs],
+            "node": [t.node for t in txs],
+            "block_number": [None] * len(txs),
+            "block_hash": [None] * len(txs),
+            "tx_index": [None] * len(txs),
+            "hash": [t.hash for t in txs],
+            "from_address": [t.from_address for t in txs],
+            "to_address": [t.to_address for t in txs],
+            "nonce": [min(t.nonce, _I64_MAX) for t in txs],
+            "value": [float(t.value) for t in txs],
+            "gas": [float(t.gas) for t in txs],
+            "gas_price": [_opt_float(t.gas_price) for t in txs],
+            "max_fee_per_gas": [_opt_float(t.max_fee_per_gas) for t in txs],
+            "max_priority_fee_per_gas": [_opt_float(t.max_priority_fee_per_gas) for t in txs],
+            "tx_type": [t.tx_type for t in txs],
+            "input_size": [t.input_size for t in txs],
+            "method_id": [t.method_id for t in txs],
+            "is_contract_creation": [t.is_contract_creation for t in txs],
+            "base_fee_per_gas": [None] * len(txs),
+            "timestamp": [None] * len(txs),
+            "observed_at": [t.observed_at for t in txs],
+            "first_seen_at": [t.first_seen_at for t in txs],
+        },
+        schema=TX_FRAME_SCHEMA,
+    )
+    return _normalise(frame)
+
+
+def effective_tip_expr(base_fee: pl.Expr | None = None) -> pl.Expr:
+    """What the block producer earns per gas, floored at 0 (null when no fee is known).
+
+    EIP-1559 fields present: min(max_priority_fee, max_fee - base_fee); otherwise
+    (legacy, access-list): gas_price - base_fee. A missing base fee (pre-London) counts as 0.
+    """
+    base = (base_fee if base_fee is not None else pl.col("base_fee_per_gas")).fill_null(0.0)
+    dynamic = pl.min_horizontal(
+        pl.col("max_priority_fee_per_gas"), pl.col("max_fee_per_gas") - base
+    )
+    has_dynamic = (
+        pl.col("max_priority_fee_per_gas").is_not_null() & pl.col("max_fee_per_gas").is_not_null()
+    )
+    tip = pl.when(has_dynamic).then(dynamic).otherwise(pl.col("gas_price") - base)
+    return tip.clip(lower_bound=0.0).alias("effective_tip")
+
+
+def fee_cap_expr() -> pl.Expr:
+    """The most the sender offered per gas: max_fee_per_gas, or gas_price for legacy txs."""
+    return pl.coalesce(pl.col("max_fee_per_gas"), pl.col("gas_price")).alias("fee_cap")
+
+
+class _BatchWindow:
+    """Values of the last `capacity` batches, with a sorted copy for rank queries."""
+
+    def __init__(self, capacity: int) -> None:
+        self._batches: deque[np.ndarray] = deque(maxlen=capacity)
+        self._sorted: np.ndarray | None = None
+
+    def push(self, values: np.ndarray) -> None:
+        self._batches.append(values[~np.isnan(values)])
+        self._sorted = None
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    @property
+    def values(self) -> np.ndarray:
+        if self._sorted is None:
+            joined = np.concatenate(self._batches) if self._batches else np.empty(0)
+            self._sorted = np.sort(joined)
+        return self._sorted
+
+    def percentile(self, x: np.ndarray) -> np.ndarray:
+        """Mid-rank percentile in [0, 1]: ties count half, so a common value sits mid-way."""
+        window = self.values
+        x = np.asarray(x, dtype=np.float64)
+        if len(window) == 0:
+            return np.full(x.shape, np.nan)
+        below = np.searchsorted(window, x, side="left")
+        at_or_below = np.searchsorted(window, x, side="right")
+        out = (below + at_or_below) / (2.0 * len(window))
+        return np.where(np.isnan(x), np.nan, out)
+
+    def robust_z(self, x: np.ndarray, min_scale: float) -> np.ndarray:
+        """(x - median) / max(IQR / 1.349, min_scale): robust to the fat tails of fees."""
+        window = self.values
+        x = np.asarray(x, dtype=np.float64)
+        if len(window) == 0:
+            return np.full(x.shape, np.nan)
+        q1, median, q3 = np.quantile(window, [0.25, 0.5, 0.75])
+        scale = max((q3 - q1) / _IQR_TO_SIGMA, min_scale)
+        return (x - median) / scale
+
+
+class FeeMarket:
+    """Tips and fee caps of the last `window_blocks` blocks: what "a normal fee" is now.
+
+    A block is learnt once per hash (several nodes report the same block). Empty blocks
+    take a window slot without adding values: the window is "the last N blocks".
+    """
+
+    def __init__(
+        self,
+        window_blocks: int = 50,
+        *,
+        tip_min_scale: float = 1e8,  # 0.1 gwei: finer tip differences are noise
+        fee_cap_min_scale: float = 1e9,  # 1 gwei
+    ) -> None:
+        self.window_blocks = window_blocks
+        self.tip_min_scale = tip_min_scale
+        self.fee_cap_min_scale = fee_cap_min_scale
+        self._tips = _BatchWindow(window_blocks)
+        self._caps = _BatchWindow(window_blocks)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._head: int | None = None
+        self.base_fee: float | None = None  # of the highest block learnt; prices pending txs
+
+    @property
+    def blocks(self) -> int:
+        return len(self._tips)
+
+    @property
+    def size(self) -> int:
+        """Number of tip values in the window."""
+        return len(self._tips.values)
+
+    def update(self, blocks: Sequence[Block]) -> None:
+        """Learn the tips of new blocks (in the order given; already-seen hashes skipped)."""
+        fresh: list[Block] = []
+        for b in blocks:
+            if b.hash in self._seen:
+                continue
+            self._seen[b.hash] = None
+            if len(self._seen) > 4 * self.window_blocks:
+                self._seen.popitem(last=False)
+            fresh.append(b)
+            if self._head is None or b.number >= self._head:
+                self._head = b.number
+                self.base_fee = _opt_float(b.base_fee_per_gas)
+        if not fresh:
+            return
+        frame = blocks_to_tx_frame(fresh).select(effective_tip_expr(), fee_cap_expr())
+        tips = frame["effective_tip"].fill_null(np.nan).to_numpy()
+        caps = frame["fee_cap"].fill_null(np.nan).to_numpy()
+        cuts = np.cumsum([len(b.transactions) for b in fresh])[:-1]
+        for block_tips, block_caps in zip(
+            np.split(tips, cuts), np.split(caps, cuts), strict=True
+        ):
+            self._tips.push(block_tips)
+            self._caps.push(block_caps)
+
+    def percentile_of(self, tips: np.ndarray) -> np.ndarray:
+        """Empirical (mid-rank) percentile in [0, 1] of each tip; NaN while the window is empty."""
+        return self._tips.percentile(tips)
+
+    def tip_z(self, tips: np.ndarray) -> np.ndarray:
+        """Robust z-score of each tip against the window (NaN while empty)."""
+        return self._tips.robust_z(tips, self.tip_min_scale)
+
+    def fee_cap_z(self, caps: np.ndarray) -> np.ndarray:
+        """Robust z-score of each offered fee cap against the window (NaN while empty)."""
+        return self._caps.robust_z(caps, self.fee_cap_min_scale)
+
+
+class SelectorStats:
+    """Counts of 4-byte selectors over about the last `capacity` transactions.
+
+    Learnt in batches; the oldest batches are evicted whole, so the window holds between
+    `capacity - last batch` and `capacity` txs. A tx without a selector counts as "".
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._batches: deque[tuple[list[str], list[int]]] = deque()
+        self._counts: dict[str, int] = {}
+        self.total = 0
+        self._lookup: tuple[list[str], list[int]] | None = None
+
+    def __len__(self) -> int:
+        """Distinct selectors in the window."""
+        return len(self._counts)
+
+    def count(self, selector: str | None) -> int:
+        return self._counts.get((selector or _NO_SELECTOR).lower(), 0)
+
+    def update(self, frame: pl.DataFrame) -> None:
+        """Learn the selectors of a tx frame (`method_id` column)."""
+        keys = frame["method_id"].fill_null(_NO_SELECTOR).tail(self.capacity)
+        if keys.len() == 0:
+            return
+        counts = keys.value_counts(name="n")
+        batch = (counts["method_id"].to_list(), counts["n"].to_list())
+        self._batches.append(batch)
+        self._add(batch, +1)
+        while self.total > self.capacity:
+            self._add(self._batches.popleft(), -1)
+        self._lookup = None
+
+    def _add(self, batch: tuple[list[str], list[int]], sign: int) -> None:
+        for key, n in zip(*batch, strict=True):  # one step per distinct selector of a batch
+            left = self._counts.get(key, 0) + sign * n
+            if left:
+                self._counts[key] = left
+            else:
+                del self._counts[key]
+            self.total += sign * n
+
+    def rarity(self, method_ids: pl.Series) -> np.ndarray:
+        """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
+        if self._lookup is None:
+            self._lookup = (list(self._counts), list(self._counts.values()))
+        keys, values = self._lookup
+        counts = (
+            method_ids.fill_null(_NO_SELECTOR)
+            .str.to_lowercase()
+            .replace_strict(keys, values, default=0, return_dtype=pl.Float64)
+            .to_numpy()
+        )
+        return -np.log((counts + 1.0) / (self.total + 1.0))
+
+
+_EVENTS_SCHEMA = {"sender": pl.Utf8, "at": pl.Float64}
+_LAST_SCHEMA = {"sender": pl.Utf8, "last_nonce": pl.Int64, "last_seen": pl.Float64}
+
+
+class SenderStats:
+    """Per sender: txs in the last `window_seconds` and the highest nonce seen.
+
+    Bounded: at most `max_events` recent (sender, time) events and `max_senders` senders
+    (least recently seen ones are forgotten first). Columnar, so lookups are joins.
+    """
+
+    def __init__(
+        self,
+        window_seconds: float = 300.0,
+        *,
+        max_senders: int = 100_000,
+        max_events: int = 200_000,
+    ) -> None:
+        self.window_seconds = window_seconds
+        self.max_senders = max_senders
+        self.max_events = max_events
+        self._events = pl.DataFrame(schema=_EVENTS_SCHEMA)
+        self._last = pl.DataFrame(schema=_LAST_SCHEMA)
+
+    def __len__(self) -> int:
+        """Senders remembered (for their last nonce)."""
+        return self._last.height
+
+    @property
+    def events(self) -> int:
+        return self._events.height
+
+    def update(self, frame: pl.DataFrame, now: float | None = None) -> None:
+        """Learn a tx frame (`from_address`, `nonce`, `observed_at`)."""
+        if frame.height == 0:
+            return
+        now = _frame_now(frame, now)
+        new_events = frame.select(
+            pl.col("from_address").alias("sender"), pl.col("observed_at").alias("at")
+        )
+        self._events = (
+            pl.concat([self._events, new_events])
+            .filter(pl.col("at") > now - self.window_seconds)
+            .tail(self.max_events)
+        )
+        new_last = frame.group_by(pl.col("from_address").alias("sender")).agg(
+            pl.col("nonce").max().alias("last_nonce"),
+            pl.col("observed_at").max().alias("last_seen"),
+        )
+        last = (
+            pl.concat([self._last, new_last.select(_LAST_SCHEMA.keys())])
+            .group_by("sender")
+            .agg(pl.col("last_nonce").max(), pl.col("last_seen").max())
+        )
+        if last.height > self.max_senders:
+            last = last.top_k(self.max_senders, by="last_seen")
+        self._last = last
+
+    def lookup(self, frame: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
+        """Row-aligned `sender_rate` (txs per minute in the window) and `last_nonce` (or null)."""
+        now = _frame_now(frame, now)
+        recent = (
+            self._events.filter(pl.col("at") > now - self.window_seconds, pl.col("at") <= now)
+            .group_by("sender")
+            .agg(pl.len().cast(pl.Float64).alias("recent"))
+        )
+        joined = (
+            frame.select(pl.col("from_address").alias("sender"))
+            .join(recent, on="sender", how="left", maintain_order="left")
+            .join(self._last, on="sender", how="left", maintain_order="left")
+        )
+        return joined.select(
+            (pl.col("recent").fill_null(0.0) * 60.0 / self.window_seconds).alias("sender_rate"),
+            pl.col("last_nonce"),
+        )
+
+
+def _frame_now(frame: pl.DataFrame, now: float | None) -> float:
+    if now is not None:
+        return now
+    latest = frame["observed_at"].max() if frame.height else None
+    return float(latest) if isinstance(latest, int | float) else 0.0
+
+
+def _mapped(column: str, mapping: dict[str, int] | dict[str, float] | None) -> pl.Expr:
+    if not mapping:
+        return pl.lit(None, pl.Float64)
+    return pl.col(column).replace_strict(
+        list(mapping), [float(v) for v in mapping.values()], default=None,
+        return_dtype=pl.Float64,
+    )
+
+
+def tx_features(
+    frame: pl.DataFrame,
+    market: FeeMarket,
+    selectors: SelectorStats,
+    senders: SenderStats,
+    replacements: dict[str, int] | None = None,
+    pending_since: dict[str, float] | None = None,
+    *,
+    now: float | None = None,
+) -> pl.DataFrame:
+    """`hash` and TX_FEATURES for each row of a tx frame, in the frame's order.
+
+    Pure given the stats' state: score first, then update the stats. Unknowns are null:
+    percentiles/z-scores while the fee window is empty, `nonce_gap` for a sender neither
+    remembered nor earlier in the frame, `time_pending_seconds` for an included tx never
+    seen pending (no `pending_since` entry). `replacement_count` of an unknown hash is 0.
+    Pending txs are priced against the latest block's base fee. `now` (default: the
+    frame's latest `observed_at`) ends the sender-rate window.
+    """
+    now = _frame_now(frame, now)
+    base = pl.coalesce(pl.col("base_fee_per_gas"), pl.lit(market.base_fee, pl.Float64))
+    prices = frame.select(effective_tip_expr(base), fee_cap_expr())
+    tips = prices["effective_tip"].fill_null(np.nan).to_numpy()
+    caps = prices["fee_cap"].fill_null(np.nan).to_numpy()
+    sender = senders.lookup(frame, now)
+    # a sender's earlier tx in the same batch is the better reference than the stats
+    previous_nonce = pl.coalesce(
+        pl.col("nonce").shift(1).over("from_address", order_by="nonce"), pl.col("last_nonce")
+    )
+    since = pl.coalesce(_mapped("hash", pending_since), pl.col("first_seen_at"))
+    out = frame.with_columns(
+        pl.Series("priority_fee_percentile", market.percentile_of(tips), pl.Float64),
+        pl.Series("priority_fee_z", market.tip_z(tips), pl.Float64),
+        pl.Series("gas_price_z", market.fee_cap_z(caps), pl.Float64),
+        pl.Series("selector_rarity", selectors.rarity(frame["method_id"]), pl.Float64),
+        sender["sender_rate"],
+        sender["last_nonce"],
+    ).select(
+        pl.col("hash"),
+        pl.col("priority_fee_percentile").fill_nan(None),
+        pl.col("priority_fee_z").fill_nan(None),
+        pl.col("gas_price_z").fill_nan(None),
+        (pl.col("value") / 1e9).log1p().alias("log_value"),  # log(1 + gwei): dust ~ 0
+        pl.col("gas").log1p().alias("gas_limit_log"),
+        pl.col("input_size").cast(pl.Float64).log1p().alias("input_size_log"),
+        pl.col("selector_rarity"),
+        pl.col("sender_rate"),
+        (pl.col("nonce") - previous_nonce - 1).clip(lower_bound=0).cast(pl.Float64).alias(
+            "nonce_gap"
+        ),
+        pl.col("is_contract_creation").cast(pl.Float64),
+        _mapped("hash", replacements).fill_null(0.0).alias("replacement_count"),
+        (pl.col("observed_at") - since).clip(lower_bound=0.0).alias("time_pending_seconds"),
+    )
+    return out
+
+
+def complete_tx_rows(features: pl.DataFrame) -> pl.DataFrame:
+    """Rows usable by a model: every feature present."""
+    return features.drop_nulls(subset=list(TX_FEATURES))

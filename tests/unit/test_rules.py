@@ -1,0 +1,191 @@
+"""Known-bad pattern rules: deep reorgs, dominant miners, empty blocks, sandwiches, spam."""
+
+import pytest
+
+from chainwatch.schema import Block, Reorg, TxLifecycle, TxSummary
+from detector.miner_features import miner_window_features
+from detector.rules import (
+    RULE_THRESHOLD,
+    empty_blocks_rule,
+    miner_share_rule,
+    nonce_replacement_spam_rule,
+    reorg_depth_rule,
+    sandwich_rule,
+)
+from tests.fakes import make_block
+
+T0 = 1000.0
+POOL = "0x" + "77" * 20
+
+
+def reorg(depth: int, ancestor_found: bool = True) -> Reorg:
+    return Reorg(
+        chain_id=1, node="n1", event_id=f"r{depth}", observed_at=T0, old_head_number=100,
+        old_head_hash="0xold", new_head_number=101, new_head_hash="0xnew",
+        common_ancestor_number=100 - depth if ancestor_found else None, depth=depth,
+        ancestor_found=ancestor_found,
+    )
+
+
+def chain(miners: str, tx_count: int = 0) -> list[Block]:
+    out: list[Block] = []
+    parent = "0x" + "00" * 32
+    for i, m in enumerate(miners):
+        b = make_block(i, parent, timestamp=int(T0) + 12 * i, observed_at=T0 + 12 * i + 0.5)
+        b = b.model_copy(update={"miner": f"0x{m}", "tx_count": tx_count})
+        out.append(b)
+        parent = b.hash
+    return out
+
+
+def tx(index: int, sender: str, to: str | None = POOL) -> TxSummary:
+    return TxSummary(
+        hash=f"0xt{index}", transaction_index=index, from_address=sender, to_address=to,
+        value=0, gas=200_000, gas_price=10**10, nonce=index, input_size=196,
+        method_id="0x38ed1739", is_contract_creation=to is None,
+    )
+
+
+def block_of(*txs: TxSummary) -> Block:
+    b = make_block(7, "0x" + "00" * 32)
+    return b.model_copy(update={"transactions": txs, "tx_count": len(txs)})
+
+
+def replaced(i: int, at: float, sender: str = "0xspam", nonce: int = 3) -> TxLifecycle:
+    return TxLifecycle(
+        chain_id=1, node="n1", event_id=f"l{sender}{nonce}-{i}", observed_at=at, hash=f"0xh{i}",
+        fate="replaced", from_address=sender, nonce=nonce, replaced_by=f"0xh{i + 1}",
+        fee_bump_ratio=1.1,
+    )
+
+
+# reorg depth
+
+
+def test_reorg_below_the_limit_is_not_reported():
+    assert reorg_depth_rule(reorg(1), limit=2) == []
+
+
+def test_reorg_at_the_limit_warns_and_twice_the_limit_is_critical():
+    [hit] = reorg_depth_rule(reorg(2), limit=2)
+    assert (hit.severity, hit.score, hit.subject_kind) == ("warning", RULE_THRESHOLD, "node")
+    assert hit.block_number == 101 and hit.details["depth"] == 2
+    [deep] = reorg_depth_rule(reorg(4), limit=2)
+    assert (deep.severity, deep.score) == ("critical", 1.0)
+
+
+def test_reorg_with_unknown_ancestor_is_critical():
+    [hit] = reorg_depth_rule(reorg(2, ancestor_found=False), limit=2)
+    assert hit.severity == "critical"
+    assert "deeper than the reorg limit" in hit.summary
+
+
+# miner share
+
+
+def test_miner_above_the_share_limit_is_reported_with_its_share():
+    frame = miner_window_features(chain("a" * 12 + "b" * 8))
+    [hit] = miner_share_rule(frame, limit=0.5, min_blocks=20)
+    assert (hit.subject_kind, hit.subject) == ("miner", "0xa")
+    assert hit.score == pytest.approx(0.6)
+    assert hit.severity == "critical"  # a majority
+    assert hit.details["blocks"] == 12 and hit.details["window_blocks"] == 20
+
+
+def test_miner_share_needs_enough_blocks_and_a_share_strictly_above_the_limit():
+    assert miner_share_rule(miner_window_features(chain("a" * 12 + "b" * 7)), min_blocks=20) == []
+    assert miner_share_rule(miner_window_features(chain("a" * 10 + "b" * 10))) == []
+    hits = miner_share_rule(miner_window_features(chain("a" * 8 + "b" * 12)), limit=0.3)
+    # 60% is a majority: critical; 40% is above 30% but no majority: warning
+    assert [(h.subject, h.severity) for h in hits] == [("0xb", "critical"), ("0xa", "warning")]
+
+
+# empty blocks
+
+
+def test_empty_blocks_while_the_pool_is_full_are_reported_per_miner():
+    blocks = chain("aaba")
+    full = [(T0, 100)]  # one snapshot before every block
+    [hit] = empty_blocks_rule(blocks, full, pending_threshold=50, min_count=2)
+    assert (hit.subject_kind, hit.subject) == ("miner", "0xa")
+    assert hit.details["block_numbers"] == [0, 1, 3]
+    assert hit.block_number == 3 and hit.score == 0.75  # 3 / (2 x 2)
+
+
+def test_empty_blocks_with_a_quiet_pool_or_too_few_are_not_reported():
+    blocks = chain("aaba")
+    assert empty_blocks_rule(blocks, [(T0, 50)], pending_threshold=50) == []  # not above
+    assert empty_blocks_rule(blocks, [], pending_threshold=50) == []
+    assert empty_blocks_rule(chain("ab"), [(T0, 100)], min_count=2) == []
+    assert empty_blocks_rule(chain("aa", tx_count=5), [(T0, 100)]) == []  # not empty
+    assert empty_blocks_rule([], [(T0, 100)]) == []
+
+
+# sandwich
+
+
+def test_sandwich_reports_attacker_victim_and_indices():
+    block = block_of(tx(0, "0xother"), tx(1, "0xBot"), tx(2, "0xvictim"), tx(3, "0xbot"),
+                     tx(4, "0xother"))
+    [hit] = sandwich_rule(block)
+    assert (hit.subject_kind, hit.subject, hit.block_number) == ("tx", "0xt2", 7)
+    assert hit.details["attacker"] == "0xbot"  # addresses compared lower-cased
+    assert hit.details["victim"] == "0xt2" and hit.details["victim_sender"] == "0xvictim"
+    assert hit.details["indices"] == [1, 2, 3]
+    assert hit.details["contract"] == POOL
+    assert (hit.details["front_hash"], hit.details["back_hash"]) == ("0xt1", "0xt3")
+
+
+def test_sandwich_near_misses_do_not_match():
+    different_contract = block_of(tx(0, "0xbot"), tx(1, "0xvictim", to="0xrouter"),
+                                  tx(2, "0xbot"))
+    own_victim = block_of(tx(0, "0xbot"), tx(1, "0xbot"), tx(2, "0xbot"))
+    not_adjacent = block_of(tx(0, "0xbot"), tx(1, "0xvictim"), tx(2, "0xsomeone"),
+                            tx(3, "0xbot"))
+    # summaries cut short: a tx we do not see may sit in between
+    gap_after = block_of(tx(0, "0xbot"), tx(1, "0xvictim"), tx(3, "0xbot"))
+    gap_before = block_of(tx(0, "0xbot"), tx(2, "0xvictim"), tx(3, "0xbot"))
+    creations = block_of(tx(0, "0xbot", to=None), tx(1, "0xvictim", to=None),
+                         tx(2, "0xbot", to=None))
+    for block in (different_contract, own_victim, not_adjacent, gap_after, gap_before,
+                  creations, block_of()):
+        assert sandwich_rule(block) == []
+
+
+def test_two_sandwiches_in_one_block_are_both_reported():
+    block = block_of(tx(0, "0xbot"), tx(1, "0xv1"), tx(2, "0xbot"), tx(3, "0xv2"),
+                     tx(4, "0xbot"))
+    assert [h.details["indices"] for h in sandwich_rule(block)] == [[0, 1, 2], [2, 3, 4]]
+
+
+# nonce replacement spam
+
+
+def test_more_than_limit_replacements_of_one_nonce_in_the_window_are_spam():
+    events = [replaced(i, T0 + 5 * i) for i in range(6)]
+    [hit] = nonce_replacement_spam_rule(events, window_seconds=60, limit=5)
+    assert (hit.subject_kind, hit.subject) == ("tx", "0xspam#3")
+    assert hit.details["replacements"] == 6 and hit.score == 0.6  # 6 / (2 x 5)
+    assert hit.details["first_at"] == T0 and hit.details["last_at"] == T0 + 25
+    assert len(hit.details["hashes"]) == 6
+
+
+def test_replacements_at_the_limit_spread_out_or_duplicated_are_not_spam():
+    at_limit = [replaced(i, T0 + i) for i in range(5)]
+    spread = [replaced(i, T0 + 15 * i) for i in range(6)]  # 75 s from first to last
+    duplicated = [*at_limit, at_limit[0]]
+    other_nonces = [replaced(i, T0 + i, nonce=i % 2) for i in range(8)]  # 4 each
+    other_fates = [replaced(i, T0 + i).model_copy(update={"fate": "dropped"}) for i in range(6)]
+    for events in (at_limit, spread, duplicated, other_nonces, other_fates, []):
+        assert nonce_replacement_spam_rule(events, window_seconds=60, limit=5) == []
+
+
+def test_hits_become_findings_with_stable_ids():
+    [hit] = reorg_depth_rule(reorg(3), limit=2)
+    finding = hit.to_finding(now=T0 + 1)
+    assert (finding.detector, finding.family, finding.threshold) == (
+        "reorg_depth_rule", "fork_risk", RULE_THRESHOLD,
+    )
+    assert finding.score == hit.score and finding.subject == hit.subject
+    assert hit.to_finding(now=T0 + 99).event_id == finding.event_id
+    assert hit.to_finding(now=T0, episode="w2").event_id != finding.event_id

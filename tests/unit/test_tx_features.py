@@ -1,0 +1,260 @@
+"""Transaction features: frames from blocks and pending txs, fee market, selectors, senders."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from chainwatch.schema import Block, PendingTx, TxSummary
+from detector.tx_features import (
+    TX_FEATURE_MIN_SCALE,
+    TX_FEATURES,
+    TX_FRAME_SCHEMA,
+    FeeMarket,
+    SelectorStats,
+    SenderStats,
+    blocks_to_tx_frame,
+    complete_tx_rows,
+    effective_tip_expr,
+    pending_to_tx_frame,
+    tx_features,
+)
+from tests.fakes import make_block
+
+GWEI = 10**9
+BASE = 10 * GWEI  # make_block's base fee
+
+
+def tx(
+    index: int,
+    *,
+    sender: str = "0xAA",
+    to: str | None = "0xBB",
+    nonce: int = 0,
+    value: int = 10**18,
+    gas_price: int | None = None,
+    max_fee: int | None = 30 * GWEI,
+    tip: int | None = 2 * GWEI,
+    method: str | None = "0xA9059CBB",
+    tag: str = "",
+) -> TxSummary:
+    return TxSummary(
+        hash=f"0x{tag}{index:x}", transaction_index=index, from_address=sender,
+        to_address=to, value=value, gas=21_000, gas_price=gas_price, max_fee_per_gas=max_fee,
+        max_priority_fee_per_gas=tip, nonce=nonce, tx_type=2 if max_fee else 0,
+        input_size=68, method_id=method, is_contract_creation=to is None,
+    )
+
+
+def legacy(index: int, tip_gwei: float, tag: str = "") -> TxSummary:
+    """A legacy tx whose effective tip against BASE is `tip_gwei`."""
+    return tx(index, gas_price=BASE + int(tip_gwei * GWEI), max_fee=None, tip=None, tag=tag)
+
+
+def block(number: int, txs: tuple[TxSummary, ...], **fields: object) -> Block:
+    b = make_block(number, f"0x{number - 1:064x}", observed_at=1000.0 + 12 * number)
+    return b.model_copy(update={"transactions": txs, "tx_count": len(txs), **fields})
+
+
+def pending(h: str, *, sender: str = "0xaa", nonce: int = 0, at: float = 2000.0) -> PendingTx:
+    return PendingTx(
+        chain_id=1, node="n1", event_id=h, observed_at=at, first_seen_at=at - 1.0, hash=h,
+        from_address=sender, to_address="0xbb", nonce=nonce, value=0, gas=50_000,
+        max_fee_per_gas=30 * GWEI, max_priority_fee_per_gas=3 * GWEI, tx_type=2,
+        input_size=4, method_id="0xdeadbeef", is_contract_creation=False,
+    )
+
+
+def test_blocks_to_tx_frame_has_one_row_per_tx_with_its_block_columns():
+    b1 = block(1, (tx(0), tx(1, sender="0xCC", value=2**70)))
+    b2 = block(2, (tx(0, tag="b"),), base_fee_per_gas=None)
+    frame = blocks_to_tx_frame([b1, block(3, ()), b2])
+    assert frame.schema == pl.Schema(TX_FRAME_SCHEMA)
+    assert frame["block_number"].to_list() == [1, 1, 2]
+    assert frame["tx_index"].to_list() == [0, 1, 0]
+    assert frame["from_address"].to_list() == ["0xaa", "0xcc", "0xaa"]  # lower-cased
+    assert frame["method_id"].to_list() == ["0xa9059cbb"] * 3
+    assert frame["value"].to_list() == [1e18, float(2**70), 1e18]  # beyond Int64
+    assert frame["base_fee_per_gas"].to_list() == [float(BASE), float(BASE), None]
+    assert frame["observed_at"].to_list() == [1012.0, 1012.0, 1024.0]
+    assert frame["source"].unique().to_list() == ["block"]
+    assert frame["first_seen_at"].null_count() == 3
+    assert blocks_to_tx_frame([]).schema == pl.Schema(TX_FRAME_SCHEMA)
+
+
+def test_pending_to_tx_frame_has_the_same_columns_with_block_fields_null():
+    frame = pending_to_tx_frame([pending("0x1"), pending("0x2", sender="0xDD", nonce=3)])
+    assert frame.schema == pl.Schema(TX_FRAME_SCHEMA)
+    assert frame["from_address"].to_list() == ["0xaa", "0xdd"]
+    assert frame["nonce"].to_list() == [0, 3]
+    assert frame["first_seen_at"].to_list() == [1999.0, 1999.0]
+    for column in ("block_number", "block_hash", "tx_index", "base_fee_per_gas", "timestamp"):
+        assert frame[column].null_count() == 2
+    assert pending_to_tx_frame([]).height == 0
+
+
+def test_effective_tip_follows_eip1559_and_legacy_rules_floored_at_zero():
+    b = block(1, (
+        tx(0, max_fee=30 * GWEI, tip=2 * GWEI),  # tip fits under the cap: 2
+        tx(1, max_fee=12 * GWEI, tip=5 * GWEI),  # capped: 12 - 10 = 2
+        tx(2, max_fee=8 * GWEI, tip=2 * GWEI),  # cap below the base fee: 0
+        legacy(3, 3),  # 13 - 10 = 3
+        tx(4, gas_price=9 * GWEI, max_fee=None, tip=None),  # below base: 0
+        tx(5, gas_price=None, max_fee=None, tip=None),  # no fee known: null
+    ))
+    tips = blocks_to_tx_frame([b]).select(effective_tip_expr())["effective_tip"].to_list()
+    assert tips == [2e9, 2e9, 0.0, 3e9, 0.0, None]
+
+
+def test_fee_market_percentile_is_mid_rank_against_the_window():
+    market = FeeMarket()
+    market.update([block(1, (legacy(0, 1), legacy(1, 2))), block(2, (legacy(0, 3), legacy(1, 4)))])
+    assert market.blocks == 2 and market.size == 4
+    pct = market.percentile_of(np.array([0.0, 2.5, 3.0, 5.0, np.nan]) * GWEI)
+    assert pct[:4].tolist() == [0.0, 0.5, 0.625, 1.0]
+    assert math.isnan(pct[4])
+
+
+def test_fee_market_robust_z_uses_median_and_iqr():
+    market = FeeMarket()
+    market.update([block(1, tuple(legacy(i, t) for i, t in enumerate((1, 2, 3, 4))))])
+    # q1 = 1.75, median = 2.5, q3 = 3.25 gwei: scale = 1.5 gwei / 1.349
+    z = market.tip_z(np.array([2.5, 4.0]) * GWEI)
+    assert z == pytest.approx([0.0, 1.349])
+
+
+def test_fee_market_keeps_only_the_last_blocks_and_learns_a_block_once():
+    market = FeeMarket(window_blocks=3)
+    blocks = [block(n, (legacy(0, n),)) for n in range(1, 6)]
+    market.update(blocks[:4])
+    market.update(blocks[3:])  # block 4 again: skipped
+    assert market.blocks == 3 and market.size == 3
+    # tips 3, 4, 5 gwei remain: 2 gwei is below all of them
+    assert market.percentile_of(np.array([2.0 * GWEI])).tolist() == [0.0]
+    assert market.percentile_of(np.array([4.0 * GWEI])).tolist() == [0.5]
+    assert market.base_fee == float(BASE)
+
+
+def test_fee_market_is_unknown_before_any_block():
+    market = FeeMarket()
+    assert np.isnan(market.percentile_of(np.array([1.0]))).all()
+    assert np.isnan(market.tip_z(np.array([1.0]))).all()
+
+
+def test_selector_rarity_is_minus_log_of_smoothed_frequency():
+    stats = SelectorStats()
+    txs = (tx(0, method="0xaa"), tx(1, method="0xaa"), tx(2, method="0xAA"), tx(3, method=None))
+    stats.update(blocks_to_tx_frame([block(1, txs)]))
+    assert stats.total == 4 and len(stats) == 2
+    rarity = stats.rarity(pl.Series(["0xaa", None, "0xunseen"]))
+    assert rarity == pytest.approx([-math.log(4 / 5), -math.log(2 / 5), -math.log(1 / 5)])
+
+
+def test_selector_stats_memory_is_bounded_and_forgets_oldest_batches():
+    stats = SelectorStats(capacity=2500)
+    for batch in range(10):
+        keys = [f"0x{batch:02d}{i:06d}" for i in range(1000)]
+        stats.update(pl.DataFrame({"method_id": keys}))
+        assert stats.total <= 2500 and len(stats) <= 2500
+    assert stats.count("0x00000000") == 0  # first batch evicted
+    assert stats.count("0x09000999") == 1  # last batch kept
+
+
+def test_sender_stats_rate_counts_recent_txs_per_minute():
+    stats = SenderStats(window_seconds=60.0)
+    frame = pl.DataFrame(
+        {"from_address": ["0xa", "0xa", "0xa", "0xb"], "nonce": [1, 2, 3, 7],
+         "observed_at": [900.0, 950.0, 990.0, 990.0]},
+    )
+    stats.update(frame, now=1000.0)
+    assert stats.events == 3  # 900.0 is outside (940, 1000]
+    probe = pl.DataFrame({"from_address": ["0xa", "0xb", "0xc"], "nonce": [4, 8, 0]})
+    out = stats.lookup(probe, now=1000.0)
+    assert out["sender_rate"].to_list() == [2.0, 1.0, 0.0]
+    assert out["last_nonce"].to_list() == [3, 7, None]
+
+
+def test_sender_stats_forget_least_recently_seen_senders():
+    stats = SenderStats(max_senders=100, max_events=150)
+    for i in range(10):
+        frame = pl.DataFrame(
+            {"from_address": [f"0x{i}-{j}" for j in range(100)], "nonce": [1] * 100,
+             "observed_at": [float(i)] * 100}
+        )
+        stats.update(frame, now=float(i))
+    assert len(stats) == 100 and stats.events == 150
+    probe = pl.DataFrame({"from_address": ["0x9-5", "0x0-5"], "nonce": [2, 2]})
+    assert stats.lookup(probe, now=9.0)["last_nonce"].to_list() == [1, None]
+
+
+def learnt_stats() -> tuple[FeeMarket, SelectorStats, SenderStats, Block]:
+    history = block(1, tuple(legacy(i, t, tag="h") for i, t in enumerate((1, 2, 3, 4))))
+    market, selectors, senders = FeeMarket(), SelectorStats(), SenderStats()
+    frame = blocks_to_tx_frame([history])
+    market.update([history])
+    selectors.update(frame)
+    senders.update(frame)  # 0xaa: nonces 0 -> last nonce 0
+    return market, selectors, senders, history
+
+
+def test_tx_features_columns_are_the_declared_tuple_all_float_and_complete():
+    market, selectors, senders, _ = learnt_stats()
+    b = block(2, (tx(0, nonce=1), tx(1, nonce=2, tip=GWEI, method="0x12345678")))
+    frame = blocks_to_tx_frame([b])
+    since = {h: 1000.0 for h in frame["hash"]}
+    out = tx_features(frame, market, selectors, senders, {"0x0": 2}, since)
+    assert out.columns == ["hash", *TX_FEATURES]
+    assert len(TX_FEATURE_MIN_SCALE) == len(TX_FEATURES)
+    features = out.select(TX_FEATURES)
+    assert all(dtype == pl.Float64 for dtype in features.dtypes)
+    assert features.null_count().sum_horizontal().item() == 0
+    assert not any(features.select(pl.all().is_nan().any()).row(0))
+    assert complete_tx_rows(out).height == 2
+
+
+def test_tx_features_values_on_a_hand_computed_block():
+    market, selectors, senders, _ = learnt_stats()
+    b = block(2, (
+        tx(0, nonce=1, tip=2 * GWEI),  # 0xaa, last nonce 0: no gap
+        tx(1, nonce=5, tip=4 * GWEI),  # 0xaa again, earlier nonce 1 in this block: gap 3
+        tx(2, sender="0xNEW", nonce=9, to=None, method=None, value=0),
+    ))
+    frame = blocks_to_tx_frame([b])
+    out = tx_features(frame, market, selectors, senders, {"0x1": 3}, {"0x0": 1000.0})
+    row = {c: out[c].to_list() for c in out.columns}
+    assert row["priority_fee_percentile"] == [0.375, 0.875, 0.375]  # window 1, 2, 3, 4 gwei
+    assert row["nonce_gap"] == [0.0, 3.0, None]  # unknown sender: null
+    assert row["log_value"] == pytest.approx([math.log1p(1e9), math.log1p(1e9), 0.0])
+    assert row["gas_limit_log"] == pytest.approx([math.log1p(21_000)] * 3)
+    assert row["is_contract_creation"] == [0.0, 0.0, 1.0]
+    assert row["replacement_count"] == [0.0, 3.0, 0.0]
+    assert row["time_pending_seconds"] == [1024.0 - 1000.0, None, None]  # never seen pending
+    # the history's selector (4 of 4) is common; a plain transfer was never seen
+    assert row["selector_rarity"] == pytest.approx([-math.log(5 / 5)] * 2 + [-math.log(1 / 5)])
+    assert row["sender_rate"] == pytest.approx([4 / 5, 4 / 5, 0.0])  # 4 txs in 300 s
+
+
+def test_pending_txs_are_priced_against_the_latest_base_fee_and_pending_time():
+    market, selectors, senders, _ = learnt_stats()
+    frame = pending_to_tx_frame([pending("0xp1", at=2000.0)])
+    out = tx_features(frame, market, selectors, senders)
+    # tip = min(3, 30 - 10) = 3 gwei against 1, 2, 3, 4: mid-rank (2 + 3) / 8
+    assert out["priority_fee_percentile"].to_list() == [0.625]
+    assert out["time_pending_seconds"].to_list() == [1.0]  # observed 1 s after first seen
+
+
+def test_scoring_reads_the_stats_without_learning():
+    market, selectors, senders, _ = learnt_stats()
+    frame = blocks_to_tx_frame([block(2, (tx(0, nonce=1), tx(1, sender="0xdd")))])
+    before = (market.size, selectors.total, len(senders), senders.events)
+    first = tx_features(frame, market, selectors, senders)
+    second = tx_features(frame, market, selectors, senders)
+    assert first.equals(second)
+    assert (market.size, selectors.total, len(senders), senders.events) == before
+
+
+def test_empty_frame_gives_empty_features():
+    market, selectors, senders, _ = learnt_stats()
+    out = tx_features(blocks_to_tx_frame([]), market, selectors, senders)
+    assert out.height == 0 and out.columns == ["hash", *TX_FEATURES]
