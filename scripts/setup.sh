@@ -29,6 +29,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v java >/dev/null || { echo "setup: Java 17+ is required for the Kafka broker" >&2; exit 1; }
   scripts/install-kafka.sh >/dev/null
   scripts/install-geth.sh >/dev/null
+  scripts/install-helm.sh >/dev/null
   if ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
     echo "setup: installing Prometheus and Alertmanager (Debian packages)" >&2
     apt-get update -qq >/dev/null
