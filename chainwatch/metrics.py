@@ -16,7 +16,12 @@ disable_created_metrics()
 REORG_DEPTH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 16, 32, 64)
 INTERVAL_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60, 120, 300)
 SEVERITIES = ("info", "warning", "critical")
-DETECTORS = ("reorg_depth", "block_iforest", "node_state", "chain_split")
+DETECTORS = (
+    "reorg_depth", "block_iforest", "node_state", "chain_split", "fork_risk_score",
+    "tx_iforest", "sandwich_rule", "sender_burst_rule", "nonce_replacement_spam_rule",
+    "miner_share_rule", "empty_blocks_rule", "timestamp_jump_rule", "censorship_rule",
+)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 NODE_STATES = ("up", "lagging", "stalled", "unreachable")
 TX_FATES = ("included", "replaced", "dropped", "requeued")
 INCLUSION_BUCKETS = (1, 2, 4, 8, 12, 24, 36, 60, 120, 300, 600, 1800, 3600)
@@ -180,9 +185,46 @@ class Metrics:
             ["chain_id"],
             registry=r,
         )
+        self.anomaly_score = Histogram(
+            "chainwatch_anomaly_score",
+            "Scores of everything a model scored, 0 (normal) to 1, by family (block, tx).",
+            ["chain_id", "family"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.anomaly_threshold = Gauge(
+            "chainwatch_anomaly_threshold",
+            "Score above which a family's model flags (from its contamination).",
+            ["chain_id", "family"],
+            registry=r,
+        )
+        self.transactions_scored = Counter(
+            "chainwatch_transactions_scored",
+            "Included transactions scored by the transaction model (each once per chain).",
+            ["chain_id"],
+            registry=r,
+        )
+        self.fork_risk_score = Gauge(
+            "chainwatch_fork_risk_score",
+            "Combined fork risk of a node, 0 to 1 (reorgs, lag, splits, intervals, peers).",
+            node,
+            registry=r,
+        )
+        self.miner_top_share = Gauge(
+            "chainwatch_miner_top_share",
+            "Share of the node's recent block window produced by its most frequent miner.",
+            node,
+            registry=r,
+        )
+        self.miner_window_hhi = Gauge(
+            "chainwatch_miner_window_hhi",
+            "Herfindahl index of block producers over the node's recent window (1 = one).",
+            node,
+            registry=r,
+        )
         self.model_fits = Counter(
             "chainwatch_model_fits",
-            "Times the block model was (re)fitted.",
+            "Times a live model was (re)fitted.",
             ["chain_id"],
             registry=r,
         )

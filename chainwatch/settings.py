@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     model_kind: Literal["iforest", "hbos", "ecod", "copod", "sk_iforest"] = "iforest"
     warmup_blocks: int = Field(default=200, ge=10)
     refit_every_blocks: int = Field(default=1000, ge=10)
-    contamination: float = Field(default=0.01, gt=0, lt=0.5)
+    contamination: float = Field(default=0.001, gt=0, lt=0.5)
     reorg_warning_depth: int = Field(default=2, ge=1)
     reorg_critical_depth: int = Field(default=6, ge=1)
     lag_start_blocks: int = Field(default=3, ge=1)

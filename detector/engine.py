@@ -26,6 +26,7 @@ from chainwatch.schema import (
     Severity,
     TxLifecycle,
 )
+from detector.families import FamilyConfig, ForkRisk, MinerFamily, TxFamily
 from detector.features import (
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
@@ -33,6 +34,7 @@ from detector.features import (
     block_features,
     block_row,
 )
+from detector.fork_features import split_lengths
 from detector.health import HealthConfig, NodeHealth, Split, Transition
 from detector.model import BlockAnomalyModel
 from detector.models import AnomalyDetector
@@ -44,7 +46,7 @@ class DetectorConfig:
     warmup_blocks: int = 200
     refit_every_blocks: int = 1000
     history_blocks: int = 5000
-    contamination: float = 0.01
+    contamination: float = 0.001  # ~1 block in 1,000: the false-finding target
     seed: int = 42
     z_limit: float = 12.0
     model_kind: str = "iforest"
@@ -52,6 +54,7 @@ class DetectorConfig:
     reorg_critical_depth: int = 6
     health: HealthConfig = field(default_factory=HealthConfig)
     split_critical_blocks: int = 3
+    families: FamilyConfig = field(default_factory=FamilyConfig)
 
 
 class Detector:
@@ -68,6 +71,9 @@ class Detector:
         self.state = ChainState()
         self.seen = SeenIds()
         self.models: dict[int, BlockAnomalyModel] = {}
+        self.tx: dict[int, TxFamily] = {}
+        self.miners: dict[tuple[int, str], MinerFamily] = {}
+        self.fork_risk: dict[int, ForkRisk] = {}
         self.pretrained = pretrained or {}
         for family, model in self.pretrained.items():
             metrics.model_info.labels(family, model.kind, model.version or "unknown").set(1)
@@ -93,12 +99,35 @@ class Detector:
             )
         return model
 
+    def tx_family(self, chain_id: int) -> TxFamily:
+        family = self.tx.get(chain_id)
+        if family is None:
+            family = self.tx[chain_id] = TxFamily(
+                self.config.families, kind=self.config.model_kind, seed=self.config.seed,
+                pretrained=self.pretrained.get("tx"),
+            )
+        return family
+
+    def miner_family(self, chain_id: int, node: str) -> MinerFamily:
+        family = self.miners.get((chain_id, node))
+        if family is None:
+            family = self.miners[(chain_id, node)] = MinerFamily(self.config.families)
+        return family
+
+    def fork_risk_of(self, chain_id: int) -> ForkRisk:
+        risk = self.fork_risk.get(chain_id)
+        if risk is None:
+            risk = self.fork_risk[chain_id] = ForkRisk(self.config.families)
+        return risk
+
     def process(self, records: list[AnyRecord]) -> list[Finding]:
         """Apply a batch in order; return the findings it produced (new ones only)."""
         findings: list[Finding] = []
         rows: list[dict[str, object]] = []
         block_of_row: list[Block] = []
         touched_chains: set[int] = set()
+        pending: dict[int, list[PendingTx]] = {}
+        lifecycles: dict[int, list[TxLifecycle]] = {}
         self.failed = []
         for record in records:
             if isinstance(record, Finding):
@@ -121,6 +150,15 @@ class Detector:
                     self.state.apply_status(record)
                 else:
                     self._on_mempool_or_peers(record)
+                    if isinstance(record, PendingTx):
+                        pending.setdefault(record.chain_id, []).append(record)
+                    elif isinstance(record, TxLifecycle):
+                        lifecycles.setdefault(record.chain_id, []).append(record)
+                    elif isinstance(record, MempoolSnapshot):
+                        self.miner_family(record.chain_id, record.node).on_snapshot(record)
+                        self.fork_risk_of(record.chain_id).add(record)
+                    else:
+                        self.fork_risk_of(record.chain_id).add(record)
             except Exception as exc:  # a bug must cost one record, never the detector
                 self.failed.append((record, f"{type(exc).__name__}: {exc}"))
         for chain_id in touched_chains:
@@ -133,9 +171,53 @@ class Detector:
             findings.extend(self._on_transitions(self.health.evaluate(self.state, self.clock())))
         if rows:
             findings.extend(self._score(rows, block_of_row))
+        findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles))
         if records:
             self.metrics.last_event_processed.set(self.clock())
         return self._count(findings)
+
+    def _families(
+        self, chains: set[int], blocks: list[Block], pending: dict[int, list[PendingTx]],
+        lifecycles: dict[int, list[TxLifecycle]],
+    ) -> list[Finding]:
+        """Transactions, miners and fork risk for the chains this batch touched."""
+        now = self.clock()
+        findings: list[Finding] = []
+        m = self.metrics
+        for chain_id in sorted(chains):
+            chain = str(chain_id)
+            chain_blocks = [b for b in blocks if b.chain_id == chain_id]
+            txs = self.tx_family(chain_id)
+            txs.on_pending(pending.get(chain_id, []))
+            findings.extend(txs.on_lifecycles(lifecycles.get(chain_id, []), now))
+            findings.extend(txs.on_blocks(chain_blocks, now))
+            if txs.last_scored is not None:
+                m.anomaly_threshold.labels(chain, "tx").set(txs.last_scored.threshold)
+                m.transactions_scored.labels(chain).inc(len(txs.last_scored.scores))
+                for score in txs.last_scored.scores:
+                    m.anomaly_score.labels(chain, "tx").observe(float(score))
+            by_node: dict[str, list[Block]] = {}
+            for b in chain_blocks:
+                by_node.setdefault(b.node, []).append(b)
+            for node, node_blocks in by_node.items():
+                miners = self.miner_family(chain_id, node)
+                findings.extend(miners.on_blocks(node_blocks, txs, now))
+                m.miner_top_share.labels(chain, node).set(miners.top_share)
+                m.miner_window_hhi.labels(chain, node).set(miners.hhi)
+            nodes = self.state.chain_nodes(chain_id)
+            risk = self.fork_risk_of(chain_id)
+            findings.extend(risk.evaluate(
+                now,
+                head_lag={(chain_id, n.node): self.state.head_lag(chain_id, n.node)
+                          for n in nodes},
+                split_length=split_lengths(
+                    s for s in self.health.splits.values() if s.chain_id == chain_id
+                ),
+                heads={(chain_id, n.node): n.head_number for n in nodes},
+            ))
+            for (_, node), score in risk.scores.items():
+                m.fork_risk_score.labels(chain, node).set(score)
+        return findings
 
     def tick(self) -> list[Finding]:
         """Time-driven checks (a node that stops producing heads sends nothing)."""
@@ -264,6 +346,7 @@ class Detector:
 
     def _on_block(self, block: Block) -> dict[str, object]:
         update = self.state.apply_block(block)
+        self.fork_risk_of(block.chain_id).add(block)
         labels = (str(block.chain_id), block.node)
         m = self.metrics
         m.blocks_observed.labels(*labels).inc()
@@ -279,6 +362,7 @@ class Detector:
 
     def _on_reorg(self, reorg: Reorg) -> list[Finding]:
         self.state.apply_reorg(reorg)
+        self.fork_risk_of(reorg.chain_id).add(reorg)
         labels = (str(reorg.chain_id), reorg.node)
         self.metrics.reorgs.labels(*labels).inc()
         self.metrics.reorg_depth.labels(*labels).observe(reorg.depth)
@@ -334,6 +418,9 @@ class Detector:
             scored = model.score(x)
             if scored is not None:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
+                self.metrics.anomaly_threshold.labels(str(chain_id), "block").set(scored.threshold)
+                for score in scored.scores:
+                    self.metrics.anomaly_score.labels(str(chain_id), "block").observe(float(score))
                 for j, i in enumerate(idx):
                     block = blocks[i]
                     score = float(scored.scores[j])

@@ -329,3 +329,42 @@ def nonce_replacement_spam_rule(
             )
         )
     return out
+
+
+def sender_burst_rule(
+    block: Block, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
+) -> list[RuleHit]:
+    """One sender filling a block: >= `min_txs` txs, or >= `min_share` of it (and >= 20).
+
+    Spam bursts crowd out everyone else for a block or two; busy bots on mainnet send a
+    handful per block, so the limits sit well above normal traffic.
+    """
+    counts: dict[str, list[str]] = {}
+    for tx in block.transactions:
+        counts.setdefault(tx.from_address.lower(), []).append(tx.hash)
+    total = len(block.transactions)
+    out: list[RuleHit] = []
+    for sender, hashes in sorted(counts.items()):
+        n = len(hashes)
+        share = n / total
+        if n < min_txs and not (share >= min_share and n >= min_share_txs):
+            continue
+        out.append(
+            RuleHit(
+                rule="sender_burst_rule",
+                family="tx",
+                severity="warning",
+                chain_id=block.chain_id,
+                node=block.node,
+                subject_kind="tx",
+                subject=hashes[0],
+                block_number=block.number,
+                score=max(_count_score(n, min_txs), min(share / (2 * min_share), 1.0)),
+                summary=(
+                    f"{sender} sent {n} of the {total} txs in block {block.number} "
+                    f"({share:.0%}): a spam burst"
+                ),
+                details={"sender": sender, "txs": n, "share": share, "hashes": hashes[:10]},
+            )
+        )
+    return out

@@ -1,0 +1,438 @@
+"""Transaction, miner and fork-risk detection beside the block model. Domain code: no I/O.
+
+The engine hands each batch's records here; these classes keep the windows each family
+needs and turn features (detector/*_features.py) and rules (detector/rules.py) into
+findings. Time is passed in (`now`), so a replay gives the same findings as live.
+
+- `TxFamily` (one per chain): scores every included transaction once (the first node to
+  deliver a block wins), an isolation forest over TX_FEATURES plus the sandwich and
+  nonce-replacement-spam rules. One finding per (block, sender): a spam burst of 300 txs
+  is one finding per block, not 300.
+- `MinerFamily` (one per node): rules over the node's last blocks (share, empty blocks
+  with a full pool, timestamp jumps, high-fee transactions left pending).
+- `ForkRisk` (one per chain): fork_window_features and the combined score per node.
+
+Rules that hold over a window (a dominant miner) are reported once per episode: a new
+finding when the condition starts, none while it lasts, a new one after it cleared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from chainwatch.schema import (
+    Block,
+    FeatureDeviation,
+    Finding,
+    MempoolSnapshot,
+    PeerSnapshot,
+    PendingTx,
+    Reorg,
+    TxLifecycle,
+)
+from detector.fork_features import (
+    FORK_FEATURES,
+    FORK_RISK_LIMITS,
+    FORK_RISK_WEIGHTS,
+    fork_risk_score,
+    fork_window_features,
+)
+from detector.miner_features import miner_window_features
+from detector.model import BlockAnomalyModel, Scored
+from detector.models import AnomalyDetector
+from detector.rules import (
+    RuleHit,
+    empty_blocks_rule,
+    miner_share_rule,
+    nonce_replacement_spam_rule,
+    sandwich_rule,
+    sender_burst_rule,
+)
+from detector.state import NodeKey
+from detector.tx_features import (
+    TX_FEATURE_MIN_SCALE,
+    TX_FEATURES,
+    FeeMarket,
+    SelectorStats,
+    SenderStats,
+    blocks_to_tx_frame,
+    effective_tip_expr,
+    pending_to_tx_frame,
+    tx_features,
+)
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    # transactions: a finding needs the model's verdict AND one feature far out. An
+    # isolation forest saturates on points far beyond its training range, so the
+    # detector's z guard (z_limit) makes such a point anomalous whatever the trees say
+    tx_warmup: int = 2_000
+    tx_refit_every: int = 50_000
+    tx_history: int = 50_000
+    tx_contamination: float = 0.001
+    # robust z of the most unusual feature: mainnet-shaped fees have a heavy tail (MEV
+    # tips reach 180 sigma in 200k normal txs), so only a far outlier is worth a page
+    tx_min_deviation: float = 100.0
+    replacement_window_seconds: float = 60.0
+    replacement_limit: int = 5
+    # miners
+    miner_window: int = 100
+    miner_share_limit: float = 0.5
+    miner_min_blocks: int = 20
+    empty_pending_threshold: int = 20
+    empty_min_count: int = 2
+    timestamp_jump_seconds: float = 120.0  # interval beyond median + this is a jump
+    censor_blocks: int = 5
+    censor_tip_percentile: float = 0.9
+    # fork risk
+    fork_risk_threshold: float = 0.7  # one moderate reorg alone stays below
+    fork_window_blocks: int = 64
+    fork_window_seconds: float = 900.0
+
+
+class Episodes:
+    """Which (scope, key) conditions are active, so a lasting one is reported once."""
+
+    def __init__(self) -> None:
+        self._active: dict[Hashable, dict[Hashable, str]] = {}
+
+    def update(self, scope: Hashable, now_active: Mapping[Hashable, str]) -> dict[Hashable, str]:
+        """Set a scope's active keys (key -> episode label); return the newly started ones."""
+        before = self._active.get(scope, {})
+        started = {k: v for k, v in now_active.items() if k not in before}
+        self._active[scope] = {k: before.get(k, v) for k, v in now_active.items()}
+        return started
+
+
+class _Bounded(OrderedDict[str, float]):
+    """An insertion-ordered dict that forgets its oldest entries beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: str, value: float) -> None:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class TxFamily:
+    """Transaction anomalies of one chain."""
+
+    def __init__(
+        self, config: FamilyConfig, *, kind: str, seed: int,
+        pretrained: AnomalyDetector | None = None,
+    ) -> None:
+        c = self.config = config
+        self.market = FeeMarket()
+        self.selectors = SelectorStats()
+        self.senders = SenderStats()
+        self.model = BlockAnomalyModel(
+            TX_FEATURES, warmup=c.tx_warmup, refit_every=c.tx_refit_every,
+            history=c.tx_history, contamination=c.tx_contamination, seed=seed,
+            min_scale=TX_FEATURE_MIN_SCALE, z_limit=c.tx_min_deviation, kind=kind, family="tx",
+            pretrained=pretrained,
+        )
+        self.pending_since = _Bounded(200_000)  # hash -> first seen, of txs pending now
+        self.tip_percentile = _Bounded(200_000)  # hash -> fee percentile on arrival
+        self.replacements = _Bounded(100_000)  # new hash -> how many replacements led to it
+        self._replaced: deque[TxLifecycle] = deque(maxlen=10_000)
+        self._seen_blocks = _Bounded(10_000)
+        self.last_scored: Scored | None = None
+        self.scored_rows = 0
+
+    def on_pending(self, txs: list[PendingTx]) -> None:
+        if not txs:
+            return
+        frame = pending_to_tx_frame(txs)
+        base = pl.lit(self.market.base_fee, pl.Float64)
+        tips = frame.select(effective_tip_expr(base))["effective_tip"].fill_null(np.nan)
+        pct = self.market.percentile_of(tips.to_numpy())
+        for tx, p in zip(txs, pct, strict=True):
+            self.pending_since.put(tx.hash, tx.first_seen_at)
+            if not math.isnan(p):
+                self.tip_percentile.put(tx.hash, float(p))
+
+    def on_lifecycles(self, records: list[TxLifecycle], now: float) -> list[Finding]:
+        for r in records:
+            if r.fate in ("dropped", "replaced"):
+                self.pending_since.pop(r.hash, None)
+            if r.fate == "replaced":
+                self._replaced.append(r)
+                if r.replaced_by:
+                    self.replacements.put(r.replaced_by, self.replacements.get(r.hash, 0) + 1)
+        if not any(r.fate == "replaced" for r in records):
+            return []
+        c = self.config
+        recent = [r for r in self._replaced if r.observed_at > now - c.replacement_window_seconds]
+        hits = nonce_replacement_spam_rule(recent, c.replacement_window_seconds,
+                                           c.replacement_limit)
+        return [h.to_finding(now) for h in hits]
+
+    def on_blocks(self, blocks: list[Block], now: float) -> list[Finding]:
+        """Score the transactions of blocks not seen before, then learn from them."""
+        fresh = sorted(
+            (b for b in blocks if b.hash not in self._seen_blocks), key=lambda b: b.number
+        )
+        if not fresh:
+            return []
+        for b in fresh:
+            self._seen_blocks.put(b.hash, 0.0)
+        findings = [
+            h.to_finding(now) for b in fresh for h in (*sandwich_rule(b), *sender_burst_rule(b))
+        ]
+        frame = blocks_to_tx_frame(fresh)
+        self.last_scored = None
+        if frame.height:
+            findings.extend(self._score(frame, now))
+        self.market.update(fresh)
+        for b in fresh:
+            for tx in b.transactions:
+                self.pending_since.pop(tx.hash, None)
+        return findings
+
+    def _score(self, frame: pl.DataFrame, now: float) -> list[Finding]:
+        features = tx_features(
+            frame, self.market, self.selectors, self.senders, self.replacements,
+            self.pending_since, now=now,
+        ).with_columns(
+            # unknown gap: first tx of a sender we never saw; never pending: mined at once
+            pl.col("nonce_gap").fill_null(0.0),
+            pl.col("time_pending_seconds").fill_null(0.0),
+        )
+        ok = features.select(
+            pl.all_horizontal(pl.col(list(TX_FEATURES)).is_not_null()).alias("ok")
+        )["ok"].to_numpy()
+        x = features.select(TX_FEATURES).to_numpy()[ok]
+        findings: list[Finding] = []
+        scored = self.model.score(x)
+        if scored is not None:
+            self.last_scored = scored
+            self.scored_rows += len(x)
+            z = np.abs(self.model.detector.robust_z(x)).max(axis=1)
+            flagged = np.flatnonzero(scored.anomalous & (z >= self.config.tx_min_deviation))
+            if len(flagged):
+                rows = frame.filter(pl.Series(ok))
+                findings = self._findings(rows, x, scored, flagged, now)
+        self.selectors.update(frame)
+        self.senders.update(frame, now)
+        self.model.learn(x)
+        return findings
+
+    def _findings(
+        self, rows: pl.DataFrame, x: np.ndarray, scored: Scored, flagged: np.ndarray,
+        now: float,
+    ) -> list[Finding]:
+        """One finding per (block, sender): the sender's highest-scoring flagged tx."""
+        best: dict[tuple[str, str], tuple[int, int]] = {}
+        for i in flagged:
+            key = (rows["block_hash"][int(i)], rows["from_address"][int(i)])
+            j, n = best.get(key, (int(i), 0))
+            if scored.scores[i] > scored.scores[j]:
+                j = int(i)
+            best[key] = (j, n + 1)
+        out: list[Finding] = []
+        for (_, sender), (i, count) in best.items():
+            row = rows.row(i, named=True)
+            explanation = self.model.explain(x[i])
+            top = ", ".join(f"{e.feature}={e.value:.3g} (z={e.deviation:+.1f})"
+                            for e in explanation)
+            more = f" and {count - 1} more of its txs" if count > 1 else ""
+            out.append(Finding(
+                chain_id=int(row["chain_id"]),
+                node=str(row["node"]),
+                event_id=Finding.id_for(int(row["chain_id"]), "", "tx_iforest", row["hash"]),
+                observed_at=now,
+                detector="tx_iforest",
+                family="tx",
+                severity="warning" if scored.scores[i] >= 0.9 else "info",
+                score=float(scored.scores[i]),
+                threshold=scored.threshold,
+                subject_kind="tx",
+                subject=str(row["hash"]),
+                block_number=int(row["block_number"]),
+                explanation=explanation,
+                summary=f"abnormal tx {row['hash']} from {sender}{more} in block "
+                        f"{row['block_number']}: {top}",
+                model_version=self.model.version,
+            ))
+        return out
+
+
+class MinerFamily:
+    """Producer behaviour as seen by one node."""
+
+    def __init__(self, config: FamilyConfig) -> None:
+        self.config = config
+        self.blocks: deque[Block] = deque(maxlen=config.miner_window)
+        self.snapshots: deque[tuple[float, int]] = deque(maxlen=1_000)
+        self.episodes = Episodes()
+        self._overdue_reported = _Bounded(10_000)
+        self.top_share = 0.0
+        self.hhi = 0.0
+
+    def on_snapshot(self, snapshot: MempoolSnapshot) -> None:
+        self.snapshots.append((snapshot.observed_at, snapshot.pending_count))
+
+    def on_blocks(self, blocks: list[Block], txs: TxFamily, now: float) -> list[Finding]:
+        if not blocks:
+            return []
+        findings = [self._jump(b, now) for b in blocks]
+        self.blocks.extend(blocks)
+        c = self.config
+        window = list(self.blocks)
+        head = window[-1]
+        frame = miner_window_features(window, list(self.snapshots), window=c.miner_window,
+                                      pending_threshold=c.empty_pending_threshold)
+        self.top_share = float(frame["block_share"].max() or 0.0)
+        self.hhi = float(frame["window_hhi"].max() or 0.0)
+        hits = miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
+        hits += empty_blocks_rule(window, list(self.snapshots), c.empty_pending_threshold,
+                                  c.empty_min_count)
+        active = {(h.rule, h.subject): str(head.number) for h in hits}
+        started = self.episodes.update("rules", active)
+        for h in hits:
+            episode = started.get((h.rule, h.subject))
+            if episode is not None:
+                findings.append(h.to_finding(now, episode))
+        findings.extend(self._overdue(txs, now))
+        return [f for f in findings if f is not None]
+
+    def _jump(self, block: Block, now: float) -> Finding | None:
+        """A timestamp far beyond the usual interval: a producer moving the chain's clock."""
+        previous = self.blocks[-1] if self.blocks else None
+        if previous is None or previous.number != block.number - 1 or len(self.blocks) < 10:
+            return None
+        stamps = np.array([b.timestamp for b in self.blocks], dtype=np.float64)
+        usual = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
+        interval = block.timestamp - previous.timestamp
+        excess = interval - usual
+        if excess <= self.config.timestamp_jump_seconds:
+            return None
+        hit = RuleHit(
+            rule="timestamp_jump_rule", family="miner", severity="warning",
+            chain_id=block.chain_id, node=block.node, subject_kind="miner",
+            subject=block.miner.lower(), block_number=block.number,
+            score=min(excess / (2 * self.config.timestamp_jump_seconds), 1.0),
+            summary=(f"block {block.number} by {block.miner.lower()} is {interval:.0f}s after "
+                     f"its parent (usual {usual:.0f}s): its timestamp jumps the chain's clock"),
+        )
+        return hit.to_finding(now, episode=block.hash)
+
+    def _overdue(self, txs: TxFamily, now: float) -> list[Finding]:
+        """High-fee transactions still pending after several blocks: a censorship hint."""
+        c = self.config
+        if len(self.blocks) <= c.censor_blocks:
+            return []
+        seen = np.array([b.observed_at for b in self.blocks])
+        cutoff = float(seen[-(c.censor_blocks + 1)])  # arrived before the last N+1 blocks
+        miners = sorted({b.miner.lower() for b in list(self.blocks)[-c.censor_blocks:]})
+        head = self.blocks[-1]
+        out: list[Finding] = []
+        for tx_hash, since in txs.pending_since.items():
+            if since >= cutoff:
+                break  # insertion order is arrival order: the rest are newer
+            if tx_hash in self._overdue_reported:
+                continue
+            if txs.tip_percentile.get(tx_hash, 0.0) < c.censor_tip_percentile:
+                continue
+            self._overdue_reported.put(tx_hash, now)
+            out.append(RuleHit(
+                rule="censorship_rule", family="miner", severity="warning",
+                chain_id=head.chain_id, node=head.node, subject_kind="tx", subject=tx_hash,
+                block_number=head.number, score=1.0,
+                summary=(f"high-fee tx {tx_hash} pending since {now - since:.0f}s ago, "
+                         f"left out of the last {c.censor_blocks} blocks by "
+                         f"{', '.join(miners)}"),
+            ).to_finding(now))
+        return out
+
+
+class ForkRisk:
+    """One fork-risk score per node of a chain, from its recent window."""
+
+    def __init__(self, config: FamilyConfig) -> None:
+        self.config = config
+        self.blocks: dict[NodeKey, deque[Block]] = {}
+        self.reorgs: deque[Reorg] = deque(maxlen=1_000)
+        self.peers: deque[PeerSnapshot] = deque(maxlen=5_000)
+        self.mempool: deque[MempoolSnapshot] = deque(maxlen=5_000)
+        self.episodes = Episodes()
+        self.scores: dict[NodeKey, float] = {}
+
+    def add(self, record: Block | Reorg | PeerSnapshot | MempoolSnapshot) -> None:
+        if isinstance(record, Block):
+            key = (record.chain_id, record.node)
+            window = self.blocks.get(key)
+            if window is None:
+                window = self.blocks[key] = deque(maxlen=self.config.fork_window_blocks)
+            window.append(record)
+        elif isinstance(record, Reorg):
+            self.reorgs.append(record)
+        elif isinstance(record, PeerSnapshot):
+            self.peers.append(record)
+        else:
+            self.mempool.append(record)
+
+    def evaluate(
+        self, now: float, head_lag: Mapping[NodeKey, int], split_length: Mapping[NodeKey, int],
+        heads: Mapping[NodeKey, int | None],
+    ) -> list[Finding]:
+        c = self.config
+        frame = fork_window_features(
+            [b for window in self.blocks.values() for b in window], list(self.reorgs),
+            list(self.peers), list(self.mempool), now=now, head_lag=head_lag,
+            split_length=split_length, window_blocks=c.fork_window_blocks,
+            window_seconds=c.fork_window_seconds,
+        )
+        findings: list[Finding] = []
+        active: dict[Hashable, str] = {}
+        rows = list(frame.iter_rows(named=True))  # one row per node: a handful
+        for row in rows:
+            key = (int(row["chain_id"]), str(row["node"]))
+            score = fork_risk_score(row)
+            self.scores[key] = score
+            if score >= c.fork_risk_threshold:
+                active[key] = f"{now:.3f}"
+        started = self.episodes.update("nodes", active)
+        for row in rows:
+            key = (int(row["chain_id"]), str(row["node"]))
+            if key in started:
+                findings.append(self._finding(key, row, now, started[key], heads.get(key)))
+        return findings
+
+    def _finding(
+        self, key: NodeKey, row: Mapping[str, float], now: float, episode: str,
+        head: int | None,
+    ) -> Finding:
+        chain_id, node = key
+        contributions = sorted(
+            FORK_FEATURES,
+            key=lambda f: -FORK_RISK_WEIGHTS[f] * min(abs(row[f]) / FORK_RISK_LIMITS[f], 1.0),
+        )[:3]
+        explanation = tuple(
+            FeatureDeviation(feature=f, value=float(row[f]), normal=0.0,
+                             deviation=round(float(row[f]) / FORK_RISK_LIMITS[f], 3))
+            for f in contributions
+        )
+        top = ", ".join(f"{e.feature}={e.value:.3g}" for e in explanation)
+        score = self.scores[key]
+        return Finding(
+            chain_id=chain_id, node=node,
+            event_id=Finding.id_for(chain_id, node, "fork_risk_score", episode),
+            observed_at=now, detector="fork_risk_score", family="fork_risk",
+            severity="critical" if score >= 0.8 else "warning",
+            score=score, threshold=self.config.fork_risk_threshold,
+            subject_kind="node", subject=node, block_number=head,
+            explanation=explanation,
+            summary=f"fork risk of {node} is {score:.2f}: {top}",
+        )
+

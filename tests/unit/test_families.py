@@ -1,0 +1,176 @@
+"""Transaction, miner and fork-risk detection wired into the detector engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.synthetic import generate
+from chainwatch.metrics import Metrics
+from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg, TxLifecycle, TxSummary
+from detector.engine import Detector, DetectorConfig
+from detector.families import Episodes
+
+VICTIM = "0x" + "ee" * 20
+SPAMMER = "0x" + "5a" * 20
+
+
+class Run:
+    """A detector on a clock that follows the records (as a replay does)."""
+
+    def __init__(self, **config: object) -> None:
+        self.now = 0.0
+        self.detector = Detector(DetectorConfig(**config), Metrics(), clock=lambda: self.now)
+        self.findings: list[Finding] = []
+
+    def feed(self, records: list[AnyRecord]) -> list[Finding]:
+        out: list[Finding] = []
+        for r in records:
+            self.now = max(self.now, r.observed_at)
+            out.extend(self.detector.process([r]))
+        self.findings.extend(out)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.detector.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture(scope="module")
+def normal() -> list[Block]:
+    return generate(140, 150, seed=3)
+
+
+def by(findings: list[Finding], detector: str) -> list[Finding]:
+    return [f for f in findings if f.detector == detector]
+
+
+def with_txs(block: Block, txs: list[TxSummary]) -> Block:
+    merged = tuple(block.transactions) + tuple(
+        t.model_copy(update={"transaction_index": len(block.transactions) + i})
+        for i, t in enumerate(txs)
+    )
+    return block.model_copy(update={"transactions": merged, "tx_count": len(merged)})
+
+
+def test_normal_mainnet_shaped_traffic_gives_no_transaction_or_miner_findings(normal):
+    run = Run()
+    run.feed(normal)
+    families = {f.family for f in run.findings}
+    assert "tx" not in families and "miner" not in families
+    assert run.metric("chainwatch_transactions_scored_total", chain_id="1") > 10_000
+    assert 0 < run.metric("chainwatch_anomaly_threshold", chain_id="1", family="tx") <= 1
+
+
+def test_a_fat_finger_tip_is_flagged_with_its_explanation(normal):
+    run = Run()
+    run.feed(normal[:-1])
+    last = normal[-1]
+    template = next(t for t in last.transactions if t.max_priority_fee_per_gas)
+    tip = 500 * 10**9  # 1,000 x the synthetic market's median tip (~0.5 gwei)
+    outlier = template.model_copy(update={
+        "hash": "0x" + "f0" * 32, "max_priority_fee_per_gas": tip,
+        "max_fee_per_gas": tip + 10 * (last.base_fee_per_gas or 0),
+    })
+    found = by(run.feed([with_txs(last, [outlier])]), "tx_iforest")
+    assert [f.subject for f in found] == [outlier.hash]
+    assert found[0].family == "tx" and found[0].explanation[0].feature == "priority_fee_z"
+    assert found[0].score >= found[0].threshold
+
+
+def test_one_sender_filling_a_block_is_a_spam_burst(normal):
+    run = Run()
+    run.feed(normal[:20])
+    base = normal[20].transactions[0]
+    spam = [base.model_copy(update={"hash": f"0x{i:064x}", "from_address": SPAMMER, "nonce": i})
+            for i in range(60)]
+    found = by(run.feed([with_txs(normal[20], spam)]), "sender_burst_rule")
+    assert len(found) == 1 and found[0].subject == spam[0].hash
+    assert "60 of the" in found[0].summary
+
+
+def test_a_dominant_miner_is_reported_once_per_episode(normal):
+    run = Run()
+    blocks = [b.model_copy(update={"miner": VICTIM}) if 30 <= b.number < 80 else b
+              for b in normal]
+    run.feed(blocks)
+    found = by(run.findings, "miner_share_rule")
+    assert len(found) == 1 and found[0].subject == VICTIM
+    assert run.metric("chainwatch_miner_top_share", chain_id="1", node="bench") < 0.5
+
+
+def test_a_timestamp_jump_names_the_producer(normal):
+    run = Run()
+    jumped = [b.model_copy(update={"timestamp": b.timestamp + 900}) if b.number >= 40 else b
+              for b in normal[:60]]
+    found = by(run.feed(jumped), "timestamp_jump_rule")
+    assert len(found) == 1
+    assert found[0].block_number == 40 and found[0].subject == normal[40].miner.lower()
+
+
+def _pending(tx: TxSummary, at: float, node: str = "bench") -> PendingTx:
+    return PendingTx(
+        chain_id=1, node=node, event_id=PendingTx.id_for(1, node, tx.hash), observed_at=at,
+        first_seen_at=at, hash=tx.hash, from_address=tx.from_address, to_address=tx.to_address,
+        nonce=tx.nonce, value=tx.value, gas=tx.gas, gas_price=tx.gas_price,
+        max_fee_per_gas=tx.max_fee_per_gas,
+        max_priority_fee_per_gas=tx.max_priority_fee_per_gas, tx_type=tx.tx_type,
+        input_size=tx.input_size, method_id=tx.method_id,
+        is_contract_creation=tx.is_contract_creation,
+    )
+
+
+def test_a_high_fee_tx_left_out_of_several_blocks_is_a_censorship_hint(normal):
+    run = Run()
+    run.feed(normal[:60])
+    template = next(t for t in normal[60].transactions if t.max_priority_fee_per_gas)
+    rich = template.model_copy(update={
+        "hash": "0x" + "c1" * 32, "max_priority_fee_per_gas": 50 * 10**9,
+        "max_fee_per_gas": 500 * 10**9})
+    served = rich.model_copy(update={"hash": "0x" + "c2" * 32})
+    at = normal[59].observed_at + 1
+    run.feed([_pending(rich, at), _pending(served, at)])
+    run.feed([with_txs(normal[60], [served])])  # one is mined, the other never is
+    run.feed(normal[61:70])
+    found = by(run.findings, "censorship_rule")
+    assert [f.subject for f in found] == [rich.hash]
+    assert found[0].family == "miner"
+
+
+def test_nonce_replacement_spam_is_flagged(normal):
+    run = Run()
+    run.feed(normal[:5])
+    t0 = normal[4].observed_at
+    lifecycles = [
+        TxLifecycle(chain_id=1, node="bench", event_id=f"r{i}", observed_at=t0 + i,
+                    hash=f"0x{i:064x}", fate="replaced", from_address=SPAMMER, nonce=7,
+                    replaced_by=f"0x{i + 1:064x}", fee_bump_ratio=1.1)
+        for i in range(12)
+    ]
+    found = by(run.feed(lifecycles), "nonce_replacement_spam_rule")
+    assert found and found[0].family == "tx" and SPAMMER in found[0].subject
+
+
+def test_fork_risk_score_rises_with_a_deep_reorg_and_reports_one_episode(normal):
+    run = Run()
+    run.feed(normal[:30])
+    assert run.metric("chainwatch_fork_risk_score", chain_id="1", node="bench") < 0.1
+    head = normal[29]
+    deep = Reorg(
+        chain_id=1, node="bench", event_id="deep", observed_at=head.observed_at + 1,
+        old_head_number=29, old_head_hash=head.hash, new_head_number=29,
+        new_head_hash="0x" + "ab" * 32, common_ancestor_number=23,
+        common_ancestor_hash=normal[23].hash, depth=6,
+    )
+    run.feed([deep])
+    run.feed(normal[30:33])
+    found = by(run.findings, "fork_risk_score")
+    assert len(found) == 1
+    assert found[0].explanation[0].feature == "max_reorg_depth"
+    assert run.metric("chainwatch_fork_risk_score", chain_id="1", node="bench") >= 0.7
+
+
+def test_episodes_restart_after_a_condition_clears():
+    e = Episodes()
+    assert e.update("s", {"a": "1"}) == {"a": "1"}
+    assert e.update("s", {"a": "2"}) == {}
+    assert e.update("s", {}) == {}
+    assert e.update("s", {"a": "3"}) == {"a": "3"}
