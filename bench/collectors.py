@@ -19,11 +19,19 @@ real Kafka; after `--warmup` seconds, its CPU seconds over `--seconds`, its RSS,
 published and the collector lag, read from its /metrics. Then the same with
 `chainwatch run` (collector and detector in one process, embedded bus).
 
+Also printed: the cost of one txpool_content reconciliation over the full pool (the
+collector does one every 30 s while subscribed), measured in this process with the
+collector's own code. Options: `--rate` paces the generator; `--burst` stops the
+collector (SIGSTOP) while the node is flooded and continues it after, so it drains a
+backlog with the node idle (its own ceiling); `--witness` adds a second raw subscriber
+that tells node-side from collector-side loss; `--sign-cache DIR` keeps the signed
+transactions between runs (signing 20,000 takes about a minute on 2 cores).
+
 `--profile` attaches py-spy (if installed) to the chainwatch process during the
 measurement and prints where its CPU goes; figures from a profiled run carry py-spy's
 sampling overhead, so take the figures from a run without it.
 Everything binds 127.0.0.1, every wait has a timeout, every server is stopped by PID.
-See bench/results-collectors.md for the figures and what they mean.
+See docs/performance.md ("Collectors") for the figures and what they mean.
 """
 
 from __future__ import annotations
@@ -284,26 +292,35 @@ class Chainwatch:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def warnings(self) -> list[str]:
-        """Distinct WARNING/ERROR messages it logged (JSON lines)."""
-        seen: list[str] = []
+        """Distinct WARNING/ERROR messages it logged (JSON lines), node names folded."""
+        seen: Counter[str] = Counter()
         if not self.log_path.exists():
-            return seen
+            return []
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
                 if "Traceback" in line or "Error" in line:
-                    seen.append(line[:200])
+                    seen[line[:200]] += 1
                 continue
-            if isinstance(entry, dict) and entry.get("level") in ("WARNING", "ERROR"):
-                text = f"{entry.get('level')} {entry.get('message')} " + " ".join(
-                    f"{k}={entry[k]}" for k in ("node", "kind", "error") if k in entry)
-                seen.append(text[:300])
-        return list(dict.fromkeys(seen))
+            level = str(entry.get("level", "")).upper() if isinstance(entry, dict) else ""
+            if level in ("WARNING", "ERROR"):
+                text = f"{level} {entry.get('msg', entry.get('message'))} " + " ".join(
+                    f"{k}={entry[k]}" for k in ("kind", "error", "detector", "severity")
+                    if k in entry)
+                node = str(entry.get("node", ""))
+                if node:
+                    text = text.replace(f"'{node}'", "'<node>'")
+                seen[text[:300]] += 1
+        return [f"{text} (x{n})" if n > 1 else text for text, n in seen.items()]
 
 
 class PySpy:
-    """py-spy record on a PID (raw collapsed stacks), stopped with SIGINT by PID."""
+    """py-spy record on a PID (raw collapsed stacks), stopped with SIGINT by PID.
+
+    --gil: only samples of the thread holding the GIL, i.e. the Python work that competes
+    for the one core a CPython process can use (idle waits are not counted).
+    """
 
     def __init__(self, pid: int, out: Path, rate: int = 100) -> None:
         self.out = out
@@ -311,12 +328,13 @@ class PySpy:
         self.available = Path(exe).is_file()
         self.proc: subprocess.Popen[bytes] | None = None
         self.cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-                    "--output", str(out), "--nonblocking"]
+                    "--output", str(out), "--nonblocking", "--gil"]
 
     def __enter__(self) -> PySpy:
         if self.available:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, start_new_session=True)
+            with self.out.with_suffix(".stderr").open("wb") as err:
+                self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                             start_new_session=True)
         else:
             log("py-spy not found: no profile (pip install py-spy into the venv)")
         return self
@@ -333,15 +351,16 @@ class PySpy:
 
     def report(self, top: int = 18) -> Result:
         if not self.out.exists():
-            err = ""
-            if self.proc is not None and self.proc.stderr is not None:
-                err = self.proc.stderr.read().decode(errors="replace")[-300:]
+            errors = self.out.with_suffix(".stderr")
+            err = errors.read_text(errors="replace")[-300:] if errors.exists() else ""
             return {"error": f"no py-spy output {err}".strip()} if self.available else {}
         return summarize_stacks(self.out.read_text(errors="replace"), top)
 
 
-_CATEGORIES = (  # first match on the leaf frame's file wins
+_CATEGORIES = (  # a sample goes to the innermost frame that matches; first key wins
     ("websockets", "websockets (frames, socket reads)"),
+    ("/Crypto/", "web3 (provider, request processor, formatters)"),  # keccak: checksums
+    ("/eth_hash/", "web3 (provider, request processor, formatters)"),
     ("/web3/", "web3 (provider, request processor, formatters)"),
     ("/eth_utils/", "web3 (provider, request processor, formatters)"),
     ("/hexbytes/", "web3 (provider, request processor, formatters)"),
@@ -349,8 +368,8 @@ _CATEGORIES = (  # first match on the leaf frame's file wins
     ("/kafka/", "kafka-python (producer, protocol)"),
     ("/pydantic", "pydantic (records, validation, JSON encoding)"),
     ("/aiohttp/", "aiohttp (HTTP JSON-RPC)"),
-    ("json/", "json (stdlib)"),
-    ("asyncio/", "asyncio (event loop)"),
+    ("/json/", "json (stdlib)"),
+    ("/asyncio/", "asyncio (event loop)"),
     ("/selectors.py", "asyncio (event loop)"),
     ("/prometheus_client/", "prometheus_client"),
     ("/collector/", "chainwatch collector code"),
@@ -360,9 +379,12 @@ _CATEGORIES = (  # first match on the leaf frame's file wins
     ("/numpy/", "detector libraries (polars, numpy, sklearn, pyod)"),
     ("/sklearn/", "detector libraries (polars, numpy, sklearn, pyod)"),
     ("/pyod/", "detector libraries (polars, numpy, sklearn, pyod)"),
-    ("threading.py", "threads (to_thread, locks)"),
-    ("concurrent/", "threads (to_thread, locks)"),
-    ("logging/", "logging"),
+    ("/threading.py", "threads (to_thread, locks)"),
+    ("/concurrent/", "threads (to_thread, locks)"),
+    ("/queue.py", "threads (to_thread, locks)"),
+    ("/socket.py", "sockets (stdlib)"),
+    ("/ssl.py", "sockets (stdlib)"),
+    ("/logging/", "logging"),
 )
 
 
@@ -390,9 +412,13 @@ def summarize_stacks(raw: str, top: int) -> Result:
             continue
         total += count
         names = [_frame_name(f) for f in frames]
-        leaf_name, leaf_path = names[-1]
-        leaf[leaf_name] += count
-        category = next((c for key, c in _CATEGORIES if key in leaf_path), "other")
+        leaf[names[-1][0]] += count
+        category = "other"
+        for _, path in reversed(names):  # innermost first: abc, typing... count for caller
+            found = next((c for key, c in _CATEGORIES if key in "/" + path), None)
+            if found is not None:
+                category = found
+                break
         by_category[category] += count
         for name in {n for n, _ in names}:
             inclusive[name] += count
@@ -404,10 +430,12 @@ def summarize_stacks(raw: str, top: int) -> Result:
 
     wanted = ("collector/", "chainwatch/", "detector/", "web3/", "kafka/", "websockets/",
               "pydantic", "aiohttp/")
-    ours = Counter({k: v for k, v in inclusive.items() if any(w in k for w in wanted)})
+    skip = ("chainwatch/cli.py", "chainwatch/bootstrap.py")  # the whole process: no news
+    ours = Counter({k: v for k, v in inclusive.items()
+                    if any(w in k for w in wanted) and not any(x in k for x in skip)})
     return {
         "samples": total,
-        "self_by_library": pct(by_category, 20),
+        "by_library": pct(by_category, 20),
         "self_by_function": pct(leaf, top),
         "inclusive_by_function": pct(ours, top),
     }
@@ -472,9 +500,17 @@ class Signed:
         return sum(len(txs) for txs in self.by_account)
 
 
-def sign_all(keys: list[str], txs: int, workers: int) -> Signed:
+def sign_all(keys: list[str], txs: int, workers: int, cache: Path | None = None) -> Signed:
+    """Sign in `workers` processes; with `cache`, reuse transactions signed before (the
+    keys, nonces and chain are deterministic, and every run starts a fresh anvil)."""
     from eth_account import Account
 
+    addresses = [Account.from_key(k).address for k in keys]
+    path = cache / f"signed-{len(keys)}-{txs}-{CHAIN_ID}.json" if cache is not None else None
+    if path is not None and path.exists():
+        started = time.perf_counter()
+        by_account = [[(h, r) for h, r in a] for a in json.loads(path.read_text())]
+        return Signed(by_account, addresses, time.perf_counter() - started, 0)
     per = [txs // len(keys) + (1 if i < txs % len(keys) else 0) for i in range(len(keys))]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -482,21 +518,26 @@ def sign_all(keys: list[str], txs: int, workers: int) -> Signed:
                                                                              strict=True)]
         by_account = [f.result(timeout=1800) for f in futures]
     seconds = time.perf_counter() - started
-    addresses = [Account.from_key(k).address for k in keys]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(by_account))
     return Signed(by_account, addresses, seconds, workers)
 
 
-def thread_batches(signed: Signed, threads: int, batch: int) -> list[list[list[str]]]:
-    """Per thread, its batches of raw txs. Each account belongs to one thread and its txs
+Batch = list[tuple[str, str]]  # (hash, raw)
+
+
+def thread_batches(signed: Signed, threads: int, batch: int) -> list[list[Batch]]:
+    """Per thread, its batches of txs. Each account belongs to one thread and its txs
     go in nonce order (nonce-major across the thread's accounts), so every tx is
     executable when it arrives and the node announces it at once."""
-    out: list[list[list[str]]] = []
+    out: list[list[Batch]] = []
     for t in range(threads):
         accounts = signed.by_account[t::threads]
-        ordered: list[str] = []
+        ordered: Batch = []
         depth = max((len(a) for a in accounts), default=0)
         for nonce in range(depth):
-            ordered.extend(a[nonce][1] for a in accounts if nonce < len(a))
+            ordered.extend(a[nonce] for a in accounts if nonce < len(a))
         out.append([ordered[i:i + batch] for i in range(0, len(ordered), batch)])
     return out
 
@@ -508,10 +549,13 @@ class SubmitStats:
     sent: int = 0
     errors: int = 0
     first_error: str | None = None
+    progress: list[tuple[float, int]] = field(default_factory=list)  # (time, sent so far)
+    accepted_at: dict[str, float] = field(default_factory=dict)  # hash -> node answered
+    resumed: float = 0.0  # --burst: when the stopped collector was continued
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def submit(port: int, batches: list[list[str]], stats: SubmitStats, rate_share: float,
+def submit(port: int, batches: list[Batch], stats: SubmitStats, rate_share: float,
            t0: float, timeout: float) -> None:
     """Send batches of eth_sendRawTransaction over one keep-alive HTTP connection."""
     conn = http.client.HTTPConnection(LOCALHOST, port, timeout=timeout)
@@ -525,19 +569,74 @@ def submit(port: int, batches: list[list[str]], stats: SubmitStats, rate_share: 
                     time.sleep(delay)
             body = json.dumps([
                 {"jsonrpc": "2.0", "id": i, "method": "eth_sendRawTransaction", "params": [raw]}
-                for i, raw in enumerate(batch)
+                for i, (_, raw) in enumerate(batch)
             ])
             conn.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
             replies = json.loads(conn.getresponse().read())
-            bad = [r for r in replies if "error" in r] if isinstance(replies, list) else [replies]
+            answered = time.time()
+            if not isinstance(replies, list):
+                replies = [replies]
+            bad = [r for r in replies if "error" in r]
+            ok = {r.get("id") for r in replies if "error" not in r}
             sent_here += len(batch)
             with stats.lock:
-                stats.sent += len(batch) - len(bad)
-                stats.errors += len(bad)
+                stats.sent += len(ok)
+                stats.errors += len(batch) - len(ok)
+                stats.progress.append((answered, stats.sent + stats.errors))
+                stats.accepted_at.update((h, answered) for i, (h, _) in enumerate(batch)
+                                         if i in ok)
                 if bad and stats.first_error is None:
                     stats.first_error = json.dumps(bad[0].get("error", bad[0]))[:200]
     finally:
         conn.close()
+
+
+def _witness(ws_url: str, out: str, ready: Any, stop: Any, timeout: float) -> None:
+    """A second subscriber in its own process: records every pending tx the node
+    announces (full objects, like chainwatch), to tell node-side from collector-side loss."""
+    from websockets.sync.client import connect
+
+    hashes: list[str] = []
+    deadline = time.monotonic() + timeout
+    with connect(ws_url, max_size=None, open_timeout=10) as ws:
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe",
+                            "params": ["newPendingTransactions", True]}))
+        ws.recv(timeout=10)
+        ready.set()
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                message = json.loads(ws.recv(timeout=0.5))
+            except TimeoutError:
+                continue
+            res = message.get("params", {}).get("result")
+            hashes.append(str(res.get("hash") if isinstance(res, dict) else res).lower())
+    Path(out).write_text("\n".join(hashes))
+
+
+class Witness:
+    def __init__(self, ws_url: str, out: Path, timeout: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.out = out
+        self.ready, self.stop = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=_witness, name="witness",
+                                args=(ws_url, str(out), self.ready, self.stop, timeout))
+
+    def __enter__(self) -> Witness:
+        self.proc.start()
+        if not self.ready.wait(30):
+            raise TimeoutError("the witness subscriber did not connect within 30 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.proc.join(timeout=20)
+        if self.proc.is_alive() and self.proc.pid is not None:
+            stop_pid(self.proc.pid, timeout=5)
+
+    def hashes(self) -> set[str]:
+        return set(self.out.read_text().split()) if self.out.exists() else set()
 
 
 class MempoolWatch:
@@ -605,11 +704,11 @@ def run_mempool(args: argparse.Namespace) -> Result:
     workers = args.sign_workers or os.cpu_count() or 1
     log(f"signing {args.txs} EIP-1559 transfers from {accounts} accounts "
         f"({workers} processes) ...")
-    signed = sign_all(keys[:-1], args.txs, workers)
+    signed = sign_all(keys[:-1], args.txs, workers, args.sign_cache)
     probe_hash, probe_raw = _sign_account(keys[-1], 1, CHAIN_ID)[0]
     log(f"signed {signed.count} in {signed.seconds:.1f}s")
     batches = thread_batches(signed, args.threads, args.batch)
-    wanted = {h for txs in signed.by_account for h, _ in txs}
+    signed_hashes = {h for txs in signed.by_account for h, _ in txs}
 
     workdir = Path(tempfile.mkdtemp(prefix="chainwatch-bench-"))
     prefix = f"b{uuid.uuid4().hex[:10]}"
@@ -619,7 +718,7 @@ def run_mempool(args: argparse.Namespace) -> Result:
         "batch": args.batch, "target_rate": args.rate or None,
         "signing_seconds": round(signed.seconds, 2),
         "signing_tx_per_s": round(signed.count / signed.seconds),
-        "signing_workers": workers,
+        "signing_workers": signed.workers,
     }
     anvil_proc: subprocess.Popen[bytes] | None = None
     cw: Chainwatch | None = None
@@ -669,8 +768,12 @@ def run_mempool(args: argparse.Namespace) -> Result:
                     "generator (this process)": [os.getpid()]}
             stats = SubmitStats()
             profile = PySpy(cw.pid, workdir / "mempool.pyspy.txt") if args.profile else None
+            witness = (Witness(ws_url, workdir / "witness.txt", args.timeout * 2)
+                       if args.witness else None)
             with Sampler(pids, 0.25) as sampler, \
-                    profile or contextlib.nullcontext():
+                    profile or contextlib.nullcontext(), witness or contextlib.nullcontext():
+                if args.burst:  # the collector reads nothing until every tx is in the node
+                    os.kill(cw.pid, signal.SIGSTOP)
                 stats.started = time.time()
                 share = args.rate / args.threads if args.rate else 0.0
                 threads = [threading.Thread(target=submit, name=f"submit-{i}",
@@ -681,11 +784,33 @@ def run_mempool(args: argparse.Namespace) -> Result:
                 for t in threads:
                     t.join(timeout=args.timeout)
                 stats.ended = time.time()
+                if args.burst:
+                    time.sleep(1.0)  # the node finishes announcing
+                    stats.resumed = time.time()
+                    os.kill(cw.pid, signal.SIGCONT)
                 log(f"submitted {stats.sent} ({stats.errors} rejected) in "
                     f"{stats.ended - stats.started:.1f}s; waiting for Kafka ...")
-                missing = _wait_for_arrivals(watch, wanted, stats, args.timeout)
+                wanted = set(stats.accepted_at)  # the loss check: what the node accepted
+                result["not_submitted"] = len(signed_hashes - wanted) - stats.errors
+                missing = _wait_for_arrivals(watch, wanted, args.timeout)
             tx_pool = rpc(http_url, "txpool_status")
             result.update(_mempool_figures(stats, watch, wanted, missing, sampler, tx_pool))
+            cw.proc.send_signal(signal.SIGSTOP)  # keep the collector's own reconcile out
+            try:
+                result["reconcile"] = reconcile_cost(http_url)
+            finally:
+                cw.proc.send_signal(signal.SIGCONT)
+            result["burst"] = bool(args.burst)
+            if witness is not None:
+                seen = witness.hashes()
+                late = {h for h in wanted if h in watch.arrivals and h in stats.accepted_at
+                        and watch.arrivals[h] - stats.accepted_at[h] > 10}
+                result["witness"] = {
+                    "announced_by_node": len(seen & wanted),
+                    "not_announced": len(wanted - seen),
+                    "late_or_missing_in_chainwatch": len(late | missing),
+                    "of_those_announced_by_node": len((late | missing) & seen),
+                }
             rss, hwm = memory_mb(cw.pid)
             result["collect_rss_mb"], result["collect_peak_rss_mb"] = round(rss), round(hwm)
             page = scrape(metrics_port)
@@ -697,6 +822,8 @@ def run_mempool(args: argparse.Namespace) -> Result:
         if watch is not None:
             watch.close()
         if cw is not None:
+            if args.burst and cw.proc is not None and cw.proc.poll() is None:
+                os.kill(cw.pid, signal.SIGCONT)
             cw.stop()
         if anvil_proc is not None:
             stop_pid(anvil_proc.pid)
@@ -707,11 +834,42 @@ def run_mempool(args: argparse.Namespace) -> Result:
     return result
 
 
-def _wait_for_arrivals(watch: MempoolWatch, wanted: set[str], stats: SubmitStats,
-                       timeout: float) -> set[str]:
+def reconcile_cost(http_url: str) -> Result:
+    """One txpool reconciliation as the collector does it every 30 s (MempoolCollector.
+    _poll_txpool: txpool_content through NodeRpc, parse, map every entry, compare), run
+    in this process against the full pool, with its wall and CPU time."""
+    import asyncio
+
+    from collector.mempool import MempoolTracker, map_pending_tx, parse_txpool_content
+    from collector.rpc import NodeRpc
+
+    async def once() -> Result:
+        rpc_ = NodeRpc(http_url, node="reconcile", timeout=120)
+        try:
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            raw = await rpc_.call("txpool_content", [])
+            wall1, cpu1 = time.perf_counter(), time.process_time()
+            pending, _ = parse_txpool_content(raw)
+            tracker = MempoolTracker(CHAIN_ID, "reconcile", max_tracked=10**6)
+            now = time.time()
+            for tx in pending:
+                tracker.on_pending(map_pending_tx(tx, chain_id=CHAIN_ID, node="reconcile",
+                                                  first_seen_at=now))
+            tracker.on_pool_contents({str(t.get("hash", "")).lower() for t in pending}, now)
+            wall2, cpu2 = time.perf_counter(), time.process_time()
+        finally:
+            await rpc_.close()
+        return {"pending": len(pending), "fetch_wall_s": round(wall1 - wall0, 2),
+                "fetch_cpu_s": round(cpu1 - cpu0, 2), "map_cpu_s": round(cpu2 - cpu1, 2),
+                "total_wall_s": round(wall2 - wall0, 2)}
+
+    return asyncio.run(once())
+
+
+def _wait_for_arrivals(watch: MempoolWatch, wanted: set[str], timeout: float) -> set[str]:
     """Read the topic until every submitted hash arrived, the log end stopped moving for
     30 s, or `timeout`; returns the missing hashes."""
-    expected = len(wanted) - stats.errors + 1  # +1: the probe
+    expected = len(wanted) + 1  # +1: the probe
     deadline = time.monotonic() + timeout
     last_end, last_change, last_log = -1.0, time.monotonic(), 0.0
     while time.monotonic() < deadline:
@@ -760,29 +918,64 @@ def _mempool_figures(stats: SubmitStats, watch: MempoolWatch, wanted: set[str],
     out["collector_tx_per_s"] = round((len(arrived) - 1) / max(last - first, 1e-9))
     out["end_to_end_tx_per_s"] = round(len(arrived) / max(last - stats.started, 1e-9))
     # the best 5 s of delivery: what the collector sustains once it has a backlog
+    window = min(5.0, last - first)
     best, j = 0, 0
     for i, t in enumerate(arrived):
-        while arrived[j] < t - 5.0:
+        while arrived[j] < t - window:
             j += 1
         best = max(best, i - j + 1)
-    out["collector_best_5s_tx_per_s"] = round(best / 5.0)
-    cores, busy, span = sampler.cores(stats.started, last)
+    out["collector_best_5s_tx_per_s"] = round(best / max(window, 1e-9))
+    start = stats.resumed or stats.started  # --burst: the collector ran from `resumed`
+    if stats.resumed:
+        out["kafka_all_after_resume_s"] = round(last - stats.resumed, 2)
+        out["collector_tx_per_s_after_resume"] = round(len(arrived) / max(last - start, 1e-9))
+    cores, busy, span = sampler.cores(start, last)
     out["cpu_window_s"] = round(span, 2)
     out["cores"] = {k: round(v, 2) for k, v in cores.items()}
+    out["cores"]["everything else on the machine"] = round(
+        max(busy * (os.cpu_count() or 1) - sum(cores.values()), 0.0), 2)
     out["machine_busy_ratio"] = round(busy, 2)
     # collector CPU while the node was still being flooded vs. afterwards (draining)
     if last > stats.ended + 1:
         drain, _, dspan = sampler.cores(stats.ended, last)
         out["cores_after_submit_end"] = {k: round(v, 2) for k, v in drain.items()}
         out["drain_window_s"] = round(dspan, 2)
-    # progress curve: records in the topic over time (for the report)
-    curve: list[tuple[float, int]] = []
-    step = max(len(arrived) // 20, 1)
-    for i in range(0, len(arrived), step):
-        curve.append((round(arrived[i] - stats.started, 2), i + 1))
-    curve.append((round(last - stats.started, 2), len(arrived)))
-    out["arrival_curve"] = curve
+    # per transaction: node accepted it (batch answered) -> record appended in Kafka
+    delays = sorted(watch.arrivals[h] - stats.accepted_at[h]
+                    for h in wanted if h in watch.arrivals and h in stats.accepted_at)
+    if delays:
+        def q(p: float) -> float:
+            return round(delays[min(int(p * len(delays)), len(delays) - 1)], 2)
+
+        out["delay_s"] = {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+                          "max": round(delays[-1], 2)}
+        # the subscription delivers within seconds; a tx it never delivered shows up only
+        # with the txpool_content reconciliation (every 30 s by default)
+        out["late_over_10s"] = sum(1 for d in delays if d > 10)
+    out["timeline"] = _timeline(stats, arrived, sampler)
     return out
+
+
+def _timeline(stats: SubmitStats, arrived: list[float], sampler: Sampler,
+              step: float = 1.0) -> list[dict[str, float]]:
+    """Per `step` seconds from submit start: tx submitted, tx arrived in Kafka, cores."""
+    rows: list[dict[str, float]] = []
+    t = stats.started
+    sent = stats.progress
+    while t < arrived[-1]:
+        end = t + step
+        cores, _, _ = sampler.cores(t, end)
+        before = max((n for at, n in sent if at < t), default=0)
+        upto = max((n for at, n in sent if at < end), default=0)
+        rows.append({
+            "t": round(t - stats.started, 1),
+            "submitted": upto - before,
+            "in_kafka": sum(1 for a in arrived if t <= a < end),
+            "collect_cores": round(cores.get("collect", 0.0), 2),
+            "anvil_cores": round(cores.get("anvil", 0.0), 2),
+        })
+        t = end
+    return rows
 
 
 # -- nodes: 10 nodes at one block per second -----------------------------------------------
@@ -862,8 +1055,13 @@ def measure_follower(mode: str, nodes: list[Anvil], broker: KafkaBroker | None,
 
         wait_until(all_publishing, 90, f"{mode}: every node publishing blocks", proc=cw.proc,
                    interval=0.5)
-        log(f"{mode}: all {len(nodes)} nodes publishing; warm-up {args.warmup:.0f}s ...")
-        time.sleep(args.warmup)
+        # `run`: past the first model fit (after --warmup-blocks blocks per chain), which
+        # happens once and then every 1,000 blocks: the window shows the steady state
+        warmup = args.warmup if mode == "collect" else max(args.warmup,
+                                                             args.warmup_blocks + 10.0)
+        result["warmup_s"] = warmup
+        log(f"{mode}: all {len(nodes)} nodes publishing; warm-up {warmup:.0f}s ...")
+        time.sleep(warmup)
         lag_max = 0.0
         pids = {mode: [cw.pid], "anvils": [n.pid for n in nodes]}
         if broker is not None:
@@ -877,7 +1075,7 @@ def measure_follower(mode: str, nodes: list[Anvil], broker: KafkaBroker | None,
                     raise RuntimeError(f"{mode} exited during the measurement:\n{cw.tail()}")
                 lag = metric_max(scrape(metrics_port), "chainwatch_collector_lag_blocks")
                 lag_max = max(lag_max, lag or 0.0)
-                time.sleep(min(1.0, max(end - time.time(), 0)))
+                time.sleep(min(2.0, max(end - time.time(), 0)))  # light: ~Prometheus
             page1, t1 = scrape(metrics_port), time.time()
         cores, busy, span = sampler.cores(t0, t1)
         rss, hwm = memory_mb(cw.pid)
@@ -887,7 +1085,9 @@ def measure_follower(mode: str, nodes: list[Anvil], broker: KafkaBroker | None,
             "cores": round(cores[mode], 3),
             "cores_per_node": round(cores[mode] / len(nodes), 4),
             "cpu_seconds": round(cores[mode] * span, 1),
-            "other_cores": {k: round(v, 2) for k, v in cores.items() if k != mode},
+            "other_cores": {k: round(v, 2) for k, v in cores.items() if k != mode}
+            | {"everything else": round(max(busy * (os.cpu_count() or 1)
+                                            - sum(cores.values()), 0.0), 2)},
             "machine_busy_ratio": round(busy, 2),
             "rss_mb": round(rss), "peak_rss_mb": round(hwm),
             "blocks_published": int(blocks),
@@ -973,9 +1173,9 @@ def print_profile(profile: Result | None, who: str) -> None:
     if "error" in profile or not profile.get("samples"):
         print(f"\n{who} profile: {profile.get('error', 'no samples')}")
         return
-    table(f"{who}: CPU samples by library of the running frame (py-spy, "
+    table(f"{who}: CPU samples by library of the innermost known frame (py-spy --gil, "
           f"{profile['samples']} samples)",
-          [(k, f"{v:5.1f} %") for k, v in profile["self_by_library"]])
+          [(k, f"{v:5.1f} %") for k, v in profile["by_library"]])
     table(f"{who}: hottest functions (self)",
           [(k[:90], f"{v:5.1f} %") for k, v in profile["self_by_function"]])
     table(f"{who}: inclusive time of chainwatch/library functions",
@@ -989,11 +1189,14 @@ def print_mempool(r: Result) -> None:
         ("transactions", fmt(r["txs"])
          + f" EIP-1559 transfers from {r['accounts']} accounts"),
         ("signing (untimed step)", f"{fmt(r['signing_seconds'], 's')} "
-         f"({fmt(r['signing_tx_per_s'], 'tx/s')}, {r['signing_workers']} processes)"),
+         f"({fmt(r['signing_tx_per_s'], 'tx/s')}, {r['signing_workers']} processes)"
+         if r["signing_workers"] else "loaded from --sign-cache"),
         ("generator", f"{r['threads']} threads x batches of {r['batch']} "
          f"eth_sendRawTransaction" + (f", paced at {fmt(r['target_rate'], 'tx/s')}"
                                       if r.get("target_rate") else ", unpaced")),
         ("submitted / rejected", f"{fmt(r['submitted'])} / {fmt(r['rejected_by_node'])}"
+         + (f" / {fmt(r['not_submitted'])} not sent (generator failed)"
+            if r.get("not_submitted") else "")
          + (f" (first: {r['first_rejection']})" if r.get("first_rejection") else "")),
         ("generator rate", f"{fmt(r.get('generator_tx_per_s'), 'tx/s')} "
          f"(over {fmt(r['submit_seconds'], 's')})"),
@@ -1001,15 +1204,24 @@ def print_mempool(r: Result) -> None:
          + ("  (target >= 2,000: met)" if rate_ok else "  (target >= 2,000: MISSED)")),
         ("collector rate, best 5 s", fmt(r.get("collector_best_5s_tx_per_s"), "tx/s")),
         ("end to end (submit start -> last)", fmt(r.get("end_to_end_tx_per_s"), "tx/s")),
+        *([("mode", "--burst: collector stopped while submitting, continued after"),
+           ("all N in Kafka after the continue", fmt(r.get("kafka_all_after_resume_s"), "s")),
+           ("collector rate after the continue",
+            fmt(r.get("collector_tx_per_s_after_resume"), "tx/s"))] if r.get("burst") else []),
         ("first record in Kafka after", fmt(r.get("kafka_first_after_submit_start_s"), "s")),
         ("all N in Kafka after", fmt(r.get("kafka_all_after_submit_start_s"), "s")
          + f" (last one {fmt(r.get('kafka_last_after_submit_end_s'), 's')} after the "
          f"generator finished)"),
         ("arrived / missing / duplicates", f"{fmt(r['arrived'])} / {fmt(r['missing'])} / "
          f"{fmt(r['duplicates'])}"),
+        ("delay accepted by node -> in Kafka", ", ".join(
+            f"{k} {v} s" for k, v in r.get("delay_s", {}).items())),
+        ("arrived > 10 s after acceptance", fmt(r.get("late_over_10s"))
+         + " (not delivered by the subscription; found by the txpool reconciliation)"
+         if r.get("late_over_10s") else fmt(r.get("late_over_10s"))),
         ("other records on the topic", r.get("other_records")),
         ("node pool at the end", r.get("node_pool")),
-        ("CPU window (submit start -> last)", fmt(r.get("cpu_window_s"), "s")),
+        ("CPU window (flood or continue -> last)", fmt(r.get("cpu_window_s"), "s")),
         *[(f"  cores: {k}", fmt(v)) for k, v in cores.items()],
         ("  machine busy", f"{fmt(round(100 * r.get('machine_busy_ratio', 0)))} % of "
          f"{os.cpu_count()} cores"),
@@ -1019,13 +1231,26 @@ def print_mempool(r: Result) -> None:
          f"{fmt(r.get('collect_peak_rss_mb'), 'MiB')}"),
         ("collector errors", fmt(r.get("collector_errors"))),
     ])
+    if r.get("reconcile"):
+        c = r["reconcile"]
+        table("one txpool reconciliation (every 30 s while subscribed), on the full pool", [
+            ("pending txs in txpool_content", fmt(c["pending"])),
+            ("fetch (node builds + sends, NodeRpc decodes)",
+             f"{fmt(c['fetch_wall_s'], 's')} wall, {fmt(c['fetch_cpu_s'], 's')} CPU"),
+            ("map every entry + compare (blocks the event loop)", fmt(c["map_cpu_s"], "s CPU")),
+            ("total wall", fmt(c["total_wall_s"], "s")),
+        ])
+    if r.get("witness"):
+        print(f"  witness subscriber: {r['witness']}")
     if r.get("missing_examples"):
         print(f"  missing, e.g.: {', '.join(r['missing_examples'])}")
     for w in r.get("collect_warnings", []):
         print(f"  collect logged: {w}")
-    if r.get("arrival_curve"):
-        print("  records in Kafka over time (s after submit start: count): " + ", ".join(
-            f"{t}: {n}" for t, n in r["arrival_curve"][::2]))
+    if r.get("timeline"):
+        print("\n  per second     submitted  in Kafka  collect cores  anvil cores")
+        for row in r["timeline"]:
+            print(f"  {row['t']:>5.0f} s     {row['submitted']:>9,.0f}  {row['in_kafka']:>8,.0f}"
+                  f"  {row['collect_cores']:>13.2f}  {row['anvil_cores']:>11.2f}")
     print_profile(r.get("profile"), "collect (mempool flood)")
 
 
@@ -1033,7 +1258,7 @@ def print_nodes(r: Result) -> None:
     for run in r["runs"]:
         target = "met" if run["cores"] < 1 else "MISSED"
         table(f"{run['nodes']} nodes at 1 block/s: `chainwatch {run['mode']}` "
-              f"({r['tx_rate_per_node']} tx/s per node, after {fmt(r['warmup_s'], 's')} "
+              f"({r['tx_rate_per_node']} tx/s per node, after {fmt(run['warmup_s'], 's')} "
               f"warm-up)", [
                   ("command", run["command"]),
                   ("window", fmt(run["seconds"], "s")),
@@ -1049,7 +1274,8 @@ def print_nodes(r: Result) -> None:
                    f"({fmt(run['blocks_per_s'], '/s')})"),
                   ("collector lag (max / end)", f"{fmt(run['lag_blocks_max'], 'blocks')} / "
                    f"{fmt(run['lag_blocks_end'], 'blocks')}"),
-                  ("pending tx arrivals (metric)", fmt(run["pending_tx_arrivals"])),
+                  ("pending tx arrivals (metric)", fmt(run["pending_tx_arrivals"])
+                   if run["mode"] != "collect" else "- (a detector metric: not in collect)"),
                   ("collector errors", fmt(run["collector_errors"])),
               ])
         for w in run.get("warnings", []):
@@ -1078,6 +1304,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--rate", type=float, default=0.0,
                    help="pace the generator at this many tx/s (0: as fast as possible)")
     g.add_argument("--sign-workers", type=int, default=0, help="signing processes (0: cores)")
+    g.add_argument("--burst", action="store_true",
+                   help="SIGSTOP the collector while submitting, SIGCONT after: it then "
+                   "drains a backlog of N announcements (its own ceiling, node idle)")
+    g.add_argument("--witness", action="store_true",
+                   help="a second raw subscriber records what the node announced")
+    g.add_argument("--sign-cache", type=Path, default=None,
+                   help="directory to keep signed transactions in between runs")
     g.add_argument("--timeout", type=float, default=300.0,
                    help="longest wait for submission and for arrivals in Kafka (s)")
     g = parser.add_argument_group("nodes")
