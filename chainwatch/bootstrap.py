@@ -34,7 +34,14 @@ from collector.service import BlockCollector, CollectorConfig
 from detector.engine import Detector, DetectorConfig
 from detector.health import HealthConfig
 from detector.service import DetectorService
-from detector.training import History, gather, load_models, read_jsonl, train_block_model
+from detector.training import (
+    History,
+    gather,
+    load_models,
+    read_jsonl,
+    train_block_model,
+    train_tx_model,
+)
 
 log = logging.getLogger("chainwatch")
 
@@ -360,12 +367,20 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
     )
     path = out / "block.joblib"
     model.save(path)
+    tx_model = train_tx_model(
+        history, kind=settings.model_kind, contamination=settings.contamination, seed=42
+    )
+    if tx_model is not None:
+        tx_model.save(out / "tx.joblib")
+        tx_note = f"; {tx_model.version} on {tx_model.trained_rows} transactions"
+    else:
+        tx_note = "; too few transactions for a tx model (it will warm up live)"
     for line in history.invalid[:20]:
         log.warning("skipped invalid record", extra={"where": line})
     return (
-        f"trained {model.version} on {model.trained_rows} blocks "
+        f"trained {model.version} on {model.trained_rows} blocks{tx_note} "
         f"({history.first_block}..{history.last_block}; {history.records} records read, "
-        f"{history.duplicates} duplicates, {len(history.invalid)} invalid skipped) -> {path}"
+        f"{history.duplicates} duplicates, {len(history.invalid)} invalid skipped) -> {out}"
     )
 
 

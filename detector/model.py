@@ -48,6 +48,11 @@ class BlockAnomalyModel:
         self.fits = 0
 
     @property
+    def history(self) -> tuple[np.ndarray, ...]:
+        """The rows kept for the next (re)fit, oldest first."""
+        return tuple(self._rows)
+
+    @property
     def fitted(self) -> bool:
         return self.detector.fitted
 

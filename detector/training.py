@@ -17,6 +17,7 @@ import polars as pl
 
 from chainwatch.exceptions import ChainwatchError, InvalidRecord
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
+from detector.families import FamilyConfig, TxFamily
 from detector.features import (
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
@@ -26,10 +27,12 @@ from detector.features import (
 )
 from detector.models import AnomalyDetector
 from detector.state import ChainState, SeenIds
+from detector.tx_features import TX_FEATURE_MIN_SCALE, TX_FEATURES
 
 log = logging.getLogger("chainwatch.train")
 
-MODEL_FILES = {"block": "block.joblib"}
+MODEL_FILES = {"block": "block.joblib", "tx": "tx.joblib"}
+TX_TRAIN_ROWS = 200_000  # the most recent transactions are the ones that say what normal is
 
 
 @dataclass
@@ -44,6 +47,21 @@ class History:
     last_block: int | None = None
     first_time: float | None = None
     last_time: float | None = None
+    # per chain, the live transaction pipeline with a model that never fits: it computes
+    # features exactly as `detect` will (score-then-learn order) and keeps the rows
+    tx: dict[int, TxFamily] = field(default_factory=dict)
+
+    def tx_matrix(self) -> np.ndarray:
+        rows = [row for family in self.tx.values() for row in family.model.history]
+        return np.vstack(rows) if rows else np.empty((0, len(TX_FEATURES)))
+
+
+def _tx_tap(history: History, chain_id: int) -> TxFamily:
+    family = history.tx.get(chain_id)
+    if family is None:
+        config = FamilyConfig(tx_warmup=2**62, tx_history=TX_TRAIN_ROWS)
+        family = history.tx[chain_id] = TxFamily(config, kind="iforest", seed=0)
+    return family
 
 
 def gather(records: Iterable[AnyRecord], history: History | None = None) -> History:
@@ -59,6 +77,7 @@ def gather(records: Iterable[AnyRecord], history: History | None = None) -> Hist
             state.apply_reorg(record)
         elif isinstance(record, Block):
             history.block_rows.append(block_row(record, state.apply_block(record)))
+            _tx_tap(history, record.chain_id).on_blocks([record], record.observed_at)
             n, t = record.number, float(record.timestamp)
             history.first_block = n if history.first_block is None else min(history.first_block, n)
             history.last_block = n if history.last_block is None else max(history.last_block, n)
@@ -106,12 +125,33 @@ def train_block_model(
     return model
 
 
+def train_tx_model(
+    history: History, *, kind: str, contamination: float, seed: int, min_rows: int = 1000
+) -> AnomalyDetector | None:
+    """The transaction model, or None when the history holds too few transactions."""
+    x = history.tx_matrix()
+    if len(x) < min_rows:
+        return None
+    config = FamilyConfig()
+    model = AnomalyDetector("tx", TX_FEATURES, kind=kind, contamination=contamination,
+                            seed=seed, min_scale=TX_FEATURE_MIN_SCALE,
+                            z_limit=config.tx_min_deviation)
+    model.fit(x, {"first_block": history.first_block, "last_block": history.last_block,
+                  "rows": len(x)})
+    return model
+
+
+FEATURES_OF = {"block": BLOCK_FEATURES, "tx": TX_FEATURES}
+
+
 def load_models(directory: Path) -> dict[str, AnomalyDetector]:
     """Models saved by `chainwatch train`; a schema mismatch is a one-line ModelError."""
     models: dict[str, AnomalyDetector] = {}
-    block = directory / MODEL_FILES["block"]
-    if block.exists():
-        models["block"] = AnomalyDetector.load(block, "block", BLOCK_FEATURES)
+    for family, name in MODEL_FILES.items():
+        path = directory / name
+        if path.exists():
+            models[family] = AnomalyDetector.load(path, family, FEATURES_OF[family])
     if not models:
-        raise ChainwatchError(f"no models in {directory} (expected {MODEL_FILES['block']})")
+        expected = ", ".join(MODEL_FILES.values())
+        raise ChainwatchError(f"no models in {directory} (expected {expected})")
     return models

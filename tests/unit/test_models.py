@@ -123,3 +123,32 @@ def test_detect_refuses_a_model_for_other_features_in_one_line(tmp_path):
     [line] = [x for x in result.stderr.splitlines() if x.startswith("chainwatch: error:")]
     assert "trained on other features" in line and "chainwatch train" in line
     assert "Traceback" not in result.stderr
+
+
+def test_train_fits_a_transaction_model_on_live_features_and_detect_runs_it_frozen(tmp_path):
+    from bench.synthetic import generate
+    from chainwatch.metrics import Metrics
+    from detector.engine import Detector, DetectorConfig
+    from detector.tx_features import TX_FEATURES
+
+    archive = tmp_path / "history.jsonl"
+    blocks = generate(70, 60, seed=5)
+    archive.write_text("".join(encode(b).decode() + "\n" for b in blocks[:60]))
+    result = subprocess.run(
+        [sys.executable, "-m", "chainwatch.cli", "train", "--input", str(archive),
+         "--out", str(tmp_path / "models")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    models = load_models(tmp_path / "models")
+    tx = models["tx"]
+    assert tx.feature_names == TX_FEATURES
+    # every tx of the 60 blocks but the first block's (no fee market yet to compare with)
+    assert tx.trained_rows == sum(b.tx_count for b in blocks[1:60])
+    assert f"{tx.version} on {tx.trained_rows} transactions" in result.stdout
+    detector = Detector(DetectorConfig(), Metrics(), pretrained=models)
+    for block in blocks[60:]:  # one poll each: the first one fills the fee market
+        detector.process([block])
+    family = detector.tx[1]
+    assert family.model.frozen and family.model.version == tx.version
+    assert family.scored_rows > 0 and family.model.fits == 0
