@@ -30,11 +30,12 @@ if [ "${1:-}" = "--test" ]; then
   scripts/install-kafka.sh >/dev/null
   scripts/install-geth.sh >/dev/null
   scripts/install-helm.sh >/dev/null
-  if ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
-    echo "setup: installing Prometheus and Alertmanager (Debian packages)" >&2
+  if ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
+    || ! command -v chromium >/dev/null; then
+    echo "setup: installing Prometheus, Alertmanager and Chromium (Debian packages)" >&2
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      prometheus prometheus-alertmanager >/dev/null
+      prometheus prometheus-alertmanager chromium >/dev/null
     # the packages may start system services; tests run their own servers on free ports
     pkill -x prometheus 2>/dev/null || true
     pkill -f prometheus-alertmanager 2>/dev/null || true

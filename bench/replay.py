@@ -1,0 +1,176 @@
+"""Replay throughput and memory: events/s, blocks/s, tx/s through all detectors, peak RSS.
+
+    python -m bench.replay make --txs 10000000 --dir .cache/bench-archive   # synthetic archive
+    python -m bench.replay run --dir .cache/bench-archive                     # replay it
+    python -m bench.replay decode --dir .cache/bench-archive --limit 10000    # reading alone
+    python -m bench.replay detector --blocks 3000                             # detector alone
+
+`make` writes a chainwatch archive (the layout of `chainwatch archive`) of mainnet-shaped
+blocks from bench/synthetic.py: 10 seeded chunks of 1,000 blocks are generated once and
+cycled with new heights, hashes and times (generation costs ~5 ms per block). `run`
+replays it exactly as `chainwatch replay DIR` does (archive source -> decode -> the live
+Detector -> findings), without writing a report, and prints figures plus VmHWM (peak RSS)
+of its own process. `detector` feeds pre-decoded blocks to the Detector only, to separate
+decoding from detection. Figures go to stdout; nothing fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+from bench.synthetic import generate
+from chainwatch.schema import Block, encode
+
+CHUNK_BLOCKS = 1000
+DISTINCT_CHUNKS = 10
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make(directory: Path, txs: int, txs_per_block: float) -> None:
+    from replay.archive import ArchiveWriter, archive_row
+
+    blocks_needed = int(txs / txs_per_block) + 1
+    chunks: list[list[Block]] = []
+    started = time.monotonic()
+    writer = ArchiveWriter(directory)
+    parent = "0x" + "00" * 32
+    number = 0
+    written_txs = 0
+    t0 = 1_700_000_000.0
+    while number < blocks_needed:
+        index = (number // CHUNK_BLOCKS) % DISTINCT_CHUNKS
+        if index >= len(chunks):
+            chunks.append(generate(CHUNK_BLOCKS, txs_per_block, seed=100 + index))
+        for base in chunks[index]:
+            if number >= blocks_needed:
+                break
+            block_hash = f"0x{number:064x}"
+            ts = int(t0) + 12 * number
+            block = base.model_copy(update={
+                "number": number, "hash": block_hash, "parent_hash": parent, "timestamp": ts,
+                "observed_at": ts + (base.observed_at - base.timestamp),
+                "event_id": Block.id_for(1, "bench", block_hash),
+            })
+            writer.add(archive_row("chainwatch.blocks", 0, number, "1:bench", encode(block), 0))
+            if len(writer.rows) >= 2000:
+                writer.flush()
+            parent = block_hash
+            number += 1
+            written_txs += block.tx_count
+        print(f"  made {number}/{blocks_needed} blocks", file=sys.stderr)
+    writer.flush()
+    took = time.monotonic() - started
+    print(f"archive {directory}: {number} blocks, {written_txs} txs in {took:.0f}s")
+
+
+def run(directory: Path, warmup: int) -> dict[str, object]:
+    from chainwatch.settings import load_settings
+    from replay.app import ReplayOptions, run_replay
+
+    started = time.monotonic()
+    stats = run_replay(load_settings(warmup_blocks=warmup), str(directory),
+                       ReplayOptions(out=None, progress=True), echo=lambda line: None)
+    wall = time.monotonic() - started
+    figures = {
+        "records": stats.records,
+        "blocks": stats.blocks,
+        "txs": stats.transactions,
+        "findings": stats.findings,
+        "wall_s": round(wall, 1),
+        "events_per_s": round(stats.records / wall),
+        "blocks_per_s": round(stats.blocks / wall),
+        "txs_per_s": round(stats.transactions / wall),
+        "peak_rss_mb": round(_peak_rss_mb()),
+    }
+    return figures
+
+
+def decode_only(directory: Path, limit: int) -> dict[str, object]:
+    """Read and decode the archive without detecting: the source's share of the cost."""
+    from replay.archive import ArchiveSource
+    from replay.rows import InvalidRows
+
+    started = time.perf_counter()
+    blocks = txs = 0
+    for record in ArchiveSource(directory, InvalidRows()).records():
+        if isinstance(record, Block):
+            blocks += 1
+            txs += record.tx_count
+            if blocks >= limit:
+                break
+    wall = time.perf_counter() - started
+    return {"blocks": blocks, "txs": txs, "wall_s": round(wall, 2),
+            "blocks_per_s": round(blocks / wall), "txs_per_s": round(txs / wall),
+            "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def detector_only(blocks: int, txs_per_block: float, batch: int) -> dict[str, object]:
+    from chainwatch.metrics import Metrics
+    from detector.engine import Detector, DetectorConfig
+    from replay.driver import ReplayClock
+
+    history = generate(blocks, txs_per_block, seed=1)
+    clock = ReplayClock()
+    detector = Detector(DetectorConfig(), Metrics(), clock=clock)
+    started = time.perf_counter()
+    findings = 0
+    for i in range(0, len(history), batch):
+        part = history[i : i + batch]
+        clock.now = part[-1].observed_at
+        findings += len(detector.process(list(part)))
+        findings += len(detector.tick())
+    wall = time.perf_counter() - started
+    txs = sum(b.tx_count for b in history)
+    return {"blocks": blocks, "txs": txs, "batch": batch, "wall_s": round(wall, 2),
+            "blocks_per_s": round(blocks / wall), "txs_per_s": round(txs / wall),
+            "findings": findings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--dir", type=Path, required=True)
+    m.add_argument("--txs", type=int, default=10_000_000)
+    m.add_argument("--txs-per-block", type=float, default=150)
+    r = sub.add_parser("run")
+    r.add_argument("--dir", type=Path, required=True)
+    r.add_argument("--warmup", type=int, default=200)
+    dec = sub.add_parser("decode")
+    dec.add_argument("--dir", type=Path, required=True)
+    dec.add_argument("--limit", type=int, default=10_000)
+    d = sub.add_parser("detector")
+    d.add_argument("--blocks", type=int, default=3000)
+    d.add_argument("--txs-per-block", type=float, default=150)
+    d.add_argument("--batch", type=int, default=500)
+    args = parser.parse_args()
+    machine = {"python": platform.python_version(), "machine": platform.machine()}
+    if args.mode == "make":
+        make(args.dir, args.txs, args.txs_per_block)
+        return
+    if args.mode == "run":
+        figures = run(args.dir, args.warmup)
+    elif args.mode == "decode":
+        figures = decode_only(args.dir, args.limit)
+    else:
+        figures = detector_only(args.blocks, args.txs_per_block, args.batch)
+    print(json.dumps({"mode": args.mode, **figures, **machine}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Wiring for `chainwatch replay` and `chainwatch archive`: sources, detector, sinks, report.
+
+The detector is built from the same settings as `chainwatch detect` (models, warm-up,
+thresholds), with a fresh Metrics registry and the replayed clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chainwatch.bus import Topics
+from chainwatch.exceptions import ConfigError
+from chainwatch.metrics import Metrics
+from chainwatch.schema import Finding, encode
+from chainwatch.settings import Settings
+from detector.engine import Detector, DetectorConfig
+from detector.health import HealthConfig
+from detector.training import load_models
+from replay.archive import (
+    ArchiveConfig,
+    ArchiveSource,
+    ArchiveWriter,
+    archive_topics,
+    is_archive,
+)
+from replay.driver import ReplayClock, ReplayConfig, Replayer, ReplayStats
+from replay.exceptions import ReplayError
+from replay.labels import evaluate, read_labels
+from replay.progress import Progress
+from replay.report import write_findings, write_invalid, write_report
+from replay.report_data import ReportData
+from replay.rows import Defaults, InvalidRows
+from replay.sources import JsonlSource, Source, TableSource, find_tables
+
+log = logging.getLogger("chainwatch.replay")
+
+
+def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
+    """The live detector, configured as `chainwatch detect` would be, on the replayed clock."""
+    s = settings
+    return Detector(
+        DetectorConfig(
+            warmup_blocks=s.warmup_blocks,
+            refit_every_blocks=s.refit_every_blocks,
+            contamination=s.contamination,
+            reorg_warning_depth=s.reorg_warning_depth,
+            reorg_critical_depth=s.reorg_critical_depth,
+            model_kind=s.model_kind,
+            health=HealthConfig(
+                lag_start_blocks=s.lag_start_blocks,
+                lag_clear_blocks=s.lag_clear_blocks,
+                stall_factor=s.stall_factor,
+                default_block_time=s.expected_block_time,
+            ),
+        ),
+        Metrics(),
+        clock=clock,
+        pretrained=load_models(s.models) if s.models else None,
+    )
+
+
+def kafka_config(settings: Settings, bootstrap: str) -> Any:
+    from chainwatch.bus.kafka import KafkaConfig
+
+    return KafkaConfig(
+        bootstrap_servers=bootstrap,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password,
+        ssl_cafile=settings.kafka_ssl_cafile,
+        client_id="chainwatch-archive",
+    )
+
+
+def archive_consumer(settings: Settings, bootstrap: str) -> Any:
+    """A group-less KafkaConsumer: the archive positions it from its own checkpoint."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError, KafkaTimeoutError
+
+    try:
+        return KafkaConsumer(
+            **kafka_config(settings, bootstrap).common(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=32 * 1024 * 1024,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+    except KafkaTimeoutError:
+        raise ReplayError(f"cannot reach Kafka at {bootstrap}") from None
+    except KafkaError as exc:
+        raise ReplayError(f"Kafka consumer failed to start: {type(exc).__name__}") from None
+
+
+def run_archive(
+    settings: Settings,
+    bootstrap: str,
+    out: Path,
+    *,
+    until_end: bool = False,
+    duration: float | None = None,
+    config: ArchiveConfig | None = None,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Archive the chainwatch topics into `out` until stopped (SIGINT/SIGTERM) or the end."""
+    topics = Topics(settings.topic_prefix)
+    names = [topics.blocks, topics.mempool, topics.peers, topics.findings]
+    writer = ArchiveWriter(out)
+    consumer = archive_consumer(settings, bootstrap)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    timer = threading.Timer(duration, stop.set) if duration is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    cfg = config or ArchiveConfig(until_end=until_end)
+    log.info("archive", extra={"kafka": bootstrap, "out": str(out), "topics": names})
+    try:
+        total = archive_topics(
+            consumer, names, writer, cfg, stop,
+            on_flush=lambda n, total: log.info("archived", extra={"records": n, "total": total}),
+        )
+    finally:
+        consumer.close()
+        if timer is not None:
+            timer.cancel()
+    echo(f"archived {total} records into {out}")
+    return total
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    out: Path | None = None
+    from_block: int | None = None
+    to_block: int | None = None
+    speed: float | None = None
+    labels: Path | None = None
+    chain_id: int = 1
+    node: str = "replay"
+    emit: str | None = None  # Kafka bootstrap servers to re-publish findings to
+    metrics_port: int | None = None
+    progress: bool = True
+    top_n: int = 20
+    batch_records: int = 500
+
+
+@contextlib.contextmanager
+def open_source(
+    spec: str, settings: Settings, invalid: InvalidRows, options: ReplayOptions
+) -> Iterator[Source]:
+    """SOURCE as given on the command line: kafka://, an archive, tables, or JSONL."""
+    defaults = Defaults(chain_id=options.chain_id, node=options.node)
+    if spec.startswith("kafka://"):
+        bootstrap = spec.removeprefix("kafka://").strip("/")
+        if not bootstrap:
+            raise ConfigError("kafka:// source needs HOST:PORT, e.g. kafka://127.0.0.1:9092")
+        with tempfile.TemporaryDirectory(prefix="chainwatch-replay-") as tmp:
+            run_archive(settings, bootstrap, Path(tmp), until_end=True, echo=log.info)
+            yield ArchiveSource(Path(tmp), invalid)
+        return
+    path = Path(spec)
+    if not path.exists():
+        raise ReplayError(f"replay source not found: {spec}")
+    if is_archive(path):
+        yield ArchiveSource(path, invalid)
+    elif path.is_dir() or path.name.startswith("blocks."):
+        tables = find_tables(path)
+        yield TableSource(tables, invalid, defaults, to_block=options.to_block)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        yield JsonlSource(path, invalid)
+    else:
+        raise ReplayError(
+            f"unknown replay source {spec}: give a JSONL file, an archive or table directory, "
+            "a blocks.csv/blocks.parquet, or kafka://HOST:PORT"
+        )
+
+
+class _Emitter:
+    """--emit: findings to the findings topic (acknowledged per batch)."""
+
+    def __init__(self, settings: Settings, bootstrap: str) -> None:
+        from chainwatch.bus.kafka import KafkaBus
+
+        self.bus = KafkaBus(kafka_config(settings, bootstrap))
+        self.topic = Topics(settings.topic_prefix).findings
+        self.bus.ensure_topics([self.topic])
+
+    def __call__(self, findings: list[Finding]) -> None:
+        for f in findings:
+            self.bus.publish(self.topic, f.stream_key(), encode(f))
+        self.bus.flush()
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def run_replay(
+    settings: Settings, spec: str, options: ReplayOptions, echo: Callable[[str], None] = print
+) -> ReplayStats:
+    invalid = InvalidRows()
+    labels = read_labels(options.labels, invalid) if options.labels else None
+    first, last = options.from_block, options.to_block
+    if first is not None and last is not None and first > last:
+        raise ConfigError(f"--from {first} is after --to {last}")
+    if options.speed is not None and options.speed <= 0:
+        raise ConfigError("--speed must be > 0 (recorded seconds per wall second)")
+    if options.out is not None:
+        options.out.mkdir(parents=True, exist_ok=True)
+    clock = ReplayClock()
+    detector = make_detector(settings, clock)
+    data = ReportData()
+    if labels:
+        data.watch_blocks = {label.first_block for label in labels}
+    findings: list[Finding] = []
+    emitter = _Emitter(settings, options.emit) if options.emit else None
+    server = None
+    if options.metrics_port is not None:
+        from chainwatch.httpserver import Health, serve
+
+        server = serve(settings.metrics_host, options.metrics_port, detector.metrics.registry,
+                       Health(clock))
+
+    def sink(batch: list[Finding]) -> None:
+        findings.extend(batch)
+        if emitter is not None:
+            emitter(batch)
+
+    try:
+        with open_source(spec, settings, invalid, options) as source:
+            progress = Progress(source.progress, enabled=options.progress)
+
+            def on_batch(stats: ReplayStats, batch: list[Any]) -> None:
+                data.observe(batch)
+                progress.update(stats.records, stats.transactions)
+
+            replayer = Replayer(
+                detector, clock,
+                ReplayConfig(batch_records=options.batch_records, from_block=options.from_block,
+                             to_block=options.to_block, speed=options.speed),
+                sink, on_batch=on_batch,
+            )
+            stats = replayer.run(source.records())
+            progress.close(stats.records, stats.transactions)
+            description = source.description
+    finally:
+        if emitter is not None:
+            emitter.close()
+        if server is not None:
+            server.shutdown()
+    data.add_findings(findings)
+    summary: dict[str, Any] = {
+        **stats.as_dict(),
+        "invalid_rows": invalid.count,
+        "invalid_by_reason": dict(sorted(invalid.reasons.items())),
+        "failed_in_detector": len(detector.failed),
+    }
+    scores = evaluate(findings, labels, data.block_seen_at) if labels is not None else None
+    if scores is not None:
+        summary["labels"] = [
+            {"family": s.family, "labels": s.labels, "detected": s.detected,
+             "findings": s.findings, "precision": s.precision, "recall": s.recall,
+             "latency_blocks_p50": s.latency_blocks_median,
+             "latency_seconds_p50": s.latency_seconds_median}
+            for s in scores
+        ]
+    if options.out is not None:
+        frame = write_findings(findings, options.out)
+        write_invalid(invalid, options.out)
+        (options.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        write_report(options.out, source=spec, summary=summary, data=data, findings=frame,
+                     invalid=invalid, scores=scores, top_n=options.top_n)
+    for where, reason in invalid.samples[:20]:
+        echo(f"skipped {where}: {reason}")
+    if invalid.count > 20:
+        echo(f"... {invalid.count - 20} more skipped rows" +
+             (f" (first {len(invalid.samples)} in invalid_rows.csv)" if options.out else ""))
+    rate = stats.transactions / stats.wall_seconds if stats.wall_seconds > 0 else 0.0
+    echo(
+        f"replayed {stats.records} records ({stats.blocks} blocks, {stats.transactions} txs) "
+        f"from {description} in {stats.wall_seconds:.1f}s ({rate:,.0f} tx/s): "
+        f"{stats.findings} findings, {invalid.count} invalid rows skipped, "
+        f"{stats.filtered_out} outside --from/--to"
+        + (f" -> {options.out}" if options.out else "")
+    )
+    if scores:
+        for s in scores:
+            p = "n/a" if s.precision is None else f"{s.precision:.2f}"
+            r = "n/a" if s.recall is None else f"{s.recall:.2f}"
+            echo(f"labels {s.family}: precision {p}, recall {r} "
+                 f"({s.detected}/{s.labels} detected), latency p50 "
+                 f"{s.latency_blocks_median} blocks")
+    return stats

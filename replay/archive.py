@@ -1,0 +1,349 @@
+"""The archive: chainwatch topics as Parquet, partitioned by chain and day, resumable.
+
+Layout: `DIR/chain_id=<id>/day=<YYYY-MM-DD>/<topic>-<partition>-<first>-<last>.parquet`,
+one row per Kafka message: where it was (topic, partition, offset), the record's common
+fields as columns (type, chain_id, node, event_id, observed_at, block_number) and the
+record itself as it was on the wire (`payload`, JSON). Messages that are not valid
+records are kept under `chain_id=unknown` with their `error`, never silently dropped.
+
+Resuming without duplicates: the archive, not the consumer group, owns the offsets.
+A flush writes its files as `.tmp`, then atomically replaces `_checkpoint.json` (next
+offsets + the flush's file list), then renames the files. On start, files named in the
+checkpoint are rolled forward and any other `.tmp` is deleted (its offsets were never
+checkpointed, so they are consumed again). Whatever the moment of a kill, each offset
+ends up in exactly one file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from chainwatch.exceptions import InvalidRecord
+from chainwatch.schema import AnyRecord, decode
+from replay.driver import block_number_of
+from replay.exceptions import ReplayError
+from replay.rows import InvalidRows
+from replay.sources import Source
+
+log = logging.getLogger("chainwatch.archive")
+
+CHECKPOINT = "_checkpoint.json"
+ARCHIVE_SCHEMA: dict[str, Any] = {
+    "topic": pl.String,
+    "partition": pl.Int32,
+    "offset": pl.Int64,
+    "key": pl.String,
+    "type": pl.String,
+    "chain_id": pl.Int64,
+    "node": pl.String,
+    "event_id": pl.String,
+    "observed_at": pl.Float64,
+    "block_number": pl.Int64,
+    "payload": pl.String,
+    "error": pl.String,
+}
+FILE_RE = re.compile(
+    r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
+)
+READ_CHUNK_ROWS = 512
+
+
+def day_of(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+
+
+def archive_row(
+    topic: str, partition: int, offset: int, key: str | None, value: bytes, kafka_ts_ms: int
+) -> dict[str, Any]:
+    """One Kafka message as an archive row (pure): decoded for the columns, kept verbatim."""
+    row: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset, "key": key}
+    try:
+        record = decode(value)
+    except InvalidRecord as exc:
+        return {**row, "type": "invalid", "chain_id": None, "node": None, "event_id": None,
+                "observed_at": max(kafka_ts_ms, 0) / 1000, "block_number": None,
+                "payload": value.decode("utf-8", "replace"), "error": str(exc)}
+    return {**row, "type": record.type, "chain_id": record.chain_id, "node": record.node,
+            "event_id": record.event_id, "observed_at": record.observed_at,
+            "block_number": block_number_of(record), "payload": value.decode(), "error": None}
+
+
+def partition_dir(row: dict[str, Any]) -> str:
+    chain = "unknown" if row["chain_id"] is None else str(row["chain_id"])
+    return f"chain_id={chain}/day={day_of(row['observed_at'])}"
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@dataclass
+class Checkpoint:
+    next_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> offset
+    pending: list[str] = field(default_factory=list)  # files of the last flush, relative
+
+    @staticmethod
+    def load(root: Path) -> Checkpoint:
+        path = root / CHECKPOINT
+        if not path.exists():
+            return Checkpoint()
+        try:
+            data = json.loads(path.read_text())
+            return Checkpoint(dict(data["next_offsets"]), list(data.get("pending", [])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReplayError(f"unreadable archive checkpoint {path}: {exc}") from None
+
+    def save(self, root: Path) -> None:
+        tmp = root / (CHECKPOINT + ".tmp")
+        body = {"version": 1, "next_offsets": self.next_offsets, "pending": self.pending}
+        _fsync_write(tmp, json.dumps(body, sort_keys=True).encode())
+        os.replace(tmp, root / CHECKPOINT)
+
+
+class ArchiveWriter:
+    """Buffers archive rows and flushes them crash-safely (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = Checkpoint.load(root)
+        self._recover()
+        self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
+        self.next_offsets = dict(self.checkpoint.next_offsets)
+        self.written = 0
+
+    def _recover(self) -> None:
+        for rel in self.checkpoint.pending:  # roll the last checkpointed flush forward
+            final = self.root / rel
+            tmp = final.with_name(final.name + ".tmp")
+            if tmp.exists():
+                os.replace(tmp, final)
+        for tmp in self.root.glob("chain_id=*/day=*/*.parquet.tmp"):
+            log.info("discarding an unfinished flush", extra={"file": str(tmp)})
+            tmp.unlink()  # never checkpointed: its offsets are consumed again
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.bytes += len(row["payload"])
+        self.next_offsets[f"{row['topic']}:{row['partition']}"] = row["offset"] + 1
+
+    def flush(self) -> int:
+        if not self.rows:
+            return 0
+        groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        for row in self.rows:
+            groups[(partition_dir(row), row["topic"], row["partition"])].append(row)
+        written: list[str] = []
+        for (directory, topic, partition), rows in sorted(groups.items()):
+            first, last = rows[0]["offset"], rows[-1]["offset"]
+            rel = f"{directory}/{topic}-{partition}-{first:020d}-{last:020d}.parquet"
+            final = self.root / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(final.name + ".tmp")
+            pl.DataFrame(rows, schema=ARCHIVE_SCHEMA).write_parquet(
+                tmp, compression="zstd", row_group_size=READ_CHUNK_ROWS
+            )
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            written.append(rel)
+        self.checkpoint = Checkpoint(dict(self.next_offsets), written)
+        self.checkpoint.save(self.root)
+        for rel in written:
+            final = self.root / rel
+            os.replace(final.with_name(final.name + ".tmp"), final)
+        count = len(self.rows)
+        self.written += count
+        self.rows, self.bytes = [], 0
+        return count
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    flush_records: int = 20_000
+    flush_bytes: int = 64 * 1024 * 1024
+    flush_seconds: float = 5.0
+    until_end: bool = False  # stop once the end offsets seen at start are archived
+    refresh_seconds: float = 30.0
+
+
+def archive_topics(
+    consumer: Any,
+    topics: list[str],
+    writer: ArchiveWriter,
+    config: ArchiveConfig,
+    stop: threading.Event,
+    *,
+    on_flush: Callable[[int, int], None] | None = None,
+) -> int:
+    """Consume `topics` from the archive's offsets into Parquet until stopped (or the end).
+
+    `consumer` is a kafka-python KafkaConsumer without a group: partitions are assigned
+    here and positioned from the checkpoint, so the group never decides what is archived.
+    """
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+
+    def assign() -> list[Any]:
+        parts = []
+        for topic in topics:
+            for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                parts.append(TopicPartition(topic, p))
+        current = set(consumer.assignment())
+        if set(parts) != current:
+            consumer.assign(parts)
+            for tp in parts:
+                nxt = writer.next_offsets.get(f"{tp.topic}:{tp.partition}")
+                if nxt is None:
+                    consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, nxt)
+        return parts
+
+    try:
+        parts = assign()
+        ends = consumer.end_offsets(parts) if config.until_end else {}
+    except KafkaError as exc:
+        raise ReplayError(f"Kafka failed: {type(exc).__name__}: {exc}") from None
+    last_refresh = last_flush = time.monotonic()
+    while not stop.is_set():
+        try:
+            batches = consumer.poll(timeout_ms=500, max_records=min(config.flush_records, 5000))
+        except KafkaError as exc:
+            log.error("Kafka poll failed, retrying", extra={"error": str(exc)})
+            stop.wait(1.0)
+            continue
+        for tp, messages in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
+            for m in messages:
+                key = m.key.decode("utf-8", "replace") if m.key is not None else None
+                writer.add(archive_row(tp.topic, tp.partition, m.offset, key, m.value or b"",
+                                       m.timestamp))
+        now = time.monotonic()
+        if writer.rows and (
+            len(writer.rows) >= config.flush_records
+            or writer.bytes >= config.flush_bytes
+            or now - last_flush >= config.flush_seconds
+        ):
+            flushed = writer.flush()
+            last_flush = now
+            if on_flush is not None:
+                on_flush(flushed, writer.written)
+        if config.until_end and all(
+            writer.next_offsets.get(f"{tp.topic}:{tp.partition}", 0) >= end
+            or consumer.position(tp) >= end
+            for tp, end in ends.items()
+        ):
+            break
+        if not config.until_end and now - last_refresh >= config.refresh_seconds:
+            last_refresh = now
+            parts = assign()
+    flushed = writer.flush()
+    if on_flush is not None and flushed:
+        on_flush(flushed, writer.written)
+    return writer.written
+
+
+TOPIC_RANK = {"blocks": 0, "mempool": 1, "peers": 2, "findings": 3}
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    path: Path
+    chain: str
+    topic: str
+    partition: int
+    first: int
+
+
+def list_archive(root: Path) -> list[ArchiveFile]:
+    files: list[ArchiveFile] = []
+    for path in root.glob("chain_id=*/day=*/*.parquet"):
+        match = FILE_RE.match(path.name)
+        if match is None:
+            continue
+        chain = path.parent.parent.name.removeprefix("chain_id=")
+        files.append(ArchiveFile(path, chain, match["topic"], int(match["partition"]),
+                                 int(match["first"])))
+    return files
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_dir() and ((path / CHECKPOINT).exists() or any(path.glob("chain_id=*")))
+
+
+class ArchiveSource(Source):
+    """Replays an archive: each (chain, topic, partition) in offset order, merged by time.
+
+    Merging keeps every partition's own order (a node's reorg stays before the blocks of
+    its new branch) and breaks ties by chain, topic and partition, so the order is the
+    same on every run. Findings stored in the archive are outputs, not inputs: skipped.
+    """
+
+    def __init__(self, root: Path, invalid: InvalidRows, *, include_findings: bool = False) -> None:
+        self.root = root
+        self.invalid = invalid
+        self.include_findings = include_findings
+        files = list_archive(root)
+        if not files:
+            raise ReplayError(f"no archive files under {root}")
+        streams: dict[tuple[str, str, int], list[ArchiveFile]] = defaultdict(list)
+        for f in files:
+            streams[(f.chain, f.topic, f.partition)].append(f)
+        for stream in streams.values():
+            stream.sort(key=lambda f: f.first)
+
+        def rank(key: tuple[str, str, int]) -> tuple[str, int, str, int]:
+            suffix = key[1].rsplit(".", 1)[-1]
+            return (key[0], TOPIC_RANK.get(suffix, 9), key[1], key[2])
+
+        self.streams = [streams[k] for k in sorted(streams, key=rank)]
+        self.total = sum(
+            int(pl.scan_parquet(f.path).select(pl.len()).collect().item()) for f in files
+        )
+        self.read = 0
+        self.description = f"archive {root} ({len(files)} files)"
+
+    def progress(self) -> float | None:
+        return self.read / self.total if self.total else None
+
+    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, AnyRecord]]:
+        for f in files:
+            lazy = pl.scan_parquet(f.path).select("type", "offset", "payload", "error")
+            for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
+                for kind, offset, payload, error in chunk.iter_rows():
+                    self.read += 1
+                    where = f"{f.path.parent.parent.name}/{f.path.parent.name}/{f.path.name} " \
+                            f"offset {offset}"
+                    if kind == "finding" and not self.include_findings:
+                        continue
+                    if kind == "invalid":
+                        self.invalid.add(where, error or "invalid record")
+                        continue
+                    try:
+                        record = decode(payload)
+                    except InvalidRecord as exc:
+                        self.invalid.add(where, str(exc))
+                        continue
+                    yield record.observed_at, record
+
+    def records(self) -> Iterator[AnyRecord]:
+        merged = heapq.merge(*(self._stream(s) for s in self.streams), key=lambda kv: kv[0])
+        for _, record in merged:
+            yield record

@@ -1,0 +1,259 @@
+"""Drive the live detector over recorded history: batching, a replayed clock, ticks, range.
+
+Domain code, no I/O (sleeping for `--speed` is an injected callable). The detector is the
+live one (`detector.engine.Detector`), used as a black box through `process` and `tick`,
+exactly as `detector.service` drives it; only time differs: the clock is the
+`observed_at` of the records being processed, so the same input gives the same findings.
+
+Batches: up to `batch_records` records (the live consumer's poll size), cut early where
+the recorded stream goes quiet for more than `gap_seconds`; inside such a gap the
+detector is ticked every `tick_seconds` of recorded time, as the live loop ticks every
+second of wall time, so a stalled node is found at the same moment it was live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chainwatch.schema import (
+    AnyRecord,
+    Block,
+    Finding,
+    NodeStatus,
+    Reorg,
+    TxLifecycle,
+)
+
+
+class DetectorLike(Protocol):
+    """What replay needs of `detector.engine.Detector`."""
+
+    def process(self, records: list[AnyRecord]) -> list[Finding]: ...
+
+    def tick(self) -> list[Finding]: ...
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    batch_records: int = 500
+    gap_seconds: float = 20.0
+    tick_seconds: float = 1.0
+    max_ticks_per_gap: int = 3600
+    from_block: int | None = None
+    to_block: int | None = None
+    speed: float | None = None  # recorded seconds per wall second; None = as fast as possible
+
+
+class ReplayClock:
+    """The detector's clock during replay: recorded time, never wall time."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def block_number_of(record: AnyRecord) -> int | None:
+    """The height a record is about, for --from/--to; None when it has none."""
+    if isinstance(record, Block):
+        return record.number
+    if isinstance(record, Reorg):
+        return record.new_head_number
+    if isinstance(record, TxLifecycle | NodeStatus):
+        return record.block_number if isinstance(record, TxLifecycle) else record.head_number
+    if isinstance(record, Finding):
+        return record.block_number
+    return None
+
+
+class BlockRange:
+    """--from/--to on block numbers.
+
+    Records with a height are kept when it is in range. Records without one (peer and
+    mempool snapshots, pending transactions) are kept while the stream is inside the
+    range: after the first block at or above `from` and before the first block above `to`.
+    """
+
+    def __init__(self, first: int | None, last: int | None) -> None:
+        if first is not None and last is not None and first > last:
+            raise ValueError(f"--from {first} is after --to {last}")
+        self.first = first
+        self.last = last
+        self.inside = first is None
+        self.past = False
+
+    def keep(self, record: AnyRecord) -> bool:
+        number = block_number_of(record)
+        if number is None:
+            return self.inside and not self.past
+        in_range = (self.first is None or number >= self.first) and (
+            self.last is None or number <= self.last
+        )
+        if isinstance(record, Block):
+            if self.first is None or number >= self.first:
+                self.inside = True
+            if self.last is not None and number > self.last:
+                self.past = True
+        return in_range
+
+
+@dataclass
+class ReplayStats:
+    """What went through: shown in the summary and written to summary.json."""
+
+    records: int = 0
+    filtered_out: int = 0
+    blocks: int = 0
+    transactions: int = 0
+    batches: int = 0
+    ticks: int = 0
+    findings: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    findings_by_detector: Counter[str] = field(default_factory=Counter)
+    first_block: int | None = None
+    last_block: int | None = None
+    first_observed_at: float | None = None
+    last_observed_at: float | None = None
+    wall_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "records": self.records,
+            "filtered_out": self.filtered_out,
+            "blocks": self.blocks,
+            "transactions": self.transactions,
+            "batches": self.batches,
+            "ticks": self.ticks,
+            "findings": self.findings,
+            "records_by_type": dict(sorted(self.by_type.items())),
+            "findings_by_detector": dict(sorted(self.findings_by_detector.items())),
+            "first_block": self.first_block,
+            "last_block": self.last_block,
+            "first_observed_at": self.first_observed_at,
+            "last_observed_at": self.last_observed_at,
+        }
+
+
+FindingsSink = Callable[[list[Finding]], None]
+
+
+class Replayer:
+    """Feeds records to the detector in batches on the replayed clock; findings to a sink."""
+
+    def __init__(
+        self,
+        detector: DetectorLike,
+        clock: ReplayClock,
+        config: ReplayConfig,
+        sink: FindingsSink,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[ReplayStats, list[AnyRecord]], None] | None = None,
+    ) -> None:
+        self.detector = detector
+        self.clock = clock
+        self.config = config
+        self.sink = sink
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.on_batch = on_batch
+        self.stats = ReplayStats()
+        self.range = BlockRange(config.from_block, config.to_block)
+        self._pace_origin: tuple[float, float] | None = None  # (recorded, wall)
+
+    def batches(self, records: Iterable[AnyRecord]) -> Iterator[tuple[list[AnyRecord], float]]:
+        """Batches in order, each with the recorded time of the next record (gap end)."""
+        c = self.config
+        batch: list[AnyRecord] = []
+        last: float | None = None
+        for record in records:
+            if not self.range.keep(record):
+                self.stats.filtered_out += 1
+                continue
+            t = record.observed_at
+            if batch and (
+                len(batch) >= c.batch_records or (last is not None and t - last > c.gap_seconds)
+            ):
+                yield batch, t
+                batch = []
+            batch.append(record)
+            last = t if last is None else max(last, t)
+        if batch:
+            yield batch, batch[-1].observed_at
+
+    def run(self, records: Iterable[AnyRecord]) -> ReplayStats:
+        started = self.monotonic()
+        for batch, next_at in self.batches(records):
+            self._process(batch)
+            self._tick_through(next_at)
+        self.stats.wall_seconds = self.monotonic() - started
+        return self.stats
+
+    def _process(self, batch: list[AnyRecord]) -> None:
+        s = self.stats
+        batch_end = max(r.observed_at for r in batch)
+        self.clock.now = max(self.clock.now, batch_end)
+        self._pace(self.clock.now)
+        findings = self.detector.process(batch)
+        s.batches += 1
+        for record in batch:
+            s.records += 1
+            s.by_type[record.type] += 1
+            if isinstance(record, Block):
+                s.blocks += 1
+                s.transactions += record.tx_count
+                s.first_block = (
+                    record.number if s.first_block is None else min(s.first_block, record.number)
+                )
+                s.last_block = (
+                    record.number if s.last_block is None else max(s.last_block, record.number)
+                )
+        first = min(r.observed_at for r in batch)
+        s.first_observed_at = first if s.first_observed_at is None else s.first_observed_at
+        s.last_observed_at = self.clock.now
+        self._emit(findings)
+        if self.on_batch is not None:
+            self.on_batch(s, batch)
+
+    def _tick_through(self, until: float) -> None:
+        """Tick once after the batch, and every tick_seconds through a quiet gap."""
+        c = self.config
+        self._tick()
+        ticks = 0
+        while self.clock.now + c.tick_seconds < until and ticks < c.max_ticks_per_gap:
+            self.clock.now += c.tick_seconds
+            self._pace(self.clock.now)
+            self._tick()
+            ticks += 1
+
+    def _tick(self) -> None:
+        self.stats.ticks += 1
+        self._emit(self.detector.tick())
+
+    def _emit(self, findings: list[Finding]) -> None:
+        if not findings:
+            return
+        self.stats.findings += len(findings)
+        for f in findings:
+            self.stats.findings_by_detector[f.detector] += 1
+        self.sink(findings)
+
+    def _pace(self, recorded: float) -> None:
+        """--speed: wait until wall time catches up with recorded time / speed."""
+        speed = self.config.speed
+        if not speed:
+            return
+        if self._pace_origin is None:
+            self._pace_origin = (recorded, self.monotonic())
+            return
+        origin_recorded, origin_wall = self._pace_origin
+        due = origin_wall + (recorded - origin_recorded) / speed
+        wait = due - self.monotonic()
+        if wait > 0:
+            self.sleep(wait)
