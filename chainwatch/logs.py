@@ -30,9 +30,26 @@ def redact_url(url: str) -> str:
 _URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]*[^\s'\"<>(),.;:]", re.IGNORECASE)
 
 
+# A value named like a secret in a library's config dump, e.g. kafka-python's debug line
+# "Starting KafkaAdminClient with configuration: {..., 'sasl_plain_password': '...'}".
+# Quoted values keep their quotes (the line may be JSON); unquoted ones only after "=".
+_SECRET_KEY = r"[\w.-]*(?:password|passwd|secret|token|jaas)[\w.-]*"
+_SECRET_VALUE_RE = re.compile(
+    rf"""(?P<key>['"]?{_SECRET_KEY}['"]?\s*[:=]\s*)"""
+    r"""(?:(?P<q>['"])(?:\\.|(?!(?P=q)).)*(?P=q)|(?<==)[^\s,;}'"]+)""",
+    re.IGNORECASE,
+)
+
+
+def _hide_value(match: re.Match[str]) -> str:
+    quote = match.group("q") or ""
+    return f"{match.group('key')}{quote}***{quote}"
+
+
 def scrub(text: str) -> str:
-    """Redact every URL inside a free-form message (exception texts from libraries)."""
-    return _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+    """Redact every URL inside a free-form message (exception texts from libraries), and
+    every value whose key names a password, secret or token."""
+    return _SECRET_VALUE_RE.sub(_hide_value, _URL_RE.sub(lambda m: redact_url(m.group(0)), text))
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,6 +6,7 @@ so a bad payload is a counted skip for the caller, never a crash.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,9 +47,18 @@ def _req(raw: Mapping[str, Any], key: str) -> Any:
     return value
 
 
+# Hex digits only: a JSON "\ud800" escape decodes to a lone surrogate, which crashed the
+# collector when the record was hashed or serialized (found by tests/property).
+_HEX_STR = re.compile(r"0x[0-9a-fA-F]*")
+
+
 def _hex_str(raw: Mapping[str, Any], key: str) -> str:
     value = _req(raw, key)
-    if not isinstance(value, str) or not value.startswith("0x"):
+    return _check_hex(value, key)
+
+
+def _check_hex(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _HEX_STR.fullmatch(value):
         raise MalformedRpcPayload(f"field {key}: expected 0x-hex string, got {_short(value)}")
     return value.lower()
 
@@ -63,18 +73,18 @@ def map_transaction(raw: Any) -> TxSummary:
     if not isinstance(raw, Mapping):
         raise MalformedRpcPayload(f"transaction: expected an object, got {_short(raw)}")
     tx_input = raw.get("input", raw.get("data", "0x"))
-    if not isinstance(tx_input, str) or not tx_input.startswith("0x"):
+    if not isinstance(tx_input, str) or not _HEX_STR.fullmatch(tx_input):
         raise MalformedRpcPayload("field input: expected 0x-hex string")
     body = tx_input[2:]
     to_address = raw.get("to")
-    if to_address is not None and not isinstance(to_address, str):
-        raise MalformedRpcPayload(f"field to: expected address, got {_short(to_address)}")
+    if to_address is not None and to_address != "":
+        to_address = _check_hex(to_address, "to")
     try:
         return TxSummary(
             hash=_hex_str(raw, "hash"),
             transaction_index=hex_to_int(raw.get("transactionIndex", "0x0"), "transactionIndex"),
             from_address=_hex_str(raw, "from"),
-            to_address=to_address.lower() if to_address else None,
+            to_address=to_address or None,
             value=hex_to_int(_req(raw, "value"), "value"),
             gas=hex_to_int(_req(raw, "gas"), "gas"),
             gas_price=_opt_int(raw, "gasPrice"),
@@ -101,8 +111,9 @@ def map_block(raw: Any, *, chain_id: int, node: str, observed_at: float) -> Bloc
     txs = tuple(map_transaction(t) for t in txs_raw)
     block_hash = _hex_str(raw, "hash")
     miner = raw.get("miner") or raw.get("author")
-    if not isinstance(miner, str):
+    if miner is None:
         raise MalformedRpcPayload("missing field miner")
+    miner = _check_hex(miner, "miner")
     try:
         return Block(
             chain_id=chain_id,

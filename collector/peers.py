@@ -29,7 +29,8 @@ _CLIENT_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 def hash_peer_id(peer_id: str) -> str:
     """A stable stand-in for a peer id (sha256, 16 hex chars): enough to diff peer sets."""
-    return hashlib.sha256(peer_id.encode()).hexdigest()[:16]
+    # surrogatepass: a JSON "\ud800" in an id crashed here (found by tests/property)
+    return hashlib.sha256(peer_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def parse_client(name: object) -> tuple[str, str]:

@@ -7,6 +7,7 @@ message that names the bootstrap servers but never credentials.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,37 @@ class KafkaConfig:
         if self.ssl_cafile:
             conf["ssl_cafile"] = self.ssl_cafile
         return conf
+
+
+def _no_session(config: KafkaConfig) -> BusError:
+    """The error for a bootstrap that timed out: unreachable, or reachable but refused.
+
+    kafka-python retries a failed TLS or SASL handshake until ``bootstrap_timeout_ms`` and
+    then raises a bare timeout; "cannot reach" would send the operator after the network
+    when the password is wrong. A TCP connect tells the two apart (no credentials named).
+    """
+    servers = config.bootstrap_servers
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or server, int(port)), timeout=2):
+                pass
+        except (OSError, ValueError):
+            continue
+        if config.security_protocol == "PLAINTEXT":
+            return BusError(
+                f"Kafka at {servers} accepts connections but gave no metadata (a TLS or "
+                "SASL listener? see CHAINWATCH_KAFKA_SECURITY_PROTOCOL)"
+            )
+        what = {"SSL": "TLS", "SASL_PLAINTEXT": "SASL", "SASL_SSL": "TLS or SASL"}.get(
+            config.security_protocol, config.security_protocol
+        )
+        return BusError(
+            f"Kafka at {servers} refused the session ({what} handshake failed): check the "
+            "CHAINWATCH_KAFKA_SECURITY_PROTOCOL, _SASL_MECHANISM, _SASL_USERNAME, "
+            "_SASL_PASSWORD and _SSL_CAFILE settings"
+        )
+    return BusError(f"cannot reach Kafka at {servers}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -139,9 +171,7 @@ class KafkaBus(Bus):
                     max_request_size=8 * 1024 * 1024,
                 )
             except KafkaTimeoutError:
-                raise BusError(
-                    f"cannot reach Kafka at {self.config.bootstrap_servers}"
-                ) from None
+                raise _no_session(self.config) from None
             except KafkaError as exc:
                 raise BusError(f"Kafka producer failed to start: {_describe(exc)}") from None
         return self._producer
@@ -154,7 +184,7 @@ class KafkaBus(Bus):
         try:
             admin = KafkaAdminClient(**self.config.common(), request_timeout_ms=10_000)
         except KafkaTimeoutError:
-            raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
+            raise _no_session(self.config) from None
         except KafkaError as exc:
             raise BusError(f"Kafka admin failed: {_describe(exc)}") from None
         try:
@@ -218,7 +248,7 @@ class KafkaBus(Bus):
                 max_partition_fetch_bytes=8 * 1024 * 1024,
             )
         except KafkaTimeoutError:
-            raise BusError(f"cannot reach Kafka at {self.config.bootstrap_servers}") from None
+            raise _no_session(self.config) from None
         except KafkaError as exc:
             raise BusError(f"Kafka consumer failed to start: {_describe(exc)}") from None
         return _KafkaConsumer(consumer)

@@ -4,12 +4,18 @@ Used by integration tests and `chainwatch demo`: we promise Kafka, so we test ag
 real broker jars fetched by scripts/install-kafka.sh, not a look-alike. The data dir
 outlives ``stop()`` so a test can restart the broker on the same ports and see that
 acknowledged messages survived; ``close()`` removes it.
+
+``SaslSsl`` turns the client listener into SASL_SSL (PLAIN or SCRAM) with a throwaway
+CA and broker certificate from ``make_test_tls``: the secure-transport tests run the
+same code path a production cluster with TLS and passwords would.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -17,9 +23,10 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from chainwatch.local.procs import (
     LOCALHOST,
@@ -89,6 +96,159 @@ def random_cluster_id() -> str:
             return cid
 
 
+def keytool_binary() -> Path:
+    """keytool beside the java that runs the broker (it ships with every JDK/JRE)."""
+    beside = java_binary().resolve().parent / "keytool"
+    if beside.is_file():
+        return beside
+    found = shutil.which("keytool")
+    if found:
+        return Path(found)
+    raise FileNotFoundError("keytool not found beside java or on PATH")
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A throwaway CA and a broker certificate for one loopback host (tests only).
+
+    ``ca_file`` (PEM) is what clients pass as ``ssl_cafile``; the broker reads its key and
+    chain from ``keystore`` and trusts ``truststore`` (the CA) on its own inter-broker
+    connections. Both stores are PKCS12 with ``password``.
+    """
+
+    ca_file: Path
+    keystore: Path
+    truststore: Path
+    password: str
+
+
+def make_test_tls(directory: Path, host: str = LOCALHOST, days: int = 2) -> TlsMaterial:
+    """Generate a CA and a broker certificate for ``host`` with keytool.
+
+    keytool, not openssl: it comes with the Java the broker needs anyway. The broker
+    certificate names ``host`` as an IP (or DNS) subjectAltName, so clients can keep
+    hostname checking on. Takes a few seconds (one JVM per step).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_hex(12)
+    tool = str(keytool_binary())
+    ca_store, keystore = directory / "ca.p12", directory / "broker.p12"
+    truststore, ca_pem = directory / "truststore.p12", directory / "ca.pem"
+    csr, crt = directory / "broker.csr", directory / "broker.crt"
+    names = [f"IP:{host}" if re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", host) else f"DNS:{host}"]
+    names += [] if host == "localhost" else ["DNS:localhost"]
+    common = ["-storetype", "PKCS12", "-storepass", password, "-noprompt"]
+    steps: list[list[str]] = [
+        ["-genkeypair", "-alias", "ca", "-keyalg", "RSA", "-keysize", "2048",
+         "-dname", "CN=chainwatch test CA", "-ext", "bc:c", "-ext", "KU:c=keyCertSign,cRLSign",
+         "-validity", str(days), "-keystore", str(ca_store)],
+        ["-exportcert", "-rfc", "-alias", "ca", "-keystore", str(ca_store), "-file", str(ca_pem)],
+        ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048",
+         "-dname", f"CN={host}", "-validity", str(days), "-keystore", str(keystore)],
+        ["-certreq", "-alias", "broker", "-keystore", str(keystore), "-file", str(csr)],
+        ["-gencert", "-rfc", "-alias", "ca", "-keystore", str(ca_store), "-infile", str(csr),
+         "-outfile", str(crt), "-validity", str(days), "-ext", "SAN=" + ",".join(names),
+         "-ext", "KU=digitalSignature,keyEncipherment", "-ext", "EKU=serverAuth,clientAuth"],
+        ["-importcert", "-alias", "ca", "-keystore", str(keystore), "-file", str(ca_pem)],
+        ["-importcert", "-alias", "broker", "-keystore", str(keystore), "-file", str(crt)],
+        ["-importcert", "-alias", "ca", "-keystore", str(truststore), "-file", str(ca_pem)],
+    ]
+    for step in steps:
+        result = subprocess.run(
+            [tool, *step, *common], capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            raise ServerStartError(
+                f"keytool {step[0]} failed ({result.returncode}): "
+                f"{(result.stdout + result.stderr).strip()}"
+            )
+    return TlsMaterial(ca_pem, keystore, truststore, password)
+
+
+# Characters that would break the JAAS line or StorageTool's --add-scram syntax.
+_UNSAFE_CREDENTIAL = re.compile(r'[\s"\\,\[\]=;]')
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+@dataclass(frozen=True)
+class SaslSsl:
+    """Make the client listener SASL_SSL: TLS from ``tls``, and these users.
+
+    PLAIN users live in the listener's JAAS line; SCRAM users are written into the KRaft
+    metadata at format time (``--add-scram``), which is how KRaft bootstraps them. The
+    broker talks to itself over the same listener as ``broker_user``.
+    """
+
+    tls: TlsMaterial
+    users: Mapping[str, str]
+    mechanism: SaslMechanism = "SCRAM-SHA-256"
+    broker_user: str = "chainwatch-broker"
+    broker_password: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            raise ValueError(f"unsupported SASL mechanism {self.mechanism!r}")
+        for name, password in self.all_users().items():
+            if not name or not password or _UNSAFE_CREDENTIAL.search(name + password):
+                raise ValueError(
+                    f"SASL user {name!r}: names and passwords must be non-empty, without "
+                    'whitespace or any of " \\ , [ ] = ;'
+                )
+
+    def all_users(self) -> dict[str, str]:
+        return {**self.users, self.broker_user: self.broker_password}
+
+    def listener_config(self, listener: str) -> dict[str, str]:
+        """server.properties entries for the SASL_SSL listener named ``listener``."""
+        prefix = f"listener.name.{listener.lower()}.{self.mechanism.lower()}"
+        if self.mechanism == "PLAIN":
+            accepted = " ".join(f'user_{u}="{p}"' for u, p in self.all_users().items())
+            jaas = (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{self.broker_user}" password="{self.broker_password}" {accepted};'
+            )
+        else:
+            jaas = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{self.broker_user}" password="{self.broker_password}";'
+            )
+        tls = self.tls
+        return {
+            "sasl.enabled.mechanisms": self.mechanism,
+            "sasl.mechanism.inter.broker.protocol": self.mechanism,
+            f"{prefix}.sasl.jaas.config": jaas,
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(tls.keystore),
+            "ssl.keystore.password": tls.password,
+            "ssl.key.password": tls.password,
+            "ssl.truststore.type": "PKCS12",
+            "ssl.truststore.location": str(tls.truststore),
+            "ssl.truststore.password": tls.password,
+            "ssl.client.auth": "none",
+        }
+
+    def format_args(self) -> list[str]:
+        """StorageTool arguments that create the SCRAM users (none for PLAIN)."""
+        if self.mechanism == "PLAIN":
+            return []
+        return [
+            arg
+            for user, password in self.all_users().items()
+            for arg in ("--add-scram", f"{self.mechanism}=[name={user},password={password}]")
+        ]
+
+    def client_config(self, username: str, password: str) -> dict[str, Any]:
+        """kafka-python keyword arguments for ``username`` on this listener."""
+        return {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": self.mechanism,
+            "sasl_plain_username": username,
+            "sasl_plain_password": password,
+            "ssl_cafile": str(self.tls.ca_file),
+        }
+
+
 class KafkaBroker:
     """One KRaft broker+controller process in a private temp dir.
 
@@ -105,14 +265,22 @@ class KafkaBroker:
         heap: str = "512m",
         startup_timeout: float = 60.0,
         format_args: Sequence[str] = (),
+        sasl_ssl: SaslSsl | None = None,
     ) -> None:
-        """``format_args`` go to StorageTool format (e.g. ``--add-scram ...``)."""
+        """``format_args`` go to StorageTool format (e.g. ``--add-scram ...``).
+
+        With ``sasl_ssl`` the client listener (the one ``bootstrap`` names) is SASL_SSL;
+        the controller listener stays PLAINTEXT on 127.0.0.1.
+        """
+        self._sasl_ssl = sasl_ssl
         self._num_partitions = num_partitions
         self._extra_config = dict(extra_config or {})
         self._libs = libs
         self._heap = heap
         self._startup_timeout = startup_timeout
-        self._format_args = tuple(format_args)
+        self._format_args = tuple(format_args) + tuple(
+            sasl_ssl.format_args() if sasl_ssl else ()
+        )
         self._dir: Path | None = None
         self._port: int | None = None
         self._controller_port: int | None = None
@@ -139,15 +307,16 @@ class KafkaBroker:
 
     def _config(self) -> dict[str, str]:
         assert self._port is not None and self._controller_port is not None
-        plain = f"PLAINTEXT://{LOCALHOST}:{self._port}"
+        name = "SASL_SSL" if self._sasl_ssl else "PLAINTEXT"
+        client = f"{name}://{LOCALHOST}:{self._port}"
         config: dict[str, str] = {
             "process.roles": "broker,controller",
             "node.id": "1",
-            "listeners": f"{plain},CONTROLLER://{LOCALHOST}:{self._controller_port}",
-            "advertised.listeners": plain,
-            "inter.broker.listener.name": "PLAINTEXT",
+            "listeners": f"{client},CONTROLLER://{LOCALHOST}:{self._controller_port}",
+            "advertised.listeners": client,
+            "inter.broker.listener.name": name,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": f"{name}:{name},CONTROLLER:PLAINTEXT",
             "controller.quorum.bootstrap.servers": f"{LOCALHOST}:{self._controller_port}",
             "log.dirs": str(self.data_dir),
             "num.partitions": str(self._num_partitions),
@@ -162,6 +331,8 @@ class KafkaBroker:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
         }
+        if self._sasl_ssl is not None:
+            config.update(self._sasl_ssl.listener_config(name))
         for key, value in self._extra_config.items():
             config[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return config
@@ -266,7 +437,7 @@ class KafkaBroker:
             admin: Any = None
             try:
                 admin = KafkaAdminClient(
-                    bootstrap_servers=self.bootstrap,
+                    **self.client_config(),
                     request_timeout_ms=5000,
                     client_id="chainwatch-local-ready",
                 )
@@ -338,6 +509,29 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         return f"{LOCALHOST}:{self.port}"
+
+    @property
+    def sasl_ssl(self) -> SaslSsl | None:
+        return self._sasl_ssl
+
+    def client_config(
+        self, username: str | None = None, password: str | None = None
+    ) -> dict[str, Any]:
+        """kafka-python keyword arguments to reach this broker.
+
+        On a SASL_SSL broker: as ``username``/``password``, by default the broker's own
+        user (used for the readiness check and by tests that read topics).
+        """
+        conf: dict[str, Any] = {"bootstrap_servers": [self.bootstrap]}
+        if self._sasl_ssl is not None:
+            sasl = self._sasl_ssl
+            conf.update(
+                sasl.client_config(
+                    username or sasl.broker_user,
+                    password if password is not None else sasl.broker_password,
+                )
+            )
+        return conf
 
     def tail(self, lines: int = 40) -> str:
         """The end of the broker's log and stdout, for error messages."""
