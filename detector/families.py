@@ -179,6 +179,7 @@ class TxFamily:
 
     def on_blocks(self, blocks: list[Block], now: float) -> list[Finding]:
         """Score the transactions of blocks not seen before, then learn from them."""
+        self.last_scored = None  # what this call scored, for the metrics: nothing yet
         fresh = sorted(
             (b for b in blocks if b.hash not in self._seen_blocks), key=lambda b: b.number
         )
@@ -190,7 +191,6 @@ class TxFamily:
             h.to_finding(now) for b in fresh for h in (*sandwich_rule(b), *sender_burst_rule(b))
         ]
         frame = blocks_to_tx_frame(fresh)
-        self.last_scored = None
         if frame.height:
             findings.extend(self._score(frame, now))
         self.market.update(fresh)

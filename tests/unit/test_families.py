@@ -174,3 +174,15 @@ def test_episodes_restart_after_a_condition_clears():
     assert e.update("s", {"a": "2"}) == {}
     assert e.update("s", {}) == {}
     assert e.update("s", {"a": "3"}) == {"a": "3"}
+
+
+def test_transactions_are_counted_once_even_when_later_batches_bring_no_blocks(normal):
+    run = Run()
+    run.feed(normal[:40])
+    scored = run.metric("chainwatch_transactions_scored_total", chain_id="1")
+    observed = run.metric("chainwatch_anomaly_score_count", chain_id="1", family="tx")
+    assert scored == observed > 0
+    run.feed([r.model_copy(update={"event_id": f"again-{i}"}) for i, r in enumerate(normal[:3])])
+    run.feed([_pending(normal[41].transactions[0], normal[39].observed_at + 1)])
+    assert run.metric("chainwatch_transactions_scored_total", chain_id="1") == scored
+    assert run.metric("chainwatch_anomaly_score_count", chain_id="1", family="tx") == observed
