@@ -5,10 +5,8 @@ live in one config; this module turns them into plain rule groups. Every alert h
 `severity` label, a static `summary`, a templated `description` and a `runbook_url`
 pointing at its section of docs/runbook.md.
 
-Alerts wait for their metrics: the detectors of abnormal transactions, miner behaviour
-and the combined fork-risk score add theirs (ChainwatchMempoolAnomaly,
-ChainwatchAbnormalTransactions, ChainwatchMinerDominance,
-ChainwatchMinerBehaviourAnomalous, ChainwatchForkRiskHigh) when those metrics land.
+Alerts wait for their metrics: ChainwatchMempoolAnomaly comes when a mempool model
+exports a score.
 """
 
 from __future__ import annotations
@@ -166,6 +164,52 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
             "An anomaly model has not been refitted for long.",
             "The block model of chain {{ $labels.chain_id }} on {{ $labels.instance }} was "
             "last fitted {{ $value | humanizeDuration }} ago.",
+        ),
+    ]
+    risk = a["ChainwatchForkRiskHigh"]
+    for severity, cmp in (("warning", f">= {risk['warning_score']} < {risk['critical_score']}"),
+                          ("critical", f">= {risk['critical_score']}")):
+        alerts.append(alert(
+            "ChainwatchForkRiskHigh",
+            f"chainwatch_fork_risk_score{{{sel}}} {cmp}",
+            "A node's fork risk is high.",
+            f"Node {where} has a fork-risk score of {{{{ $value | printf \"%.2f\" }}}} "
+            "(reorgs, head lag, splits, block intervals, peers and mempool over the last "
+            "15 minutes).",
+            severity=severity,
+        ))
+    dominance = a["ChainwatchMinerDominance"]
+    miner = a["ChainwatchMinerBehaviourAnomalous"]
+    txs = a["ChainwatchAbnormalTransactions"]
+    alerts += [
+        alert(
+            "ChainwatchMinerDominance",
+            f"chainwatch_miner_top_share{{{sel}}} > {dominance['max_share']} "
+            f"and on(job, instance, chain_id, node) "
+            f"chainwatch_blocks_observed_total{{{sel}}} >= {dominance['min_blocks']}",
+            "One producer makes most of a node's recent blocks.",
+            f"On node {where}, one producer made {{{{ $value | humanizePercentage }}}} of the "
+            "last (up to 100) blocks.",
+        ),
+        alert(
+            "ChainwatchMinerBehaviourAnomalous",
+            f"sum by (job, instance, chain_id, detector) "
+            f"(increase(chainwatch_findings_total{{{sel},"
+            f'detector=~"{"|".join(miner["detectors"])}"}}[{miner["window"]}])) '
+            f">= {miner['min_findings']}",
+            "Block producers behave abnormally.",
+            f"Chain {{{{ $labels.chain_id }}}}: {{{{ $value | printf \"%.0f\" }}}} "
+            f"{{{{ $labels.detector }}}} findings in the last {miner['window']}.",
+        ),
+        alert(
+            "ChainwatchAbnormalTransactions",
+            f"sum by (job, instance, chain_id, detector) "
+            f"(rate(chainwatch_findings_total{{{sel},"
+            f'detector=~"{"|".join(txs["detectors"])}",severity=~"warning|critical"}}'
+            f"[{txs['window']}])) * 3600 > {txs['findings_per_hour']}",
+            "Abnormal transactions keep coming.",
+            "Chain {{ $labels.chain_id }}: {{ $labels.detector }} reports "
+            "{{ $value | humanize }} transaction findings per hour (warning or worse).",
         ),
     ]
     recording = [

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIRS = (ROOT / "dashboards", ROOT / "helm" / "chainwatch" / "files" / "dashboards")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'chain_id=~"$chain_id",node=~"$node"'
+CHAIN = 'chain_id=~"$chain_id"'  # series without a node label (findings, models)
+TX_DETECTORS = "tx_iforest|sandwich_rule|sender_burst_rule|nonce_replacement_spam_rule"
+MINER_DETECTORS = "miner_share_rule|empty_blocks_rule|timestamp_jump_rule|censorship_rule"
 
 
 def variables() -> list[dict[str, Any]]:
@@ -76,6 +79,11 @@ class Dashboard:
         }
         if kind == "stat":
             panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value"}
+        if kind == "heatmap":  # targets are histogram buckets: one row per `le`
+            for target in panel["targets"]:
+                target["format"] = "heatmap"
+            panel["options"] = {"calculate": False, "yAxis": {"unit": unit},
+                                "cellGap": 1, "color": {"scheme": "Oranges"}}
         self.panels.append(panel)
         self._x += width
 
@@ -139,6 +147,15 @@ def fork_risk() -> Dashboard:
     d.panel("Chain splits", "Heights two nodes disagree on (0 when they agree).", "none",
             [(f"chainwatch_chain_split_blocks{{{SEL}}}", "{{node}} vs {{other_node}}")],
             kind="stat", width=8)
+    d.panel("Fork-risk score", "Combined fork risk per node, 0 to 1, over its last 64 blocks / "
+            "15 minutes (reorgs, head lag, splits, block intervals, peers, mempool). Findings "
+            "and the ChainwatchForkRiskHigh warning from 0.7, critical from 0.9.", "percentunit",
+            [(f"chainwatch_fork_risk_score{{{SEL}}}", "{{node}}")], width=16)
+    d.panel("Fork-risk findings (1h)", "fork_risk_score findings in the last hour, by "
+            "severity (the findings carry no node: see chainwatch.findings for which one).",
+            "none",
+            [('sum by (severity) (increase(chainwatch_findings_total{chain_id=~"$chain_id",'
+              'detector="fork_risk_score"}[1h]))', "{{severity}}")], kind="stat", width=8)
     d.panel("Block interval p50 / p95", "Header timestamp difference to the parent.", "s",
             [(f"histogram_quantile(0.5, sum by (le, node) "
               f"(rate(chainwatch_block_interval_seconds_bucket{{{SEL}}}[15m])))", "{{node}} p50"),
@@ -186,13 +203,51 @@ def mempool() -> Dashboard:
                       "{{node}} q{{quantile}}")])
     d.panel("Senders", "Distinct senders among followed pending transactions.", "none",
             [(f"chainwatch_mempool_senders{{{SEL}}}", "{{node}}")])
+    d.panel("Transaction anomaly scores",
+            "Distribution of the transaction model's scores (0 normal, 1 most abnormal): "
+            "included transactions scored per 5 minutes, by score bucket.", "percentunit",
+            [(f'sum by (le) (increase(chainwatch_anomaly_score_bucket{{{CHAIN},family="tx"}}'
+              "[5m]))", "{{le}}")], kind="heatmap")
+    d.panel("Transaction score p50 / p99 and threshold",
+            "Median and 99th percentile of the transaction model's scores (15m), and the "
+            "score above which it flags a transaction (from its contamination).",
+            "percentunit",
+            [(f"histogram_quantile(0.5, sum by (le, chain_id) "
+              f'(rate(chainwatch_anomaly_score_bucket{{{CHAIN},family="tx"}}[15m])))',
+              "chain {{chain_id}} p50"),
+             (f"histogram_quantile(0.99, sum by (le, chain_id) "
+              f'(rate(chainwatch_anomaly_score_bucket{{{CHAIN},family="tx"}}[15m])))',
+              "chain {{chain_id}} p99"),
+             (f'chainwatch_anomaly_threshold{{{CHAIN},family="tx"}}',
+              "chain {{chain_id}} threshold")])
+    d.panel("Transactions scored", "Included transactions scored by the transaction model "
+            "per second (each once per chain, whichever node delivered its block first).",
+            "ops", [(f"rate(chainwatch_transactions_scored_total{{{CHAIN}}}[5m])",
+                     "chain {{chain_id}}")])
+    d.panel("Transaction findings by detector",
+            "Transaction-family findings in the last hour by detector and severity: the "
+            "model (tx_iforest), sandwiches, sender bursts, nonce-replacement spam.", "none",
+            [(f"sum by (detector, severity) (increase(chainwatch_findings_total{{{CHAIN},"
+              f'detector=~"{TX_DETECTORS}"}}[1h]))', "{{detector}} {{severity}}")])
     return d
 
 
 def miners() -> Dashboard:
     d = Dashboard("chainwatch-miners", "chainwatch / Miners and validators",
-                  "Block production as the nodes see it. Per-miner panels come with the "
-                  "miner-behaviour detectors.")
+                  "Block production as the nodes see it: producer concentration per node, "
+                  "intervals, and the miner-behaviour findings.")
+    d.panel("Top producer share", "Share of each node's last (up to 100) blocks made by its "
+            "most frequent producer. ChainwatchMinerDominance above 50%.", "percentunit",
+            [(f"chainwatch_miner_top_share{{{SEL}}}", "{{node}}")])
+    d.panel("Producer concentration (HHI)", "Herfindahl index of the producers of each "
+            "node's last (up to 100) blocks: sum of squared shares, 1 when one producer "
+            "makes every block, 1/n for n equal producers.", "none",
+            [(f"chainwatch_miner_window_hhi{{{SEL}}}", "{{node}}")])
+    d.panel("Miner findings", "Miner-behaviour findings in the last hour by detector: "
+            "dominant producer, empty blocks with a full pool, timestamp jumps, high-fee "
+            "transactions left out (censorship hint).", "none",
+            [(f"sum by (detector) (increase(chainwatch_findings_total{{{CHAIN},"
+              f'detector=~"{MINER_DETECTORS}"}}[1h]))', "{{detector}}")], width=24)
     d.panel("Block interval p50 / p95", "Header timestamp difference to the parent.", "s",
             [(f"histogram_quantile(0.5, sum by (le, node) "
               f"(rate(chainwatch_block_interval_seconds_bucket{{{SEL}}}[15m])))", "{{node}} p50"),

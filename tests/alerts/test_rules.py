@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alerts.mixin import load_config
+from chainwatch.metrics import DETECTORS
+
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "alerts" / "chainwatch.rules.yaml"
 RUNBOOK = "https://github.com/chainwatch/chainwatch/blob/main/docs/runbook.md#"
@@ -23,6 +26,8 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not insta
 N = 'chain_id="1",node="geth-1",job="chainwatch",instance="cw:9108"'
 NODE_LABELS = {"chain_id": "1", "node": "geth-1", "job": "chainwatch", "instance": "cw:9108"}
 WHERE = "geth-1 (chain 1)"
+F = 'chain_id="1",job="chainwatch",instance="cw:9108"'  # chainwatch_findings_total has no node
+CHAIN_LABELS = {"chain_id": "1", "job": "chainwatch", "instance": "cw:9108"}
 
 
 def case(alert, series, boundary_minutes, labels, summary, description, before=None):
@@ -94,7 +99,56 @@ CASES = [
          {"chain_id": "1", "job": "chainwatch", "instance": "cw:9108", "severity": "warning"},
          "An anomaly model has not been refitted for long.",
          "The block model of chain 1 on cw:9108 was last fitted 1d 0h 31m 0s ago."),
+    # 0.75 from 1m: warning (0.7 <= score < 0.9) after 3m, never critical
+    case("ChainwatchForkRiskHigh", [(f"chainwatch_fork_risk_score{{{N}}}", "0.2 0.75x20")], 4,
+         {**NODE_LABELS, "severity": "warning"}, "A node's fork risk is high.",
+         f"Node {WHERE} has a fork-risk score of 0.75 (reorgs, head lag, splits, block "
+         "intervals, peers and mempool over the last 15 minutes)."),
+    # the share is above the limit from 1m, the window holds 20 blocks from 4m: 4m + 15m
+    case("ChainwatchMinerDominance",
+         [(f"chainwatch_miner_top_share{{{N}}}", "0.3 0.6x30"),
+          (f"chainwatch_blocks_observed_total{{{N}}}", "0+5x30"),
+          # a node with a dominant producer but too few blocks seen yet: no alert
+          ('chainwatch_miner_top_share{chain_id="1",node="new",job="chainwatch",'
+           'instance="cw:9108"}', "1x30"),
+          ('chainwatch_blocks_observed_total{chain_id="1",node="new",job="chainwatch",'
+           'instance="cw:9108"}', "0+1x30")], 19,
+         {**NODE_LABELS, "severity": "warning"},
+         "One producer makes most of a node's recent blocks.",
+         f"On node {WHERE}, one producer made 60% of the last (up to 100) blocks."),
+    # the third empty-blocks finding within the hour, at 5m; two censorship findings and
+    # block findings (not a miner detector) do not count
+    case("ChainwatchMinerBehaviourAnomalous",
+         [(f'chainwatch_findings_total{{{F},detector="empty_blocks_rule",severity="warning"}}',
+           "0 0 0 1 2 3x60"),
+          (f'chainwatch_findings_total{{{F},detector="censorship_rule",severity="warning"}}',
+           "0 1 2x60"),
+          (f'chainwatch_findings_total{{{F},detector="block_iforest",severity="warning"}}',
+           "0+5x60")], 5,
+         {**CHAIN_LABELS, "detector": "empty_blocks_rule", "severity": "warning"},
+         "Block producers behave abnormally.",
+         "Chain 1: 3 empty_blocks_rule findings in the last 1h."),
+    # one sender burst a minute: the 15m rate passes 12/h at 4m, firing 15m later; info
+    # findings and a slow trickle of sandwiches (6/h) do not count
+    case("ChainwatchAbnormalTransactions",
+         [(f'chainwatch_findings_total{{{F},detector="sender_burst_rule",severity="warning"}}',
+           "0+1x60"),
+          (f'chainwatch_findings_total{{{F},detector="tx_iforest",severity="info"}}',
+           "0+5x60"),
+          (f'chainwatch_findings_total{{{F},detector="sandwich_rule",severity="warning"}}',
+           "0+0.1x60")], 19,
+         {**CHAIN_LABELS, "detector": "sender_burst_rule", "severity": "warning"},
+         "Abnormal transactions keep coming.",
+         "Chain 1: sender_burst_rule reports 60 transaction findings per hour "
+         "(warning or worse)."),
 ]
+
+# 0.95: critical only
+FORK_RISK_CRITICAL = case(
+    "ChainwatchForkRiskHigh", [(f"chainwatch_fork_risk_score{{{N}}}", "0.2 0.95x20")], 4,
+    {**NODE_LABELS, "severity": "critical"}, "A node's fork risk is high.",
+    f"Node {WHERE} has a fork-risk score of 0.95 (reorgs, head lag, splits, block "
+    "intervals, peers and mempool over the last 15 minutes).")
 
 # A depth-3 reorg at 5m: warning (2 <= depth < 6) from the increase() window, never critical.
 REORG = {
@@ -137,6 +191,8 @@ DEEP_REORG = {
     ],
 }
 
+TESTS = [*CASES, FORK_RISK_CRITICAL, REORG, DEEP_REORG]
+
 
 def test_rendered_rules_are_up_to_date():
     result = subprocess.run([sys.executable, "-m", "alerts.render", "--check"], cwd=ROOT,
@@ -159,8 +215,14 @@ def test_every_alert_has_severity_summary_description_and_runbook_section():
 def test_every_alert_has_a_promtool_case():
     rules = yaml.safe_load(RULES.read_text())
     names = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    tested = {t["alert_rule_test"][0]["alertname"] for t in [*CASES, REORG, DEEP_REORG]}
+    tested = {t["alert_rule_test"][0]["alertname"] for t in TESTS}
     assert names == tested
+
+
+def test_finding_alerts_name_only_detectors_the_detector_has():
+    alerts = load_config()["alerts"]
+    for name in ("ChainwatchMinerBehaviourAnomalous", "ChainwatchAbnormalTransactions"):
+        assert set(alerts[name]["detectors"]) <= set(DETECTORS), name
 
 
 @needs_promtool
@@ -174,7 +236,7 @@ def test_promtool_check_rules():
 def test_promtool_unit_tests_at_the_for_boundaries(tmp_path):
     shutil.copy(RULES, tmp_path / "rules.yaml")
     spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
-            "tests": [*CASES, REORG, DEEP_REORG]}
+            "tests": TESTS}
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     result = subprocess.run([PROMTOOL, "test", "rules", "tests.yaml"], cwd=tmp_path,
                             capture_output=True, text=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,33 @@ def load(path: Path) -> dict:
 
 def targets(dashboard: dict) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def send_burst(url: str, senders: list[str], to: str, per_sender: int, rounds: int) -> None:
+    """Many transfers fast: `rounds` rounds of `per_sender` txs from each sender, each
+    round one JSON-RPC batch, then waiting until it is mined (anvil's pool silently
+    drops what it cannot hold).
+
+    Nonces are explicit: anvil assigns them per call, and calls of one batch that race
+    would get the same nonce (the same tx twice: "transaction already imported").
+    """
+    def nonces(tag: str) -> dict[str, int]:
+        return {s: int(rpc(url, "eth_getTransactionCount", [s, tag]), 16) for s in senders}
+
+    for _ in range(rounds):
+        first = nonces("pending")
+        calls = [{"jsonrpc": "2.0", "id": len(senders) * n + i, "method": "eth_sendTransaction",
+                  "params": [{"from": sender, "to": to, "value": "0x1", "gas": hex(21_000),
+                              "nonce": hex(first[sender] + n)}]}
+                 for n in range(per_sender) for i, sender in enumerate(senders)]
+        req = urllib.request.Request(url, data=json.dumps(calls).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            errors = [a["error"] for a in json.loads(resp.read()) if "error" in a]
+        assert not errors, errors[:3]
+        wait_until(lambda first=first: all(
+            n >= first[s] + per_sender for s, n in nonces("latest").items()), 30,
+            "the burst to be mined")
 
 
 def test_dashboards_are_generated_and_current():
@@ -94,6 +122,12 @@ def test_every_panel_query_returns_series_after_a_scenario(tmp_path, chainwatch_
         threading.Thread(target=traffic, daemon=True).start()
         wait_until(lambda: metric(port, "chainwatch_model_fits_total", {"chain_id": "31337"}),
                    60, "the block model to fit")
+        # the transaction model scores once it has learned from 2,000 included txs: a
+        # burst from four other accounts gets it there in a few blocks (and is a
+        # sender_burst_rule finding, as it should be)
+        send_burst(a.http_url, accounts[6:10], accounts[5], per_sender=100, rounds=6)
+        wait_until(lambda: metric(port, "chainwatch_transactions_scored_total",
+                                  {"chain_id": "31337"}), 90, "the transaction model to score")
         rpc(a.http_url, "anvil_reorg", [2, []])
         time.sleep(20)  # let Prometheus collect enough samples for the rate() windows
 
