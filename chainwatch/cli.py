@@ -235,6 +235,95 @@ def train(
 
 
 @app.command()
+def archive(
+    out: Annotated[Path, typer.Option("--out", help="Archive directory (Parquet)")],
+    kafka: Kafka = None,
+    topic_prefix: TopicPrefix = None,
+    until_end: Annotated[
+        bool, typer.Option("--until-end", help="Stop once the topics' current end is archived")
+    ] = False,
+    flush_records: Annotated[
+        int, typer.Option("--flush-records", help="Write a file set every N records")
+    ] = 20_000,
+    flush_seconds: Annotated[
+        float, typer.Option("--flush-seconds", help="... or every N seconds")
+    ] = 5.0,
+    duration: Duration = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Archive the chainwatch topics into Parquet by chain and day (resumable, no duplicates)."""
+    from replay.app import run_archive
+    from replay.archive import ArchiveConfig
+
+    settings = _settings(kafka=kafka, topic_prefix=topic_prefix, log_level=log_level)
+    if not settings.kafka:
+        raise ChainwatchError("archive consumes from Kafka: give --kafka HOST:PORT")
+    if flush_records < 1 or flush_seconds <= 0:
+        raise ChainwatchError("--flush-records and --flush-seconds must be positive")
+    config = ArchiveConfig(flush_records=flush_records, flush_seconds=flush_seconds,
+                           until_end=until_end)
+    run_archive(settings, settings.kafka, out, duration=duration, config=config,
+                echo=typer.echo)
+
+
+@app.command()
+def replay(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="JSONL of records, an archive or table directory (replay format or "
+            "ethereum-etl blocks.csv + transactions.csv), or kafka://HOST:PORT"
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write findings (Parquet, CSV) and the report")
+    ] = None,
+    from_block: Annotated[int | None, typer.Option("--from", help="First block number")] = None,
+    to_block: Annotated[int | None, typer.Option("--to", help="Last block number")] = None,
+    speed: Annotated[
+        float | None,
+        typer.Option("--speed", help="Real-time pacing factor (default: as fast as possible)"),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="JSONL labels: adds precision/recall/latency")
+    ] = None,
+    chain_id: Annotated[
+        int, typer.Option("--chain-id", help="Chain id for tables without a chain_id column")
+    ] = 1,
+    node: Annotated[
+        str, typer.Option("--node", help="Node name for tables without a node column")
+    ] = "replay",
+    emit: Annotated[
+        str | None, typer.Option("--emit", help="Re-publish findings to Kafka HOST:PORT")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Serve the replay's metrics on this port")
+    ] = None,
+    topic_prefix: TopicPrefix = None,
+    warmup_blocks: Warmup = None,
+    models: Models = None,
+    model: ModelKind = None,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No progress bar on stderr")
+    ] = False,
+    log_level: LogLevel = None,
+) -> None:
+    """Replay history through the live detectors; findings and a report, deterministically."""
+    from replay.app import ReplayOptions, run_replay
+
+    settings = _settings(
+        topic_prefix=topic_prefix, warmup_blocks=warmup_blocks, models=models, model_kind=model,
+        log_level=log_level or "WARNING",
+    )
+    options = ReplayOptions(
+        out=out, from_block=from_block, to_block=to_block, speed=speed, labels=labels,
+        chain_id=chain_id, node=node, emit=emit, metrics_port=metrics_port,
+        progress=not no_progress,
+    )
+    run_replay(settings, source, options, echo=typer.echo)
+
+
+@app.command()
 def demo(
     duration: Annotated[float, typer.Option("--duration", help="Seconds to run")] = 60.0,
     metrics_port: MetricsPort = None,
