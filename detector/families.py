@@ -146,6 +146,8 @@ class TxFamily:
         self.replacements = _Bounded(100_000)  # new hash -> how many replacements led to it
         self._replaced: deque[TxLifecycle] = deque(maxlen=10_000)
         self._seen_blocks = _Bounded(10_000)
+        # mined already: a pending record that arrives after its block must not re-open it
+        self._included = _Bounded(200_000)
         self.last_scored: Scored | None = None
         self.scored_rows = 0
 
@@ -157,14 +159,18 @@ class TxFamily:
         tips = frame.select(effective_tip_expr(base))["effective_tip"].fill_null(np.nan)
         pct = self.market.percentile_of(tips.to_numpy())
         for tx, p in zip(txs, pct, strict=True):
+            if tx.hash in self._included:
+                continue
             self.pending_since.put(tx.hash, tx.first_seen_at)
             if not math.isnan(p):
                 self.tip_percentile.put(tx.hash, float(p))
 
     def on_lifecycles(self, records: list[TxLifecycle], now: float) -> list[Finding]:
         for r in records:
-            if r.fate in ("dropped", "replaced"):
+            if r.fate in ("dropped", "replaced", "included"):
                 self.pending_since.pop(r.hash, None)
+            if r.fate == "included":
+                self._included.put(r.hash, r.observed_at)
             if r.fate == "replaced":
                 self._replaced.append(r)
                 if r.replaced_by:
@@ -197,6 +203,7 @@ class TxFamily:
         for b in fresh:
             for tx in b.transactions:
                 self.pending_since.pop(tx.hash, None)
+                self._included.put(tx.hash, b.observed_at)
         return findings
 
     def _score(self, frame: pl.DataFrame, now: float) -> list[Finding]:

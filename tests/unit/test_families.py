@@ -186,3 +186,18 @@ def test_transactions_are_counted_once_even_when_later_batches_bring_no_blocks(n
     run.feed([_pending(normal[41].transactions[0], normal[39].observed_at + 1)])
     assert run.metric("chainwatch_transactions_scored_total", chain_id="1") == scored
     assert run.metric("chainwatch_anomaly_score_count", chain_id="1", family="tx") == observed
+
+
+def test_a_pending_record_arriving_after_its_block_is_no_censorship_hint(normal):
+    run = Run()
+    run.feed(normal[:60])
+    template = next(t for t in normal[60].transactions if t.max_priority_fee_per_gas)
+    rich = template.model_copy(update={
+        "hash": "0x" + "c3" * 32, "max_priority_fee_per_gas": 50 * 10**9,
+        "max_fee_per_gas": 500 * 10**9})
+    mined = with_txs(normal[60], [rich])
+    run.feed([mined])
+    run.feed([_pending(rich, mined.observed_at - 2).model_copy(
+        update={"observed_at": mined.observed_at + 0.5})])  # the mempool saw it late
+    run.feed(normal[61:70])
+    assert by(run.findings, "censorship_rule") == []
