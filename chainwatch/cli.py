@@ -324,6 +324,34 @@ def replay(
 
 
 @app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Markdown report to write")] = Path(
+        "docs/quality.md"
+    ),
+    record: Annotated[
+        Path | None,
+        typer.Option("--record", help="Directory to save the recording in (records + labels)"),
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The ~2 minute session")] = False,
+    from_recording: Annotated[
+        Path | None,
+        typer.Option("--from-recording", help="Evaluate a saved recording (no anvil needed)"),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Scenario seed")] = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run labelled scenarios on a local anvil, score the detectors, write docs/quality.md."""
+    from chainwatch.scenarios import run_evaluate
+
+    if from_recording is not None and (record is not None or quick or seed is not None):
+        raise ChainwatchError("--from-recording replays a saved session: drop --record, "
+                              "--quick and --seed")
+    setup_logging(log_level or "WARNING", json_logs=False)
+    typer.echo(run_evaluate(out=out, record=record, quick=quick, from_recording=from_recording,
+                            seed=seed, progress=lambda m: typer.echo(m, err=True)))
+
+
+@app.command()
 def demo(
     duration: Annotated[float, typer.Option("--duration", help="Seconds to run")] = 60.0,
     metrics_port: MetricsPort = None,
