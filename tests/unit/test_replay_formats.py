@@ -11,7 +11,7 @@ from chainwatch.schema import Block, PeerSnapshot, Reorg, encode
 from replay.rows import Defaults, InvalidRows
 from replay.sources import JsonlSource, TableSource, find_tables
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # a copy of ../shared/fixtures
 FIXTURE = FIXTURES / "ethereum-etl-mainnet-17173049"
 
 H = "0x" + "ab" * 32
