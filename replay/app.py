@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chainwatch.bootstrap import detector_config
 from chainwatch.bus import Topics
 from chainwatch.exceptions import ConfigError
 from chainwatch.metrics import Metrics
 from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
-from detector.engine import Detector, DetectorConfig
-from detector.health import HealthConfig
+from detector.engine import Detector
 from detector.training import load_models
 from replay.archive import (
     ArchiveConfig,
@@ -46,25 +46,11 @@ log = logging.getLogger("chainwatch.replay")
 
 def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
     """The live detector, configured as `chainwatch detect` would be, on the replayed clock."""
-    s = settings
     return Detector(
-        DetectorConfig(
-            warmup_blocks=s.warmup_blocks,
-            refit_every_blocks=s.refit_every_blocks,
-            contamination=s.contamination,
-            reorg_warning_depth=s.reorg_warning_depth,
-            reorg_critical_depth=s.reorg_critical_depth,
-            model_kind=s.model_kind,
-            health=HealthConfig(
-                lag_start_blocks=s.lag_start_blocks,
-                lag_clear_blocks=s.lag_clear_blocks,
-                stall_factor=s.stall_factor,
-                default_block_time=s.expected_block_time,
-            ),
-        ),
+        detector_config(settings),
         Metrics(),
         clock=clock,
-        pretrained=load_models(s.models) if s.models else None,
+        pretrained=load_models(settings.models) if settings.models else None,
     )
 
 
