@@ -15,7 +15,7 @@ from typing import Literal
 
 import polars as pl
 
-from chainwatch.schema import Block, Finding, Reorg, Severity, TxLifecycle
+from chainwatch.schema import Block, Finding, Severity, TxLifecycle
 from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
 from detector.tx_features import blocks_to_tx_frame
 
@@ -65,48 +65,6 @@ class RuleHit:
 
 def _count_score(count: float, limit: float) -> float:
     return min(count / (2.0 * limit), 1.0) if limit > 0 else 1.0
-
-
-def reorg_depth_rule(reorg: Reorg, limit: int, critical: int | None = None) -> list[RuleHit]:
-    """A reorg of depth >= `limit`; critical from `critical` (default 2 x limit) or when
-    the common ancestor lies beyond the collector's search (the depth is a lower bound)."""
-    if reorg.depth < limit:
-        return []
-    critical = critical if critical is not None else 2 * limit
-    severity: Severity = (
-        "critical" if reorg.depth >= critical or not reorg.ancestor_found else "warning"
-    )
-    ancestor = (
-        f"common ancestor {reorg.common_ancestor_number}"
-        if reorg.ancestor_found
-        else "common ancestor deeper than the reorg limit"
-    )
-    return [
-        RuleHit(
-            rule="reorg_depth_rule",
-            family="fork_risk",
-            severity=severity,
-            chain_id=reorg.chain_id,
-            node=reorg.node,
-            subject_kind="node",
-            subject=f"{reorg.node}@{reorg.new_head_hash}",
-            block_number=reorg.new_head_number,
-            score=_count_score(reorg.depth, limit),
-            summary=(
-                f"reorg of depth {reorg.depth} (limit {limit}) on {reorg.node}: head "
-                f"{reorg.old_head_number} -> {reorg.new_head_number}, {ancestor}"
-            ),
-            details={
-                "depth": reorg.depth,
-                "limit": limit,
-                "old_head_hash": reorg.old_head_hash,
-                "new_head_hash": reorg.new_head_hash,
-                "common_ancestor_number": reorg.common_ancestor_number,
-                "ancestor_found": reorg.ancestor_found,
-                "dropped_blocks": len(reorg.dropped_block_hashes),
-            },
-        )
-    ]
 
 
 def miner_share_rule(

@@ -1,30 +1,23 @@
-"""Known-bad pattern rules: deep reorgs, dominant miners, empty blocks, sandwiches, spam."""
+"""Known-bad pattern rules: dominant miners, empty blocks, sandwiches, spam.
+
+Deep reorgs are the engine's `reorg_depth` detector (tests/unit/test_detector_engine.py).
+"""
 
 import pytest
 
-from chainwatch.schema import Block, Reorg, TxLifecycle, TxSummary
+from chainwatch.schema import Block, TxLifecycle, TxSummary
 from detector.miner_features import miner_window_features
 from detector.rules import (
     RULE_THRESHOLD,
     empty_blocks_rule,
     miner_share_rule,
     nonce_replacement_spam_rule,
-    reorg_depth_rule,
     sandwich_rule,
 )
 from tests.fakes import make_block
 
 T0 = 1000.0
 POOL = "0x" + "77" * 20
-
-
-def reorg(depth: int, ancestor_found: bool = True) -> Reorg:
-    return Reorg(
-        chain_id=1, node="n1", event_id=f"r{depth}", observed_at=T0, old_head_number=100,
-        old_head_hash="0xold", new_head_number=101, new_head_hash="0xnew",
-        common_ancestor_number=100 - depth if ancestor_found else None, depth=depth,
-        ancestor_found=ancestor_found,
-    )
 
 
 def chain(miners: str, tx_count: int = 0) -> list[Block]:
@@ -57,27 +50,6 @@ def replaced(i: int, at: float, sender: str = "0xspam", nonce: int = 3) -> TxLif
         fate="replaced", from_address=sender, nonce=nonce, replaced_by=f"0xh{i + 1}",
         fee_bump_ratio=1.1,
     )
-
-
-# reorg depth
-
-
-def test_reorg_below_the_limit_is_not_reported():
-    assert reorg_depth_rule(reorg(1), limit=2) == []
-
-
-def test_reorg_at_the_limit_warns_and_twice_the_limit_is_critical():
-    [hit] = reorg_depth_rule(reorg(2), limit=2)
-    assert (hit.severity, hit.score, hit.subject_kind) == ("warning", RULE_THRESHOLD, "node")
-    assert hit.block_number == 101 and hit.details["depth"] == 2
-    [deep] = reorg_depth_rule(reorg(4), limit=2)
-    assert (deep.severity, deep.score) == ("critical", 1.0)
-
-
-def test_reorg_with_unknown_ancestor_is_critical():
-    [hit] = reorg_depth_rule(reorg(2, ancestor_found=False), limit=2)
-    assert hit.severity == "critical"
-    assert "deeper than the reorg limit" in hit.summary
 
 
 # miner share
@@ -181,10 +153,10 @@ def test_replacements_at_the_limit_spread_out_or_duplicated_are_not_spam():
 
 
 def test_hits_become_findings_with_stable_ids():
-    [hit] = reorg_depth_rule(reorg(3), limit=2)
+    [hit] = miner_share_rule(miner_window_features(chain("a" * 15 + "b" * 5)), limit=0.5)
     finding = hit.to_finding(now=T0 + 1)
     assert (finding.detector, finding.family, finding.threshold) == (
-        "reorg_depth_rule", "fork_risk", RULE_THRESHOLD,
+        "miner_share_rule", "miner", RULE_THRESHOLD,
     )
     assert finding.score == hit.score and finding.subject == hit.subject
     assert hit.to_finding(now=T0 + 99).event_id == finding.event_id
