@@ -36,7 +36,7 @@ from detector.features import (
 )
 from detector.fork_features import split_lengths
 from detector.health import HealthConfig, NodeHealth, Split, Transition
-from detector.model import BlockAnomalyModel
+from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
 from detector.state import ChainState, SeenIds
 
@@ -192,10 +192,8 @@ class Detector:
             findings.extend(txs.on_lifecycles(lifecycles.get(chain_id, []), now))
             findings.extend(txs.on_blocks(chain_blocks, now))
             if txs.last_scored is not None:
-                m.anomaly_threshold.labels(chain, "tx").set(txs.last_scored.threshold)
+                self._export_scores(chain_id, "tx", txs.last_scored)
                 m.transactions_scored.labels(chain).inc(len(txs.last_scored.scores))
-                for score in txs.last_scored.scores:
-                    m.anomaly_score.labels(chain, "tx").observe(float(score))
             by_node: dict[str, list[Block]] = {}
             for b in chain_blocks:
                 by_node.setdefault(b.node, []).append(b)
@@ -418,9 +416,7 @@ class Detector:
             scored = model.score(x)
             if scored is not None:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
-                self.metrics.anomaly_threshold.labels(str(chain_id), "block").set(scored.threshold)
-                for score in scored.scores:
-                    self.metrics.anomaly_score.labels(str(chain_id), "block").observe(float(score))
+                self._export_scores(chain_id, "block", scored)
                 for j, i in enumerate(idx):
                     block = blocks[i]
                     score = float(scored.scores[j])
@@ -433,6 +429,13 @@ class Detector:
                 self.metrics.model_fits.labels(str(chain_id)).inc()
                 self.metrics.model_last_fit.labels(str(chain_id)).set(self.clock())
         return findings
+
+    def _export_scores(self, chain_id: int, family: str, scored: Scored) -> None:
+        """A model's threshold and the distribution of what it scored, per family."""
+        self.metrics.anomaly_threshold.labels(str(chain_id), family).set(scored.threshold)
+        histogram = self.metrics.anomaly_score.labels(str(chain_id), family)
+        for score in scored.scores:
+            histogram.observe(float(score))
 
     def _block_finding(
         self, block: Block, score: float, threshold: float, row: np.ndarray
