@@ -271,6 +271,13 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        self.detector_step_errors = Counter(
+            "chainwatch_detector_step_errors",
+            "Batch-level detector steps (block, tx, miner, fork_risk) that raised; that "
+            "step's findings for the batch are lost, the detector goes on.",
+            ["step"],
+            registry=r,
+        )
         self.last_event_processed = Gauge(
             "chainwatch_detector_last_event_timestamp_seconds",
             "When the detector last processed a record (unix seconds).",
@@ -326,6 +333,8 @@ class Metrics:
         for kind in ("blocks", "block", "reorg"):
             self.events_processed.labels(kind)
             self.duplicate_events.labels(kind)
+        for step in ("block", "tx", "miner", "fork_risk"):
+            self.detector_step_errors.labels(step)
 
     def init_node(self, chain_id: int, node: str) -> None:
         """Pre-create a node's series so rates and absences work from the first scrape."""

@@ -80,6 +80,8 @@ class Detector:
         self.health = NodeHealth(config.health)
         # records whose processing raised: (record, reason), for the caller to dead-letter
         self.failed: list[tuple[AnyRecord, str]] = []
+        # batch-level steps (a model, a family) that raised in the last batch, for the log
+        self.step_errors: list[str] = []
 
     def model_for(self, chain_id: int) -> BlockAnomalyModel:
         model = self.models.get(chain_id)
@@ -129,6 +131,7 @@ class Detector:
         pending: dict[int, list[PendingTx]] = {}
         lifecycles: dict[int, list[TxLifecycle]] = {}
         self.failed = []
+        self.step_errors = []
         for record in records:
             if isinstance(record, Finding):
                 continue  # findings are outputs; other detectors' findings are not inputs
@@ -170,7 +173,7 @@ class Detector:
         if touched_chains:
             findings.extend(self._on_transitions(self.health.evaluate(self.state, self.clock())))
         if rows:
-            findings.extend(self._score(rows, block_of_row))
+            findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))
         findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles))
         if records:
             self.metrics.last_event_processed.set(self.clock())
@@ -183,38 +186,66 @@ class Detector:
         """Transactions, miners and fork risk for the chains this batch touched."""
         now = self.clock()
         findings: list[Finding] = []
-        m = self.metrics
         for chain_id in sorted(chains):
-            chain = str(chain_id)
             chain_blocks = [b for b in blocks if b.chain_id == chain_id]
-            txs = self.tx_family(chain_id)
-            txs.on_pending(pending.get(chain_id, []))
-            findings.extend(txs.on_lifecycles(lifecycles.get(chain_id, []), now))
-            findings.extend(txs.on_blocks(chain_blocks, now))
-            if txs.last_scored is not None:
-                self._export_scores(chain_id, "tx", txs.last_scored)
-                m.transactions_scored.labels(chain).inc(len(txs.last_scored.scores))
-            by_node: dict[str, list[Block]] = {}
-            for b in chain_blocks:
-                by_node.setdefault(b.node, []).append(b)
-            for node, node_blocks in by_node.items():
-                miners = self.miner_family(chain_id, node)
-                findings.extend(miners.on_blocks(node_blocks, txs, now))
-                m.miner_top_share.labels(chain, node).set(miners.top_share)
-                m.miner_window_hhi.labels(chain, node).set(miners.hhi)
-            nodes = self.state.chain_nodes(chain_id)
-            risk = self.fork_risk_of(chain_id)
-            findings.extend(risk.evaluate(
-                now,
-                head_lag={(chain_id, n.node): self.state.head_lag(chain_id, n.node)
-                          for n in nodes},
-                split_length=split_lengths(
-                    s for s in self.health.splits.values() if s.chain_id == chain_id
-                ),
-                heads={(chain_id, n.node): n.head_number for n in nodes},
-            ))
-            for (_, node), score in risk.scores.items():
-                m.fork_risk_score.labels(chain, node).set(score)
+            findings.extend(self._guarded("tx", lambda c=chain_id, b=chain_blocks: self._txs(
+                c, b, pending.get(c, []), lifecycles.get(c, []), now)))
+            findings.extend(self._guarded("miner", lambda c=chain_id, b=chain_blocks: (
+                self._miners(c, b, now))))
+            findings.extend(self._guarded("fork_risk", lambda c=chain_id: self._fork_risk(c, now)))
+        return findings
+
+    def _guarded(self, step: str, run: Callable[[], list[Finding]]) -> list[Finding]:
+        """A bug in one batch-level step costs that step's findings for this batch only.
+
+        Records are already applied; re-raising would make the consumer re-read the batch
+        and fail again forever (a crash loop). Counted and handed to the service to log.
+        """
+        try:
+            return run()
+        except Exception as exc:
+            self.metrics.detector_step_errors.labels(step).inc()
+            self.step_errors.append(f"{step}: {type(exc).__name__}: {exc}")
+            return []
+
+    def _txs(
+        self, chain_id: int, blocks: list[Block], pending: list[PendingTx],
+        lifecycles: list[TxLifecycle], now: float,
+    ) -> list[Finding]:
+        txs = self.tx_family(chain_id)
+        txs.on_pending(pending)
+        findings = txs.on_lifecycles(lifecycles, now)
+        findings.extend(txs.on_blocks(blocks, now))
+        if txs.last_scored is not None:
+            self._export_scores(chain_id, "tx", txs.last_scored)
+            self.metrics.transactions_scored.labels(str(chain_id)).inc(len(txs.last_scored.scores))
+        return findings
+
+    def _miners(self, chain_id: int, blocks: list[Block], now: float) -> list[Finding]:
+        by_node: dict[str, list[Block]] = {}
+        for b in blocks:
+            by_node.setdefault(b.node, []).append(b)
+        findings: list[Finding] = []
+        for node, node_blocks in by_node.items():
+            miners = self.miner_family(chain_id, node)
+            findings.extend(miners.on_blocks(node_blocks, self.tx_family(chain_id), now))
+            self.metrics.miner_top_share.labels(str(chain_id), node).set(miners.top_share)
+            self.metrics.miner_window_hhi.labels(str(chain_id), node).set(miners.hhi)
+        return findings
+
+    def _fork_risk(self, chain_id: int, now: float) -> list[Finding]:
+        nodes = self.state.chain_nodes(chain_id)
+        risk = self.fork_risk_of(chain_id)
+        findings = risk.evaluate(
+            now,
+            head_lag={(chain_id, n.node): self.state.head_lag(chain_id, n.node) for n in nodes},
+            split_length=split_lengths(
+                s for s in self.health.splits.values() if s.chain_id == chain_id
+            ),
+            heads={(chain_id, n.node): n.head_number for n in nodes},
+        )
+        for (_, node), score in risk.scores.items():
+            self.metrics.fork_risk_score.labels(str(chain_id), node).set(score)
         return findings
 
     def tick(self) -> list[Finding]:

@@ -75,6 +75,9 @@ class DetectorService:
                 (self.topics.deadletter, record.stream_key(),
                  json.dumps({"error": reason, "record": json.loads(encode(record))}).encode())
             )
+        for error in self.detector.step_errors:
+            log.error("detector step failed; its findings for this batch are lost",
+                      extra={"error": error})
         self._queue_findings(findings)
         return findings
 

@@ -8,7 +8,7 @@ from bench.synthetic import generate
 from chainwatch.metrics import Metrics
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg, TxLifecycle, TxSummary
 from detector.engine import Detector, DetectorConfig
-from detector.families import Episodes
+from detector.families import Episodes, MinerFamily
 
 VICTIM = "0x" + "ee" * 20
 SPAMMER = "0x" + "5a" * 20
@@ -201,3 +201,24 @@ def test_a_pending_record_arriving_after_its_block_is_no_censorship_hint(normal)
         update={"observed_at": mined.observed_at + 0.5})])  # the mempool saw it late
     run.feed(normal[61:70])
     assert by(run.findings, "censorship_rule") == []
+
+
+def test_a_family_that_raises_costs_its_findings_for_the_batch_not_the_detector(
+    normal, monkeypatch
+):
+    run = Run()
+    run.feed(normal[:30])
+
+    def broken(*args: object, **kwargs: object) -> list[Finding]:
+        raise RuntimeError("bug in the miner family")
+
+    monkeypatch.setattr(MinerFamily, "on_blocks", broken)
+    run.feed([normal[30]])
+    assert run.detector.step_errors == ["miner: RuntimeError: bug in the miner family"]
+    assert run.metric("chainwatch_detector_step_errors_total", step="miner") == 1
+    assert run.metric("chainwatch_detector_step_errors_total", step="tx") == 0
+    assert run.metric("chainwatch_head_block_number", chain_id="1", node="bench") == 30
+    monkeypatch.undo()
+    run.feed([normal[31]])
+    assert run.detector.step_errors == []
+    assert run.metric("chainwatch_head_block_number", chain_id="1", node="bench") == 31
