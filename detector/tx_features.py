@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from chainwatch.schema import Block, PendingTx
+from chainwatch.schema import Block, PendingTx, TxSummary
 
 TX_FEATURES: tuple[str, ...] = (
     "priority_fee_percentile",
@@ -92,6 +92,33 @@ def _normalise(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+# the columns included and pending transactions share, under the same attribute names
+_TX_COLUMNS: tuple[str, ...] = (
+    "hash", "from_address", "to_address", "nonce", "value", "gas", "gas_price",
+    "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type", "input_size", "method_id",
+    "is_contract_creation",
+)
+
+
+def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, list[object]]:
+    """The shared columns; wei amounts as floats, nonces clipped to Int64."""
+    return {
+        "hash": [t.hash for t in txs],
+        "from_address": [t.from_address for t in txs],
+        "to_address": [t.to_address for t in txs],
+        "nonce": [min(t.nonce, _I64_MAX) for t in txs],
+        "value": [float(t.value) for t in txs],
+        "gas": [float(t.gas) for t in txs],
+        "gas_price": [_opt_float(t.gas_price) for t in txs],
+        "max_fee_per_gas": [_opt_float(t.max_fee_per_gas) for t in txs],
+        "max_priority_fee_per_gas": [_opt_float(t.max_priority_fee_per_gas) for t in txs],
+        "tx_type": [t.tx_type for t in txs],
+        "input_size": [t.input_size for t in txs],
+        "method_id": [t.method_id for t in txs],
+        "is_contract_creation": [t.is_contract_creation for t in txs],
+    }
+
+
 def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     """One row per included transaction, in block order then transaction order."""
     txs = [tx for b in blocks for tx in b.transactions]
@@ -113,27 +140,8 @@ def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     owner = np.repeat(np.arange(len(blocks)), [len(b.transactions) for b in blocks])
     block_cols = per_block[owner] if len(txs) else per_block.clear()
     tx_cols = pl.DataFrame(
-        {
-            "tx_index": [tx.transaction_index for tx in txs],
-            "hash": [tx.hash for tx in txs],
-            "from_address": [tx.from_address for tx in txs],
-            "to_address": [tx.to_address for tx in txs],
-            "nonce": [min(tx.nonce, _I64_MAX) for tx in txs],
-            "value": [float(tx.value) for tx in txs],
-            "gas": [float(tx.gas) for tx in txs],
-            "gas_price": [_opt_float(tx.gas_price) for tx in txs],
-            "max_fee_per_gas": [_opt_float(tx.max_fee_per_gas) for tx in txs],
-            "max_priority_fee_per_gas": [_opt_float(tx.max_priority_fee_per_gas) for tx in txs],
-            "tx_type": [tx.tx_type for tx in txs],
-            "input_size": [tx.input_size for tx in txs],
-            "method_id": [tx.method_id for tx in txs],
-            "is_contract_creation": [tx.is_contract_creation for tx in txs],
-        },
-        schema={k: TX_FRAME_SCHEMA[k] for k in (
-            "tx_index", "hash", "from_address", "to_address", "nonce", "value", "gas",
-            "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type",
-            "input_size", "method_id", "is_contract_creation",
-        )},
+        {"tx_index": [tx.transaction_index for tx in txs], **_tx_columns(txs)},
+        schema={k: TX_FRAME_SCHEMA[k] for k in ("tx_index", *_TX_COLUMNS)},
     )
     frame = pl.concat([block_cols, tx_cols], how="horizontal").with_columns(
         pl.lit("block", pl.Utf8).alias("source"),
@@ -152,19 +160,7 @@ def pending_to_tx_frame(txs: Sequence[PendingTx]) -> pl.DataFrame:
             "block_number": [None] * len(txs),
             "block_hash": [None] * len(txs),
             "tx_index": [None] * len(txs),
-            "hash": [t.hash for t in txs],
-            "from_address": [t.from_address for t in txs],
-            "to_address": [t.to_address for t in txs],
-            "nonce": [min(t.nonce, _I64_MAX) for t in txs],
-            "value": [float(t.value) for t in txs],
-            "gas": [float(t.gas) for t in txs],
-            "gas_price": [_opt_float(t.gas_price) for t in txs],
-            "max_fee_per_gas": [_opt_float(t.max_fee_per_gas) for t in txs],
-            "max_priority_fee_per_gas": [_opt_float(t.max_priority_fee_per_gas) for t in txs],
-            "tx_type": [t.tx_type for t in txs],
-            "input_size": [t.input_size for t in txs],
-            "method_id": [t.method_id for t in txs],
-            "is_contract_creation": [t.is_contract_creation for t in txs],
+            **_tx_columns(txs),
             "base_fee_per_gas": [None] * len(txs),
             "timestamp": [None] * len(txs),
             "observed_at": [t.observed_at for t in txs],
