@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY chainwatch ./chainwatch
 COPY collector ./collector
 COPY detector ./detector
+COPY replay ./replay
 # byte-compile now: the root filesystem is read-only at run time
 RUN /opt/chainwatch/bin/pip install . \
  && /opt/chainwatch/bin/python -m compileall -q /opt/chainwatch

@@ -504,6 +504,11 @@ def test_dockerfile_builds_a_non_root_image_of_this_project() -> None:
     assert uid == values["securityContext"]["runAsUser"] == values["podSecurityContext"][
         "runAsUser"]
     assert re.search(r'^ENTRYPOINT \["chainwatch"\]', text, re.M)
+    # every package the distribution installs is copied into the build stage
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    for package in (p.rstrip("*") for p in packages):
+        assert re.search(rf"^COPY {package} \./{package}$", text, re.M), package
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", ".cache", ".git"):
         assert path in dockerignore or f"{path}/" in dockerignore
