@@ -12,7 +12,7 @@ from chainwatch.exceptions import MalformedRpcPayload
 from chainwatch.schema import Block
 from collector.mappers import map_block, map_transaction
 
-RPC_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "rpc"
+RPC_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rpc"  # from ../shared
 
 needs_fixtures = pytest.mark.skipif(
     not RPC_FIXTURES.is_dir(), reason=f"RPC fixtures not found at {RPC_FIXTURES}"

@@ -21,7 +21,7 @@ from collector.mempool import (
 )
 from tests.fakes import make_block
 
-RPC_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "rpc"
+RPC_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rpc"  # from ../shared
 SENDER = "0x" + "aa" * 20
 GENESIS = "0x" + "00" * 32
 GWEI = 10**9
