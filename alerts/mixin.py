@@ -4,9 +4,6 @@ Like the kubernetes/node mixins: selectors, `for:` durations, severities and thr
 live in one config; this module turns them into plain rule groups. Every alert has a
 `severity` label, a static `summary`, a templated `description` and a `runbook_url`
 pointing at its section of docs/runbook.md.
-
-Alerts wait for their metrics: ChainwatchMempoolAnomaly comes when a mempool model
-exports a score.
 """
 
 from __future__ import annotations
@@ -34,6 +31,12 @@ def _bucket_below(depth: int) -> str:
     return f"{float(depth - 1)}"
 
 
+def mempool_baseline_record(config: dict[str, Any]) -> str:
+    """Name of the recording rule that holds each node's usual pending-pool size."""
+    window = config["alerts"]["ChainwatchMempoolAnomaly"]["baseline_window"]
+    return f"chainwatch:mempool_pending_transactions:median{window}"
+
+
 def build_rules(config: dict[str, Any]) -> dict[str, Any]:
     sel = config["selectors"]["chainwatch"]
     a = config["alerts"]
@@ -57,6 +60,20 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
     reorg = a["ChainwatchChainReorg"]
     split = a["ChainwatchChainSplit"]
     stalled = a["ChainwatchDetectorStalled"]
+    mempool = a["ChainwatchMempoolAnomaly"]
+    pending = f"chainwatch_mempool_pending_transactions{{{sel}}}"
+    baseline = mempool_baseline_record(config)
+    # The baseline is recorded per scraped series (job, instance, chain_id, node); the
+    # comparisons filter, so $value is the node's pending count. Multiplying the baseline
+    # instead of dividing by it: a zero median needs no special case, and the floor
+    # (min_pending) is what keeps a quiet pool from counting as a surge.
+    per_node = "on(job, instance, chain_id, node)"
+    # the node's baseline, for the description (empty if the recording rule is missing)
+    usual_pool = (
+        f'{{{{ with printf "{baseline}{{job=%q,instance=%q,chain_id=%q,node=%q}}" '
+        "$labels.job $labels.instance $labels.chain_id $labels.node | query }}"
+        '{{ . | first | value | printf "%.0f" }}{{ end }}'
+    )
     where = "{{ $labels.node }} (chain {{ $labels.chain_id }})"
     alerts = [
         alert(
@@ -147,6 +164,26 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
             "are dropped.",
         ),
         alert(
+            "ChainwatchMempoolAnomaly",
+            f"({pending} >= {mempool['min_pending']}) > {per_node} "
+            f"{mempool['surge_factor']} * {baseline}",
+            "A node's mempool is far above its usual size.",
+            f"Node {where} has {{{{ $value | printf \"%.0f\" }}}} pending transactions, more "
+            f"than {mempool['surge_factor']} times its median of the last "
+            f"{mempool['baseline_window']} ({usual_pool}).",
+            kind="surge",
+        ),
+        alert(
+            "ChainwatchMempoolAnomaly",
+            f"{pending} < {per_node} "
+            f"{mempool['drain_factor']} * ({baseline} >= {mempool['min_pending']})",
+            "A node's mempool is far below its usual size.",
+            f"Node {where} has {{{{ $value | printf \"%.0f\" }}}} pending transactions, less "
+            f"than {mempool['drain_factor'] * 100:g}% of its median of the last "
+            f"{mempool['baseline_window']} ({usual_pool}).",
+            kind="drain",
+        ),
+        alert(
             "ChainwatchDetectorStalled",
             f"(time() - chainwatch_detector_last_event_timestamp_seconds{{{sel}}} > "
             f"{stalled['idle_seconds']} and chainwatch_detector_last_event_timestamp_seconds"
@@ -222,6 +259,12 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
                  f"(rate(chainwatch_findings_total{{{sel}}}[5m]))"},
         {"record": "chainwatch:seconds_since_head",
          "expr": f"time() - chainwatch_last_head_seen_timestamp_seconds{{{sel}}}"},
+        # one series per node and scrape target; `max by` drops target labels (pod, ...)
+        # and keeps the alert's one-to-one match when a restarted target's old series is
+        # still inside the window
+        {"record": baseline,
+         "expr": f"max by (job, instance, chain_id, node) "
+                 f"(quantile_over_time(0.5, {pending}[{mempool['baseline_window']}]))"},
     ]
     return {
         "groups": [

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from alerts.mixin import load_config, mempool_baseline_record
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIRS = (ROOT / "dashboards", ROOT / "helm" / "chainwatch" / "files" / "dashboards")
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -186,6 +188,18 @@ def mempool() -> Dashboard:
     d.panel("Pending and queued", "Transactions in each node's pool.", "none",
             [(f"chainwatch_mempool_pending_transactions{{{SEL}}}", "{{node}} pending"),
              (f"chainwatch_mempool_queued_transactions{{{SEL}}}", "{{node}} queued")])
+    rules = load_config()  # the alert's thresholds, from the alerts' one config
+    anomaly = rules["alerts"]["ChainwatchMempoolAnomaly"]
+    baseline = mempool_baseline_record(rules)
+    d.panel("Pending vs. usual pool size",
+            f"Pending transactions and their median over the last "
+            f"{anomaly['baseline_window']} (recording rule {baseline}), the baseline of "
+            f"ChainwatchMempoolAnomaly: a surge above {anomaly['surge_factor']} x the median "
+            f"(with at least {anomaly['min_pending']} pending), a drain below "
+            f"{anomaly['drain_factor'] * 100:g}% of a median of at least "
+            f"{anomaly['min_pending']}, for {anomaly['for']}.", "none",
+            [(f"chainwatch_mempool_pending_transactions{{{SEL}}}", "{{node}} pending"),
+             (f"{baseline}{{{SEL}}}", f"{{{{node}}}} median {anomaly['baseline_window']}")])
     d.panel("Pending arrivals", "New pending transactions per second.", "ops",
             [(f"rate(chainwatch_pending_tx_arrivals_total{{{SEL}}}[5m])", "{{node}}")])
     d.panel("Fates", "Followed transactions per second by fate.", "ops",

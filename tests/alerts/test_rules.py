@@ -191,7 +191,39 @@ DEEP_REORG = {
     ],
 }
 
-TESTS = [*CASES, FORK_RISK_CRITICAL, REORG, DEEP_REORG]
+# The pool size against its median of the last hour (a recording rule), 1m samples.
+MEMPOOL = 'chainwatch_mempool_pending_transactions{chain_id="1",node="%s",job="chainwatch",' \
+          'instance="cw:9108"}'
+# 100 pending for an hour, then 400 from 60m: above 3 x the median and the floor of 200 at
+# once (the median over 61 samples stays 100 until 90m), firing 10m later. Not firing:
+# a quiet devnet pool going from 2 to 50 (25 x its median, below the floor), a node whose
+# series starts at 60m already at 5,000 (its baseline is its own short history: no page at
+# start-up) and a busy node staying at its level.
+MEMPOOL_SURGE = case(
+    "ChainwatchMempoolAnomaly",
+    [(MEMPOOL % "geth-1", "100x59 400x40"),
+     (MEMPOOL % "devnet", "2x59 50x40"),
+     (MEMPOOL % "fresh", "_x59 5000x40"),
+     (MEMPOOL % "busy", "3000x99")], 70,
+    {**NODE_LABELS, "kind": "surge", "severity": "warning"},
+    "A node's mempool is far above its usual size.",
+    f"Node {WHERE} has 400 pending transactions, more than 3 times its median of the last "
+    "1h (100).")
+# 1,000 pending for an hour, then 0 from 60m: below 10% of a median of 200 or more at once,
+# firing 10m later. A quiet pool (median 20, below the floor) emptying does not count. The
+# alert clears at 90m, when the empty pool has become the median.
+MEMPOOL_DRAIN = case(
+    "ChainwatchMempoolAnomaly",
+    [(MEMPOOL % "geth-1", "1000x59 0x40"),
+     (MEMPOOL % "devnet", "20x59 0x40")], 70,
+    {**NODE_LABELS, "kind": "drain", "severity": "warning"},
+    "A node's mempool is far below its usual size.",
+    f"Node {WHERE} has 0 pending transactions, less than 10% of its median of the last 1h "
+    "(1000).")
+MEMPOOL_DRAIN["alert_rule_test"].append(
+    {"eval_time": "90m", "alertname": "ChainwatchMempoolAnomaly", "exp_alerts": []})
+
+TESTS = [*CASES, FORK_RISK_CRITICAL, REORG, DEEP_REORG, MEMPOOL_SURGE, MEMPOOL_DRAIN]
 
 
 def test_rendered_rules_are_up_to_date():
