@@ -49,6 +49,9 @@ class DetectorConfig:
     contamination: float = 0.001  # ~1 block in 1,000: the false-finding target
     seed: int = 42
     z_limit: float = 12.0
+    # a block finding needs the model's verdict AND one feature this far out (robust z):
+    # busy blocks (full, base fee +12.5%) sit at z 4-5 and are normal on a live chain
+    block_min_deviation: float = 6.0
     model_kind: str = "iforest"
     reorg_warning_depth: int = 2
     reorg_critical_depth: int = 6
@@ -396,9 +399,10 @@ class Detector:
         self.metrics.reorgs.labels(*labels).inc()
         self.metrics.reorg_depth.labels(*labels).observe(reorg.depth)
         c = self.config
+        # an ancestor beyond the collector's reach means a depth we cannot even measure
         severity: Severity = (
             "critical"
-            if reorg.depth >= c.reorg_critical_depth
+            if reorg.depth >= c.reorg_critical_depth or not reorg.ancestor_found
             else "warning"
             if reorg.depth >= c.reorg_warning_depth
             else "info"
@@ -441,6 +445,7 @@ class Detector:
         for i, block in enumerate(blocks):
             if complete[i]:
                 by_chain.setdefault(block.chain_id, []).append(i)
+        c = self.config
         for chain_id, idx in by_chain.items():
             model = self.model_for(chain_id)
             x = matrix[idx]
@@ -452,7 +457,8 @@ class Detector:
                     block = blocks[i]
                     score = float(scored.scores[j])
                     self.metrics.block_anomaly_score.labels(str(chain_id), block.node).set(score)
-                    if scored.anomalous[j]:
+                    far = np.abs(model.detector.robust_z(x[j])).max() >= c.block_min_deviation
+                    if scored.anomalous[j] and far:
                         findings.append(self._block_finding(block, score, scored.threshold, x[j]))
             if model.learn(x):
                 self.metrics.model_info.labels("block", model.detector.kind,

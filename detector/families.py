@@ -47,12 +47,19 @@ from detector.miner_features import miner_window_features
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
 from detector.rules import (
+    Offer,
     RuleHit,
+    Stamp,
+    block_min_tip,
+    count_score,
     empty_blocks_rule,
     miner_share_rule,
+    miner_surge_rule,
     nonce_replacement_spam_rule,
     sandwich_rule,
     sender_burst_rule,
+    skipped_by,
+    timestamp_drift_rule,
 )
 from detector.state import NodeKey
 from detector.tx_features import (
@@ -89,7 +96,12 @@ class FamilyConfig:
     empty_pending_threshold: int = 20
     empty_min_count: int = 2
     timestamp_jump_seconds: float = 120.0  # interval beyond median + this is a jump
-    censor_blocks: int = 5
+    timestamp_future_seconds: float = 15.0  # geth refuses blocks further in the future
+    # a takeover: binomial tail of a producer's recent count against its past share
+    surge_windows: tuple[int, ...] = (8, 12, 16, 24, 32)
+    surge_alpha: float = 1e-6
+    # censorship: a top-decile tip left out by this many blocks that had room for it
+    censor_blocks: int = 3
     censor_tip_percentile: float = 0.9
     # fork risk
     fork_risk_threshold: float = 0.7  # one moderate reorg alone stays below
@@ -143,6 +155,9 @@ class TxFamily:
         )
         self.pending_since = _Bounded(200_000)  # hash -> first seen, of txs pending now
         self.tip_percentile = _Bounded(200_000)  # hash -> fee percentile on arrival
+        # what the top-decile pending txs offer, for the censorship rule
+        self.offers: OrderedDict[str, Offer] = OrderedDict()
+        self.next_nonce: OrderedDict[str, int] = OrderedDict()  # sender -> last included + 1
         self.replacements = _Bounded(100_000)  # new hash -> how many replacements led to it
         self._replaced: deque[TxLifecycle] = deque(maxlen=10_000)
         self._seen_blocks = _Bounded(10_000)
@@ -164,11 +179,29 @@ class TxFamily:
             self.pending_since.put(tx.hash, tx.first_seen_at)
             if not math.isnan(p):
                 self.tip_percentile.put(tx.hash, float(p))
+                if p >= self.config.censor_tip_percentile:
+                    self._offer(tx)
+
+    def _offer(self, tx: PendingTx) -> None:
+        fee_cap = tx.max_fee_per_gas if tx.max_fee_per_gas is not None else tx.gas_price
+        tip_cap = (tx.max_priority_fee_per_gas if tx.max_priority_fee_per_gas is not None
+                   else tx.gas_price)
+        if fee_cap is None or tip_cap is None:
+            return
+        self.offers[tx.hash] = Offer(fee_cap, tip_cap, tx.gas, tx.first_seen_at,
+                                     tx.from_address.lower(), tx.nonce)
+        if len(self.offers) > 50_000:
+            self.offers.popitem(last=False)
+
+    def _gone(self, tx_hash: str) -> None:
+        """A tx left the pool (included, dropped, replaced)."""
+        self.pending_since.pop(tx_hash, None)
+        self.offers.pop(tx_hash, None)
 
     def on_lifecycles(self, records: list[TxLifecycle], now: float) -> list[Finding]:
         for r in records:
             if r.fate in ("dropped", "replaced", "included"):
-                self.pending_since.pop(r.hash, None)
+                self._gone(r.hash)
             if r.fate == "included":
                 self._included.put(r.hash, r.observed_at)
             if r.fate == "replaced":
@@ -202,7 +235,11 @@ class TxFamily:
         self.market.update(fresh)
         for b in fresh:
             for tx in b.transactions:
-                self.pending_since.pop(tx.hash, None)
+                self._gone(tx.hash)
+                sender = tx.from_address.lower()
+                self.next_nonce[sender] = max(self.next_nonce.pop(sender, 0), tx.nonce + 1)
+            while len(self.next_nonce) > 200_000:
+                self.next_nonce.popitem(last=False)
                 self._included.put(tx.hash, b.observed_at)
         return findings
 
@@ -283,6 +320,7 @@ class MinerFamily:
         self.snapshots: deque[tuple[float, int]] = deque(maxlen=1_000)
         self.episodes = Episodes()
         self._overdue_reported = _Bounded(10_000)
+        self._skips: dict[str, dict[int, str]] = {}  # tx hash -> {height: miner} that left it out
         self.top_share = 0.0
         self.hhi = 0.0
 
@@ -292,8 +330,11 @@ class MinerFamily:
     def on_blocks(self, blocks: list[Block], txs: TxFamily, now: float) -> list[Finding]:
         if not blocks:
             return []
-        findings = [self._jump(b, now) for b in blocks]
-        self.blocks.extend(blocks)
+        findings: list[Finding | None] = []
+        for b in blocks:
+            findings.append(self._clock(b, now))
+            self._count_skips(b, txs)
+            self.blocks.append(b)
         c = self.config
         window = list(self.blocks)
         head = window[-1]
@@ -304,17 +345,36 @@ class MinerFamily:
         hits = miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
         hits += empty_blocks_rule(window, list(self.snapshots), c.empty_pending_threshold,
                                   c.empty_min_count)
+        hits += miner_surge_rule(self._producers(), chain_id=head.chain_id, node=head.node,
+                                 head=head.number, windows=c.surge_windows, alpha=c.surge_alpha)
         active = {(h.rule, h.subject): str(head.number) for h in hits}
         started = self.episodes.update("rules", active)
         for h in hits:
             episode = started.get((h.rule, h.subject))
             if episode is not None:
                 findings.append(h.to_finding(now, episode))
-        findings.extend(self._overdue(txs, now))
+        findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]
 
+    def _producers(self) -> list[str]:
+        """The window's producer per height (the last block received at a height wins)."""
+        by_height = {b.number: b.miner.lower() for b in self.blocks}
+        return [by_height[n] for n in sorted(by_height)]
+
+    def _clock(self, block: Block, now: float) -> Finding | None:
+        """A producer moving the chain's clock: a made-up timestamp, or a huge jump."""
+        stamps = [Stamp(b.number, b.miner.lower(), float(b.timestamp), b.observed_at)
+                  for b in self.blocks]
+        stamps.append(Stamp(block.number, block.miner.lower(), float(block.timestamp),
+                            block.observed_at))
+        hit = timestamp_drift_rule(stamps, chain_id=block.chain_id, node=block.node,
+                                   future_limit=self.config.timestamp_future_seconds)
+        if hit is not None:
+            return hit.to_finding(now, episode=block.hash)
+        return self._jump(block, now)
+
     def _jump(self, block: Block, now: float) -> Finding | None:
-        """A timestamp far beyond the usual interval: a producer moving the chain's clock."""
+        """A timestamp far beyond the usual interval (also when arrival times are unknown)."""
         previous = self.blocks[-1] if self.blocks else None
         if previous is None or previous.number != block.number - 1 or len(self.blocks) < 10:
             return None
@@ -334,31 +394,44 @@ class MinerFamily:
         )
         return hit.to_finding(now, episode=block.hash)
 
-    def _overdue(self, txs: TxFamily, now: float) -> list[Finding]:
-        """High-fee transactions still pending after several blocks: a censorship hint."""
+    def _count_skips(self, block: Block, txs: TxFamily) -> None:
+        """Note which watched high-fee txs this block's producer could have taken but left."""
+        if not txs.offers:
+            return
+        parent = next((b for b in reversed(self.blocks) if b.number == block.number - 1), None)
+        parent_seen = parent.observed_at if parent is not None else None
+        min_tip = block_min_tip(block)
+        included = {t.hash for t in block.transactions}
+        miner = block.miner.lower()
+        for tx_hash, offer in txs.offers.items():
+            if tx_hash in included or tx_hash in self._overdue_reported:
+                continue
+            if skipped_by(offer, block, parent_seen, min_tip,
+                          txs.next_nonce.get(offer.sender)):
+                self._skips.setdefault(tx_hash, {})[block.number] = miner
+        if len(self._skips) > 2 * len(txs.offers) + 1_000:
+            self._skips = {h: v for h, v in self._skips.items() if h in txs.offers}
+
+    def _censored(self, txs: TxFamily, now: float) -> list[Finding]:
+        """High-fee txs left out by several blocks that had room for them: a censorship hint."""
         c = self.config
-        if len(self.blocks) <= c.censor_blocks:
-            return []
-        seen = np.array([b.observed_at for b in self.blocks])
-        cutoff = float(seen[-(c.censor_blocks + 1)])  # arrived before the last N+1 blocks
-        miners = sorted({b.miner.lower() for b in list(self.blocks)[-c.censor_blocks:]})
         head = self.blocks[-1]
         out: list[Finding] = []
-        for tx_hash, since in txs.pending_since.items():
-            if since >= cutoff:
-                break  # insertion order is arrival order: the rest are newer
-            if tx_hash in self._overdue_reported:
+        for tx_hash, skips in list(self._skips.items()):
+            if len(skips) < c.censor_blocks or tx_hash not in txs.offers:
                 continue
-            if txs.tip_percentile.get(tx_hash, 0.0) < c.censor_tip_percentile:
-                continue
+            del self._skips[tx_hash]
             self._overdue_reported.put(tx_hash, now)
+            since = txs.offers[tx_hash].first_seen_at
+            miners = sorted(set(skips.values()))
             out.append(RuleHit(
                 rule="censorship_rule", family="miner", severity="warning",
                 chain_id=head.chain_id, node=head.node, subject_kind="tx", subject=tx_hash,
-                block_number=head.number, score=1.0,
-                summary=(f"high-fee tx {tx_hash} pending since {now - since:.0f}s ago, "
-                         f"left out of the last {c.censor_blocks} blocks by "
+                block_number=head.number, score=count_score(len(skips), c.censor_blocks),
+                summary=(f"high-fee tx {tx_hash} pending since {now - since:.0f}s ago was left "
+                         f"out of {len(skips)} blocks that had room or took cheaper txs, by "
                          f"{', '.join(miners)}"),
+                details={"blocks": sorted(skips), "miners": miners},
             ).to_finding(now))
         return out
 

@@ -9,10 +9,13 @@ subject only, so re-evaluating the same window yields the same id (dropped as du
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from chainwatch.schema import Block, Finding, Severity, TxLifecycle
@@ -63,7 +66,7 @@ class RuleHit:
         )
 
 
-def _count_score(count: float, limit: float) -> float:
+def count_score(count: float, limit: float) -> float:
     return min(count / (2.0 * limit), 1.0) if limit > 0 else 1.0
 
 
@@ -144,7 +147,7 @@ def empty_blocks_rule(
                 subject_kind="miner",
                 subject=str(row["miner"]),
                 block_number=numbers[-1],
-                score=_count_score(len(numbers), min_count),
+                score=count_score(len(numbers), min_count),
                 summary=(
                     f"miner {row['miner']} produced {len(numbers)} empty block(s) while "
                     f"{row['node']}'s mempool held more than {pending_threshold} pending txs"
@@ -270,7 +273,7 @@ def nonce_replacement_spam_rule(
                 subject_kind="tx",
                 subject=f"{row['sender']}#{row['nonce']}",
                 block_number=None,
-                score=_count_score(count, limit),
+                score=count_score(count, limit),
                 summary=(
                     f"{row['sender']} replaced nonce {row['nonce']} {count} times within "
                     f"{window_seconds:g}s on {row['node']} (limit {limit})"
@@ -317,7 +320,7 @@ def sender_burst_rule(
                 subject_kind="tx",
                 subject=hashes[0],
                 block_number=block.number,
-                score=max(_count_score(n, min_txs), min(share / (2 * min_share), 1.0)),
+                score=max(count_score(n, min_txs), min(share / (2 * min_share), 1.0)),
                 summary=(
                     f"{sender} sent {n} of the {total} txs in block {block.number} "
                     f"({share:.0%}): a spam burst"
@@ -326,3 +329,180 @@ def sender_burst_rule(
             )
         )
     return out
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p); exact, n is small here."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def miner_surge_rule(
+    miners: Sequence[str],
+    *,
+    chain_id: int,
+    node: str,
+    head: int,
+    windows: Sequence[int] = (8, 12, 16, 24, 32),
+    alpha: float = 1e-6,
+    min_prior: int = 24,
+) -> list[RuleHit]:
+    """Producers that suddenly make far more of the recent blocks than their history allows.
+
+    `miners` is the node's window of producers, one per height, oldest first. For each
+    recent window of n blocks, a miner's count k is tested against its share before that
+    window (binomial tail P(X >= k) under p0). p0 is the miner's smoothed past share, but at
+    least the past window's HHI (the share of a "typical" producer), so a newcomer is not
+    judged against a share of zero. A share-over-a-limit rule needs ~2x the limit in
+    blocks to fire; this fires on a takeover within about ten blocks, while the chance of
+    a false alarm per miner and window stays under `alpha`.
+    """
+    best: dict[str, tuple[float, int, int, float]] = {}  # miner -> (p, k, n, p0)
+    for n in windows:
+        prior = miners[:-n]
+        if len(prior) < min_prior:
+            continue
+        recent = miners[-n:]
+        prior_counts: dict[str, int] = {}
+        for m in prior:
+            prior_counts[m] = prior_counts.get(m, 0) + 1
+        hhi = sum((c / len(prior)) ** 2 for c in prior_counts.values())
+        recent_counts: dict[str, int] = {}
+        for m in recent:
+            recent_counts[m] = recent_counts.get(m, 0) + 1
+        for miner, k in recent_counts.items():
+            p0 = max((prior_counts.get(miner, 0) + 1) / (len(prior) + 2), hhi)
+            if k <= n * p0:
+                continue
+            p = binomial_tail(k, n, p0)
+            if p < alpha and p < best.get(miner, (1.0, 0, 0, 0.0))[0]:
+                best[miner] = (p, k, n, p0)
+    out: list[RuleHit] = []
+    for miner, (p, k, n, p0) in sorted(best.items()):
+        # -log10(p) at alpha scores 0.5, at alpha squared 1.0
+        score = min(math.log10(max(p, 1e-300)) / (2 * math.log10(alpha)), 1.0)
+        out.append(RuleHit(
+            rule="miner_surge_rule", family="miner",
+            severity="critical" if k / n > 0.5 else "warning",
+            chain_id=chain_id, node=node, subject_kind="miner", subject=miner,
+            block_number=head, score=score,
+            summary=(f"miner {miner} produced {k} of the last {n} blocks on {node} "
+                     f"(expected share {p0:.0%}; chance {p:.1e})"),
+            details={"blocks": k, "window_blocks": n, "expected_share": p0, "p_value": p},
+        ))
+    return out
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A block's clock facts as one node saw them (all seconds)."""
+
+    number: int
+    miner: str
+    timestamp: float
+    observed_at: float
+
+
+def timestamp_drift_rule(
+    window: Sequence[Stamp],
+    *,
+    chain_id: int,
+    node: str,
+    future_limit: float = 15.0,
+    min_blocks: int = 10,
+) -> RuleHit | None:
+    """The newest block of `window` carries a timestamp its producer made up.
+
+    Ahead: stamped more than `future_limit` seconds further ahead of the moment the node
+    saw it than usual (geth refuses blocks more than 15 s in the future), AND further from
+    its parent than the usual interval: the producer moved the chain's clock forward.
+    Honest successors that can only add 1 s to a clock already ahead are not blamed.
+    Behind: stamped earlier than usual relative to its arrival by more than half the usual
+    interval, AND closer to its parent than half the usual interval: a backdated block.
+    A node that lags sees every block late, but at usual intervals: neither fires.
+    "Usual" is the median over the window, so a constant clock offset between the node
+    and the collector cancels out.
+    """
+    if len(window) < min_blocks + 1:
+        return None
+    block, parent = window[-1], window[-2]
+    if parent.number != block.number - 1:
+        return None
+    past = window[:-1]
+    lead = [s.timestamp - s.observed_at for s in past]
+    gaps = [b.timestamp - a.timestamp for a, b in pairwise(past)
+            if b.number == a.number + 1]
+    if len(gaps) < min_blocks // 2:
+        return None
+    usual_lead = float(np.median(lead))
+    usual_gap = float(np.median(gaps))
+    excess = (block.timestamp - block.observed_at) - usual_lead
+    interval = block.timestamp - parent.timestamp
+    if excess > future_limit and interval > usual_gap:
+        verdict, amount = "ahead of", excess
+        limit = future_limit
+    elif -excess > max(usual_gap / 2, 1.0) and interval < usual_gap / 2:
+        verdict, amount = "behind", -excess
+        limit = max(usual_gap / 2, 1.0)
+    else:
+        return None
+    return RuleHit(
+        rule="timestamp_drift_rule", family="miner", severity="warning",
+        chain_id=chain_id, node=node, subject_kind="miner", subject=block.miner,
+        block_number=block.number, score=count_score(amount, limit),
+        summary=(f"block {block.number} by {block.miner} is stamped {amount:.0f}s {verdict} "
+                 f"the time {node} received it, relative to the usual (interval to its "
+                 f"parent {interval:.0f}s, usual {usual_gap:.0f}s)"),
+        details={"excess_seconds": excess, "interval_seconds": interval,
+                 "usual_interval_seconds": usual_gap},
+    )
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a pending transaction offers a producer."""
+
+    fee_cap: int  # max_fee_per_gas, or gas_price
+    tip_cap: int  # max_priority_fee_per_gas, or gas_price
+    gas: int
+    first_seen_at: float
+    sender: str
+    nonce: int
+
+
+def block_min_tip(block: Block, quantile: float = 0.1) -> float | None:
+    """A low quantile of the effective tips a block accepted (None when it has no txs).
+
+    A low quantile, not the minimum: builders end blocks with their own zero-tip payouts.
+    """
+    base = block.base_fee_per_gas or 0
+    tips = []
+    for tx in block.transactions:
+        if tx.max_priority_fee_per_gas is not None and tx.max_fee_per_gas is not None:
+            tips.append(min(tx.max_priority_fee_per_gas, tx.max_fee_per_gas - base))
+        elif tx.gas_price is not None:
+            tips.append(tx.gas_price - base)
+    return float(np.quantile(tips, quantile)) if tips else None
+
+
+def skipped_by(offer: Offer, block: Block, parent_seen_at: float | None,
+               min_tip: float | None, next_nonce: int | None) -> bool:
+    """Did `block`'s producer leave out a transaction it could and should have taken?
+
+    It could: the tx was known a whole slot earlier (seen before the node saw the parent,
+    and before the block's own timestamp), its fee cap covers the base fee, and it is its
+    sender's next nonce (`next_nonce`: one above the sender's last included nonce; None
+    when unknown) - a later nonce waits for a cheaper predecessor whatever it pays. It
+    should: the block had gas left for it, or it accepted txs paying less than it would.
+    """
+    if next_nonce is not None and offer.nonce != next_nonce:
+        return False
+    known_before = min(parent_seen_at if parent_seen_at is not None else -math.inf,
+                       float(block.timestamp))
+    if offer.first_seen_at > known_before:
+        return False
+    base = block.base_fee_per_gas or 0
+    if offer.fee_cap < base:
+        return False
+    room = block.gas_limit - block.gas_used >= offer.gas
+    tip = min(offer.tip_cap, offer.fee_cap - base)
+    return room or (min_tip is not None and tip > min_tip)

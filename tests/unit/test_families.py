@@ -97,13 +97,62 @@ def test_a_dominant_miner_is_reported_once_per_episode(normal):
     assert run.metric("chainwatch_miner_top_share", chain_id="1", node="bench") < 0.5
 
 
-def test_a_timestamp_jump_names_the_producer(normal):
+def test_a_timestamp_jump_names_the_producer_when_arrival_times_are_unknown(normal):
+    """Imported history (ethereum-etl) has observed_at = timestamp: only the jump shows."""
     run = Run()
-    jumped = [b.model_copy(update={"timestamp": b.timestamp + 900}) if b.number >= 40 else b
+    jumped = [b.model_copy(update={"timestamp": b.timestamp + 900,
+                                   "observed_at": b.timestamp + 900.0})
+              if b.number >= 40 else b.model_copy(update={"observed_at": float(b.timestamp)})
               for b in normal[:60]]
-    found = by(run.feed(jumped), "timestamp_jump_rule")
-    assert len(found) == 1
+    found = run.feed(jumped)
+    assert [f.detector for f in found if f.family == "miner"] == ["timestamp_jump_rule"]
     assert found[0].block_number == 40 and found[0].subject == normal[40].miner.lower()
+
+
+def test_a_block_stamped_in_the_future_names_its_producer_not_its_successors(normal):
+    """Ahead by 60 s: the producer is named; honest successors at parent + 1 s are not."""
+    run = Run()
+    blocks = [b.model_copy(update={"observed_at": b.timestamp + 0.5}) for b in normal[:60]]
+    ahead = blocks[40].timestamp + 60
+    clocked = [
+        *blocks[:40],
+        blocks[40].model_copy(update={"timestamp": ahead}),
+        *(b.model_copy(update={"timestamp": ahead + i + 1})
+          for i, b in enumerate(blocks[41:45])),
+        *blocks[45:],
+    ]
+    found = by(run.feed(clocked), "timestamp_drift_rule")
+    assert [(f.block_number, f.subject) for f in found] == [(40, normal[40].miner.lower())]
+    assert "ahead of" in found[0].summary
+
+
+def test_a_backdated_run_is_flagged_but_a_lagging_node_is_not(normal):
+    blocks = [b.model_copy(update={"observed_at": b.timestamp + 0.5}) for b in normal[:60]]
+    backdated = [
+        *blocks[:40],
+        *(b.model_copy(update={"timestamp": blocks[39].timestamp + i + 1})
+          for i, b in enumerate(blocks[40:43])),
+        *blocks[43:],
+    ]
+    found = by(Run().feed(backdated), "timestamp_drift_rule")
+    assert [f.block_number for f in found] == [40, 41, 42]
+    assert all("behind" in f.summary for f in found)
+    # the node falls 40 s behind for 10 blocks, then catches up: usual intervals, no blame
+    lagging = [b.model_copy(update={"observed_at": b.observed_at + 40})
+               if 40 <= b.number < 50 else b for b in blocks]
+    found = Run().feed(lagging)
+    assert by(found, "timestamp_drift_rule") == [] and by(found, "timestamp_jump_rule") == []
+
+
+def test_a_sudden_takeover_is_flagged_within_ten_blocks_once(normal):
+    taker = "0x" + "7a" * 20
+    run = Run()
+    run.feed(normal[:60])
+    taken = [b.model_copy(update={"miner": taker}) if i % 8 != 3 else b
+             for i, b in enumerate(normal[60:100])]
+    found = by(run.feed(taken), "miner_surge_rule")
+    assert [f.subject for f in found] == [taker]
+    assert found[0].block_number <= 70
 
 
 def _pending(tx: TxSummary, at: float, node: str = "bench") -> PendingTx:
@@ -124,8 +173,8 @@ def test_a_high_fee_tx_left_out_of_several_blocks_is_a_censorship_hint(normal):
     template = next(t for t in normal[60].transactions if t.max_priority_fee_per_gas)
     rich = template.model_copy(update={
         "hash": "0x" + "c1" * 32, "max_priority_fee_per_gas": 50 * 10**9,
-        "max_fee_per_gas": 500 * 10**9})
-    served = rich.model_copy(update={"hash": "0x" + "c2" * 32})
+        "max_fee_per_gas": 500 * 10**9, "from_address": "0x" + "c1" * 20, "nonce": 0})
+    served = rich.model_copy(update={"hash": "0x" + "c2" * 32, "from_address": "0x" + "c2" * 20})
     at = normal[59].observed_at + 1
     run.feed([_pending(rich, at), _pending(served, at)])
     run.feed([with_txs(normal[60], [served])])  # one is mined, the other never is
@@ -133,6 +182,32 @@ def test_a_high_fee_tx_left_out_of_several_blocks_is_a_censorship_hint(normal):
     found = by(run.findings, "censorship_rule")
     assert [f.subject for f in found] == [rich.hash]
     assert found[0].family == "miner"
+
+
+def test_a_high_fee_tx_outbid_in_full_blocks_is_no_censorship_hint(normal):
+    """Congestion is not censorship: full blocks that took only better-paying txs."""
+    run = Run()
+    run.feed(normal[:60])
+    template = next(t for t in normal[60].transactions if t.max_priority_fee_per_gas)
+    cheap_tip = 10**6  # above the base fee cap, below every tip the blocks took
+    waiting = template.model_copy(update={
+        "hash": "0x" + "c3" * 32, "max_priority_fee_per_gas": cheap_tip,
+        "max_fee_per_gas": 500 * 10**9, "from_address": "0x" + "c3" * 20, "nonce": 0})
+    at = normal[59].observed_at + 1
+    run.feed([_pending(waiting, at)])
+    tx_family = run.detector.tx_family(1)
+    assert waiting.hash not in tx_family.offers  # a low tip is not watched at all
+    rich = waiting.model_copy(update={"hash": "0x" + "c4" * 32,
+                                      "max_priority_fee_per_gas": 50 * 10**9})
+    run.feed([_pending(rich, at)])
+    assert rich.hash in tx_family.offers
+    # ten full blocks, every tx in them paying more than `rich` offers
+    outbid = [b.model_copy(update={"gas_used": b.gas_limit, "transactions": tuple(
+        t.model_copy(update={"max_priority_fee_per_gas": 60 * 10**9,
+                             "max_fee_per_gas": 900 * 10**9}) for t in b.transactions)})
+        for b in normal[60:70]]
+    run.feed(outbid)
+    assert by(run.findings, "censorship_rule") == []
 
 
 def test_nonce_replacement_spam_is_flagged(normal):

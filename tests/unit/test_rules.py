@@ -9,10 +9,14 @@ from chainwatch.schema import Block, TxLifecycle, TxSummary
 from detector.miner_features import miner_window_features
 from detector.rules import (
     RULE_THRESHOLD,
+    Offer,
+    binomial_tail,
     empty_blocks_rule,
     miner_share_rule,
+    miner_surge_rule,
     nonce_replacement_spam_rule,
     sandwich_rule,
+    skipped_by,
 )
 from tests.fakes import make_block
 
@@ -161,3 +165,55 @@ def test_hits_become_findings_with_stable_ids():
     assert finding.score == hit.score and finding.subject == hit.subject
     assert hit.to_finding(now=T0 + 99).event_id == finding.event_id
     assert hit.to_finding(now=T0, episode="w2").event_id != finding.event_id
+
+
+def test_binomial_tail_is_exact():
+    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
+    assert binomial_tail(3, 3, 0.5) == pytest.approx(0.125)
+    assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)
+
+
+def _rotation(n: int, producers: int = 12) -> list[str]:
+    return [f"0x{i % producers:040x}" for i in range(n)]
+
+
+def test_a_takeover_is_a_surge_but_a_big_regular_producer_is_not():
+    taker = "0x" + "ab" * 20
+    history = _rotation(60)
+    found = miner_surge_rule([*history, *[taker] * 8], chain_id=1, node="n1", head=68)
+    assert [h.subject for h in found] == [taker]
+    assert found[0].score >= RULE_THRESHOLD and found[0].severity == "critical"
+    # a producer that always made 40% of the blocks keeps doing so: no surge
+    big = "0x" + "bb" * 20
+    steady = [big if i % 5 in (0, 2) else f"0x{i % 7:040x}" for i in range(100)]
+    assert miner_surge_rule(steady, chain_id=1, node="n1", head=100) == []
+    # a newcomer with a couple of blocks is luck, judged against a typical share
+    assert miner_surge_rule([*history, taker, history[0], taker], chain_id=1, node="n1",
+                            head=63) == []
+
+
+def test_too_little_history_gives_no_surge():
+    taker = "0x" + "ab" * 20
+    assert miner_surge_rule([*_rotation(10), *[taker] * 8], chain_id=1, node="n1",
+                            head=18) == []
+
+
+def test_a_tx_counts_as_skipped_only_when_the_producer_could_and_should_have_taken_it():
+    block = make_block(10, "0x" + "00" * 32).model_copy(update={
+        "base_fee_per_gas": 10, "gas_limit": 1_000_000, "gas_used": 900_000})
+    offer = Offer(fee_cap=100, tip_cap=5, gas=21_000, first_seen_at=block.timestamp - 30,
+                  sender="0xs", nonce=7)
+    assert skipped_by(offer, block, block.timestamp - 12.0, None, next_nonce=7)  # room left
+    assert skipped_by(offer, block, block.timestamp - 12.0, None, next_nonce=None)
+    # waits for an earlier nonce of its sender, whatever it pays
+    assert not skipped_by(offer, block, block.timestamp - 12.0, None, next_nonce=6)
+    # arrived after the parent: the producer may not have had it in time
+    late = Offer(100, 5, 21_000, block.timestamp - 5, "0xs", 7)
+    assert not skipped_by(late, block, block.timestamp - 12.0, None, next_nonce=7)
+    # fee cap below the base fee: not includable
+    poor = Offer(9, 5, 21_000, block.timestamp - 30, "0xs", 7)
+    assert not skipped_by(poor, block, block.timestamp - 12.0, None, next_nonce=7)
+    # a full block: skipped only if it took txs paying less than this one would
+    full = block.model_copy(update={"gas_used": 1_000_000})
+    assert not skipped_by(offer, full, full.timestamp - 12.0, min_tip=8.0, next_nonce=7)
+    assert skipped_by(offer, full, full.timestamp - 12.0, min_tip=2.0, next_nonce=7)
