@@ -43,7 +43,7 @@ from detector.fork_features import (
     fork_risk_score,
     fork_window_features,
 )
-from detector.miner_features import miner_window_features
+from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
 from detector.rules import (
@@ -321,6 +321,8 @@ class MinerFamily:
         self.episodes = Episodes()
         self._overdue_reported = _Bounded(10_000)
         self._skips: dict[str, dict[int, str]] = {}  # tx hash -> {height: miner} that left it out
+        self._empties: tuple[str, ...] = ()
+        self._empty_hits: list[RuleHit] = []
         self.top_share = 0.0
         self.hhi = 0.0
 
@@ -336,16 +338,14 @@ class MinerFamily:
             self._count_skips(b, txs)
             self.blocks.append(b)
         c = self.config
-        window = list(self.blocks)
-        head = window[-1]
-        frame = miner_window_features(window, list(self.snapshots), window=c.miner_window,
-                                      pending_threshold=c.empty_pending_threshold)
+        head = self.blocks[-1]
+        producers = self._producers()
+        frame = share_frame(producers, chain_id=head.chain_id, node=head.node)
         self.top_share = float(frame["block_share"].max() or 0.0)
         self.hhi = float(frame["window_hhi"].max() or 0.0)
         hits = miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
-        hits += empty_blocks_rule(window, list(self.snapshots), c.empty_pending_threshold,
-                                  c.empty_min_count)
-        hits += miner_surge_rule(self._producers(), chain_id=head.chain_id, node=head.node,
+        hits += self._empty_blocks()
+        hits += miner_surge_rule(producers, chain_id=head.chain_id, node=head.node,
                                  head=head.number, windows=c.surge_windows, alpha=c.surge_alpha)
         active = {(h.rule, h.subject): str(head.number) for h in hits}
         started = self.episodes.update("rules", active)
@@ -355,6 +355,17 @@ class MinerFamily:
                 findings.append(h.to_finding(now, episode))
         findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]
+
+    def _empty_blocks(self) -> list[RuleHit]:
+        """empty_blocks_rule, re-run only when the window's empty blocks changed."""
+        empties = tuple(b.hash for b in self.blocks if b.tx_count == 0)
+        if empties != self._empties:
+            self._empties = empties
+            c = self.config
+            self._empty_hits = empty_blocks_rule(
+                list(self.blocks), list(self.snapshots), c.empty_pending_threshold,
+                c.empty_min_count) if empties else []
+        return self._empty_hits
 
     def _producers(self) -> list[str]:
         """The window's producer per height (the last block received at a height wins)."""

@@ -20,7 +20,6 @@ import polars as pl
 
 from chainwatch.schema import Block, Finding, Severity, TxLifecycle
 from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
-from detector.tx_features import blocks_to_tx_frame
 
 RULE_THRESHOLD = 0.5
 
@@ -169,27 +168,29 @@ def sandwich_rule(block: Block) -> list[RuleHit]:
     own contract (to_address differs from the victim's) are not caught: a known-bad
     pattern, not an MEV classifier.
     """
-    txs = blocks_to_tx_frame([block]).sort("tx_index")
-    matched = txs.with_columns(
-        pl.col("from_address").shift(1).alias("front_from"),
-        pl.col("from_address").shift(-1).alias("back_from"),
-        pl.col("to_address").shift(1).alias("front_to"),
-        pl.col("to_address").shift(-1).alias("back_to"),
-        pl.col("tx_index").shift(1).alias("front_index"),
-        pl.col("tx_index").shift(-1).alias("back_index"),
-        pl.col("hash").shift(1).alias("front_hash"),
-        pl.col("hash").shift(-1).alias("back_hash"),
-    ).filter(
-        pl.col("front_from") == pl.col("back_from"),
-        pl.col("front_from") != pl.col("from_address"),
-        pl.col("to_address").is_not_null(),
-        pl.col("front_to") == pl.col("to_address"),
-        pl.col("back_to") == pl.col("to_address"),
-        pl.col("front_index") == pl.col("tx_index") - 1,
-        pl.col("back_index") == pl.col("tx_index") + 1,
-    )
+    # a plain pass over ~200 txs: a polars frame per block cost ~15 ms, this ~0.1 ms
+    txs = sorted(block.transactions, key=lambda t: t.transaction_index)
+    matched = []
+    for front, victim, back in zip(txs, txs[1:], txs[2:], strict=False):
+        attacker = front.from_address.lower()
+        contract = (victim.to_address or "").lower()
+        if (
+            contract
+            and back.from_address.lower() == attacker
+            and victim.from_address.lower() != attacker
+            and (front.to_address or "").lower() == contract == (back.to_address or "").lower()
+            and front.transaction_index == victim.transaction_index - 1
+            and back.transaction_index == victim.transaction_index + 1
+        ):
+            matched.append({
+                "front_from": attacker, "from_address": victim.from_address.lower(),
+                "to_address": contract, "hash": victim.hash,
+                "front_index": front.transaction_index, "tx_index": victim.transaction_index,
+                "back_index": back.transaction_index, "front_hash": front.hash,
+                "back_hash": back.hash,
+            })
     out: list[RuleHit] = []
-    for row in matched.iter_rows(named=True):  # matches only, not every tx
+    for row in matched:
         indices = [int(row["front_index"]), int(row["tx_index"]), int(row["back_index"])]
         out.append(
             RuleHit(

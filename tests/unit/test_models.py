@@ -152,3 +152,25 @@ def test_train_fits_a_transaction_model_on_live_features_and_detect_runs_it_froz
     family = detector.tx[1]
     assert family.model.frozen and family.model.version == tx.version
     assert family.scored_rows > 0 and family.model.fits == 0
+
+
+@pytest.mark.parametrize("kind", ["iforest", "sk_iforest"])
+def test_the_compiled_forest_scores_exactly_as_sklearn(kind, tmp_path):
+    """Small calls take the compiled path; it must not change a single score."""
+    from detector.models import COMPILED_MAX_ROWS
+
+    rng = np.random.default_rng(11)
+    train = rng.standard_normal((2_000, 4))
+    train[:, 2] = 5.0  # a constant feature: never split on
+    model = AnomalyDetector("block", ("a", "b", "c", "d"), kind=kind, contamination=0.01)
+    model.fit(train)
+    rows = np.vstack([rng.standard_normal((300, 4)) * 3, [[40.0, -40.0, 5.0, 0.0]]])
+    assert len(rows) <= COMPILED_MAX_ROWS
+    reference = np.asarray(model._estimator.decision_function(rows))
+    assert np.abs(model._raw(rows) - reference).max() < 1e-12
+    assert model._compiled is not None  # the fast path was taken
+    path = tmp_path / "m.joblib"
+    model.save(path)
+    loaded = AnomalyDetector.load(path, "block", ("a", "b", "c", "d"))
+    assert loaded._compiled is None  # not saved: rebuilt on first use
+    assert np.array_equal(loaded.score(rows).scores, model.score(rows).scores)
