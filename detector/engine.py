@@ -216,8 +216,8 @@ class Detector:
         lifecycles: list[TxLifecycle], now: float,
     ) -> list[Finding]:
         txs = self.tx_family(chain_id)
-        txs.on_pending(pending)
-        findings = txs.on_lifecycles(lifecycles, now)
+        findings = txs.on_pending(pending, now)
+        findings.extend(txs.on_lifecycles(lifecycles, now))
         findings.extend(txs.on_blocks(blocks, now))
         if txs.last_scored is not None:
             self._export_scores(chain_id, "tx", txs.last_scored)

@@ -87,6 +87,7 @@ class FamilyConfig:
     # robust z of the most unusual feature: mainnet-shaped fees have a heavy tail (MEV
     # tips reach 180 sigma in 200k normal txs), so only a far outlier is worth a page
     tx_min_deviation: float = 100.0
+    score_pending: bool = True  # score txs as the pool announces them, not only once mined
     replacement_window_seconds: float = 60.0
     replacement_limit: int = 5
     # miners
@@ -166,21 +167,31 @@ class TxFamily:
         self.last_scored: Scored | None = None
         self.scored_rows = 0
 
-    def on_pending(self, txs: list[PendingTx]) -> None:
+    def on_pending(self, txs: list[PendingTx], now: float) -> list[Finding]:
+        """Remember pending txs (arrival, fee rank, offers) and score them as they arrive.
+
+        A fee outlier is flagged when the node first announces it, a block before it is
+        mined; its finding id is the tx's, so the same verdict on inclusion is a duplicate.
+        """
         if not txs:
-            return
+            return []
         frame = pending_to_tx_frame(txs)
         base = pl.lit(self.market.base_fee, pl.Float64)
         tips = frame.select(effective_tip_expr(base))["effective_tip"].fill_null(np.nan)
         pct = self.market.percentile_of(tips.to_numpy())
-        for tx, p in zip(txs, pct, strict=True):
+        fresh = np.ones(len(txs), dtype=bool)
+        for i, (tx, p) in enumerate(zip(txs, pct, strict=True)):
             if tx.hash in self._included:
+                fresh[i] = False
                 continue
             self.pending_since.put(tx.hash, tx.first_seen_at)
             if not math.isnan(p):
                 self.tip_percentile.put(tx.hash, float(p))
                 if p >= self.config.censor_tip_percentile:
                     self._offer(tx)
+        if not self.config.score_pending or not self.model.fitted or not fresh.any():
+            return []
+        return self._score(frame.filter(pl.Series(fresh)), now, learn=False)
 
     def _offer(self, tx: PendingTx) -> None:
         fee_cap = tx.max_fee_per_gas if tx.max_fee_per_gas is not None else tx.gas_price
@@ -243,7 +254,8 @@ class TxFamily:
                 self._included.put(tx.hash, b.observed_at)
         return findings
 
-    def _score(self, frame: pl.DataFrame, now: float) -> list[Finding]:
+    def _score(self, frame: pl.DataFrame, now: float, *, learn: bool = True) -> list[Finding]:
+        """Score a tx frame; included txs (learn=True) then update the stats and the model."""
         features = tx_features(
             frame, self.market, self.selectors, self.senders, self.replacements,
             self.pending_since, now=now,
@@ -259,16 +271,18 @@ class TxFamily:
         findings: list[Finding] = []
         scored = self.model.score(x)
         if scored is not None:
-            self.last_scored = scored
+            if learn:
+                self.last_scored = scored
             self.scored_rows += len(x)
             z = np.abs(self.model.detector.robust_z(x)).max(axis=1)
             flagged = np.flatnonzero(scored.anomalous & (z >= self.config.tx_min_deviation))
             if len(flagged):
                 rows = frame.filter(pl.Series(ok))
                 findings = self._findings(rows, x, scored, flagged, now)
-        self.selectors.update(frame)
-        self.senders.update(frame, now)
-        self.model.learn(x)
+        if learn:
+            self.selectors.update(frame)
+            self.senders.update(frame, now)
+            self.model.learn(x)
         return findings
 
     def _findings(
@@ -277,8 +291,8 @@ class TxFamily:
     ) -> list[Finding]:
         """One finding per (block, sender): the sender's highest-scoring flagged tx."""
         best: dict[tuple[str, str], tuple[int, int]] = {}
-        for i in flagged:
-            key = (rows["block_hash"][int(i)], rows["from_address"][int(i)])
+        for i in flagged:  # pending txs have no block: one finding per sender and batch
+            key = (rows["block_hash"][int(i)] or "", rows["from_address"][int(i)])
             j, n = best.get(key, (int(i), 0))
             if scored.scores[i] > scored.scores[j]:
                 j = int(i)
@@ -286,6 +300,8 @@ class TxFamily:
         out: list[Finding] = []
         for (_, sender), (i, count) in best.items():
             row = rows.row(i, named=True)
+            pending = row["block_number"] is None
+            where = "in the pool" if pending else f"in block {row['block_number']}"
             explanation = self.model.explain(x[i])
             top = ", ".join(f"{e.feature}={e.value:.3g} (z={e.deviation:+.1f})"
                             for e in explanation)
@@ -302,10 +318,10 @@ class TxFamily:
                 threshold=scored.threshold,
                 subject_kind="tx",
                 subject=str(row["hash"]),
-                block_number=int(row["block_number"]),
+                block_number=None if pending else int(row["block_number"]),
                 explanation=explanation,
-                summary=f"abnormal tx {row['hash']} from {sender}{more} in block "
-                        f"{row['block_number']}: {top}",
+                summary=f"abnormal {'pending ' if pending else ''}tx {row['hash']} from "
+                        f"{sender}{more} {where}: {top}",
                 model_version=self.model.version,
             ))
         return out

@@ -297,3 +297,20 @@ def test_a_family_that_raises_costs_its_findings_for_the_batch_not_the_detector(
     run.feed([normal[31]])
     assert run.detector.step_errors == []
     assert run.metric("chainwatch_head_block_number", chain_id="1", node="bench") == 31
+
+
+def test_a_fee_outlier_is_flagged_when_the_pool_announces_it_and_once_only(normal):
+    run = Run()
+    run.feed(normal[:60])
+    template = next(t for t in normal[60].transactions if t.max_priority_fee_per_gas)
+    outlier = template.model_copy(update={
+        "hash": "0x" + "f0" * 32, "from_address": "0x" + "f0" * 20, "nonce": 0,
+        "max_priority_fee_per_gas": 5_000 * 10**9, "max_fee_per_gas": 6_000 * 10**9})
+    found = by(run.feed([_pending(outlier, normal[59].observed_at + 1)]), "tx_iforest")
+    assert [(f.subject, f.block_number) for f in found] == [(outlier.hash, None)]
+    assert "pending" in found[0].summary and found[0].explanation
+    # mined a block later: the same verdict is the same finding, not a second one
+    again = run.feed([with_txs(normal[60], [outlier])])
+    assert by(again, "tx_iforest") == []
+    assert run.metric("chainwatch_findings_total", chain_id="1", detector="tx_iforest",
+                      severity=found[0].severity) == 1
