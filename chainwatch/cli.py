@@ -278,8 +278,14 @@ def replay(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write findings (Parquet, CSV) and the report")
     ] = None,
-    from_block: Annotated[int | None, typer.Option("--from", help="First block number")] = None,
-    to_block: Annotated[int | None, typer.Option("--to", help="Last block number")] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="Start: a block number (19000000), a time "
+                     "(2026-11-23T10:00:00Z, @1700000000) or a Kafka offset (offset:N)"),
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="End, inclusive: same forms as --from")
+    ] = None,
     speed: Annotated[
         float | None,
         typer.Option("--speed", help="Real-time pacing factor (default: as fast as possible)"),
@@ -303,6 +309,11 @@ def replay(
     warmup_blocks: Warmup = None,
     models: Models = None,
     model: ModelKind = None,
+    per_block: Annotated[
+        bool,
+        typer.Option("--per-block", help="One batch per block, as `chainwatch evaluate` "
+                     "replays (exact latency in blocks; slower)"),
+    ] = False,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="No progress bar on stderr")
     ] = False,
@@ -310,15 +321,18 @@ def replay(
 ) -> None:
     """Replay history through the live detectors; findings and a report, deterministically."""
     from replay.app import ReplayOptions, run_replay
+    from replay.positions import parse_range
+
+    start, stop = parse_range(from_, to)
 
     settings = _settings(
         topic_prefix=topic_prefix, warmup_blocks=warmup_blocks, models=models, model_kind=model,
         log_level=log_level or "WARNING",
     )
     options = ReplayOptions(
-        out=out, from_block=from_block, to_block=to_block, speed=speed, labels=labels,
+        out=out, start=start, stop=stop, speed=speed, labels=labels,
         chain_id=chain_id, node=node, emit=emit, metrics_port=metrics_port,
-        progress=not no_progress,
+        progress=not no_progress, per_block=per_block,
     )
     run_replay(settings, source, options, echo=typer.echo)
 

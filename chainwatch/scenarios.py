@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +39,8 @@ import numpy as np
 
 from chainwatch.bus import EmbeddedBus, Topics
 from chainwatch.exceptions import ChainwatchError, InvalidRecord
+from chainwatch.labels import KIND_FAMILY, Label, read_labels
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
-from detector.evaluation import KIND_FAMILY
 
 if TYPE_CHECKING:
     from detector.evaluation import Evaluation
@@ -90,7 +90,8 @@ SIMULATION_NOTES: tuple[str, ...] = (
     "highest tips of its block (front > victim > back) and lands at its top; nothing is "
     "actually traded.",
     "Timestamp manipulation: a dedicated producer stamps its blocks either ahead of the "
-    "slot (60-150 s; later honest blocks keep parent + 1 s until the clock catches up) "
+    "slot (60-150 s; later honest blocks keep parent + 1 s until the clock catches up, "
+    "and the label's block range covers them) "
     "or behind (parent + 1 s for 2-4 blocks).",
     "Peers: anvil has no p2p (net_peerCount is unsupported), so no peer_snapshot records.",
 )
@@ -171,29 +172,6 @@ class ScenarioConfig:
         )
         order = np.random.default_rng(self.seed).permutation(len(kinds))
         return [kinds[i] for i in order]
-
-
-@dataclass
-class Label:
-    """One injected anomaly (the label contract of docs/quality.md)."""
-
-    id: str
-    scenario: str
-    family: str
-    kind: str
-    chain_id: int
-    node: str
-    first_block: int | None
-    last_block: int | None
-    tx_hashes: list[str]
-    miner: str | None
-    sender: str | None
-    injected_at: float  # session clock (same clock as the records' observed_at)
-    injected_wall_at: float  # real unix time
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 @dataclass
@@ -753,7 +731,7 @@ class ScenarioRunner:
             id=f"{len(self.labels) + len(self.pending_labels) + 1:03d}-{scenario}",
             scenario=scenario, family=KIND_FAMILY[kind], kind=kind, chain_id=self.chain_id,
             node=NODE, first_block=first_block, last_block=last_block,
-            tx_hashes=[h for h in tx_hashes if h], miner=miner, sender=sender,
+            tx_hashes=tuple(tx_hashes), miner=miner, sender=sender,
             injected_at=round(self.clock.now(), 3), injected_wall_at=round(time.time(), 3),
             details=details,
         )
@@ -777,15 +755,15 @@ class ScenarioRunner:
         numbers = [self.recorder.tx_block[h][0] for h in self.awaiting.get(label.id, [])
                    if h in self.recorder.tx_block]
         if numbers:
-            label.first_block, label.last_block = min(numbers), max(numbers)
+            label = replace(label, first_block=min(numbers), last_block=max(numbers))
         if label.kind == "sandwich" and numbers:
             block = self.recorder.blocks[numbers[0]]
             index = {tx.hash: tx.transaction_index for tx in block.transactions}
             positions = [index.get(h) for h in label.tx_hashes]
-            label.details["indices"] = positions
             ok = len(set(numbers)) == 1 and None not in positions and positions == list(
                 range(positions[0], positions[0] + 3))  # type: ignore[operator]
-            label.details["adjacent"] = ok
+            label = replace(label, details={**label.details, "indices": positions,
+                                            "adjacent": ok})
             if not ok:
                 self.warnings.append(f"label {label.id}: sandwich not adjacent: {positions}")
         self.labels.append(label)
@@ -988,6 +966,12 @@ class ScenarioRunner:
             block = self.mine(coinbase=miner, timestamp=self.slot_time(self.slot + 1) + shift)
             drift = [shift]
             blocks = 1
+            # honest blocks can only add 1 s to a clock already ahead: until the slots catch
+            # up, the chain's timestamps are still the manipulation's doing, so they belong
+            # to the label's range (its miner stays the one producer to blame)
+            while self.slot_time(self.slot + 1) <= block.timestamp:
+                self.send(self.normal_txs())
+                self.mine()
         else:
             blocks = int(self.rng.integers(2, 5))
             drift = []
@@ -1035,7 +1019,7 @@ class ScenarioRunner:
                 out.write(label.to_json() + "\n")
         by_kind: dict[str, int] = {}
         for label in labels:
-            by_kind[label.kind] = by_kind.get(label.kind, 0) + 1
+            by_kind[label.kind or label.family] = by_kind.get(label.kind or label.family, 0) + 1
         blocks = len(self.recorder.blocks)
         txs = sum(b.tx_count for b in self.recorder.blocks.values())
         result = SessionResult(
@@ -1064,29 +1048,11 @@ def run_session(config: ScenarioConfig, out_dir: Path,
     return ScenarioRunner(config, out_dir, progress).run()
 
 
-def read_labels(path: Path) -> list[dict[str, Any]]:
-    """Labels from a recording; a malformed line is a one-line error."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ChainwatchError(f"cannot read {path}: {exc.strerror}") from None
-    out: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ChainwatchError(f"{path.name}:{number}: not JSON ({exc.msg})") from None
-    return out
-
-
 # --- `chainwatch evaluate` ----------------------------------------------------------------
 
 
 def evaluate_recording(directory: Path) -> tuple[Evaluation, dict[str, Any]]:
     """Replay a saved recording through the detector and score it against its labels."""
-    from detector.evaluation import Label as EvalLabel
     from detector.evaluation import evaluate, replay
     from detector.training import History, read_jsonl
 
@@ -1094,10 +1060,7 @@ def evaluate_recording(directory: Path) -> tuple[Evaluation, dict[str, Any]]:
     for path in (records_path, labels_path):
         if not path.is_file():
             raise ChainwatchError(f"no recording in {directory}: {path.name} is missing")
-    try:
-        labels = [EvalLabel.from_dict(raw) for raw in read_labels(labels_path)]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ChainwatchError(f"{labels_path.name}: invalid label ({exc})") from None
+    labels = read_labels(labels_path)  # a bad line: one-line LabelError
     history = History()
     run = replay(read_jsonl(records_path, history))
     session_path = directory / SESSION_FILE

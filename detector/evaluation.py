@@ -1,112 +1,53 @@
-"""Quality of the detectors on a labelled recording: precision, recall, F1, latency.
+"""Quality of the detectors on labelled history: precision, recall, F1, latency.
 
-Pure code (no I/O): records and labels come in as values, a report goes out. The
-recording is replayed through `detector.engine.Detector` exactly as a consumer feeds it
-(one batch per delivered block, `tick()` after each), on a clock that is the recording's
-own `observed_at`, so a run is deterministic and needs no node.
+Pure code (no I/O): records and labels come in as values, a report goes out. Used by
+`chainwatch evaluate` (a scenario recording) and `chainwatch replay --labels` (any
+history), so one label file scores the same way in both. Labels and the matching rule
+are `chainwatch.labels` (documented in docs/replay-format.md, Labels).
 
-Matching (the contract with `chainwatch.scenarios`): a finding matches a label when the
-families and nodes are equal and
-- its subject is one of the label's transactions, or
-- its subject contains the label's miner or sender (case-insensitive), or
-- it is about the chain (family fork_risk or subject kind block) and its block number is
-  within [first_block, last_block + 3] (for a reorg from first_block - 1: a node that
-  rewinds before switching is reported with its new head at the common ancestor).
-Findings of the generic block model (family "block") never detect a label; they count as
-false unless they fall in some label's block range (then they are "excused").
+The recording is replayed through `detector.engine.Detector` with replay's own loop
+(`replay.driver.Replayer`), on a clock that is the recording's `observed_at`, so a run is
+deterministic and needs no node. `chainwatch evaluate` batches as a caught-up consumer
+polls (`EVALUATION_REPLAY`): one batch per delivered block, so a finding's head is the
+block that made it and latency in blocks is exact; the detector is ticked after each
+batch and every recorded second until the next, as the live loop ticks. `chainwatch
+replay` batches up to 500 records unless `--per-block`, so there heads, and latencies,
+include that batching.
 
-Latency: from the label's onset (first_block; for a reorg the last replaced height,
-where the switch becomes visible) to the node's head when the first matching finding was
-made, in blocks; and from the label's earliest record (first sight of one of its
-transactions, else the first block at its onset) to the finding's observed_at, in
+Scoring: findings of the generic block model (family "block") never detect a label; they
+count as false unless they fall in some label's block range (then they are "excused").
+Latency: from the label's onset (first_block; for a reorg the last replaced height, where
+the switch becomes visible) to the node's head when the first matching finding was made,
+in blocks; and from the label's earliest record (first sight of one of its transactions,
+else the first block at its onset, else `injected_at`) to the finding's observed_at, in
 seconds. Normal blocks are heights not inside any label's [first_block, last_block].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from chainwatch.labels import KIND_FAMILY, MATCH_SLACK_BLOCKS, Label, matches
 from chainwatch.metrics import Metrics
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg
 from detector.engine import Detector, DetectorConfig
+from replay.driver import ReplayClock, ReplayConfig, Replayer
+
+__all__ = ["KIND_FAMILY", "MATCH_SLACK_BLOCKS", "Label", "matches"]  # re-exported
 
 FAMILIES: tuple[str, ...] = ("fork_risk", "tx", "miner")
-MATCH_SLACK_BLOCKS = 3  # a chain finding up to 3 blocks after a label's range still counts
 
 TARGET_FALSE_PER_1000 = 1.0
 TARGET_RECALL = 0.9
 TARGET_REORG_BLOCKS = 1
 TARGET_MINER_BLOCKS = 3
 
-
-@dataclass(frozen=True)
-class Label:
-    """One injected anomaly, as written by the scenario runner (labels.jsonl)."""
-
-    id: str
-    scenario: str
-    family: str
-    kind: str
-    chain_id: int
-    node: str
-    first_block: int | None
-    last_block: int | None
-    tx_hashes: frozenset[str]
-    miner: str | None
-    sender: str | None
-    injected_at: float
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Label:
-        def low(value: Any) -> str | None:
-            return str(value).lower() if value else None
-
-        first, last = raw.get("first_block"), raw.get("last_block")
-        return cls(
-            id=str(raw["id"]),
-            scenario=str(raw.get("scenario") or raw["kind"]),
-            family=str(raw["family"]),
-            kind=str(raw["kind"]),
-            chain_id=int(raw["chain_id"]),
-            node=str(raw["node"]),
-            first_block=int(first) if first is not None else None,
-            last_block=int(last if last is not None else first) if first is not None else None,
-            tx_hashes=frozenset(str(h).lower() for h in raw.get("tx_hashes") or ()),
-            miner=low(raw.get("miner")),
-            sender=low(raw.get("sender")),
-            injected_at=float(raw.get("injected_at") or 0.0),
-        )
-
-    @property
-    def onset_block(self) -> int | None:
-        return self.last_block if self.kind == "reorg" else self.first_block
-
-    def in_range(self, number: int | None, slack: int = 0) -> bool:
-        if number is None or self.first_block is None or self.last_block is None:
-            return False
-        return self.first_block <= number <= self.last_block + slack
-
-
-def matches(finding: Finding, label: Label) -> bool:
-    """Does this finding detect this label? (see the module docstring)"""
-    if finding.family != label.family or finding.node != label.node:
-        return False
-    if finding.chain_id != label.chain_id:
-        return False
-    subject = finding.subject.lower()
-    if subject in label.tx_hashes:
-        return True
-    if any(who and who in subject for who in (label.miner, label.sender)):
-        return True
-    about_chain = finding.family == "fork_risk" or finding.subject_kind == "block"
-    if not about_chain or finding.block_number is None:
-        return False
-    rewind = label.kind == "reorg" and label.first_block == finding.block_number + 1
-    return rewind or label.in_range(finding.block_number, MATCH_SLACK_BLOCKS)
+# a caught-up consumer: one batch per block (= `chainwatch replay --per-block`)
+EVALUATION_REPLAY = ReplayConfig(per_block=True)
 
 
 # --- replay -----------------------------------------------------------------------------
@@ -131,41 +72,24 @@ class Replay:
     failed: int = 0
 
 
-def batches(records: Iterable[AnyRecord]) -> Iterable[list[AnyRecord]]:
-    """What a consumer would poll: everything up to and including each block."""
-    batch: list[AnyRecord] = []
-    for record in records:
-        batch.append(record)
-        if isinstance(record, Block):
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class RunRecorder:
+    """Gathers what scoring needs through a Replayer's hooks: heads, first sights, findings.
 
+    `watch`: the transaction hashes whose first sight is kept (None: all of them; a long
+    replay with the mempool would otherwise keep every pending hash).
+    """
 
-def replay(
-    records: Iterable[AnyRecord],
-    config: DetectorConfig | None = None,
-    make_detector: Callable[[Callable[[], float]], Detector] | None = None,
-) -> Replay:
-    """Feed the recording through a fresh Detector on the recording's clock."""
-    now = [0.0]
+    def __init__(self, detector: Detector, watch: Collection[str] | None = None) -> None:
+        self.detector = detector
+        self.watch = watch
+        self.run = Replay()
+        self.heads: dict[tuple[int, str], int] = {}
 
-    def clock() -> float:
-        return now[0]
-
-    detector = (
-        make_detector(clock)
-        if make_detector is not None
-        else Detector(config or DetectorConfig(), Metrics(), clock=clock)
-    )
-    out = Replay()
-    heads: dict[tuple[int, str], int] = {}
-    for batch in batches(records):
+    def before_batch(self, batch: list[AnyRecord]) -> None:
+        out, heads = self.run, self.heads
         out.batches += 1
         for record in batch:
             out.records += 1
-            now[0] = max(now[0], record.observed_at)
             key = (record.chain_id, record.node)
             if isinstance(record, Block):
                 heads[key] = max(heads.get(key, record.number), record.number)
@@ -174,13 +98,35 @@ def replay(
             elif isinstance(record, Reorg):
                 heads[key] = max(heads.get(key, record.new_head_number), record.new_head_number)
             elif isinstance(record, PendingTx):
-                out.first_seen.setdefault(record.hash.lower(), record.first_seen_at)
-        found = detector.process(batch)
-        out.failed += len(detector.failed)
-        found += detector.tick()
-        for f in found:
-            out.findings.append(Observed(f, heads.get((f.chain_id, f.node))))
-    return out
+                tx = record.hash.lower()
+                if self.watch is None or tx in self.watch:
+                    out.first_seen.setdefault(tx, record.first_seen_at)
+
+    def sink(self, findings: list[Finding]) -> None:
+        for f in findings:
+            self.run.findings.append(Observed(f, self.heads.get((f.chain_id, f.node))))
+
+    def after_batch(self, _stats: object, _batch: list[AnyRecord]) -> None:
+        self.run.failed += len(self.detector.failed)  # reset by every process()
+
+
+def replay(
+    records: Iterable[AnyRecord],
+    config: DetectorConfig | None = None,
+    make_detector: Callable[[Callable[[], float]], Detector] | None = None,
+    replay_config: ReplayConfig = EVALUATION_REPLAY,
+) -> Replay:
+    """Feed the recording through a fresh Detector on the recording's clock."""
+    clock = ReplayClock()
+    detector = (
+        make_detector(clock)
+        if make_detector is not None
+        else Detector(config or DetectorConfig(), Metrics(), clock=clock)
+    )
+    recorder = RunRecorder(detector)
+    Replayer(detector, clock, replay_config, recorder.sink, before_batch=recorder.before_batch,
+             on_batch=recorder.after_batch).run(records)
+    return recorder.run
 
 
 # --- scoring ----------------------------------------------------------------------------
@@ -268,16 +214,20 @@ class Evaluation:
         return next((s for s in self.kinds if s.name == name), None)
 
 
-def _onset_seconds(label: Label, run: Replay) -> float:
+def _onset_seconds(label: Label, run: Replay) -> float | None:
     times = [run.first_seen[h] for h in label.tx_hashes if h in run.first_seen]
     onset = label.onset_block
     if label.kind == "reorg" and onset is not None:
         onset += 1  # the new branch's tip is what makes the switch visible
-    if onset is not None:
-        seen = run.block_seen.get((label.chain_id, label.node, onset))
-        if seen is not None and not times:
-            times.append(seen)
+    if onset is not None and not times:
+        times = [seen for (chain_id, node) in run.heights if label.about(chain_id, node)
+                 if (seen := run.block_seen.get((chain_id, node, onset))) is not None]
     return min(times) if times else label.injected_at
+
+
+def _latency_seconds(finding: Finding, label: Label, run: Replay) -> float | None:
+    onset = _onset_seconds(label, run)
+    return None if onset is None else round(max(finding.observed_at - onset, 0.0), 3)
 
 
 def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
@@ -288,18 +238,19 @@ def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
         hit[i] = [j for j, label in enumerate(labels) if matches(obs.finding, label)]
     excused = [
         not hit[i] and obs.finding.family == "block"
-        and any(lb.node == obs.finding.node and lb.in_range(obs.finding.block_number,
-                                                            MATCH_SLACK_BLOCKS)
+        and any(lb.about(obs.finding.chain_id, obs.finding.node)
+                and lb.in_range(obs.finding.block_number, MATCH_SLACK_BLOCKS)
                 for lb in labels)
         for i, obs in enumerate(findings)
     ]
-    labelled: dict[tuple[int, str], set[int]] = {}
+    labelled: dict[tuple[int, str], set[int]] = {key: set() for key in run.heights}
     for lb in labels:
         if lb.first_block is not None and lb.last_block is not None:
-            labelled.setdefault((lb.chain_id, lb.node), set()).update(
-                range(lb.first_block, lb.last_block + 1))
+            for key, heights in labelled.items():
+                if lb.about(*key):
+                    heights.update(range(lb.first_block, lb.last_block + 1))
     all_blocks = sum(len(h) for h in run.heights.values())
-    normal = sum(len(h - labelled.get(k, set())) for k, h in run.heights.items())
+    normal = sum(len(h - labelled[k]) for k, h in run.heights.items())
 
     outcomes: list[LabelOutcome] = []
     for j, label in enumerate(labels):
@@ -311,10 +262,9 @@ def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
         onset = label.onset_block
         head = first.head if first.head is not None else first.finding.block_number
         blocks = max(head - onset, 0) if head is not None and onset is not None else None
-        seconds = max(first.finding.observed_at - _onset_seconds(label, run), 0.0)
+        seconds = _latency_seconds(first.finding, label, run)
         detectors = tuple(sorted({findings[i].finding.detector for i in matched}))
-        outcomes.append(LabelOutcome(label, detectors, first.finding.detector, blocks,
-                                     round(seconds, 3)))
+        outcomes.append(LabelOutcome(label, detectors, first.finding.detector, blocks, seconds))
 
     def score(name: str, finding_ids: list[int], label_ids: list[int],
               detector: str | None = None) -> Score:
@@ -355,9 +305,9 @@ def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
         for name in detector_names
     )
     kinds = tuple(
-        score(kind, [i for i in everything if any(labels[j].kind == kind for j in hit[i])],
-              [j for j, lb in enumerate(labels) if lb.kind == kind])
-        for kind in sorted({lb.kind for lb in labels})
+        score(kind, [i for i in everything if any(_kind(labels[j]) == kind for j in hit[i])],
+              [j for j, lb in enumerate(labels) if _kind(lb) == kind])
+        for kind in sorted({_kind(lb) for lb in labels})
     )
     overall = score("all", everything, list(range(len(labels))))
     return Evaluation(
@@ -379,7 +329,11 @@ def _detector_latency(detector: str, label: Label, findings: Sequence[Observed],
     head = first.head if first.head is not None else first.finding.block_number
     onset = label.onset_block
     blocks = max(head - onset, 0) if head is not None and onset is not None else None
-    return blocks, round(max(first.finding.observed_at - _onset_seconds(label, run), 0.0), 3)
+    return blocks, _latency_seconds(first.finding, label, run)
+
+
+def _kind(label: Label) -> str:
+    return label.kind or "-"
 
 
 # --- targets and the report -------------------------------------------------------------
@@ -418,13 +372,6 @@ def targets(ev: Evaluation) -> list[Target]:
         value += f", {missed} not detected" if missed else ""
         out.append(Target(name, value, missed == 0 and worst is not None and worst <= limit))
     return out
-
-
-KIND_FAMILY: dict[str, str] = {
-    "reorg": "fork_risk", "fee_outlier": "tx", "spam_burst": "tx", "sandwich": "tx",
-    "miner_dominance": "miner", "empty_blocks": "miner", "timestamp_manipulation": "miner",
-    "censorship": "miner",
-}
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -497,20 +444,22 @@ def render_markdown(ev: Evaluation, *, command: str, session: Mapping[str, Any],
               "|---|---|---|---:|---:|---|"]
     groups: dict[str, list[LabelOutcome]] = {}
     for o in ev.outcomes:
-        groups.setdefault(o.label.scenario, []).append(o)
+        groups.setdefault(o.label.scenario or _kind(o.label), []).append(o)
     for name in sorted(groups):
         items = groups[name]
         by = sorted({d for o in items for d in o.detected_by})
         lines.append(
-            f"| {name} | {items[0].label.kind} | {items[0].label.family} | {len(items)} "
+            f"| {name} | {_kind(items[0].label)} | {items[0].label.family} | {len(items)} "
             f"| {sum(1 for o in items if o.detected_by)} | {', '.join(by) or '-'} |"
         )
     lines += ["", "## Matching rules", "",
-              "A finding matches a label when families and nodes are equal and its subject is "
-              "one of the label's transactions, or contains the label's miner or sender, or "
-              "(fork-risk and block findings) its block is within [first_block, last_block + "
-              f"{MATCH_SLACK_BLOCKS}] (a reorg also matches at first_block - 1, the common "
-              "ancestor a rewinding node reports as its new head). Block-model findings "
+              "A finding matches a label by the rule of docs/replay-format.md (Labels), the "
+              "same for `chainwatch replay --labels`: families, chain and node equal, and its "
+              "subject is one of the label's transactions, or names the label's miner or "
+              "sender inside [first_block, last_block + "
+              f"{MATCH_SLACK_BLOCKS}], or (fork-risk and block findings) its block is in that "
+              "range (a reorg also matches at first_block - 1, the common ancestor a "
+              "rewinding node reports as its new head). Block-model findings "
               "(family `block`) never detect a label; inside a label's range they are "
               "*excused*, elsewhere false. Latency in "
               "blocks: node head at the first matching finding minus the label's onset "

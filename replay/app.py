@@ -20,10 +20,12 @@ from typing import Any
 from chainwatch.bootstrap import detector_config
 from chainwatch.bus import Topics
 from chainwatch.exceptions import ConfigError
+from chainwatch.labels import Label, read_labels
 from chainwatch.metrics import Metrics
 from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
 from detector.engine import Detector
+from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.training import load_models
 from replay.archive import (
     ArchiveConfig,
@@ -34,7 +36,7 @@ from replay.archive import (
 )
 from replay.driver import ReplayClock, ReplayConfig, Replayer, ReplayStats
 from replay.exceptions import ReplayError
-from replay.labels import evaluate, read_labels
+from replay.positions import Position, check_range
 from replay.progress import Progress
 from replay.report import write_findings, write_invalid, write_report
 from replay.report_data import ReportData
@@ -129,8 +131,8 @@ def run_archive(
 @dataclass(frozen=True)
 class ReplayOptions:
     out: Path | None = None
-    from_block: int | None = None
-    to_block: int | None = None
+    start: Position | None = None  # --from: a block number, a time or a Kafka offset
+    stop: Position | None = None  # --to (inclusive)
     speed: float | None = None
     labels: Path | None = None
     chain_id: int = 1
@@ -140,6 +142,19 @@ class ReplayOptions:
     progress: bool = True
     top_n: int = 20
     batch_records: int = 500
+    per_block: bool = False  # one batch per block, as `chainwatch evaluate` replays
+
+    def blocks(self) -> tuple[int | None, int | None]:
+        """(--from, --to) as block numbers, None where absent or of another kind."""
+        first, last = (p.number if p is not None and p.kind == "block" else None
+                       for p in (self.start, self.stop))
+        return first, last
+
+    def times(self) -> tuple[float | None, float | None]:
+        """(--from, --to) as unix seconds, None where absent or of another kind."""
+        first, last = (p.value if p is not None and p.kind == "time" else None
+                       for p in (self.start, self.stop))
+        return first, last
 
 
 @contextlib.contextmanager
@@ -152,10 +167,17 @@ def open_source(
         bootstrap = spec.removeprefix("kafka://").strip("/")
         if not bootstrap:
             raise ConfigError("kafka:// source needs HOST:PORT, e.g. kafka://127.0.0.1:9092")
+        config = ArchiveConfig(until_end=True, start=options.start, stop=options.stop)
         with tempfile.TemporaryDirectory(prefix="chainwatch-replay-") as tmp:
-            run_archive(settings, bootstrap, Path(tmp), until_end=True, echo=log.info)
+            if not run_archive(settings, bootstrap, Path(tmp), config=config, echo=log.info):
+                bounded = options.start is not None or options.stop is not None
+                raise ReplayError("nothing to replay: the topics hold no message"
+                                  + (" between --from and --to" if bounded else ""))
             yield ArchiveSource(Path(tmp), invalid)
         return
+    for position in (options.start, options.stop):
+        if position is not None and position.kind == "offset":
+            raise ConfigError(f"{position.text}: Kafka offsets apply to kafka:// sources only")
     path = Path(spec)
     if not path.exists():
         raise ReplayError(f"replay source not found: {spec}")
@@ -163,7 +185,8 @@ def open_source(
         yield ArchiveSource(path, invalid)
     elif path.is_dir() or path.name.startswith("blocks."):
         tables = find_tables(path)
-        yield TableSource(tables, invalid, defaults, to_block=options.to_block)
+        yield TableSource(tables, invalid, defaults, to_block=options.blocks()[1],
+                          to_time=options.times()[1])
     elif path.suffix in (".jsonl", ".json", ".ndjson"):
         yield JsonlSource(path, invalid)
     else:
@@ -192,14 +215,37 @@ class _Emitter:
         self.bus.close()
 
 
+def label_summary(ev: Evaluation, labels: list[Label]) -> dict[str, Any]:
+    """summary.json's scores: per labelled family, and each label's outcome."""
+    families = sorted({label.family for label in labels})
+    rows = []
+    for family in families:
+        s = ev.family(family)
+        assert s is not None
+        rows.append({
+            "family": family, "labels": s.labels, "detected": s.detected,
+            "findings": s.findings, "true_findings": s.true_findings,
+            "false_findings": s.false_findings, "excused": s.excused,
+            "precision": s.precision, "recall": s.recall, "f1": s.f1,
+            "latency_blocks_p50": s.latency.p50_blocks(),
+            "latency_blocks_max": s.latency.max_blocks(),
+            "latency_seconds_p50": s.latency.p50_seconds(),
+        })
+    outcomes = [
+        {"id": o.label.id, "family": o.label.family, "kind": o.label.kind,
+         "first_block": o.label.first_block, "detected_by": list(o.detected_by),
+         "latency_blocks": o.latency_blocks, "latency_seconds": o.latency_seconds}
+        for o in ev.outcomes
+    ]
+    return {"families": rows, "outcomes": outcomes}
+
+
 def run_replay(
     settings: Settings, spec: str, options: ReplayOptions, echo: Callable[[str], None] = print
 ) -> ReplayStats:
     invalid = InvalidRows()
-    labels = read_labels(options.labels, invalid) if options.labels else None
-    first, last = options.from_block, options.to_block
-    if first is not None and last is not None and first > last:
-        raise ConfigError(f"--from {first} is after --to {last}")
+    labels = read_labels(options.labels, on_error=invalid.add) if options.labels else None
+    check_range(options.start, options.stop)
     if options.speed is not None and options.speed <= 0:
         raise ConfigError("--speed must be > 0 (recorded seconds per wall second)")
     if options.out is not None:
@@ -207,9 +253,12 @@ def run_replay(
     clock = ReplayClock()
     detector = make_detector(settings, clock)
     data = ReportData()
-    if labels:
-        data.watch_blocks = {label.first_block for label in labels}
+    recorder = (
+        RunRecorder(detector, watch={h for label in labels for h in label.tx_hashes})
+        if labels is not None else None
+    )
     findings: list[Finding] = []
+    failed = 0
     emitter = _Emitter(settings, options.emit) if options.emit else None
     server = None
     if options.metrics_port is not None:
@@ -220,22 +269,29 @@ def run_replay(
 
     def sink(batch: list[Finding]) -> None:
         findings.extend(batch)
+        if recorder is not None:
+            recorder.sink(batch)
         if emitter is not None:
             emitter(batch)
 
+    first_block, last_block = options.blocks()
+    first_time, last_time = (None, None) if spec.startswith("kafka://") else options.times()
+    config = ReplayConfig(batch_records=options.batch_records, per_block=options.per_block,
+                          from_block=first_block, to_block=last_block, from_time=first_time,
+                          to_time=last_time, speed=options.speed)
     try:
         with open_source(spec, settings, invalid, options) as source:
             progress = Progress(source.progress, enabled=options.progress)
 
             def on_batch(stats: ReplayStats, batch: list[Any]) -> None:
+                nonlocal failed
+                failed += len(detector.failed)  # reset by every process()
                 data.observe(batch)
                 progress.update(stats.records, stats.transactions)
 
             replayer = Replayer(
-                detector, clock,
-                ReplayConfig(batch_records=options.batch_records, from_block=options.from_block,
-                             to_block=options.to_block, speed=options.speed),
-                sink, on_batch=on_batch,
+                detector, clock, config, sink, on_batch=on_batch,
+                before_batch=recorder.before_batch if recorder is not None else None,
             )
             stats = replayer.run(source.records())
             progress.close(stats.records, stats.transactions)
@@ -250,23 +306,16 @@ def run_replay(
         **stats.as_dict(),
         "invalid_rows": invalid.count,
         "invalid_by_reason": dict(sorted(invalid.reasons.items())),
-        "failed_in_detector": len(detector.failed),
+        "failed_in_detector": failed,
     }
-    scores = evaluate(findings, labels, data.block_seen_at) if labels is not None else None
-    if scores is not None:
-        summary["labels"] = [
-            {"family": s.family, "labels": s.labels, "detected": s.detected,
-             "findings": s.findings, "precision": s.precision, "recall": s.recall,
-             "latency_blocks_p50": s.latency_blocks_median,
-             "latency_seconds_p50": s.latency_seconds_median}
-            for s in scores
-        ]
+    if recorder is not None and labels is not None:
+        summary["labels"] = label_summary(evaluate(recorder.run, labels), labels)
     if options.out is not None:
         frame = write_findings(findings, options.out)
         write_invalid(invalid, options.out)
         (options.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         write_report(options.out, source=spec, summary=summary, data=data, findings=frame,
-                     invalid=invalid, scores=scores, top_n=options.top_n)
+                     invalid=invalid, scores=summary.get("labels"), top_n=options.top_n)
     for where, reason in invalid.samples[:20]:
         echo(f"skipped {where}: {reason}")
     if invalid.count > 20:
@@ -280,11 +329,10 @@ def run_replay(
         f"{stats.filtered_out} outside --from/--to"
         + (f" -> {options.out}" if options.out else "")
     )
-    if scores:
-        for s in scores:
-            p = "n/a" if s.precision is None else f"{s.precision:.2f}"
-            r = "n/a" if s.recall is None else f"{s.recall:.2f}"
-            echo(f"labels {s.family}: precision {p}, recall {r} "
-                 f"({s.detected}/{s.labels} detected), latency p50 "
-                 f"{s.latency_blocks_median} blocks")
+    for row in summary["labels"]["families"] if "labels" in summary else []:
+        p = "n/a" if row["precision"] is None else f"{row['precision']:.2f}"
+        r = "n/a" if row["recall"] is None else f"{row['recall']:.2f}"
+        lat = "n/a" if row["latency_blocks_p50"] is None else f"{row['latency_blocks_p50']:g}"
+        echo(f"labels {row['family']}: precision {p}, recall {r} "
+             f"({row['detected']}/{row['labels']} detected), latency p50 {lat} blocks")
     return stats

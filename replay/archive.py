@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -36,6 +37,7 @@ from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, decode
 from replay.driver import block_number_of
 from replay.exceptions import ReplayError
+from replay.positions import Position
 from replay.rows import InvalidRows
 from replay.sources import Source
 
@@ -182,6 +184,36 @@ class ArchiveConfig:
     flush_seconds: float = 5.0
     until_end: bool = False  # stop once the end offsets seen at start are archived
     refresh_seconds: float = 30.0
+    # replay --from/--to given as a time or offset:N (block numbers are the driver's)
+    start: Position | None = None
+    stop: Position | None = None
+
+
+def kafka_bounds(
+    consumer: Any, parts: list[Any], start: Position | None, stop: Position | None
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """First offset to read and end offset (exclusive) of each partition for --from/--to.
+
+    Times are looked up with `offsets_for_times` on the messages' own timestamps (when the
+    collector published them), offset:N applies to every partition; both are clamped to
+    what the partition holds. Block numbers leave the partition whole.
+    """
+    begin = consumer.beginning_offsets(parts)
+    end = consumer.end_offsets(parts)
+
+    def resolve(position: Position | None, upper: bool) -> dict[Any, int]:
+        if position is None or position.kind == "block":
+            return dict(end if upper else begin)
+        if position.kind == "offset":
+            wanted = dict.fromkeys(parts, position.number + (1 if upper else 0))
+        else:  # the first message at or after the time (after it, for the inclusive --to)
+            ms = math.floor(position.value * 1000) + 1 if upper else math.ceil(
+                position.value * 1000)
+            found = consumer.offsets_for_times(dict.fromkeys(parts, max(ms, 0)))
+            wanted = {tp: end[tp] if found.get(tp) is None else found[tp].offset for tp in parts}
+        return {tp: min(max(wanted[tp], begin[tp]), end[tp]) for tp in parts}
+
+    return resolve(start, upper=False), resolve(stop, upper=True)
 
 
 def archive_topics(
@@ -201,27 +233,38 @@ def archive_topics(
     from kafka import TopicPartition
     from kafka.errors import KafkaError
 
-    def assign() -> list[Any]:
-        parts = []
-        for topic in topics:
-            for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                parts.append(TopicPartition(topic, p))
+    starts: dict[Any, int] = {}
+
+    def partitions() -> list[Any]:
+        return [TopicPartition(topic, p) for topic in topics
+                for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+    def assign(parts: list[Any]) -> list[Any]:
         current = set(consumer.assignment())
         if set(parts) != current:
             consumer.assign(parts)
             for tp in parts:
                 nxt = writer.next_offsets.get(f"{tp.topic}:{tp.partition}")
-                if nxt is None:
-                    consumer.seek_to_beginning(tp)
-                else:
+                if nxt is not None:
                     consumer.seek(tp, nxt)
+                elif tp in starts:
+                    consumer.seek(tp, starts[tp])
+                else:
+                    consumer.seek_to_beginning(tp)
         return parts
 
+    bounded = config.start is not None or config.stop is not None
     try:
-        parts = assign()
-        ends = consumer.end_offsets(parts) if config.until_end else {}
+        parts = partitions()
+        if bounded:
+            starts, ends = kafka_bounds(consumer, parts, config.start, config.stop)
+        assign(parts)
+        if not bounded:
+            ends = consumer.end_offsets(parts) if config.until_end else {}
     except KafkaError as exc:
         raise ReplayError(f"Kafka failed: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # offsets_for_times refuses what the broker cannot look up
+        raise ReplayError(f"Kafka cannot position --from/--to: {exc}") from None
     last_refresh = last_flush = time.monotonic()
     while not stop.is_set():
         try:
@@ -232,6 +275,8 @@ def archive_topics(
             continue
         for tp, messages in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
             for m in messages:
+                if bounded and m.offset >= ends.get(tp, m.offset + 1):
+                    continue  # past --to
                 key = m.key.decode("utf-8", "replace") if m.key is not None else None
                 writer.add(archive_row(tp.topic, tp.partition, m.offset, key, m.value or b"",
                                        m.timestamp))
@@ -245,7 +290,7 @@ def archive_topics(
             last_flush = now
             if on_flush is not None:
                 on_flush(flushed, writer.written)
-        if config.until_end and all(
+        if (config.until_end or bounded) and all(
             writer.next_offsets.get(f"{tp.topic}:{tp.partition}", 0) >= end
             or consumer.position(tp) >= end
             for tp, end in ends.items()
@@ -253,7 +298,7 @@ def archive_topics(
             break
         if not config.until_end and now - last_refresh >= config.refresh_seconds:
             last_refresh = now
-            parts = assign()
+            parts = assign(partitions())
     flushed = writer.flush()
     if on_flush is not None and flushed:
         on_flush(flushed, writer.written)

@@ -9,6 +9,8 @@ Batches: up to `batch_records` records (the live consumer's poll size), cut earl
 the recorded stream goes quiet for more than `gap_seconds`; inside such a gap the
 detector is ticked every `tick_seconds` of recorded time, as the live loop ticks every
 second of wall time, so a stalled node is found at the same moment it was live.
+`per_block` batches instead as a caught-up consumer polls: everything up to and
+including each block (what `chainwatch evaluate` measures latency in blocks with).
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ class ReplayConfig:
     gap_seconds: float = 20.0
     tick_seconds: float = 1.0
     max_ticks_per_gap: int = 3600
+    per_block: bool = False  # one batch per block (no size or gap cut)
     from_block: int | None = None
     to_block: int | None = None
+    from_time: float | None = None  # on block timestamps (unix seconds), inclusive
+    to_time: float | None = None
     speed: float | None = None  # recorded seconds per wall second; None = as fast as possible
 
 
@@ -71,35 +76,49 @@ def block_number_of(record: AnyRecord) -> int | None:
     return None
 
 
-class BlockRange:
-    """--from/--to on block numbers.
+class RecordRange:
+    """--from/--to on block numbers and/or block timestamps.
 
-    Records with a height are kept when it is in range. Records without one (peer and
-    mempool snapshots, pending transactions) are kept while the stream is inside the
-    range: after the first block at or above `from` and before the first block above `to`.
+    A block is kept when its number and its header timestamp are inside the bounds given.
+    Other records with a height are kept when it is inside the block-number bounds.
+    Records without one (peer and mempool snapshots, pending transactions), and any record
+    but a block under time bounds (no header time of its own), are kept while the stream is
+    inside the range: after the first block at or above the lower bounds and before the
+    first block above an upper bound.
     """
 
-    def __init__(self, first: int | None, last: int | None) -> None:
+    def __init__(
+        self,
+        first: int | None = None,
+        last: int | None = None,
+        *,
+        first_time: float | None = None,
+        last_time: float | None = None,
+    ) -> None:
         if first is not None and last is not None and first > last:
             raise ValueError(f"--from {first} is after --to {last}")
-        self.first = first
-        self.last = last
-        self.inside = first is None
+        self.first, self.last = first, last
+        self.first_time, self.last_time = first_time, last_time
+        self.inside = first is None and first_time is None
         self.past = False
 
     def keep(self, record: AnyRecord) -> bool:
-        number = block_number_of(record)
-        if number is None:
-            return self.inside and not self.past
-        in_range = (self.first is None or number >= self.first) and (
-            self.last is None or number <= self.last
-        )
         if isinstance(record, Block):
-            if self.first is None or number >= self.first:
-                self.inside = True
-            if self.last is not None and number > self.last:
-                self.past = True
-        return in_range
+            above = (self.first is None or record.number >= self.first) and (
+                self.first_time is None or record.timestamp >= self.first_time)
+            below = (self.last is None or record.number <= self.last) and (
+                self.last_time is None or record.timestamp <= self.last_time)
+            self.inside = self.inside or above
+            self.past = self.past or not below
+            return above and below
+        number = block_number_of(record)
+        timed = self.first_time is not None or self.last_time is not None
+        if (number is None or timed) and not (self.inside and not self.past):
+            return False
+        return number is None or (
+            (self.first is None or number >= self.first)
+            and (self.last is None or number <= self.last)
+        )
 
 
 @dataclass
@@ -155,6 +174,7 @@ class Replayer:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
         on_batch: Callable[[ReplayStats, list[AnyRecord]], None] | None = None,
+        before_batch: Callable[[list[AnyRecord]], None] | None = None,
     ) -> None:
         self.detector = detector
         self.clock = clock
@@ -162,9 +182,11 @@ class Replayer:
         self.sink = sink
         self.sleep = sleep
         self.monotonic = monotonic
-        self.on_batch = on_batch
+        self.on_batch = on_batch  # after the batch's findings went to the sink
+        self.before_batch = before_batch  # before the detector sees the batch
         self.stats = ReplayStats()
-        self.range = BlockRange(config.from_block, config.to_block)
+        self.range = RecordRange(config.from_block, config.to_block,
+                                 first_time=config.from_time, last_time=config.to_time)
         self._pace_origin: tuple[float, float] | None = None  # (recorded, wall)
 
     def batches(self, records: Iterable[AnyRecord]) -> Iterator[tuple[list[AnyRecord], float]]:
@@ -177,9 +199,12 @@ class Replayer:
                 self.stats.filtered_out += 1
                 continue
             t = record.observed_at
-            if batch and (
+            if batch and not c.per_block and (
                 len(batch) >= c.batch_records or (last is not None and t - last > c.gap_seconds)
             ):
+                yield batch, t
+                batch = []
+            if c.per_block and batch and isinstance(batch[-1], Block):
                 yield batch, t
                 batch = []
             batch.append(record)
@@ -200,6 +225,8 @@ class Replayer:
         batch_end = max(r.observed_at for r in batch)
         self.clock.now = max(self.clock.now, batch_end)
         self._pace(self.clock.now)
+        if self.before_batch is not None:
+            self.before_batch(batch)
         findings = self.detector.process(batch)
         s.batches += 1
         for record in batch:

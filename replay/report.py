@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt
 import polars as pl
 
 from chainwatch.schema import Finding, encode
-from replay.labels import FamilyScore
 from replay.report_data import (
     ReportData,
     bucket_seconds,
@@ -221,7 +220,7 @@ def write_report(
     data: ReportData,
     findings: pl.DataFrame,
     invalid: InvalidRows,
-    scores: list[FamilyScore] | None,
+    scores: dict[str, Any] | None,
     top_n: int = 20,
 ) -> Path:
     """The PNG plots and report.html (plots embedded), from what the replay gathered."""
@@ -264,25 +263,31 @@ def write_report(
         _table(top_findings(findings, "block", top_n), cols),
     ]
     if scores is not None:
+        def shown(value: Any, form: str) -> str:
+            return "n/a" if value is None else format(value, form)
+
         score_rows = pl.DataFrame(
             [
                 {
-                    "family": s.family,
-                    "labels": s.labels,
-                    "detected": s.detected,
-                    "findings": s.findings,
-                    "true_positives": s.true_positives,
-                    "precision": "n/a" if s.precision is None else f"{s.precision:.3f}",
-                    "recall": "n/a" if s.recall is None else f"{s.recall:.3f}",
-                    "latency_blocks_p50": "n/a" if s.latency_blocks_median is None
-                    else f"{s.latency_blocks_median:g}",
-                    "latency_seconds_p50": "n/a" if s.latency_seconds_median is None
-                    else f"{s.latency_seconds_median:.1f}",
+                    "family": s["family"],
+                    "labels": s["labels"],
+                    "detected": s["detected"],
+                    "findings": s["findings"],
+                    "true": s["true_findings"],
+                    "false": s["false_findings"],
+                    "excused": s["excused"],
+                    "precision": shown(s["precision"], ".3f"),
+                    "recall": shown(s["recall"], ".3f"),
+                    "latency_blocks_p50": shown(s["latency_blocks_p50"], "g"),
+                    "latency_seconds_p50": shown(s["latency_seconds_p50"], ".1f"),
                 }
-                for s in scores
+                for s in scores["families"]
             ]
-        ) if scores else pl.DataFrame({"family": []})
-        parts += ["<h2>Against the labels</h2>", _table(score_rows, score_rows.columns)]
+        ) if scores["families"] else pl.DataFrame({"family": []})
+        parts += ["<h2>Against the labels</h2>",
+                  "<p>Matching and scoring as <code>chainwatch evaluate</code> "
+                  "(docs/replay-format.md, Labels).</p>",
+                  _table(score_rows, score_rows.columns)]
     inv = pl.DataFrame(invalid.samples[:50], schema={"where": pl.String, "reason": pl.String},
                        orient="row")
     parts += [

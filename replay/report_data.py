@@ -72,8 +72,6 @@ class ReportData:
     miners: dict[str, int] = field(default_factory=dict)
     reorgs: list[tuple[float, str, int, int]] = field(default_factory=list)  # t, node, depth, head
     findings: list[Finding] = field(default_factory=list)
-    watch_blocks: set[int] = field(default_factory=set)  # heights whose first sight we keep
-    block_seen_at: dict[int, float] = field(default_factory=dict)
 
     def observe(self, records: Iterable[AnyRecord]) -> None:
         for r in records:
@@ -82,8 +80,6 @@ class ReportData:
                 self.block_time.append(r.observed_at)
                 self.block_number.append(r.number)
                 self.block_miner.append(index)
-                if r.number in self.watch_blocks and r.number not in self.block_seen_at:
-                    self.block_seen_at[r.number] = r.observed_at
             elif isinstance(r, Reorg):
                 self.reorgs.append((r.observed_at, r.node, r.depth, r.new_head_number))
 

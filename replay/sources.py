@@ -37,6 +37,7 @@ TABLES = ("blocks", "transactions", "reorgs", "peers")
 PARQUET_CHUNK_ROWS = 20_000
 # reading stops this far past --to (other nodes' copies of a block may come a bit later)
 STOP_MARGIN_BLOCKS = 1000
+STOP_MARGIN_SECONDS = 3 * 3600  # about as far as 1,000 blocks on a 12 s chain
 TX_GROUP_CACHE = 128  # recent blocks' transactions kept for other nodes' copies of a block
 
 csv.field_size_limit(sys.maxsize)  # calldata of contract creations is long
@@ -170,6 +171,7 @@ class TableSource(Source):
         defaults: Defaults,
         *,
         to_block: int | None = None,
+        to_time: float | None = None,
     ) -> None:
         if "blocks" not in tables:
             raise ReplayError("no blocks table (blocks.csv or blocks.parquet) in the source")
@@ -177,6 +179,7 @@ class TableSource(Source):
         self.invalid = invalid
         self.defaults = defaults
         self.to_block = to_block
+        self.to_time = to_time
         kinds = ", ".join(p.name for p in tables.values())
         self.description = f"tables {kinds}"
         self.total_blocks = table_rows(tables["blocks"])
@@ -234,6 +237,7 @@ class TableSource(Source):
     def _blocks(self) -> Iterator[AnyRecord]:
         txs = self._tx_rows()
         pending: tuple[int, str, str, TxSummary] | None = next(txs, None)
+        past_time = False
         groups: OrderedDict[str, _TxGroup] = OrderedDict()
         for where, row in read_rows(self.tables["blocks"]):
             self.blocks_read += 1
@@ -248,6 +252,9 @@ class TableSource(Source):
             assert number is not None and block_hash is not None
             if self.to_block is not None and number > self.to_block + STOP_MARGIN_BLOCKS:
                 break  # blocks come in (near) height order: nothing after this is in range
+            if self._past_time(row):
+                past_time = True
+                break
             # take every transaction row up to this height into its block's group
             while pending is not None and pending[0] <= number:
                 _, key, tx_where, tx = pending
@@ -268,10 +275,20 @@ class TableSource(Source):
         # what is left has no block row
         for group in groups.values():
             self._report_orphans(group)
-        while pending is not None:
+        while pending is not None and not past_time:  # past --to (time): not read, not judged
             if self.to_block is None or pending[0] <= self.to_block:
                 self.invalid.add(pending[2], f"no block row for block {pending[0]}")
             pending = next(txs, None)
+
+    def _past_time(self, row: dict[str, Any]) -> bool:
+        """Far enough past a --to time to stop (a bad timestamp is map_block's to report)."""
+        if self.to_time is None:
+            return False
+        try:
+            timestamp = get_int(row, "timestamp")
+        except RowError:
+            return False
+        return timestamp is not None and timestamp > self.to_time + STOP_MARGIN_SECONDS
 
     def _evict(self, groups: OrderedDict[str, _TxGroup]) -> None:
         while len(groups) > TX_GROUP_CACHE:

@@ -1,6 +1,7 @@
 """Replay drives the live detector deterministically: byte-identical findings for the same
-input, --from/--to on block numbers, ticks through quiet gaps on the replayed clock,
---speed pacing, labels, and one-line CLI errors."""
+input, --from/--to on block numbers and block times, ticks through quiet gaps on the
+replayed clock, --speed pacing, labels scored as `chainwatch evaluate` scores them, and
+one-line CLI errors."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typer.testing import CliRunner
 from bench.synthetic import generate
 from chainwatch.cli import app
 from chainwatch.exceptions import ChainwatchError
-from chainwatch.schema import AnyRecord, Finding, PeerSnapshot, Reorg, encode
+from chainwatch.labels import Label
+from chainwatch.schema import AnyRecord, Finding, PeerSnapshot, Reorg, decode, encode
 from chainwatch.settings import load_settings
-from replay.app import ReplayOptions, run_replay
+from detector.evaluation import evaluate, replay
+from replay.app import ReplayOptions, make_detector, run_replay
 from replay.driver import ReplayClock, ReplayConfig, Replayer
-from replay.labels import Label, evaluate
 
 
 class FakeDetector:
@@ -128,34 +130,66 @@ def test_same_input_gives_byte_identical_findings(tmp_path: Path) -> None:
         assert (outs[0] / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _finding(family: str, block: int, subject: str, kind: str = "node", t: float = 0.0) -> Finding:
-    return Finding(chain_id=1, node="n1", event_id=f"{family}{block}{subject}", observed_at=t,
-                   detector="d", family=family, severity="warning", score=0.9, threshold=0.5,
-                   subject_kind=kind, subject=subject, block_number=block)
+def test_from_to_on_block_times_keep_what_happened_between_them() -> None:
+    blocks = generate(10, 2, seed=1)
+    records: list[AnyRecord] = []
+    for b in blocks:
+        records += [b, _peers(b.observed_at + 0.1)]
+    clock = ReplayClock()
+    fake = FakeDetector(clock)
+    config = ReplayConfig(from_time=blocks[3].timestamp, to_time=blocks[6].timestamp)
+    stats = Replayer(fake, clock, config, lambda f: None).run(records)
+    kept = [e for _, batch in fake.batches for e in batch]
+    assert kept == [x for b in blocks[3:7] for x in (b.event_id, f"p{b.observed_at + 0.1}")]
+    assert (stats.first_block, stats.last_block) == (3, 6)
 
 
-def test_labels_give_precision_recall_and_latency() -> None:
-    labels = [
-        Label(family="fork_risk", first_block=100, last_block=105, node="n1"),
-        Label(family="fork_risk", first_block=300, last_block=300),
-        Label(family="tx", first_block=10, last_block=10, tx_hashes=frozenset({"0xaa"})),
-    ]
-    findings = [
-        _finding("fork_risk", 102, "n1", t=130.0),
-        _finding("fork_risk", 101, "n1|n2", t=140.0),
-        _finding("fork_risk", 200, "n1"),
-        _finding("tx", 10, "0xAA", kind="tx"),
-        _finding("tx", 10, "0xbb", kind="tx"),
-        _finding("block", 10, "0xbb", kind="block"),
-    ]
-    scores = {s.family: s for s in evaluate(findings, labels, {100: 100.0})}
-    fork = scores["fork_risk"]
-    assert (fork.findings, fork.true_positives, fork.labels, fork.detected) == (3, 2, 2, 1)
-    assert fork.precision == pytest.approx(2 / 3) and fork.recall == 0.5
-    assert fork.latency_blocks_median == 2 and fork.latency_seconds_median == 30.0
-    tx = scores["tx"]
-    assert (tx.precision, tx.recall) == (0.5, 1.0)
-    assert "block" not in scores
+def test_per_block_batches_end_with_each_block() -> None:
+    blocks = generate(4, 1, seed=1)
+    records: list[AnyRecord] = []
+    for b in blocks:
+        records += [_peers(b.observed_at - 0.5), b]
+    clock = ReplayClock()
+    fake = FakeDetector(clock)
+    Replayer(fake, clock, ReplayConfig(per_block=True), lambda f: None).run(records)
+    assert [ids for _, ids in fake.batches] == [
+        [f"p{b.observed_at - 0.5}", b.event_id] for b in blocks]
+
+
+def test_replay_labels_score_as_evaluate_does(tmp_path: Path) -> None:
+    """The same labels and records give `replay --labels --per-block` the figures of
+    `chainwatch evaluate`'s scoring; a bad label line is skipped and reported."""
+    source = _history(tmp_path / "history.jsonl")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        '{"family": "fork_risk", "kind": "reorg", "node": "bench", "first_block": 248, '
+        '"last_block": 250}\n'
+        '{"family": "fork_risk", "kind": "reorg", "first_block": 100}\n'
+        '{"family": "fork_risk", "first_block": "x"}\n'
+    )
+    settings = load_settings(warmup_blocks=50)
+    out = tmp_path / "out"
+    run_replay(settings, str(source), ReplayOptions(out=out, progress=False, labels=labels,
+                                                    per_block=True), echo=lambda _: None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["invalid_by_reason"]["label"] == 1
+    [fork] = summary["labels"]["families"]
+    assert (fork["labels"], fork["detected"]) == (2, 1)
+    by_id = {o["id"]: o for o in summary["labels"]["outcomes"]}
+    assert "reorg_depth" in by_id["labels.jsonl:1"]["detected_by"]
+    assert by_id["labels.jsonl:2"]["detected_by"] == []
+
+    records = [decode(line) for line in source.read_bytes().splitlines()[:-1]]
+    ev = evaluate(replay(records, make_detector=lambda c: make_detector(settings, c)),
+                  [Label(family="fork_risk", kind="reorg", node="bench", first_block=248,
+                         last_block=250),
+                   Label(family="fork_risk", kind="reorg", first_block=100)])
+    score = ev.family("fork_risk")
+    assert score is not None
+    assert (fork["findings"], fork["true_findings"], fork["false_findings"]) == (
+        score.findings, score.true_findings, score.false_findings)
+    assert fork["latency_blocks_p50"] == score.latency.p50_blocks()
+    assert fork["latency_seconds_p50"] == score.latency.p50_seconds()
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
@@ -166,6 +200,10 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         (["replay", str(tmp_path / "missing.jsonl")], "replay source not found"),
         (["replay", str(_history(tmp_path / "h.jsonl")), "--speed", "0"], "--speed must be > 0"),
         (["replay", str(tmp_path / "h.jsonl"), "--from", "9", "--to", "3"], "--from 9 is after"),
+        (["replay", str(tmp_path / "h.jsonl"), "--from", "monday"], "--from 'monday': expected"),
+        (["replay", str(tmp_path / "h.jsonl"), "--to", "2026-11-23T10:00"], "add a zone"),
+        (["replay", str(tmp_path / "h.jsonl"), "--from", "offset:5"],
+         "Kafka offsets apply to kafka:// sources only"),
         (["archive", "--out", str(tmp_path / "a")], "give --kafka HOST:PORT"),
     ):
         result = runner.invoke(app, args, standalone_mode=False, catch_exceptions=True)

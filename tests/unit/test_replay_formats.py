@@ -1,5 +1,6 @@
 """Replay inputs: the ethereum-etl export analysts have, the replay table format (CSV and
-Parquet), JSONL; invalid rows are reported with file, line and reason, and skipped."""
+Parquet), JSONL; invalid rows are reported with file, line and reason, and skipped; time
+bounds cut an export on its block timestamps."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 import polars as pl
 
 from chainwatch.schema import Block, PeerSnapshot, Reorg, encode
+from chainwatch.settings import load_settings
+from replay.app import ReplayOptions, run_replay
+from replay.positions import parse_range
 from replay.rows import Defaults, InvalidRows
-from replay.sources import JsonlSource, TableSource, find_tables
+from replay.sources import STOP_MARGIN_SECONDS, JsonlSource, TableSource, find_tables
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # a copy of ../shared/fixtures
 FIXTURE = FIXTURES / "ethereum-etl-mainnet-17173049"
@@ -142,3 +146,24 @@ def test_jsonl_invalid_lines_are_reported_with_their_number(tmp_path: Path) -> N
     assert [where for where, _ in invalid.samples] == ["records.jsonl:3", "records.jsonl:4"]
     assert invalid.samples[0][1].startswith("invalid record at block.")
     assert source.progress() == 1.0
+
+
+def test_time_bounds_filter_an_export_on_block_timestamps(tmp_path: Path) -> None:
+    """`replay export/ --from @T --to ISO`: blocks by header time (block n is at
+    1700000000 + 12 n); the export is read only a margin past --to, and the transactions
+    left unread there are not reported as orphans."""
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export / "blocks.csv", BLOCK_HEADER + "".join(_block_line(n) for n in range(1, 1200)))
+    _write(export / "transactions.csv", TX_HEADER + "".join(_tx_line(n, 0) for n in range(1, 1200)))
+    start, stop = parse_range("@1700000060", "2023-11-14T22:15:08Z")
+    stats = run_replay(load_settings(warmup_blocks=50), str(export),
+                       ReplayOptions(start=start, stop=stop, progress=False),
+                       echo=lambda _: None)
+    assert (stats.first_block, stats.last_block, stats.blocks, stats.transactions) == (
+        5, 9, 5, 5)
+
+    invalid = InvalidRows()
+    source = TableSource(find_tables(export), invalid, Defaults(), to_time=1700000108)
+    read = [r.number for r in source.records() if isinstance(r, Block)]
+    assert read[-1] == 9 + STOP_MARGIN_SECONDS // 12 and invalid.count == 0
