@@ -16,6 +16,8 @@ include that batching.
 
 Scoring: findings of the generic block model (family "block") never detect a label; they
 count as false unless they fall in some label's block range (then they are "excused").
+Findings of another family that name a label's miner or sender inside its blocks are
+excused too (the actor of an injected incident, seen by a detector of another family).
 Latency: from the label's onset (first_block; for a reorg the last replaced height, where
 the switch becomes visible) to the node's head when the first matching finding was made,
 in blocks; and from the label's earliest record (first sight of one of its transactions,
@@ -230,19 +232,32 @@ def _latency_seconds(finding: Finding, label: Label, run: Replay) -> float | Non
     return None if onset is None else round(max(finding.observed_at - onset, 0.0), 3)
 
 
+def _excused(finding: Finding, labels: Sequence[Label]) -> bool:
+    """Neither a detection nor a false alarm: a finding about an injected incident.
+
+    Block-model findings inside a label's blocks (that model has no labels of its own),
+    and findings of another family that name a label's actor inside its blocks (the
+    reorg's attacker did produce 7 of 8 blocks: true, but not what the label is about).
+    """
+    subject = finding.subject.lower()
+    for lb in labels:
+        if not (lb.about(finding.chain_id, finding.node)
+                and lb.in_range(finding.block_number, MATCH_SLACK_BLOCKS)):
+            continue
+        if finding.family == "block" or any(
+            who and who in subject for who in (lb.miner, lb.sender)
+        ):
+            return True
+    return False
+
+
 def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
     """Match the replay's findings against the labels and score them."""
     findings = run.findings
     hit: list[list[int]] = [[] for _ in findings]  # finding index -> label indices
     for i, obs in enumerate(findings):
         hit[i] = [j for j, label in enumerate(labels) if matches(obs.finding, label)]
-    excused = [
-        not hit[i] and obs.finding.family == "block"
-        and any(lb.about(obs.finding.chain_id, obs.finding.node)
-                and lb.in_range(obs.finding.block_number, MATCH_SLACK_BLOCKS)
-                for lb in labels)
-        for i, obs in enumerate(findings)
-    ]
+    excused = [not hit[i] and _excused(obs.finding, labels) for i, obs in enumerate(findings)]
     labelled: dict[tuple[int, str], set[int]] = {key: set() for key in run.heights}
     for lb in labels:
         if lb.first_block is not None and lb.last_block is not None:
@@ -461,7 +476,8 @@ def render_markdown(ev: Evaluation, *, command: str, session: Mapping[str, Any],
               "range (a reorg also matches at first_block - 1, the common ancestor a "
               "rewinding node reports as its new head). Block-model findings "
               "(family `block`) never detect a label; inside a label's range they are "
-              "*excused*, elsewhere false. Latency in "
+              "*excused*, elsewhere false; findings of another family that name a label's "
+              "miner or sender inside its range are excused too. Latency in "
               "blocks: node head at the first matching finding minus the label's onset "
               "(first_block; for a reorg its last replaced height). Latency in seconds: on the "
               "recording's clock, from the first sight of the label's transactions (or its "

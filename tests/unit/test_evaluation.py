@@ -146,3 +146,16 @@ def test_targets_and_report() -> None:
     assert "chainwatch evaluate --out x.md" in text
     assert "| spam_burst | spam_burst | tx | 1 | 0 | - |" in text
     assert text == render_markdown(ev, command="chainwatch evaluate --out x.md", session={})
+
+
+def test_a_finding_about_a_labelled_actor_in_another_family_is_excused_not_false() -> None:
+    attacker = label("a", "reorg", "fork_risk", 200, 205, miner=MINER)
+    surge = finding("miner_surge_rule", "miner", MINER, 206, kind="miner")
+    later = finding("miner_surge_rule", "miner", MINER, 260, kind="miner")  # out of range
+    stranger = finding("miner_surge_rule", "miner", "0x" + "ef" * 20, 206, kind="miner")
+    run = Replay(findings=[Observed(f, 206) for f in (surge, later, stranger)],
+                 heights={(1, NODE): set(range(150, 300))})
+    miner = evaluate(run, [attacker]).family("miner")
+    assert miner is not None
+    assert (miner.findings, miner.true_findings, miner.excused, miner.false_findings) == (
+        3, 0, 1, 2)
