@@ -9,7 +9,9 @@ The recording is replayed through `detector.engine.Detector` with replay's own l
 (`replay.driver.Replayer`), on a clock that is the recording's `observed_at`, so a run is
 deterministic and needs no node. `chainwatch evaluate` batches as a caught-up consumer
 polls (`EVALUATION_REPLAY`): one batch per delivered block, so a finding's head is the
-block that made it and latency in blocks is exact; the detector is ticked after each
+block that made it and latency in blocks is exact, and no batch longer than one recorded
+second, so pending transactions are seen as a live consumer sees them (it polls every
+0.5 s), not only with the next block; the detector is ticked after each
 batch and every recorded second until the next, as the live loop ticks. `chainwatch
 replay` batches up to 500 records unless `--per-block`, so there heads, and latencies,
 include that batching.
@@ -37,7 +39,7 @@ from chainwatch.labels import KIND_FAMILY, MATCH_SLACK_BLOCKS, Label, matches
 from chainwatch.metrics import Metrics
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg
 from detector.engine import Detector, DetectorConfig
-from replay.driver import ReplayClock, ReplayConfig, Replayer
+from replay.driver import POLL_SECONDS, ReplayClock, ReplayConfig, Replayer
 
 __all__ = ["KIND_FAMILY", "MATCH_SLACK_BLOCKS", "Label", "matches"]  # re-exported
 
@@ -49,7 +51,7 @@ TARGET_REORG_BLOCKS = 1
 TARGET_MINER_BLOCKS = 3
 
 # a caught-up consumer: one batch per block (= `chainwatch replay --per-block`)
-EVALUATION_REPLAY = ReplayConfig(per_block=True)
+EVALUATION_REPLAY = ReplayConfig(per_block=True, max_batch_seconds=POLL_SECONDS)
 
 
 # --- replay -----------------------------------------------------------------------------

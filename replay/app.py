@@ -34,7 +34,7 @@ from replay.archive import (
     archive_topics,
     is_archive,
 )
-from replay.driver import ReplayClock, ReplayConfig, Replayer, ReplayStats
+from replay.driver import POLL_SECONDS, ReplayClock, ReplayConfig, Replayer, ReplayStats
 from replay.exceptions import ReplayError
 from replay.positions import Position, check_range
 from replay.progress import Progress
@@ -277,6 +277,7 @@ def run_replay(
     first_block, last_block = options.blocks()
     first_time, last_time = (None, None) if spec.startswith("kafka://") else options.times()
     config = ReplayConfig(batch_records=options.batch_records, per_block=options.per_block,
+                          max_batch_seconds=POLL_SECONDS if options.per_block else None,
                           from_block=first_block, to_block=last_block, from_time=first_time,
                           to_time=last_time, speed=options.speed)
     try:

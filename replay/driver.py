@@ -10,7 +10,9 @@ the recorded stream goes quiet for more than `gap_seconds`; inside such a gap th
 detector is ticked every `tick_seconds` of recorded time, as the live loop ticks every
 second of wall time, so a stalled node is found at the same moment it was live.
 `per_block` batches instead as a caught-up consumer polls: everything up to and
-including each block (what `chainwatch evaluate` measures latency in blocks with).
+including each block (what `chainwatch evaluate` measures latency in blocks with), and
+with `max_batch_seconds` no batch spans more recorded time than that (pending txs are
+seen within a poll of their arrival, not at the next block).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class DetectorLike(Protocol):
     def tick(self) -> list[Finding]: ...
 
 
+POLL_SECONDS = 1.0  # per-block batches span at most this (the live consumer polls every 0.5 s)
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
     batch_records: int = 500
@@ -46,6 +51,9 @@ class ReplayConfig:
     tick_seconds: float = 1.0
     max_ticks_per_gap: int = 3600
     per_block: bool = False  # one batch per block (no size or gap cut)
+    # with per_block: also cut a batch spanning more than this much recorded time, as a
+    # live consumer polls (every 0.5 s) instead of waiting for the next block
+    max_batch_seconds: float | None = None
     from_block: int | None = None
     to_block: int | None = None
     from_time: float | None = None  # on block timestamps (unix seconds), inclusive
@@ -204,7 +212,11 @@ class Replayer:
             ):
                 yield batch, t
                 batch = []
-            if c.per_block and batch and isinstance(batch[-1], Block):
+            if c.per_block and batch and (
+                isinstance(batch[-1], Block)
+                or (c.max_batch_seconds is not None
+                    and t - batch[0].observed_at > c.max_batch_seconds)
+            ):
                 yield batch, t
                 batch = []
             batch.append(record)

@@ -211,3 +211,22 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert isinstance(result.exception, ChainwatchError), (args, result.exception)
         assert expected in str(result.exception), (args, result.exception)
     assert callable(main)
+
+
+
+def test_per_block_batches_also_cut_at_max_batch_seconds() -> None:
+    """Records between blocks reach the detector within a poll, not with the next block."""
+    first, second = generate(2, 1, seed=1)
+    t0 = first.observed_at
+    records: list[AnyRecord] = [first, _peers(t0 + 0.2), _peers(t0 + 1.0), _peers(t0 + 2.9),
+                                second.model_copy(update={"observed_at": t0 + 3.0})]
+
+    def sizes(config: ReplayConfig) -> list[int]:
+        clock = ReplayClock()
+        fake = FakeDetector(clock)
+        Replayer(fake, clock, config, lambda f: None).run(records)
+        return [len(ids) for _, ids in fake.batches]
+
+    assert sizes(ReplayConfig(per_block=True)) == [1, 4]
+    # block | 0.2 s and 1.0 s (0.8 s apart) | 2.9 s and the next block
+    assert sizes(ReplayConfig(per_block=True, max_batch_seconds=1.0)) == [1, 2, 2]
