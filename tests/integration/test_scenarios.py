@@ -107,11 +107,25 @@ def test_the_recording_holds_what_the_labels_say(recording) -> None:
     assert sorted(observed)[len(observed) // 2] < 5
 
 
-def test_replay_catches_every_reorg(session: tuple[SessionResult, Path]) -> None:
+def test_replay_meets_the_quality_floors(session: tuple[SessionResult, Path]) -> None:
+    """Floors on the quick session's fixed seed: a detector change that loses a family, or
+    floods normal traffic, fails here; docs/quality.md has the measured figures."""
     _, out = session
     evaluation, _ = evaluate_recording(out)
     assert isinstance(evaluation, Evaluation)
-    reorg = evaluation.kind("reorg")
-    assert reorg is not None and reorg.labels == 2
-    assert reorg.recall == 1.0
     assert evaluation.failed_records == 0
+    reorg = evaluation.kind("reorg")
+    assert reorg is not None and reorg.labels == 2 and reorg.recall == 1.0
+    assert (reorg.latency.max_blocks() or 0) <= 1  # the target: within one block
+    for name in ("fork_risk", "tx", "miner"):
+        family = evaluation.family(name)
+        assert family is not None and family.labels > 0
+        assert (family.recall or 0.0) >= 0.8, (name, family.recall)
+    for kind in ("timestamp_manipulation", "empty_blocks", "censorship", "miner_dominance"):
+        score = evaluation.kind(kind)
+        assert score is not None and score.recall == 1.0, kind
+        if kind != "miner_dominance":  # a takeover needs ~6 blocks of evidence
+            assert (score.latency.max_blocks() or 0) <= 3, kind  # miner behaviour within three
+    # measured: 1 false finding in ~300 normal blocks (a fork-risk score); a floor, not
+    # the target of one per 1,000
+    assert evaluation.overall.false_findings <= 3
