@@ -8,8 +8,11 @@ findings. Time is passed in (`now`), so a replay gives the same findings as live
   deliver a block wins), an isolation forest over TX_FEATURES plus the sandwich and
   nonce-replacement-spam rules. One finding per (block, sender): a spam burst of 300 txs
   is one finding per block, not 300.
-- `MinerFamily` (one per node): rules over the node's last blocks (share, empty blocks
-  with a full pool, timestamp jumps, high-fee transactions left pending).
+- `MinerFamily` (one per node): rules over the node's last blocks (share, surge, empty
+  blocks with a full pool, timestamps, high-fee transactions left out). Findings about
+  the chain (share, surge, empty blocks, censorship) carry node-free ids, so several
+  nodes seeing the same producer report it once; timestamp findings are per node (they
+  compare with that node's arrival times).
 - `ForkRisk` (one per chain): fork_window_features and the combined score per node.
 
 Rules that hold over a window (a dominant miner) are reported once per episode: a new
@@ -367,8 +370,8 @@ class MinerFamily:
         started = self.episodes.update("rules", active)
         for h in hits:
             episode = started.get((h.rule, h.subject))
-            if episode is not None:
-                findings.append(h.to_finding(now, episode))
+            if episode is not None:  # the same on every node of the chain: counted once
+                findings.append(h.to_finding(now, episode, chain_level=True))
         findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]
 
@@ -459,7 +462,7 @@ class MinerFamily:
                          f"out of {len(skips)} blocks that had room or took cheaper txs, by "
                          f"{', '.join(miners)}"),
                 details={"blocks": sorted(skips), "miners": miners},
-            ).to_finding(now))
+            ).to_finding(now, chain_level=True))
         return out
 
 

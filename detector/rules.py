@@ -40,18 +40,22 @@ class RuleHit:
     summary: str
     details: dict[str, object] = field(default_factory=dict)
 
-    def to_finding(self, now: float, episode: str | None = None) -> Finding:
+    def to_finding(self, now: float, episode: str | None = None, *,
+                   chain_level: bool = False) -> Finding:
         """The Finding for this hit, observed at `now`.
 
         The event id is (rule, node, subject[, episode]): miner hits keep one subject while
         the window slides, so pass an episode (e.g. the window's first block) to report a
-        later, separate occurrence again.
+        later, separate occurrence again. `chain_level`: a fact about the chain, not about
+        what one node saw (a producer's share): the id leaves the node out, so every node
+        that sees it reports the same finding, counted once.
         """
         key = self.subject if episode is None else f"{self.subject}|{episode}"
         return Finding(
             chain_id=self.chain_id,
             node=self.node,
-            event_id=Finding.id_for(self.chain_id, self.node, self.rule, key),
+            event_id=Finding.id_for(self.chain_id, "" if chain_level else self.node,
+                                    self.rule, key),
             observed_at=now,
             detector=self.rule,
             family=self.family,

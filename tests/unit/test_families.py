@@ -314,3 +314,17 @@ def test_a_fee_outlier_is_flagged_when_the_pool_announces_it_and_once_only(norma
     assert by(again, "tx_iforest") == []
     assert run.metric("chainwatch_findings_total", chain_id="1", detector="tx_iforest",
                       severity=found[0].severity) == 1
+
+
+def test_two_nodes_seeing_one_takeover_report_it_once(normal):
+    """A producer's share is a fact about the chain: one finding, whichever node saw it."""
+    taker = "0x" + "7b" * 20
+    run = Run()
+    blocks = [*normal[:60], *(b.model_copy(update={"miner": taker}) for b in normal[60:80])]
+    for b in blocks:  # both nodes deliver every block
+        twin = b.model_copy(update={"node": "bench-2",
+                                    "event_id": Block.id_for(1, "bench-2", b.hash)})
+        run.feed([b, twin])
+    assert [f.subject for f in by(run.findings, "miner_surge_rule")] == [taker]
+    assert run.metric("chainwatch_findings_total", chain_id="1", detector="miner_surge_rule",
+                      severity="critical") == 1
