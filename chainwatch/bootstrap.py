@@ -24,7 +24,7 @@ from chainwatch.httpserver import Health, serve
 from chainwatch.logs import redact_url
 from chainwatch.metrics import Metrics
 from chainwatch.nodes import NodeConfig, load_nodes
-from chainwatch.schema import Finding
+from chainwatch.schema import AnyRecord, Finding
 from chainwatch.settings import Settings
 from collector.checkpoint import FileCheckpointStore
 from collector.mempool_service import MempoolCollector, MempoolConfig
@@ -194,21 +194,40 @@ def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
                 snapshot_interval=s.mempool_snapshot_interval,
                 reconcile_interval=s.mempool_reconcile_interval,
                 drop_grace=s.mempool_drop_grace,
+                max_outbox=s.mempool_max_outbox,
             ),
             ws_url=ws_url,
+            chain_ok=lambda: blocks.delivering,
         )
+        mempool.outbox.on_drop = _count_drop(rt.metrics)
         blocks.listeners.append(mempool.on_chain)
         others.append(mempool)
     if node.peers and s.peers:
-        others.append(
-            PeerCollector(blocks.rpc, rt.bus, rt.topics, rt.metrics, interval=s.peer_interval)
-        )
+        peers = PeerCollector(blocks.rpc, rt.bus, rt.topics, rt.metrics, interval=s.peer_interval)
+        peers.outbox.on_drop = _count_drop(rt.metrics)
+        others.append(peers)
     return NodeAgents(blocks, others)
+
+
+def _count_drop(metrics: Metrics) -> Callable[[AnyRecord, str], None]:
+    """An outbox's drop hook: chainwatch_collector_records_dropped_total, by type and reason."""
+    dropped = metrics.collector_dropped
+
+    def count(record: AnyRecord, reason: str) -> None:
+        dropped.labels(str(record.chain_id), record.node, record.type, reason).inc()
+
+    return count
 
 
 def make_collector(rt: Runtime, node: NodeConfig) -> BlockCollector:
     s = rt.settings
-    rpc = NodeRpc(node.rpc.get_secret_value(), node=node.name, timeout=s.rpc_timeout)
+    rpc_errors = rt.metrics.rpc_errors
+    rpc = NodeRpc(
+        node.rpc.get_secret_value(),
+        node=node.name,
+        timeout=s.rpc_timeout,
+        on_error=lambda reason: rpc_errors.labels(node.name, reason).inc(),
+    )
     return BlockCollector(
         rpc,
         rt.bus,

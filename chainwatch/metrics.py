@@ -24,7 +24,15 @@ DETECTORS = (
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 NODE_STATES = ("up", "lagging", "stalled", "unreachable")
 TX_FATES = ("included", "replaced", "dropped", "requeued")
+# records that wait in a collector's bounded outbox (never blocks: they cannot be re-fetched)
+OUTBOX_RECORD_TYPES = ("pending_tx", "tx_lifecycle", "mempool_snapshot", "peer_snapshot")
 INCLUSION_BUCKETS = (1, 2, 4, 8, 12, 24, 36, 60, 120, 300, 600, 1800, 3600)
+COLLECTOR_ERROR_KINDS = ("rpc", "malformed", "bus", "websocket", "internal")
+# why a node's answer was unusable (collector.rpc.NodeRpc classifies every failed call)
+RPC_ERROR_REASONS = (
+    "unreachable", "timeout", "http_status", "invalid_json", "error_response", "malformed",
+    "wrong_block",
+)
 
 
 class Metrics:
@@ -320,14 +328,33 @@ class Metrics:
         )
         self.collector_errors = Counter(
             "chainwatch_collector_errors",
-            "Collector errors by kind (rpc, malformed, bus, websocket).",
+            "Collector errors by kind (rpc, malformed, bus, websocket, internal).",
             ["node", "kind"],
+            registry=r,
+        )
+        self.rpc_errors = Counter(
+            "chainwatch_rpc_errors",
+            "Node RPC calls that got no usable answer, by reason.",
+            ["node", "reason"],
+            registry=r,
+        )
+        self.collector_reorgs = Counter(
+            "chainwatch_collector_reorgs",
+            "Reorgs the collector published, by whether it found the common ancestor.",
+            [*node, "ancestor"],
             registry=r,
         )
         self.node_up = Gauge(
             "chainwatch_node_up",
             "1 if the node's RPC answered on the last try.",
             node,
+            registry=r,
+        )
+        self.collector_dropped = Counter(
+            "chainwatch_collector_records_dropped",
+            "Records the collector dropped instead of publishing, by type and reason "
+            "(outbox_full: the bus was down until the bounded outbox filled).",
+            [*node, "type", "reason"],
             registry=r,
         )
         for kind in ("blocks", "block", "reorg"):
@@ -358,5 +385,11 @@ class Metrics:
 
     def init_collector(self, chain_id: int, node: str) -> None:
         self.collector_published.labels(str(chain_id), node)
-        for kind in ("rpc", "malformed", "bus", "websocket"):
+        for kind in COLLECTOR_ERROR_KINDS:
             self.collector_errors.labels(node, kind)
+        for reason in RPC_ERROR_REASONS:
+            self.rpc_errors.labels(node, reason)
+        for ancestor in ("found", "unknown"):
+            self.collector_reorgs.labels(str(chain_id), node, ancestor)
+        for record_type in OUTBOX_RECORD_TYPES:
+            self.collector_dropped.labels(str(chain_id), node, record_type, "outbox_full")

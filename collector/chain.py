@@ -134,16 +134,19 @@ async def resolve_fork(
 
     branch: list[Block] = []
     ancestor: tuple[int, str] | None = None
-    lowest_compared = tip.number + 1
+    # the lowest height where the old and new chains were seen to differ (the tip's own
+    # height counts: a node restarted with a new genesis differs at 0, where no parent is)
+    lowest_compared = tip.number if tip.number in old_hashes else tip.number + 1
 
     if old_hashes.get(tip.number) == tip.hash:
         ancestor = (tip.number, tip.hash)  # the node went back to a block we already had
     else:
         branch.append(tip)
         cursor = tip
+        old_known = True
         while cursor.number > 0 and len(branch) <= max_reorg_depth:
             parent_number = cursor.number - 1
-            if parent_number <= old_head.number:
+            if old_known and parent_number <= old_head.number:
                 while (
                     parent_number not in old_hashes
                     and deep_old_cursor is not None
@@ -155,11 +158,17 @@ async def resolve_fork(
                         old_hashes[deep_old_cursor.number] = deep_old_cursor.hash
                 old_hash = old_hashes.get(parent_number)
                 if old_hash is None:
-                    break  # the old chain is no longer known: ancestor not findable
-                lowest_compared = parent_number
-                if old_hash == cursor.parent_hash:
-                    ancestor = (parent_number, old_hash)
-                    break
+                    # The old chain is unknown this deep (below the window, and the node
+                    # no longer serves its blocks): the ancestor cannot be found. Follow
+                    # the new branch on down to the limit all the same, so no new
+                    # canonical block within max_reorg_depth goes undelivered; those that
+                    # did not change are duplicates, dropped by event_id downstream.
+                    old_known = False
+                else:
+                    lowest_compared = parent_number
+                    if old_hash == cursor.parent_hash:
+                        ancestor = (parent_number, old_hash)
+                        break
             if len(branch) == max_reorg_depth:
                 break
             parent = await source.block_by_hash(cursor.parent_hash)

@@ -50,6 +50,8 @@ def _req(raw: Mapping[str, Any], key: str) -> Any:
 # Hex digits only: a JSON "\ud800" escape decodes to a lone surrogate, which crashed the
 # collector when the record was hashed or serialized (found by tests/property).
 _HEX_STR = re.compile(r"0x[0-9a-fA-F]*")
+_HASH_CHARS = 64  # hex digits of a 32-byte hash
+_ADDRESS_CHARS = 40
 
 
 def _hex_str(raw: Mapping[str, Any], key: str) -> str:
@@ -57,9 +59,12 @@ def _hex_str(raw: Mapping[str, Any], key: str) -> str:
     return _check_hex(value, key)
 
 
-def _check_hex(value: Any, key: str) -> str:
+def _check_hex(value: Any, key: str, chars: int | None = None) -> str:
     if not isinstance(value, str) or not _HEX_STR.fullmatch(value):
         raise MalformedRpcPayload(f"field {key}: expected 0x-hex string, got {_short(value)}")
+    if chars is not None and len(value) != chars + 2:
+        # a short "hash" would be published, then taken for a fork by the next block
+        raise MalformedRpcPayload(f"field {key}: expected {chars // 2} bytes, got {_short(value)}")
     return value.lower()
 
 
@@ -109,11 +114,11 @@ def map_block(raw: Any, *, chain_id: int, node: str, observed_at: float) -> Bloc
         raise MalformedRpcPayload("field transactions: expected a list")
     # Hash-only transaction lists mean the caller asked without full objects.
     txs = tuple(map_transaction(t) for t in txs_raw)
-    block_hash = _hex_str(raw, "hash")
+    block_hash = _check_hex(_req(raw, "hash"), "hash", _HASH_CHARS)
     miner = raw.get("miner") or raw.get("author")
     if miner is None:
         raise MalformedRpcPayload("missing field miner")
-    miner = _check_hex(miner, "miner")
+    miner = _check_hex(miner, "miner", _ADDRESS_CHARS)
     try:
         return Block(
             chain_id=chain_id,
@@ -122,7 +127,7 @@ def map_block(raw: Any, *, chain_id: int, node: str, observed_at: float) -> Bloc
             observed_at=observed_at,
             number=hex_to_int(_req(raw, "number"), "number"),
             hash=block_hash,
-            parent_hash=_hex_str(raw, "parentHash"),
+            parent_hash=_check_hex(_req(raw, "parentHash"), "parentHash", _HASH_CHARS),
             timestamp=hex_to_int(_req(raw, "timestamp"), "timestamp"),
             miner=miner.lower(),
             gas_used=hex_to_int(_req(raw, "gasUsed"), "gasUsed"),

@@ -54,8 +54,10 @@ class MempoolCollector:
         *,
         ws_url: str | None = None,
         clock: Callable[[], float] = time.time,
+        chain_ok: Callable[[], bool] | None = None,
     ) -> None:
         self.rpc = rpc
+        self.chain_ok = chain_ok  # the block collector is delivering (see _poll_txpool)
         self.node = rpc.node
         self.metrics = metrics
         self.config = config
@@ -67,6 +69,7 @@ class MempoolCollector:
         self._txpool_supported = True
         self._pending_raw: list[Any] = []
         self._wake = asyncio.Event()
+        self._gap = False  # the subscription (re)started or ended: reconcile at once
         self._logged: set[str] = set()
 
     def on_chain(self, records: list[Block | Reorg]) -> None:
@@ -98,7 +101,7 @@ class MempoolCollector:
                 kind="newPendingTransactions",
                 argument=True,
                 on_message=self._on_message,
-                on_gap=self._wake.set,
+                on_gap=self._on_gap,
                 on_error=lambda m: self._error("websocket", m),
             )
             tasks.append(asyncio.create_task(self.subscription.run()))
@@ -108,6 +111,12 @@ class MempoolCollector:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_gap(self) -> None:
+        """Txs announced while no subscription was live (or before this one was set up)
+        are only in the pool: list it now rather than at the next reconcile interval."""
+        self._gap = True
+        self._wake.set()
 
     def _on_message(self, raw: Any) -> None:
         self._pending_raw.append(raw)
@@ -130,10 +139,11 @@ class MempoolCollector:
                 tx = map_pending_tx(
                     raw, chain_id=self.tracker.chain_id, node=self.node, first_seen_at=now
                 )
+                out.extend(self.tracker.on_pending(tx))
             except MalformedRpcPayload as exc:
                 self._error("malformed", str(exc))
-                continue
-            out.extend(self.tracker.on_pending(tx))
+            except Exception as exc:  # one tx nothing foresaw: a counted skip, not a dead task
+                self._error("internal", repr(exc), exc_info=exc)
         await self.outbox.put(out)
 
     def _queue(self, records: list[AnyRecord]) -> None:
@@ -147,9 +157,11 @@ class MempoolCollector:
             live = self.subscription is not None and self.subscription.connected
             try:
                 if self._txpool_supported and (
-                    not live or now - last_reconcile >= self.config.reconcile_interval
+                    not live or self._gap
+                    or now - last_reconcile >= self.config.reconcile_interval
                 ):
                     last_reconcile = now
+                    self._gap = False
                     await self._poll_txpool()
                 if now - last_snapshot >= self.config.snapshot_interval:
                     last_snapshot = now
@@ -160,6 +172,10 @@ class MempoolCollector:
             except RpcError as exc:
                 kind = "malformed" if isinstance(exc, MalformedRpcPayload) else "rpc"
                 self._error(kind, str(exc))
+            except Exception as exc:
+                # this task ending would stop pending-tx polling and drop detection for
+                # good, with no sign: count it and poll again
+                self._error("internal", repr(exc), exc_info=exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.poll_interval)
@@ -171,7 +187,11 @@ class MempoolCollector:
         await self._ingest(pending, now)
         # a tx demoted to queued (nonce gap) is still in the pool: not dropped
         hashes = {str(tx.get("hash", "")).lower() for tx in (*pending, *queued)}
-        self._queue(self.tracker.on_pool_contents(hashes, now))
+        if self.chain_ok is None or self.chain_ok():
+            # A tx gone from the pool may be in a block not delivered yet: while the block
+            # collector fails (a node answering garbage for blocks only), judging drops
+            # would call mined txs dropped once the grace period ran out.
+            self._queue(self.tracker.on_pool_contents(hashes, now))
 
     async def _snapshot(self) -> None:
         assert self.tracker is not None
@@ -187,12 +207,12 @@ class MempoolCollector:
         self._queue(self.tracker.expire(now))
         await self.outbox.put([self.tracker.snapshot(now, pending, queued, source)])
 
-    def _error(self, kind: str, message: str) -> None:
+    def _error(self, kind: str, message: str, exc_info: BaseException | None = None) -> None:
         self.metrics.collector_errors.labels(self.node, kind).inc()
-        self._once(kind, message)
+        self._once(kind, message, exc_info)
 
-    def _once(self, key: str, message: str) -> None:
+    def _once(self, key: str, message: str, exc_info: BaseException | None = None) -> None:
         if key not in self._logged:  # log once per kind; the counter counts every one
             self._logged.add(key)
             log.warning("mempool collector", extra={"node": self.node, "kind": key,
-                                                     "error": message})
+                                                     "error": message}, exc_info=exc_info)

@@ -68,18 +68,20 @@ class PeerCollector:
                 except RpcError as exc:
                     kind = "malformed" if isinstance(exc, MalformedRpcPayload) else "rpc"
                     self._error(kind, str(exc))
+                except Exception as exc:  # never end the loop: the next poll may be fine
+                    self._error("internal", repr(exc), exc_info=exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.interval)
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
 
-    def _error(self, kind: str, message: str) -> None:
+    def _error(self, kind: str, message: str, exc_info: BaseException | None = None) -> None:
         self.metrics.collector_errors.labels(self.node, kind).inc()
-        self._once(kind, message)
+        self._once(kind, message, exc_info)
 
-    def _once(self, key: str, message: str) -> None:
+    def _once(self, key: str, message: str, exc_info: BaseException | None = None) -> None:
         if key not in self._logged:
             self._logged.add(key)
             log.warning("peer collector", extra={"node": self.node, "kind": key,
-                                                  "error": message})
+                                                  "error": message}, exc_info=exc_info)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from web3 import AsyncWeb3, WebSocketProvider
 from web3.providers.rpc import AsyncHTTPProvider
 
@@ -57,10 +58,12 @@ class NodeRpc:
         node: str,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.url = check_url(http_url, ("http", "https"), f"RPC URL of node {node!r}")
         self.node = node
         self.clock = clock
+        self.on_error = on_error
         self.chain_id: int | None = None
         self._provider = AsyncHTTPProvider(
             http_url,
@@ -77,29 +80,36 @@ class NodeRpc:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # aiohttp, timeouts, JSON decoding: all mean "no answer"
+            self._failed(_transport_reason(exc))
             detail = scrub(str(exc))[:200] or type(exc).__name__
             raise RpcError(
                 f"node {self.node!r} ({redact_url(self.url)}) did not answer {method}: "
                 f"{type(exc).__name__}: {detail}"
             ) from None
         if not isinstance(response, dict):
+            self._failed("malformed")
             raise MalformedRpcPayload(f"{method}: response is not a JSON object")
         if response.get("error"):
             error = response["error"]
             message = error.get("message") if isinstance(error, dict) else error
             code = error.get("code") if isinstance(error, dict) else None
-            if code == -32601 or "does not exist" in str(message) or "not available" in str(
-                message
-            ):
+            if _unsupported(method, code, str(message)):
                 raise RpcMethodUnsupported(
                     f"node {self.node!r} does not offer {method}: {scrub(str(message))[:200]}"
                 )
+            self._failed("error_response")
             raise RpcError(
-                f"node {self.node!r} answered {method} with error: {scrub(str(message))}"
+                f"node {self.node!r} answered {method} with error: {scrub(str(message))[:200]}"
             )
         if "result" not in response:
+            self._failed("malformed")
             raise MalformedRpcPayload(f"{method}: response has no result")
         return response["result"]
+
+    def _failed(self, reason: str) -> None:
+        """Count one unusable answer (the bootstrap wires this to chainwatch_rpc_errors_total)."""
+        if self.on_error is not None:
+            self.on_error(reason)
 
     async def fetch_chain_id(self) -> int:
         self.chain_id = hex_to_int(await self.call("eth_chainId", []), "eth_chainId")
@@ -109,19 +119,65 @@ class NodeRpc:
         return hex_to_int(await self.call("eth_blockNumber", []), "eth_blockNumber")
 
     async def block_by_number(self, number: int) -> Block | None:
-        return self._map(await self.call("eth_getBlockByNumber", [hex(number), True]))
+        block = self._map(await self.call("eth_getBlockByNumber", [hex(number), True]))
+        if block is not None and block.number != number:
+            # a stale cache or a load balancer mixing nodes: followed as if it were the
+            # block asked for, it would make a false reorg
+            self._failed("wrong_block")
+            raise MalformedRpcPayload(
+                f"eth_getBlockByNumber({number}) answered block {block.number}"
+            )
+        return block
 
     async def block_by_hash(self, block_hash: str) -> Block | None:
-        return self._map(await self.call("eth_getBlockByHash", [block_hash, True]))
+        block = self._map(await self.call("eth_getBlockByHash", [block_hash, True]))
+        if block is not None and block.hash != block_hash.lower():
+            self._failed("wrong_block")
+            raise MalformedRpcPayload(
+                f"eth_getBlockByHash({block_hash[:18]}...) answered another block"
+            )
+        return block
 
     def _map(self, raw: Any) -> Block | None:
         if raw is None:
             return None
         assert self.chain_id is not None, "fetch_chain_id() first"
-        return map_block(raw, chain_id=self.chain_id, node=self.node, observed_at=self.clock())
+        try:
+            return map_block(raw, chain_id=self.chain_id, node=self.node,
+                             observed_at=self.clock())
+        except MalformedRpcPayload:
+            self._failed("malformed")
+            raise
 
     async def close(self) -> None:
         await self._provider.disconnect()
+
+
+def _transport_reason(exc: Exception) -> str:
+    """Why a call got no answer, for chainwatch_rpc_errors_total."""
+    if isinstance(exc, TimeoutError):  # asyncio's too, and aiohttp's ServerTimeoutError
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "http_status"
+    if isinstance(exc, ValueError):  # JSONDecodeError, UnicodeDecodeError: not JSON
+        return "invalid_json"
+    return "unreachable"
+
+
+_UNSUPPORTED_PHRASES = ("does not exist", "not available", "not found", "not supported")
+
+
+def _unsupported(method: str, code: object, message: str) -> bool:
+    """The node does not offer `method` at all (so callers stop asking).
+
+    -32601 is the standard code; some nodes use -32000 with a message naming the method.
+    A phrase alone is not enough: geth's "missing trie node ... state is not available"
+    is transient, and taking it for "unsupported" would stop txpool polling for good.
+    """
+    if code == -32601:
+        return True
+    lowered = message.lower()
+    return method.lower() in lowered and any(p in lowered for p in _UNSUPPORTED_PHRASES)
 
 
 class Subscription:
@@ -131,7 +187,9 @@ class Subscription:
     (re)starts or ends, because notifications may have been missed: the caller polls
     and backfills. web3 8 raises an RPC error answered on the socket inside its listener
     task, which ends the subscription stream: every end of the stream, clean or not,
-    leads to a reconnect.
+    leads to a reconnect, and each is one `on_error` (a node closing the socket cleanly
+    is still a gap). web3's own connect retries are off (it would retry for ~20 s with
+    no word to us): each refused connect is one `on_error` and one `on_gap` here.
     """
 
     def __init__(
@@ -160,7 +218,8 @@ class Subscription:
         backoff = 1.0
         while True:
             try:
-                async with AsyncWeb3(WebSocketProvider(self.url)) as w3:
+                provider = WebSocketProvider(self.url, max_connection_retries=1)
+                async with AsyncWeb3(provider) as w3:
                     if self.argument is None:
                         await w3.eth.subscribe(self.kind)  # type: ignore[arg-type]
                     else:
@@ -171,6 +230,10 @@ class Subscription:
                     async for message in w3.socket.process_subscriptions():
                         result = message.get("result") if isinstance(message, dict) else None
                         self.on_message(result)
+                self.on_error(
+                    f"WebSocket {self.kind} subscription to node {self.node!r} "
+                    f"({redact_url(self.url)}) was closed by the node"
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

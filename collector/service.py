@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chainwatch.bus import Bus, Topics
-from chainwatch.exceptions import BusError, MalformedRpcPayload, RpcError
+from chainwatch.exceptions import BusError, ConfigError, MalformedRpcPayload, RpcError
 from chainwatch.httpserver import Health
 from chainwatch.metrics import Metrics
 from chainwatch.schema import Block, NodeStatus, Reorg, encode
@@ -61,6 +61,17 @@ def encode_within(record: Block | Reorg | NodeStatus, limit: int) -> bytes:
     return payload
 
 
+def failure_kind(exc: Exception) -> str:
+    """The `kind` label of chainwatch_collector_errors_total for a failed round."""
+    if isinstance(exc, MalformedRpcPayload):
+        return "malformed"
+    if isinstance(exc, RpcError):
+        return "rpc"
+    if isinstance(exc, BusError):
+        return "bus"
+    return "internal"  # a bug, or input nothing foresaw
+
+
 class BlockCollector:
     def __init__(
         self,
@@ -95,6 +106,12 @@ class BlockCollector:
     @property
     def loop_name(self) -> str:
         return f"collector:{self.node}"
+
+    @property
+    def delivering(self) -> bool:
+        """True while blocks flow: started, and no node or bus failure since the last
+        round that reached the node's head (a dropped WebSocket does not count)."""
+        return self.follower is not None and not (self._failing - {"websocket"})
 
     async def start(self) -> None:
         """Connect and restore the checkpoint. Raises RpcError if the node is unreachable."""
@@ -147,17 +164,18 @@ class BlockCollector:
                     backoff = self.config.retry_backoff
                     self.health.set_ready(self.loop_name, True)
                     await self._wait_for_head(stop, self.config.poll_interval)
-                except (RpcError, BusError) as exc:
-                    kind = (
-                        "malformed"
-                        if isinstance(exc, MalformedRpcPayload)
-                        else "bus"
-                        if isinstance(exc, BusError)
-                        else "rpc"
-                    )
-                    self._error(kind, str(exc))
+                except ConfigError:
+                    raise  # an unreadable checkpoint: one line and exit, not a retry loop
+                except Exception as exc:
+                    # A bug or input no mapper foresaw must not kill the loop: a restart
+                    # would meet the same input again (a crash loop). Count it, log it
+                    # once per episode, and retry from the checkpoint.
+                    kind = failure_kind(exc)
+                    internal = kind == "internal"
+                    self._error(kind, repr(exc) if internal else str(exc),
+                                exc_info=exc if internal else None)
                     self._rollback()
-                    if kind != "bus" and self.follower is not None:
+                    if kind in ("rpc", "malformed") and self.follower is not None:
                         self.metrics.node_up.labels(*self._labels()).set(0)
                         await self._publish_status(False, kind)
                     await self._wait_for_head(stop, backoff)
@@ -212,12 +230,18 @@ class BlockCollector:
             self.metrics.collector_checkpoint.labels(*labels).set(head.number)
         for r in records:
             if isinstance(r, Reorg):
-                log.warning(
-                    "reorg",
-                    extra={"node": self.node, "chain_id": r.chain_id, "depth": r.depth,
-                           "old_head": r.old_head_number, "new_head": r.new_head_number,
-                           "common_ancestor": r.common_ancestor_number},
-                )
+                found = "found" if r.ancestor_found else "unknown"
+                self.metrics.collector_reorgs.labels(*labels, found).inc()
+                extra = {"node": self.node, "chain_id": r.chain_id, "depth": r.depth,
+                         "old_head": r.old_head_number, "new_head": r.new_head_number,
+                         "common_ancestor": r.common_ancestor_number}
+                if r.ancestor_found:
+                    log.warning("reorg", extra=extra)
+                else:
+                    # deeper than the window and the node no longer serves the old blocks,
+                    # or deeper than max_reorg_depth: depth is only a lower bound
+                    log.error("reorg with unknown common ancestor (depth is a lower bound)",
+                              extra=extra)
 
     async def _publish_status(self, reachable: bool, error_kind: str | None) -> None:
         """Heartbeat for the detector: on every change, else every status_interval."""
@@ -261,12 +285,13 @@ class BlockCollector:
         assert self.follower is not None
         return str(self.follower.chain_id), self.node
 
-    def _error(self, kind: str, message: str) -> None:
+    def _error(self, kind: str, message: str, exc_info: BaseException | None = None) -> None:
         self.metrics.collector_errors.labels(self.node, kind).inc()
         if kind not in self._failing:  # log once per episode, count every time
             self._failing.add(kind)
             log.error("collector error, retrying", extra={"node": self.node, "kind": kind,
-                                                           "error": message})
+                                                           "error": message},
+                      exc_info=exc_info)
         if kind != "websocket":
             self.health.set_ready(self.loop_name, False)
 
