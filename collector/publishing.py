@@ -2,8 +2,12 @@
 
 Blocks can always be fetched again from the node, so the block collector simply retries
 from its checkpoint. Mempool and peer records cannot: they wait here, within a bound,
-until the bus acknowledges them. When the bus is down and the outbox is full, `put`
-waits (back-pressure on the reader) instead of dropping anything.
+until the bus acknowledges them. When the bus is down long enough for the outbox to
+fill, new records are dropped and each drop is reported through `on_drop` (a counter,
+`chainwatch_collector_records_dropped_total`): memory stays bounded and nothing is lost
+without a count. Waiting instead (back-pressure) does not bound anything here, because
+a node's subscription keeps pushing and the notifications would pile up unbounded
+in front of the outbox.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from chainwatch.bus import Bus
 from chainwatch.exceptions import BusError
 from chainwatch.schema import AnyRecord, encode
 
 log = logging.getLogger("chainwatch.collector")
+
+OUTBOX_FULL = "outbox_full"  # the reason label of a drop
 
 
 def publish_and_flush(bus: Bus, messages: list[tuple[str, str | None, bytes]]) -> None:
@@ -27,26 +34,48 @@ def publish_and_flush(bus: Bus, messages: list[tuple[str, str | None, bytes]]) -
 
 
 class Outbox:
-    def __init__(self, bus: Bus, topic: str, *, max_records: int = 100_000) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topic: str,
+        *,
+        max_records: int = 100_000,
+        on_drop: Callable[[AnyRecord, str], None] | None = None,
+    ) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
         self.bus = bus
         self.topic = topic
         self.max_records = max_records
+        self.on_drop = on_drop  # (record, reason) for each record refused
+        self.dropped = 0
         self._queue: deque[AnyRecord] = deque()
-        self._space = asyncio.Event()
-        self._space.set()
         self._ready = asyncio.Event()
+        self._full = False  # within a full episode: log once, count every drop
 
     def __len__(self) -> int:
         return len(self._queue)
 
     async def put(self, records: list[AnyRecord]) -> None:
+        """Queue records; never waits. Past the bound, each record is dropped and counted."""
         for record in records:
-            while len(self._queue) >= self.max_records:
-                self._space.clear()
-                await self._space.wait()
+            if len(self._queue) >= self.max_records:
+                self._drop(record)
+                continue
             self._queue.append(record)
         if records:
             self._ready.set()
+
+    def _drop(self, record: AnyRecord) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(record, OUTBOX_FULL)
+        if not self._full:
+            self._full = True
+            log.error(
+                "outbox full while the bus is unavailable: dropping new records (counted)",
+                extra={"topic": self.topic, "max_records": self.max_records},
+            )
 
     async def flush_forever(self, on_error, batch: int = 2000, linger: float = 0.1) -> None:
         """Send what is queued, oldest first; on a bus error keep it and retry."""
@@ -66,6 +95,9 @@ class Outbox:
             backoff = 0.5
             for _ in chunk:
                 self._queue.popleft()
-            self._space.set()
+            if self._full and len(self._queue) < self.max_records:
+                self._full = False
+                log.info("outbox accepting records again",
+                         extra={"topic": self.topic, "dropped_so_far": self.dropped})
             if not self._queue:
                 self._ready.clear()

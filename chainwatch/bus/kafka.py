@@ -6,6 +6,7 @@ message that names the bootstrap servers but never credentials.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -13,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from pydantic import SecretStr
 
 from chainwatch.bus.base import Bus, Consumer, Message
@@ -86,6 +93,21 @@ def _no_session(config: KafkaConfig) -> BusError:
     return BusError(f"cannot reach Kafka at {servers}")
 
 
+def _discard(producer: KafkaProducer) -> None:
+    """Close a producer without waiting for its stuck batches.
+
+    KafkaProducer.close() flushes first and raises on a stuck batch before it gets to
+    force-closing, which would leave its I/O thread and connection behind: stop the I/O
+    thread first (that fails the stuck batches), then close.
+    """
+    sender = getattr(producer, "_sender", None)
+    with contextlib.suppress(Exception):
+        if sender is not None:
+            sender.force_close()
+            sender.join(5)
+        producer.close(timeout=0)
+
+
 def _describe(exc: BaseException) -> str:
     return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
 
@@ -109,8 +131,22 @@ class _KafkaConsumer(Consumer):
         return out
 
     def commit(self) -> None:
+        """Commit what was polled; a commit the group refused after a rebalance is dropped.
+
+        After the broker was away the group has usually moved on (the member was evicted, a
+        rebalance is pending). That commit can never succeed, and kafka-python rejoins only
+        inside `poll`: raising would keep the detector retrying the commit and never polling,
+        stuck for good. Dropping it is at-least-once: after the rejoin the records from the
+        last committed offset come again and the detector drops them by event_id.
+        """
         try:
             self._consumer.commit()
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            log.warning(
+                "offset commit refused by the group (rebalanced); rejoining, the records "
+                "since the last commit will be delivered again",
+                extra={"error": _describe(exc)},
+            )
         except KafkaError as exc:
             raise BusError(f"Kafka commit failed: {_describe(exc)}") from None
 
@@ -141,13 +177,14 @@ class KafkaBus(Bus):
         self._local = threading.local()
 
     @property
-    def _pending(self) -> list[Any]:
+    def _pending(self) -> list[tuple[KafkaProducer, Any]]:
+        """This thread's (producer, future) pairs not yet confirmed by a flush."""
         if not hasattr(self._local, "pending"):
             self._local.pending = []
         return self._local.pending  # type: ignore[no-any-return]
 
     @_pending.setter
-    def _pending(self, value: list[Any]) -> None:
+    def _pending(self, value: list[tuple[KafkaProducer, Any]]) -> None:
         self._local.pending = value
 
     def _producer_or_connect(self) -> KafkaProducer:
@@ -214,24 +251,48 @@ class KafkaBus(Bus):
             future = producer.send(
                 topic, key=key.encode() if key is not None else None, value=value
             )
-        except KafkaError as exc:
+        except KafkaError as exc:  # e.g. no room in a buffer nothing drains (see flush)
+            self._pending = []  # the caller publishes the whole batch again
+            self._replace(producer)
             raise BusError(f"Kafka publish failed: {_describe(exc)}") from None
-        self._pending.append(future)
+        self._pending.append((producer, future))
 
     def flush(self, timeout: float = 30.0) -> None:
-        if self._producer is None:
-            return
-        try:
-            self._producer.flush(timeout=timeout)
-        except KafkaError as exc:
-            raise BusError(f"Kafka flush failed: {_describe(exc)}") from None
+        """Wait for this thread's messages; on any failure the producer is replaced.
+
+        The caller publishes everything again after a BusError (at-least-once), so the
+        messages of a replaced producer are not needed. Replacing is what gets the bus
+        back after a long broker outage: kafka-python 3.0.12 wedges an idempotent
+        producer for good once a batch it had sent expires (delivery_timeout_ms) or is
+        rejected. It clears the producer id without going back to the state that asks
+        the broker for a new one, so every later batch waits forever (Java's client
+        returns to UNINITIALIZED there). A new producer gets a new id.
+        """
         pending, self._pending = self._pending, []
-        for future in pending:
+        producer = self._producer
+        if producer is not None:
+            try:
+                producer.flush(timeout=timeout)
+            except KafkaError as exc:
+                self._replace(producer)
+                raise BusError(f"Kafka flush failed: {_describe(exc)}") from None
+        for owner, future in pending:
             if not future.is_done:
-                self._pending = pending  # keep them: caller retries the whole batch
+                self._replace(owner)
                 raise BusError("Kafka did not acknowledge all messages in time")
             if future.failed():
+                self._replace(owner)
                 raise BusError(f"Kafka rejected a message: {_describe(future.exception)}")
+
+    def _replace(self, producer: KafkaProducer) -> None:
+        """Forget `producer` (if still current); the next publish connects a new one."""
+        with self._producer_lock:
+            if self._producer is not producer:
+                return  # already replaced (another thread's failure, or an old producer)
+            self._producer = None
+        log.warning("Kafka producer replaced after a failed flush; unacknowledged messages "
+                    "will be published again")
+        _discard(producer)
 
     def consumer(self, topics: list[str], group: str) -> Consumer:
         try:
@@ -254,9 +315,13 @@ class KafkaBus(Bus):
         return _KafkaConsumer(consumer)
 
     def close(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.flush(timeout=10)
-            finally:
-                self._producer.close(timeout=5)
-                self._producer = None
+        """Flush for up to 10 s, then close; a broker that is away does not stop a shutdown."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.flush(timeout=10)
+        except KafkaError as exc:
+            log.warning("Kafka did not acknowledge everything before shutdown",
+                        extra={"error": _describe(exc)})
+        _discard(producer)

@@ -13,10 +13,12 @@ same code path a production cluster with TLS and passwords would.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -470,6 +472,16 @@ class KafkaBroker:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = self._cleanup = None
             self._port = self._controller_port = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker's process group, as a crash would: no clean shutdown, no
+        final flush. Data dir and ports are kept for a later ``start()``."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_pid(proc.pid, timeout=10.0)  # reaps it, so the PID really disappears
 
     def close(self) -> None:
         """Stop and remove everything the broker wrote."""
