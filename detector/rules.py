@@ -424,8 +424,9 @@ def timestamp_drift_rule(
     Behind: stamped earlier than usual relative to its arrival by more than half the usual
     interval, AND closer to its parent than half the usual interval: a backdated block.
     A node that lags sees every block late, but at usual intervals: neither fires.
-    "Usual" is the median over the window, so a constant clock offset between the node
-    and the collector cancels out.
+    "Usual" is the window's median interval and the median lead of the blocks that arrived
+    live (not a backfill's burst), so a constant clock offset between the node and the
+    collector cancels out.
     """
     if len(window) < min_blocks + 1:
         return None
@@ -433,13 +434,20 @@ def timestamp_drift_rule(
     if parent.number != block.number - 1:
         return None
     past = window[:-1]
-    lead = [s.timestamp - s.observed_at for s in past]
-    gaps = [b.timestamp - a.timestamp for a, b in pairwise(past)
-            if b.number == a.number + 1]
+    pairs = [(a, b) for a, b in pairwise(past) if b.number == a.number + 1]
+    gaps = [b.timestamp - a.timestamp for a, b in pairs]
     if len(gaps) < min_blocks // 2:
         return None
-    usual_lead = float(np.median(lead))
     usual_gap = float(np.median(gaps))
+    # the usual lead of blocks that arrived live: as far apart on arrival as in their
+    # stamps. A backfill after an outage (fetched in a burst, stamped with when it was
+    # fetched) and a manipulated block and its successors are left out of the reference
+    lead = [b.timestamp - b.observed_at for a, b in pairs
+            if abs((b.observed_at - a.observed_at) - (b.timestamp - a.timestamp))
+            < max(usual_gap / 2, 1.0)]
+    if len(lead) < min_blocks // 2:
+        return None  # too few live arrivals to know this node's usual lead
+    usual_lead = float(np.median(lead))
     excess = (block.timestamp - block.observed_at) - usual_lead
     interval = block.timestamp - parent.timestamp
     if excess > future_limit and interval > usual_gap:

@@ -113,14 +113,10 @@ def test_a_block_stamped_in_the_future_names_its_producer_not_its_successors(nor
     """Ahead by 60 s: the producer is named; honest successors at parent + 1 s are not."""
     run = Run()
     blocks = [b.model_copy(update={"observed_at": b.timestamp + 0.5}) for b in normal[:60]]
-    ahead = blocks[40].timestamp + 60
-    clocked = [
-        *blocks[:40],
-        blocks[40].model_copy(update={"timestamp": ahead}),
-        *(b.model_copy(update={"timestamp": ahead + i + 1})
-          for i, b in enumerate(blocks[41:45])),
-        *blocks[45:],
-    ]
+    clocked = [*blocks[:40], blocks[40].model_copy(update={"timestamp": blocks[40].timestamp + 60})]
+    for b in blocks[41:]:  # honest producers: their slot, or parent + 1 while it is behind
+        clocked.append(b.model_copy(update={"timestamp": max(b.timestamp,
+                                                             clocked[-1].timestamp + 1)}))
     found = by(run.feed(clocked), "timestamp_drift_rule")
     assert [(f.block_number, f.subject) for f in found] == [(40, normal[40].miner.lower())]
     assert "ahead of" in found[0].summary
@@ -328,3 +324,15 @@ def test_two_nodes_seeing_one_takeover_report_it_once(normal):
     assert [f.subject for f in by(run.findings, "miner_surge_rule")] == [taker]
     assert run.metric("chainwatch_findings_total", chain_id="1", detector="miner_surge_rule",
                       severity="critical") == 1
+
+
+def test_the_first_live_block_after_a_backfill_is_not_stamped_ahead(normal):
+    """Backfilled blocks carry the time they were fetched: late, not a clock problem."""
+    blocks = [b.model_copy(update={"observed_at": b.timestamp + 0.5}) for b in normal[:120]]
+    caught_up = blocks[99].timestamp + 0.5  # 80 blocks fetched at once after an outage
+    backfilled = [*blocks[:20],
+                  *(b.model_copy(update={"observed_at": caught_up + 0.01 * i})
+                    for i, b in enumerate(blocks[20:100])),
+                  *blocks[100:]]
+    found = Run().feed(backfilled)
+    assert by(found, "timestamp_drift_rule") == []
