@@ -159,7 +159,10 @@ class BlockCollector:
                     if self.follower is None:
                         await self.start()
                     await self.catch_up()
-                    await self._publish_status(True, None)
+                    # a heartbeat Kafka refused is a failed round like any other: with no
+                    # new block it is the only publish, so swallowing it would report
+                    # "recovered" (and ready) while the broker is still down
+                    await self._publish_status(True, None, raise_errors=True)
                     self._recovered()
                     backoff = self.config.retry_backoff
                     self.health.set_ready(self.loop_name, True)
@@ -243,7 +246,8 @@ class BlockCollector:
                     log.error("reorg with unknown common ancestor (depth is a lower bound)",
                               extra=extra)
 
-    async def _publish_status(self, reachable: bool, error_kind: str | None) -> None:
+    async def _publish_status(self, reachable: bool, error_kind: str | None, *,
+                              raise_errors: bool = False) -> None:
         """Heartbeat for the detector: on every change, else every status_interval."""
         if self.follower is None:
             return
@@ -269,6 +273,8 @@ class BlockCollector:
             )
             self._last_status = (reachable, now)
         except BusError as exc:
+            if raise_errors:
+                raise
             self._error("bus", str(exc))
 
     def _publish_all(self, messages: list[tuple[str, str, bytes]]) -> None:

@@ -104,3 +104,41 @@ def test_bus_failures_hold_the_checkpoint_and_the_blocks_are_sent_again(tmp_path
         "chainwatch_collector_errors_total", {"node": "flaky", "kind": "bus"}) == 3
     saved = FileCheckpointStore(tmp_path).load(1, "flaky")
     assert saved is not None and saved["refs"][-1][0] == 11
+
+
+class BrokerGoesAway(EmbeddedBus):
+    """Acknowledges the first `ok` flushes, then refuses every one (a broker that died)."""
+
+    def __init__(self, ok: int) -> None:
+        super().__init__()
+        self.ok = ok
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self.ok <= 0:
+            raise BusError("broker unavailable")
+        self.ok -= 1
+
+
+def test_a_refused_heartbeat_keeps_an_idle_collector_unready(tmp_path):
+    """No new blocks: the heartbeat is the only publish. The broker refusing it is a failed
+    round (counted, not ready), not a "recovered" collector every status interval."""
+    node = FlakyNode(5, [])
+    bus = BrokerGoesAway(ok=2)  # the blocks and the first heartbeat
+    health = Health(time.time)
+    metrics = Metrics()
+    collector = BlockCollector(
+        node, bus, Topics(), FileCheckpointStore(tmp_path), metrics, health,  # type: ignore[arg-type]
+        CollectorConfig(poll_interval=0.01, start_block=0, batch_size=5, retry_backoff=0.05,
+                        max_retry_backoff=0.1, status_interval=0.05),
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.5, stop.set)
+        await collector.run(stop)
+
+    asyncio.run(main())
+    ready, _ = health.ready()
+    assert not ready
+    assert metrics.registry.get_sample_value(
+        "chainwatch_collector_errors_total", {"node": "flaky", "kind": "bus"}) >= 3
