@@ -392,7 +392,7 @@ def verdict(result: dict[str, Any], warmup_s: float, lag_bound: int) -> list[tup
                      f"of warm-up, max {top:.1f} (+{100 * (top / base - 1):.1f}%), "
                      f"last {last:.1f} MB; slope {slope:+.2f} MB/min after warm-up"))
     lags = [s["lag"] for s in samples if s["lag"] is not None]
-    bounded = bool(lags) and max(lags) <= lag_bound
+    bounded = bool(lags) and max(lags) <= lag_bound and result["drain_seconds"] <= 60
     ok &= bounded
     rows.append(("consumer lag", f"{'PASS' if bounded else 'FAIL'}: p50 {percentile(lags, 50)}, "
                  f"p95 {percentile(lags, 95)}, max {max(lags) if lags else 'n/a'} records "

@@ -437,7 +437,7 @@ def pool() -> Iterator[Anvil]:
         node.stop()
 
 
-OUTBOX = 200  # records; the default (100k) is about 15 minutes of mainnet pending txs
+OUTBOX = 200  # records; the default 100k holds over an hour of mainnet pending txs
 OUTAGE = 65.0  # s: past the outbox and past the Kafka producer's 60 s delivery timeout
 
 
