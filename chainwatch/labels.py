@@ -150,6 +150,10 @@ class Label:
             self.node is None or self.node == node
         )
 
+    def names_actor(self, subject: str) -> bool:
+        """Does a finding's subject (lower-case) name this label's miner or sender?"""
+        return any(who and who in subject for who in (self.miner, self.sender))
+
     def in_range(self, number: int | None, slack: int = 0) -> bool:
         if number is None or self.first_block is None or self.last_block is None:
             return False
@@ -179,7 +183,7 @@ def matches(finding: Finding, label: Label) -> bool:
     subject = finding.subject.lower()
     if subject in label.hash_set:
         return True  # a transaction hash names one incident, whatever the height
-    if any(who and who in subject for who in (label.miner, label.sender)):
+    if label.names_actor(subject):
         # an address outlives the incident: only inside the label's blocks, when both have one
         if finding.block_number is None or label.first_block is None:
             return True

@@ -453,12 +453,12 @@ class Detector:
             if scored is not None:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
                 self._export_scores(chain_id, "block", scored)
+                far = np.abs(model.detector.robust_z(x)).max(axis=1) >= c.block_min_deviation
                 for j, i in enumerate(idx):
                     block = blocks[i]
                     score = float(scored.scores[j])
                     self.metrics.block_anomaly_score.labels(str(chain_id), block.node).set(score)
-                    far = np.abs(model.detector.robust_z(x[j])).max() >= c.block_min_deviation
-                    if scored.anomalous[j] and far:
+                    if scored.anomalous[j] and far[j]:
                         findings.append(self._block_finding(block, score, scored.threshold, x[j]))
             if model.learn(x):
                 self.metrics.model_info.labels("block", model.detector.kind,

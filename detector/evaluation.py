@@ -246,9 +246,7 @@ def _excused(finding: Finding, labels: Sequence[Label]) -> bool:
         if not (lb.about(finding.chain_id, finding.node)
                 and lb.in_range(finding.block_number, MATCH_SLACK_BLOCKS)):
             continue
-        if finding.family == "block" or any(
-            who and who in subject for who in (lb.miner, lb.sender)
-        ):
+        if finding.family == "block" or lb.names_actor(subject):
             return True
     return False
 
