@@ -102,8 +102,10 @@ class FamilyConfig:
     timestamp_jump_seconds: float = 120.0  # interval beyond median + this is a jump
     timestamp_future_seconds: float = 15.0  # geth refuses blocks further in the future
     # a takeover: binomial tail of a producer's recent count against its past share
-    surge_windows: tuple[int, ...] = (8, 12, 16, 24, 32)
+    surge_windows: tuple[int, ...] = (3, 4, 5, 6, 8, 12, 16, 24, 32)
     surge_alpha: float = 1e-6
+    # blocks a miner rule may pause before its condition counts as a new episode
+    miner_episode_hold: int = 8
     # censorship: a top-decile tip left out by this many blocks that had room for it
     censor_blocks: int = 3
     censor_tip_percentile: float = 0.9
@@ -114,16 +116,32 @@ class FamilyConfig:
 
 
 class Episodes:
-    """Which (scope, key) conditions are active, so a lasting one is reported once."""
+    """Which (scope, key) conditions are active, so a lasting one is reported once.
 
-    def __init__(self) -> None:
+    With `hold`, a key missing from an update stays active for that many more updates:
+    a condition that flickers (a takeover with one honest block in it) is one episode.
+    """
+
+    def __init__(self, hold: int = 0) -> None:
+        self.hold = hold
         self._active: dict[Hashable, dict[Hashable, str]] = {}
+        self._missed: dict[Hashable, dict[Hashable, int]] = {}
 
     def update(self, scope: Hashable, now_active: Mapping[Hashable, str]) -> dict[Hashable, str]:
         """Set a scope's active keys (key -> episode label); return the newly started ones."""
         before = self._active.get(scope, {})
+        missed = self._missed.setdefault(scope, {})
         started = {k: v for k, v in now_active.items() if k not in before}
-        self._active[scope] = {k: before.get(k, v) for k, v in now_active.items()}
+        active = {k: before.get(k, v) for k, v in now_active.items()}
+        for k, label in before.items():
+            if k in now_active:
+                missed.pop(k, None)
+            elif missed.get(k, 0) < self.hold:
+                missed[k] = missed.get(k, 0) + 1
+                active[k] = label
+            else:
+                missed.pop(k, None)
+        self._active[scope] = active
         return started
 
 
@@ -337,7 +355,7 @@ class MinerFamily:
         self.config = config
         self.blocks: deque[Block] = deque(maxlen=config.miner_window)
         self.snapshots: deque[tuple[float, int]] = deque(maxlen=1_000)
-        self.episodes = Episodes()
+        self.episodes = Episodes(hold=config.miner_episode_hold)
         self._overdue_reported = _Bounded(10_000)
         self._skips: dict[str, dict[int, str]] = {}  # tx hash -> {height: miner} that left it out
         self._empties: tuple[str, ...] = ()

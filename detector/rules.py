@@ -347,7 +347,7 @@ def miner_surge_rule(
     chain_id: int,
     node: str,
     head: int,
-    windows: Sequence[int] = (8, 12, 16, 24, 32),
+    windows: Sequence[int] = (3, 4, 5, 6, 8, 12, 16, 24, 32),
     alpha: float = 1e-6,
     min_prior: int = 24,
 ) -> list[RuleHit]:
@@ -355,11 +355,13 @@ def miner_surge_rule(
 
     `miners` is the node's window of producers, one per height, oldest first. For each
     recent window of n blocks, a miner's count k is tested against its share before that
-    window (binomial tail P(X >= k) under p0). p0 is the miner's smoothed past share, but at
-    least the past window's HHI (the share of a "typical" producer), so a newcomer is not
-    judged against a share of zero. A share-over-a-limit rule needs ~2x the limit in
-    blocks to fire; this fires on a takeover within about ten blocks, while the chance of
-    a false alarm per miner and window stays under `alpha`.
+    window (binomial tail P(X >= k) under p0). p0 is the miner's past share with the
+    Krichevsky-Trofimov half count, (seen + 1/2) / (past + 1): a newcomer is not judged
+    against a share of zero, yet a producer absent from ~100 blocks making the next three
+    is as unlikely as it looks (~1e-7). A share-over-a-limit rule needs ~2x the limit in
+    blocks to fire; this fires on a newcomer's takeover within three blocks and on a known
+    producer's within about ten, while the chance of a false alarm per miner and window
+    stays under `alpha`.
     """
     best: dict[str, tuple[float, int, int, float]] = {}  # miner -> (p, k, n, p0)
     for n in windows:
@@ -370,12 +372,11 @@ def miner_surge_rule(
         prior_counts: dict[str, int] = {}
         for m in prior:
             prior_counts[m] = prior_counts.get(m, 0) + 1
-        hhi = sum((c / len(prior)) ** 2 for c in prior_counts.values())
         recent_counts: dict[str, int] = {}
         for m in recent:
             recent_counts[m] = recent_counts.get(m, 0) + 1
         for miner, k in recent_counts.items():
-            p0 = max((prior_counts.get(miner, 0) + 1) / (len(prior) + 2), hhi)
+            p0 = (prior_counts.get(miner, 0) + 0.5) / (len(prior) + 1)
             if k <= n * p0:
                 continue
             p = binomial_tail(k, n, p0)

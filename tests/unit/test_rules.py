@@ -187,9 +187,14 @@ def test_a_takeover_is_a_surge_but_a_big_regular_producer_is_not():
     big = "0x" + "bb" * 20
     steady = [big if i % 5 in (0, 2) else f"0x{i % 7:040x}" for i in range(100)]
     assert miner_surge_rule(steady, chain_id=1, node="n1", head=100) == []
-    # a newcomer with a couple of blocks is luck, judged against a typical share
+    # a newcomer with a couple of blocks is luck; three in a row out of nowhere is not
     assert miner_surge_rule([*history, taker, history[0], taker], chain_id=1, node="n1",
                             head=63) == []
+    assert [h.subject for h in miner_surge_rule([*history, *[taker] * 3], chain_id=1,
+                                                node="n1", head=63)] == [taker]
+    # a small regular producer (1 block in 60) making three in a row is not enough
+    small = [big, *history[1:]]
+    assert miner_surge_rule([*small, big, big, big], chain_id=1, node="n1", head=63) == []
 
 
 def test_too_little_history_gives_no_surge():
