@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,9 +152,12 @@ class MempoolCollector:
             asyncio.get_running_loop().create_task(self.outbox.put(records))
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
-        last_snapshot = last_reconcile = 0.0
+        # intervals on the service's clock, like drop_grace: a session clock that runs
+        # faster than the wall (the scenario runner's) keeps both in proportion
+        last_snapshot = last_reconcile = -math.inf
         while not stop.is_set():
-            now = time.monotonic()
+            now = self.clock()
+            last_snapshot, last_reconcile = min(last_snapshot, now), min(last_reconcile, now)
             live = self.subscription is not None and self.subscription.connected
             try:
                 if self._txpool_supported and (

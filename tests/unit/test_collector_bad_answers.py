@@ -314,3 +314,46 @@ def test_a_subscription_gap_lists_the_pool_at_once():
 
     asyncio.run(main())
     assert Rpc.listings == 2  # the first round, then the gap
+
+
+def test_pool_listings_follow_the_collectors_clock():
+    """The reconcile interval ran on the wall clock while the drop grace ran on the
+    collector's clock: on the scenario runner's faster session clock a pool listing came
+    every ~17 blocks, so lost txs looked pending (and censored) for that long."""
+
+    class Rpc:
+        node = "n"
+        chain_id = 1
+        listings = 0
+
+        async def call(self, method: str, params: list[Any]) -> Any:
+            if method == "txpool_status":
+                return {"pending": "0x0", "queued": "0x0"}
+            Rpc.listings += 1
+            return {"pending": {}, "queued": {}}
+
+    class Live:
+        connected = True
+
+    session = {"now": 1000.0}
+
+    def clock() -> float:  # ten session seconds per poll round
+        session["now"] += 10.0
+        return session["now"]
+
+    mempool = MempoolCollector(
+        Rpc(), EmbeddedBus(), Topics(), Metrics(),  # type: ignore[arg-type]
+        MempoolConfig(poll_interval=0.02, snapshot_interval=3600, reconcile_interval=30),
+        clock=clock,
+    )
+    mempool.subscription = Live()  # type: ignore[assignment]
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        await mempool.run(stop)
+
+    asyncio.run(main())
+    # ~25 rounds of 10 session seconds (a few clock reads each): a listing every 30 s of
+    # session time, not one per 30 s of wall time
+    assert Rpc.listings >= 3
