@@ -67,6 +67,8 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             entry["error"] = scrub(f"{type(exc).__name__}: {exc}")
+            # where it happened: an internal error counted and logged once needs its stack
+            entry["traceback"] = scrub(self.formatException(record.exc_info))
         # scrub the whole line: secrets can hide in non-string extras too
         return scrub(json.dumps(entry, default=str))
 

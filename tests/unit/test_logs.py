@@ -110,6 +110,20 @@ def test_json_formatter_scrubs_message_extras_and_exceptions():
     assert entry["error"].startswith("ConnectionError: GET https://host/***")
 
 
+def test_json_formatter_keeps_the_traceback_scrubbed():
+    def failing_step() -> None:
+        raise ValueError("bad answer from https://host/v3/TRACEKEY")
+
+    try:
+        failing_step()
+    except ValueError as exc:
+        record = _record("internal error", exc=exc)
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    entry = json.loads(JsonFormatter().format(record))
+    assert "failing_step" in entry["traceback"]  # where it happened, not only what
+    assert "ValueError" in entry["traceback"] and "TRACEKEY" not in entry["traceback"]
+
+
 def test_json_formatter_scrubs_non_string_extras():
     line = JsonFormatter().format(
         _record("rpc failed", error=OSError("https://host/v3/OBJKEY"),
