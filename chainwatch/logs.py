@@ -26,8 +26,9 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host_port}{hidden}"
 
 
-# A URL ends before whitespace, quotes, brackets, or trailing punctuation of the sentence.
-_URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]*[^\s'\"<>(),.;:]", re.IGNORECASE)
+# A URL ends before whitespace, quotes, brackets, a backslash (a JSON escape: the whole
+# line is scrubbed after json.dumps), or trailing punctuation of the sentence.
+_URL_RE = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()\\]*[^\s'\"<>(),.;:\\]", re.IGNORECASE)
 
 
 # A value named like a secret in a library's config dump, e.g. kafka-python's debug line
