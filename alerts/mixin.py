@@ -228,6 +228,30 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
             f"On node {where}, one producer made {{{{ $value | humanizePercentage }}}} of the "
             "last (up to 100) blocks.",
         ),
+    ]
+    takeover = a["ChainwatchMinerTakeover"]
+    for severity in ("warning", "critical"):
+        alerts.append(alert(
+            "ChainwatchMinerTakeover",
+            f"sum by (job, instance, chain_id) (increase(chainwatch_findings_total{{{sel},"
+            f'detector="miner_surge_rule",severity="{severity}"}}[{takeover["window"]}])) > 0',
+            "A block producer suddenly makes far more blocks than its history allows.",
+            f"Chain {{{{ $labels.chain_id }}}}: miner_surge_rule reported a takeover in the "
+            f"last {takeover['window']} (see the finding for the producer and its count).",
+            severity=severity,
+        ))
+    dropping = a["ChainwatchCollectorDroppingRecords"]
+    alerts += [
+        alert(
+            "ChainwatchCollectorDroppingRecords",
+            f"sum by (job, instance, chain_id, node, type) "
+            f"(increase(chainwatch_collector_records_dropped_total{{{sel}}}"
+            f"[{dropping['window']}])) > 0",
+            "A collector is dropping records it could not publish.",
+            f"Collector of {where} dropped {{{{ $value | printf \"%.0f\" }}}} "
+            f"{{{{ $labels.type }}}} records in the last {dropping['window']}: its outbox "
+            "filled while the bus was unreachable.",
+        ),
         alert(
             "ChainwatchMinerBehaviourAnomalous",
             f"sum by (job, instance, chain_id, detector) "

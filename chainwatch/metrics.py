@@ -19,7 +19,8 @@ SEVERITIES = ("info", "warning", "critical")
 DETECTORS = (
     "reorg_depth", "block_iforest", "node_state", "chain_split", "fork_risk_score",
     "tx_iforest", "sandwich_rule", "sender_burst_rule", "nonce_replacement_spam_rule",
-    "miner_share_rule", "empty_blocks_rule", "timestamp_jump_rule", "censorship_rule",
+    "miner_share_rule", "miner_surge_rule", "empty_blocks_rule", "timestamp_jump_rule",
+    "timestamp_drift_rule", "censorship_rule",
 )
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 NODE_STATES = ("up", "lagging", "stalled", "unreachable")

@@ -23,7 +23,8 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'chain_id=~"$chain_id",node=~"$node"'
 CHAIN = 'chain_id=~"$chain_id"'  # series without a node label (findings, models)
 TX_DETECTORS = "tx_iforest|sandwich_rule|sender_burst_rule|nonce_replacement_spam_rule"
-MINER_DETECTORS = "miner_share_rule|empty_blocks_rule|timestamp_jump_rule|censorship_rule"
+MINER_DETECTORS = ("miner_share_rule|miner_surge_rule|empty_blocks_rule|timestamp_jump_rule|"
+                   "timestamp_drift_rule|censorship_rule")
 
 
 def variables() -> list[dict[str, Any]]:

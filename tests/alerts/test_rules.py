@@ -116,6 +116,26 @@ CASES = [
          {**NODE_LABELS, "severity": "warning"},
          "One producer makes most of a node's recent blocks.",
          f"On node {WHERE}, one producer made 60% of the last (up to 100) blocks."),
+    # a critical surge finding at 3m pages at once (the warning rule has nothing to say)
+    case("ChainwatchMinerTakeover",
+         [(f'chainwatch_findings_total{{{F},detector="miner_surge_rule",severity="critical"}}',
+           "0 0 0 1x40"),
+          (f'chainwatch_findings_total{{{F},detector="miner_surge_rule",severity="warning"}}',
+           "0x40")], 3,
+         {**CHAIN_LABELS, "severity": "critical"},
+         "A block producer suddenly makes far more blocks than its history allows.",
+         "Chain 1: miner_surge_rule reported a takeover in the last 30m (see the finding "
+         "for the producer and its count)."),
+    # the outbox overflows at 4m: 250 pending txs lost, alerted at once
+    case("ChainwatchCollectorDroppingRecords",
+         [(f'chainwatch_collector_records_dropped_total{{{N},type="pending_tx",'
+           'reason="outbox_full"}', "0 0 0 0 250x20"),
+          (f'chainwatch_collector_records_dropped_total{{{N},type="peer_snapshot",'
+           'reason="outbox_full"}', "0x20")], 4,
+         {**NODE_LABELS, "type": "pending_tx", "severity": "critical"},
+         "A collector is dropping records it could not publish.",
+         f"Collector of {WHERE} dropped 250 pending_tx records in the last 10m: its outbox "
+         "filled while the bus was unreachable."),
     # the third empty-blocks finding within the hour, at 5m; two censorship findings and
     # block findings (not a miner detector) do not count
     case("ChainwatchMinerBehaviourAnomalous",
