@@ -348,12 +348,17 @@ class TxFamily:
         return out
 
 
+def _stamp(block: Block) -> Stamp:
+    return Stamp(block.number, block.miner.lower(), float(block.timestamp), block.observed_at)
+
+
 class MinerFamily:
     """Producer behaviour as seen by one node."""
 
     def __init__(self, config: FamilyConfig) -> None:
         self.config = config
         self.blocks: deque[Block] = deque(maxlen=config.miner_window)
+        self.stamps: deque[Stamp] = deque(maxlen=config.miner_window)  # one per block above
         self.snapshots: deque[tuple[float, int]] = deque(maxlen=1_000)
         self.episodes = Episodes(hold=config.miner_episode_hold)
         self._overdue_reported = _Bounded(10_000)
@@ -374,6 +379,7 @@ class MinerFamily:
             findings.append(self._clock(b, now))
             self._count_skips(b, txs)
             self.blocks.append(b)
+            self.stamps.append(_stamp(b))
         c = self.config
         head = self.blocks[-1]
         producers = self._producers()
@@ -411,11 +417,8 @@ class MinerFamily:
 
     def _clock(self, block: Block, now: float) -> Finding | None:
         """A producer moving the chain's clock: a made-up timestamp, or a huge jump."""
-        stamps = [Stamp(b.number, b.miner.lower(), float(b.timestamp), b.observed_at)
-                  for b in self.blocks]
-        stamps.append(Stamp(block.number, block.miner.lower(), float(block.timestamp),
-                            block.observed_at))
-        hit = timestamp_drift_rule(stamps, chain_id=block.chain_id, node=block.node,
+        hit = timestamp_drift_rule([*self.stamps, _stamp(block)], chain_id=block.chain_id,
+                                   node=block.node,
                                    future_limit=self.config.timestamp_future_seconds)
         if hit is not None:
             return hit.to_finding(now, episode=block.hash)
