@@ -66,7 +66,8 @@ SIMULATION_NOTES: tuple[str, ...] = (
     "clock that jumps to each block's 12 s slot when it is mined and runs 4x wall time "
     "within it, so observed_at, first_seen_at and block timestamps look like a 12 s chain "
     "(propagation delay = 4x the collector's real delay). Latencies in seconds are on that "
-    "clock.",
+    "clock, and so are the collector's intervals (pool listing every 30 s, drop grace 30 s: "
+    "the live defaults).",
     "Miners: anvil has one coinbase at a time; `anvil_setCoinbase` before each block draws "
     "the fee recipient from 24 producers with Zipf-like shares (largest ~17%). Normal "
     "senders: 150 accounts (Zipf 0.3), one tx per sender per block.",
@@ -86,6 +87,11 @@ SIMULATION_NOTES: tuple[str, ...] = (
     "each block's batch sorted by effective tip, as a tip-maximising builder would; when "
     "a backlog exceeds a block, the pool is re-submitted in geth's greedy tip-and-nonce "
     "order right before mining (same raw transactions and hashes).",
+    "Pool repair: anvil evicts pending txs a real pool keeps (a sender's later nonces when "
+    "an earlier one did not fit the block's gas, and a tx whose fee cap fell under the base "
+    "fee, with its later nonces); the runner re-submits them (same raw bytes and hashes) "
+    "before the next block, an underpriced one once the base fee allows "
+    "(session.json: txs_resubmitted, txs_underpriced, txs_lost).",
     "Sandwiches: attacker and victim swap on the same pool contract; the triple pays the "
     "highest tips of its block (front > victim > back) and lands at its top; nothing is "
     "actually traded.",
@@ -364,8 +370,9 @@ class Collectors:
         settings = load_settings(
             rpc=http_url, ws=ws_url, node=NODE, state_dir=state_dir, start_block=0,
             poll_interval=0.5, expected_block_time=12.0, mempool_poll_interval=0.1,
-            mempool_snapshot_interval=0.2, mempool_reconcile_interval=5.0,
-            mempool_drop_grace=60.0, peer_interval=2.0, status_interval=2.0,
+            # the live defaults, on the session clock: a pool listing every 30 s (2.5 slots)
+            mempool_snapshot_interval=0.2, mempool_reconcile_interval=30.0,
+            mempool_drop_grace=30.0, peer_interval=2.0, status_interval=2.0,
         )
         self.runtime = make_runtime(settings, bus=bus)
         node = NodeConfig(name=NODE, rpc=http_url, ws=ws_url, expected_block_time=12.0)
@@ -447,7 +454,14 @@ class ScenarioRunner:
         self.awaiting: dict[str, list[str]] = {}  # label id -> hashes whose blocks we need
         self.warnings: list[str] = []
         self.nonces: dict[str, int] = {}
+        self.nonce_holes: dict[str, list[int]] = {}  # nonces of refused txs, reused first
+        # every sent tx until it is mined: (sender, nonce) -> (hash, raw bytes), so a tx anvil
+        # loses from its pool can be re-submitted as it was (see _repair)
+        self.unmined: dict[tuple[str, int], tuple[str, str]] = {}
+        self.resubmitted = 0  # txs anvil lost and the runner re-submitted
+        self.underpriced: set[str] = set()  # txs anvil refused for a while: fee cap < base fee
         self.sent = 0
+        self.lost_at_end = 0
         self.slot = 0
         self.head = 0
         self.coinbase = ""
@@ -535,6 +549,11 @@ class ScenarioRunner:
         for label in self.pending_labels:
             self.warnings.append(f"label {label.id}: some transactions were never included")
             self._finish_label(label)
+        lost = self._missing()
+        if lost:
+            self.warnings.insert(0, f"{len(lost)} sent txs neither mined nor pending at the "
+                                    f"end, e.g. {lost[0][0][0]} nonce {lost[0][0][1]}")
+        self.lost_at_end = len(lost)
 
     def _split(self, total: int, parts: int) -> list[int]:
         """`total` normal blocks over `parts` gaps: random sizes, at least 6 each."""
@@ -551,11 +570,12 @@ class ScenarioRunner:
         return self.t0 + self.c.block_time * slot
 
     def mine(self, coinbase: str | None = None, timestamp: int | None = None,
-             before: Callable[[], None] | None = None) -> Block:
+             before: Callable[[], None] | None = None, restore: Sequence[str] = ()) -> Block:
         """Mine the next block (one slot later) and wait until the collector delivered it.
 
         `before` runs right before `evm_mine` (after the pacing sleep), for pool tricks
-        that must not be visible to the mempool collector for long.
+        that must not be visible to the mempool collector for long; `restore` (raw txs
+        such a trick took out) is re-submitted right after it, then any tx anvil lost.
         """
         wait = self.c.block_wall_seconds - (time.monotonic() - self.last_mine_wall)
         time.sleep(max(wait, self.c.dwell_seconds))
@@ -576,6 +596,9 @@ class ScenarioRunner:
             self._reorder_pool()
         self.rpc.call("evm_mine")
         self.last_mine_wall = time.monotonic()
+        if restore:
+            self._resend(list(restore))
+        self._repair()
         self.head += 1
         return self.recorder.wait_block(self.head)
 
@@ -597,6 +620,9 @@ class ScenarioRunner:
         return max(int(self.market_tip * factor * self.rng.lognormal(0.0, 0.55)), 1)
 
     def _next_nonce(self, sender: str) -> int:
+        holes = self.nonce_holes.get(sender)
+        if holes:  # a refused tx left a gap below the sender's later txs: fill it first
+            return holes.pop(0)
         nonce = self.nonces.get(sender, 0)
         self.nonces[sender] = nonce + 1
         return nonce
@@ -689,19 +715,32 @@ class ScenarioRunner:
                        gas=150_000, legacy=legacy)
 
     def send(self, txs: list[dict[str, Any]]) -> list[str]:
-        """Submit in one batch; a refused tx gives back its nonce (the sender stays usable)."""
+        """Submit in one batch; a refused tx gives back its nonce (the sender stays usable).
+
+        The nonce goes back to the counter when it was the sender's last one, otherwise it
+        is a hole below txs already sent, which the sender's next tx fills.
+        """
         hashes: list[str] = []
         results = self.rpc.batch([("eth_sendTransaction", [t]) for t in txs])
         for req, (result, error) in zip(txs, results, strict=True):
+            sender, nonce = req["from"], int(req["nonce"], 16)
             if error is None and isinstance(result, str):
                 hashes.append(result.lower())
                 self.sent += 1
             else:
                 hashes.append("")
-                sender, nonce = req["from"], int(req["nonce"], 16)
+                self.warnings.append(f"tx refused by anvil: {error}")
+                if (sender, nonce) in self.unmined:
+                    continue  # a refused replacement: the earlier tx keeps the nonce
                 if self.nonces.get(sender) == nonce + 1:
                     self.nonces[sender] = nonce
-                self.warnings.append(f"tx refused by anvil: {error}")
+                else:
+                    self.nonce_holes[sender] = sorted([*self.nonce_holes.get(sender, []), nonce])
+        sent = [(t, h) for t, h in zip(txs, hashes, strict=True) if h]
+        raws = self.rpc.batch([("eth_getRawTransactionByHash", [h]) for _t, h in sent])
+        for (t, h), (raw, _error) in zip(sent, raws, strict=True):
+            if isinstance(raw, str):
+                self.unmined[(t["from"], int(t["nonce"], 16))] = (h, raw)
         return hashes
 
     def send_from(self, sender: str, txs: list[dict[str, Any]]) -> list[str]:
@@ -787,6 +826,9 @@ class ScenarioRunner:
         pending = self._pool_hashes()
         mined = [tx.hash for b in old for tx in b.transactions]
         raws = self._raws(mined + pending)
+        if len(raws) == len(mined) + len(pending):  # the dropped branch's txs: unmined again
+            for tx, raw in zip([tx for b in old for tx in b.transactions], raws, strict=False):
+                self.unmined[(tx.from_address, tx.nonce)] = (tx.hash, raw)
         if not self.rpc.call("evm_revert", snapshot):
             raise ChainwatchError("scenario: evm_revert refused the snapshot")
         self.rpc.call("anvil_dropAllTransactions")
@@ -807,6 +849,7 @@ class ScenarioRunner:
             lambda: (new_head in self.recorder.blocks
                      and self.recorder.blocks[ancestor + 1].hash != old[0].hash),
             30, f"the new branch up to block {new_head}")
+        self._repair()
         self._label("reorg", f"reorg_depth_{depth}", miner=miner,
                     first_block=ancestor + 1, last_block=ancestor + depth, depth=depth,
                     dropped_block_hashes=[b.hash for b in old])
@@ -863,8 +906,49 @@ class ScenarioRunner:
 
     def _resend(self, raws: list[str]) -> None:
         for _result, error in self.rpc.batch([("eth_sendRawTransaction", [r]) for r in raws]):
-            if error is not None and "already" not in error:
+            # under the base fee: _repair sends it again once the base fee allows
+            if error is not None and "already" not in error and "base fee" not in error:
                 self.warnings.append(f"re-submitted tx refused: {error}")
+
+    def _missing(self) -> list[tuple[tuple[str, int], tuple[str, str]]]:
+        """Sent txs that are neither mined nor in anvil's pool, by sender and nonce."""
+        latest = self.rpc.call("eth_getBlockByNumber", "latest", False) or {}
+        fresh = {str(h).lower() for h in latest.get("transactions") or []}  # not yet delivered
+        mined = self.recorder.tx_block
+        for key in [k for k, (h, _raw) in self.unmined.items() if h in mined or h in fresh]:
+            del self.unmined[key]
+        status = self.rpc.call("txpool_status") or {}
+        size = int(status.get("pending", "0x0"), 16) + int(status.get("queued", "0x0"), 16)
+        if size >= len(self.unmined):  # the pool holds only the runner's txs: none missing
+            return []
+        pool = set(self._pool_hashes())
+        return sorted((k, v) for k, v in self.unmined.items() if v[0] not in pool)
+
+    def _repair(self) -> None:
+        """Re-submit (same raw bytes and hash) every sent tx anvil lost from its pool.
+
+        Runs right after each block, so a lost tx is out of the pool for milliseconds.
+
+        Real pools keep these; anvil does not: when a block's gas runs out before a sender's
+        tx, its next nonce is tried anyway, fails as "nonce too high" and is evicted with
+        all later ones; a tx whose fee cap falls below the base fee is evicted with its
+        later nonces, and refused on re-submission until the base fee is back under it.
+        """
+        missing = self._missing()
+        if not missing:
+            return
+        calls = [("eth_sendRawTransaction", [raw]) for _key, (_h, raw) in missing]
+        for (key, (h, _raw)), (_result, error) in zip(missing, self.rpc.batch(calls),
+                                                      strict=True):
+            if error is None:
+                self.resubmitted += 1
+            elif "base fee" in error:
+                self.underpriced.add(h)  # kept: retried before the next block
+            elif "nonce too low" in error:
+                del self.unmined[key]  # the nonce is used: mined, or replaced
+            elif "already" not in error:
+                del self.unmined[key]
+                self.warnings.append(f"lost tx {h} refused on re-submission: {error}")
 
     def inject_fee_outlier(self) -> None:
         sender = self._take_reserve()
@@ -951,8 +1035,8 @@ class ScenarioRunner:
             hashes = self._pool_hashes()
             pool_sizes.append(len(hashes))
             raws = self._raws(hashes)
-            self.mine(coinbase=miner, before=lambda: self.rpc.call("anvil_dropAllTransactions"))
-            self._resend(raws)
+            self.mine(coinbase=miner, before=lambda: self.rpc.call("anvil_dropAllTransactions"),
+                      restore=raws)
         self._label("empty_blocks", "empty_blocks", miner=miner, first_block=first,
                     last_block=self.head, blocks=runs, pool_sizes=pool_sizes)
 
@@ -1005,8 +1089,7 @@ class ScenarioRunner:
         for i in range(blocks):
             if i:
                 self.send(self.normal_txs())
-            self.mine(coinbase=miner, before=drop)
-            self._resend(raws)
+            self.mine(coinbase=miner, before=drop, restore=raws)
         self._label("censorship", "censorship", tx_hashes=hashes, miner=miner, sender=sender,
                     first_block=first, last_block=self.head, blocks=blocks, tip_wei=tip)
 
@@ -1035,7 +1118,9 @@ class ScenarioRunner:
             "blocks": blocks, "transactions": txs, "records": self.recorder.records,
             "record_counts": self.recorder.counts, "labels": len(labels), "by_kind": by_kind,
             "reorgs_recorded": self.recorder.reorgs, "seconds": round(seconds, 1),
-            "txs_sent": self.sent, "warnings": result.warnings,
+            "txs_sent": self.sent, "txs_resubmitted": self.resubmitted,
+            "txs_underpriced": len(self.underpriced), "txs_lost": self.lost_at_end,
+            "txs_unmined": len(self.unmined), "warnings": result.warnings,
             "notes": list(SIMULATION_NOTES),
         }
         (self.out_dir / SESSION_FILE).write_text(json.dumps(session, indent=2, sort_keys=True))
