@@ -336,9 +336,21 @@ def sender_burst_rule(
     return out
 
 
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p); exact, n is small here."""
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+def beta_binomial_tail(k: int, n: int, seen: float, unseen: float) -> float:
+    """P(X >= k) of n draws whose success rate is only known from `seen` successes and
+    `unseen` failures before (Beta(seen, unseen) belief; exact, n is small here).
+
+    Unlike a binomial at the estimated rate, it allows for the estimate being off: a
+    producer seen 0 times in 76 blocks may well make 5% of them.
+    """
+    def log_beta(a: float, b: float) -> float:
+        return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+    base = log_beta(seen, unseen)
+    return sum(
+        math.comb(n, i) * math.exp(log_beta(i + seen, n - i + unseen) - base)
+        for i in range(k, n + 1)
+    )
 
 
 def miner_surge_rule(
@@ -354,14 +366,13 @@ def miner_surge_rule(
     """Producers that suddenly make far more of the recent blocks than their history allows.
 
     `miners` is the node's window of producers, one per height, oldest first. For each
-    recent window of n blocks, a miner's count k is tested against its share before that
-    window (binomial tail P(X >= k) under p0). p0 is the miner's past share with the
-    Krichevsky-Trofimov half count, (seen + 1/2) / (past + 1): a newcomer is not judged
-    against a share of zero, yet a producer absent from ~100 blocks making the next three
-    is as unlikely as it looks (~1e-7). A share-over-a-limit rule needs ~2x the limit in
-    blocks to fire; this fires on a newcomer's takeover within three blocks and on a known
-    producer's within about ten, while the chance of a false alarm per miner and window
-    stays under `alpha`.
+    recent window of n blocks, a miner's count k is tested against its record before that
+    window: the chance of k or more under a Beta(seen + 1/2, unseen + 1/2) belief about
+    its share (Jeffreys prior; a beta-binomial tail), so a newcomer is not judged against
+    a share of zero, and a share estimated from few blocks counts as uncertain. A producer
+    absent from the last ~100 blocks that makes the next four is flagged (chance ~7e-8);
+    a known producer's takeover needs ~6-10 blocks; the share rule needs ~50. The chance
+    of a false alarm per miner and window stays under `alpha`.
     """
     best: dict[str, tuple[float, int, int, float]] = {}  # miner -> (p, k, n, p0)
     for n in windows:
@@ -376,10 +387,12 @@ def miner_surge_rule(
         for m in recent:
             recent_counts[m] = recent_counts.get(m, 0) + 1
         for miner, k in recent_counts.items():
-            p0 = (prior_counts.get(miner, 0) + 0.5) / (len(prior) + 1)
+            seen = prior_counts.get(miner, 0) + 0.5
+            unseen = len(prior) - prior_counts.get(miner, 0) + 0.5
+            p0 = seen / (seen + unseen)
             if k <= n * p0:
                 continue
-            p = binomial_tail(k, n, p0)
+            p = beta_binomial_tail(k, n, seen, unseen)
             if p < alpha and p < best.get(miner, (1.0, 0, 0, 0.0))[0]:
                 best[miner] = (p, k, n, p0)
     out: list[RuleHit] = []

@@ -140,7 +140,7 @@ def test_a_backdated_run_is_flagged_but_a_lagging_node_is_not(normal):
     assert by(found, "timestamp_drift_rule") == [] and by(found, "timestamp_jump_rule") == []
 
 
-def test_a_sudden_takeover_is_flagged_within_three_blocks_once(normal):
+def test_a_sudden_takeover_is_flagged_within_six_blocks_once(normal):
     taker = "0x" + "7a" * 20
     run = Run()
     run.feed(normal[:60])
@@ -148,7 +148,7 @@ def test_a_sudden_takeover_is_flagged_within_three_blocks_once(normal):
              for i, b in enumerate(normal[60:100])]
     found = by(run.feed(taken), "miner_surge_rule")
     assert [f.subject for f in found] == [taker]  # one episode despite the honest blocks
-    assert found[0].block_number <= 62
+    assert found[0].block_number <= 65  # 5 of the 6 blocks 60-65 (63 is honest)
 
 
 def _pending(tx: TxSummary, at: float, node: str = "bench") -> PendingTx:

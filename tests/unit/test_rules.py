@@ -10,7 +10,7 @@ from detector.miner_features import miner_window_features
 from detector.rules import (
     RULE_THRESHOLD,
     Offer,
-    binomial_tail,
+    beta_binomial_tail,
     empty_blocks_rule,
     miner_share_rule,
     miner_surge_rule,
@@ -167,10 +167,13 @@ def test_hits_become_findings_with_stable_ids():
     assert hit.to_finding(now=T0, episode="w2").event_id != finding.event_id
 
 
-def test_binomial_tail_is_exact():
-    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
-    assert binomial_tail(3, 3, 0.5) == pytest.approx(0.125)
-    assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)
+def test_beta_binomial_tail_is_exact():
+    assert beta_binomial_tail(0, 5, 2.0, 3.0) == pytest.approx(1.0)
+    # Beta(1, 1) is uniform: every count of n draws is equally likely, 1 / (n + 1)
+    assert beta_binomial_tail(3, 3, 1.0, 1.0) == pytest.approx(0.25)
+    assert beta_binomial_tail(2, 3, 1.0, 1.0) == pytest.approx(0.5)
+    # a well-known share behaves like the binomial at that share
+    assert beta_binomial_tail(3, 3, 5e4, 5e4) == pytest.approx(0.125, rel=1e-3)
 
 
 def _rotation(n: int, producers: int = 12) -> list[str]:
@@ -187,11 +190,15 @@ def test_a_takeover_is_a_surge_but_a_big_regular_producer_is_not():
     big = "0x" + "bb" * 20
     steady = [big if i % 5 in (0, 2) else f"0x{i % 7:040x}" for i in range(100)]
     assert miner_surge_rule(steady, chain_id=1, node="n1", head=100) == []
-    # a newcomer with a couple of blocks is luck; three in a row out of nowhere is not
+    # a newcomer with a couple of blocks is luck; four in a row out of nowhere is not
     assert miner_surge_rule([*history, taker, history[0], taker], chain_id=1, node="n1",
                             head=63) == []
-    assert [h.subject for h in miner_surge_rule([*history, *[taker] * 3], chain_id=1,
-                                                node="n1", head=63)] == [taker]
+    assert [h.subject for h in miner_surge_rule([*history, *[taker] * 4], chain_id=1,
+                                                node="n1", head=64)] == [taker]
+    # a producer unseen in a short past is uncertain: 5 of the last 24 is not a takeover
+    spread = [taker if i % 5 == 0 else b for i, b in enumerate(_rotation(24))]
+    assert miner_surge_rule([*_rotation(76), *spread], chain_id=1, node="n1",
+                            head=100) == []
     # a small regular producer (1 block in 60) making three in a row is not enough
     small = [big, *history[1:]]
     assert miner_surge_rule([*small, big, big, big], chain_id=1, node="n1", head=63) == []
