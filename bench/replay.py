@@ -11,12 +11,15 @@ cycled with new heights, hashes and times (generation costs ~5 ms per block). `r
 replays it exactly as `chainwatch replay DIR` does (archive source -> decode -> the live
 Detector -> findings), without writing a report, and prints figures plus VmHWM (peak RSS)
 of its own process. `detector` feeds pre-decoded blocks to the Detector only, to separate
-decoding from detection. Figures go to stdout; nothing fails on a slow machine.
+decoding from detection. `decode` and `detector` run under the garbage-collector setting
+replay uses (`replay.driver.fewer_collections`; `--default-gc` for CPython's own).
+Figures go to stdout; nothing fails on a slow machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -158,6 +161,9 @@ def main() -> None:
     d.add_argument("--blocks", type=int, default=3000)
     d.add_argument("--txs-per-block", type=float, default=150)
     d.add_argument("--batch", type=int, default=500)
+    for p in (dec, d):
+        p.add_argument("--default-gc", action="store_true",
+                       help="CPython's collector thresholds instead of replay's")
     args = parser.parse_args()
     machine = {"python": platform.python_version(), "machine": platform.machine()}
     if args.mode == "make":
@@ -165,10 +171,16 @@ def main() -> None:
         return
     if args.mode == "run":
         figures = run(args.dir, args.warmup)
-    elif args.mode == "decode":
-        figures = decode_only(args.dir, args.limit)
     else:
-        figures = detector_only(args.blocks, args.txs_per_block, args.batch)
+        from replay.driver import fewer_collections
+
+        gc_setting = contextlib.nullcontext() if args.default_gc else fewer_collections()
+        with gc_setting:
+            if args.mode == "decode":
+                figures = decode_only(args.dir, args.limit)
+            else:
+                figures = detector_only(args.blocks, args.txs_per_block, args.batch)
+        figures["gc"] = "default" if args.default_gc else "replay"
     print(json.dumps({"mode": args.mode, **figures, **machine}))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -58,6 +59,30 @@ class DetectorConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     split_critical_blocks: int = 3
     families: FamilyConfig = field(default_factory=FamilyConfig)
+
+
+def observe_all(histogram: Any, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, in one step per bucket instead of per value.
+
+    Same counts and the same sum as observing one by one (the sum is accumulated in the
+    same order, so even its rounding is the same); falls back to the loop on a client
+    whose histograms look different inside.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(values) < 16:
+        for value in values:
+            histogram.observe(float(value))
+        return
+    v = np.asarray(values, dtype=np.float64)
+    # observe() counts a value in the first bucket whose bound is >= it (NaN: in none)
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), v, side="left")
+    counts = np.bincount(index, minlength=len(bounds) + 1)
+    for bucket, n in zip(buckets, counts[: len(bounds)], strict=True):
+        if n:
+            bucket.inc(int(n))
+    total.set(float(np.cumsum(np.concatenate(([total.get()], v)))[-1]))
 
 
 class Detector:
@@ -470,9 +495,7 @@ class Detector:
     def _export_scores(self, chain_id: int, family: str, scored: Scored) -> None:
         """A model's threshold and the distribution of what it scored, per family."""
         self.metrics.anomaly_threshold.labels(str(chain_id), family).set(scored.threshold)
-        histogram = self.metrics.anomaly_score.labels(str(chain_id), family)
-        for score in scored.scores:
-            histogram.observe(float(score))
+        observe_all(self.metrics.anomaly_score.labels(str(chain_id), family), scored.scores)
 
     def _block_finding(
         self, block: Block, score: float, threshold: float, row: np.ndarray

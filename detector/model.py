@@ -8,8 +8,6 @@ what was evaluated is what runs.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from chainwatch.schema import FeatureDeviation
@@ -43,14 +41,43 @@ class BlockAnomalyModel:
             family, feature_names, kind=kind, contamination=contamination, seed=seed,
             n_estimators=n_estimators, min_scale=min_scale, z_limit=z_limit,
         )
-        self._rows: deque[np.ndarray] = deque(maxlen=history)
+        # the last `history` rows learnt, as a ring buffer (the oldest row at `_next` once
+        # full): one array instead of a deque of row views, which kept whole batch
+        # matrices alive and cost a Python step per row
+        self._capacity = history
+        self._buffer: np.ndarray | None = None
+        self._count = 0
+        self._next = 0
         self._since_fit = 0
         self.fits = 0
 
     @property
     def history(self) -> tuple[np.ndarray, ...]:
         """The rows kept for the next (re)fit, oldest first."""
-        return tuple(self._rows)
+        return tuple(self._window())
+
+    def _window(self) -> np.ndarray:
+        """The kept rows, oldest first, as one C-contiguous matrix (a copy)."""
+        if self._buffer is None:
+            return np.empty((0, len(self.feature_names)))
+        if self._count < self._capacity:
+            return self._buffer[: self._count].copy()
+        return np.concatenate((self._buffer[self._next :], self._buffer[: self._next]))
+
+    def _remember(self, x: np.ndarray) -> None:
+        if len(x) == 0 or self._capacity <= 0:
+            return
+        if self._buffer is None:
+            self._buffer = np.empty((self._capacity, x.shape[1]), dtype=x.dtype)
+        elif self._buffer.dtype != np.result_type(self._buffer, x):
+            self._buffer = self._buffer.astype(np.result_type(self._buffer, x))
+        x = x[-self._capacity :]
+        n = len(x)
+        first = min(n, self._capacity - self._next)
+        self._buffer[self._next : self._next + first] = x[:first]
+        self._buffer[: n - first] = x[first:]
+        self._next = (self._next + n) % self._capacity
+        self._count = min(self._count + n, self._capacity)
 
     @property
     def fitted(self) -> bool:
@@ -70,14 +97,13 @@ class BlockAnomalyModel:
         """Add rows to the training history; fit or refit when due. True if it (re)fitted."""
         if self.frozen:
             return False
-        for row in x:
-            self._rows.append(row)
+        self._remember(x)
         self._since_fit += len(x)
-        due = (not self.detector.fitted and len(self._rows) >= self.warmup) or (
+        due = (not self.detector.fitted and self._count >= self.warmup) or (
             self.detector.fitted and self._since_fit >= self.refit_every
         )
         if due:
-            self.detector.fit(np.vstack(self._rows), {"source": "live", "rows": len(self._rows)})
+            self.detector.fit(self._window(), {"source": "live", "rows": self._count})
             self._since_fit = 0
             self.fits += 1
         return due

@@ -17,6 +17,8 @@ features. Addresses and selectors are lower-cased in the frame.
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
@@ -84,6 +86,16 @@ def _opt_float(value: int | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _floats(values: Sequence[int]) -> list[float]:
+    return list(map(float, values))
+
+
+def _opt_floats(values: Sequence[int | None]) -> list[float | None]:
+    if None in values:
+        return [None if v is None else float(v) for v in values]
+    return list(map(float, values))
+
+
 def _normalise(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(
         pl.col("from_address").str.to_lowercase(),
@@ -98,29 +110,68 @@ _TX_COLUMNS: tuple[str, ...] = (
     "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type", "input_size", "method_id",
     "is_contract_creation",
 )
+_INCLUDED_COLUMNS: tuple[str, ...] = ("transaction_index", *_TX_COLUMNS)
+_AS_FLOAT = ("value", "gas")
+_AS_OPT_FLOAT = ("gas_price", "max_fee_per_gas", "max_priority_fee_per_gas")
 
 
-def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, list[object]]:
+def _columns_of(
+    names: tuple[str, ...], rows: Sequence[tuple[object, ...]]
+) -> dict[str, Sequence[object]]:
+    """Transposed attribute tuples; wei amounts as floats, nonces clipped to Int64."""
+    if not rows:
+        return {name: [] for name in names}
+    cols: dict[str, Sequence[object]] = dict(zip(names, zip(*rows, strict=True), strict=True))
+    nonces = cols["nonce"]
+    if max(nonces) > _I64_MAX:  # type: ignore[type-var]
+        cols["nonce"] = [min(n, _I64_MAX) for n in nonces]  # type: ignore[type-var]
+    for name in _AS_FLOAT:
+        cols[name] = _floats(cols[name])  # type: ignore[arg-type]
+    for name in _AS_OPT_FLOAT:
+        cols[name] = _opt_floats(cols[name])  # type: ignore[arg-type]
+    return cols
+
+
+def _attribute_rows(
+    txs: Sequence[TxSummary] | Sequence[PendingTx], names: tuple[str, ...]
+) -> list[tuple[object, ...]]:
+    """Each transaction's `names` as a tuple: one C-level call per transaction.
+
+    Pydantic keeps field values in the instance dict, read with one itemgetter; objects
+    without one (or without every field there) go through attribute access.
+    """
+    try:
+        return list(map(operator.itemgetter(*names), map(vars, txs)))
+    except (TypeError, KeyError):
+        return list(map(operator.attrgetter(*names), txs))
+
+
+def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, Sequence[object]]:
     """The shared columns; wei amounts as floats, nonces clipped to Int64."""
-    return {
-        "hash": [t.hash for t in txs],
-        "from_address": [t.from_address for t in txs],
-        "to_address": [t.to_address for t in txs],
-        "nonce": [min(t.nonce, _I64_MAX) for t in txs],
-        "value": [float(t.value) for t in txs],
-        "gas": [float(t.gas) for t in txs],
-        "gas_price": [_opt_float(t.gas_price) for t in txs],
-        "max_fee_per_gas": [_opt_float(t.max_fee_per_gas) for t in txs],
-        "max_priority_fee_per_gas": [_opt_float(t.max_priority_fee_per_gas) for t in txs],
-        "tx_type": [t.tx_type for t in txs],
-        "input_size": [t.input_size for t in txs],
-        "method_id": [t.method_id for t in txs],
-        "is_contract_creation": [t.is_contract_creation for t in txs],
-    }
+    return _columns_of(_TX_COLUMNS, _attribute_rows(txs, _TX_COLUMNS))
+
+
+# The engine's tx family builds the frame of a batch's fresh blocks, scores it, then hands
+# the same blocks to FeeMarket.update, which needs the same frame: the last frame built is
+# kept (weakly keyed on the blocks themselves) so the second call costs nothing.
+_last_frame: tuple[tuple[weakref.ref[Block], ...], pl.DataFrame] | None = None
+
+
+def _cached_frame(blocks: Sequence[Block]) -> pl.DataFrame | None:
+    if _last_frame is None:
+        return None
+    refs, frame = _last_frame
+    if len(refs) != len(blocks) or any(r() is not b for r, b in zip(refs, blocks, strict=True)):
+        return None
+    return frame
 
 
 def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     """One row per included transaction, in block order then transaction order."""
+    global _last_frame
+    cached = _cached_frame(blocks)
+    if cached is not None:
+        return cached
     txs = [tx for b in blocks for tx in b.transactions]
     per_block = pl.DataFrame(
         {
@@ -139,15 +190,21 @@ def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     )
     owner = np.repeat(np.arange(len(blocks)), [len(b.transactions) for b in blocks])
     block_cols = per_block[owner] if len(txs) else per_block.clear()
+    names = ("tx_index", *_TX_COLUMNS)
     tx_cols = pl.DataFrame(
-        {"tx_index": [tx.transaction_index for tx in txs], **_tx_columns(txs)},
-        schema={k: TX_FRAME_SCHEMA[k] for k in ("tx_index", *_TX_COLUMNS)},
+        _columns_of(names, _attribute_rows(txs, _INCLUDED_COLUMNS)),
+        schema={k: TX_FRAME_SCHEMA[k] for k in names},
     )
     frame = pl.concat([block_cols, tx_cols], how="horizontal").with_columns(
         pl.lit("block", pl.Utf8).alias("source"),
         pl.lit(None, pl.Float64).alias("first_seen_at"),
     )
-    return _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
+    frame = _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
+    try:
+        _last_frame = (tuple(weakref.ref(b) for b in blocks), frame)
+    except TypeError:  # blocks that cannot be weakly referenced are not cached
+        _last_frame = None
+    return frame
 
 
 def pending_to_tx_frame(txs: Sequence[PendingTx]) -> pl.DataFrame:
@@ -283,7 +340,9 @@ class FeeMarket:
                 self.base_fee = _opt_float(b.base_fee_per_gas)
         if not fresh:
             return
+        global _last_frame
         frame = blocks_to_tx_frame(fresh).select(effective_tip_expr(), fee_cap_expr())
+        _last_frame = None  # the batch's frame is not needed again: free it now
         tips = frame["effective_tip"].fill_null(np.nan).to_numpy()
         caps = frame["fee_cap"].fill_null(np.nan).to_numpy()
         cuts = np.cumsum([len(b.transactions) for b in fresh])[:-1]
@@ -318,7 +377,6 @@ class SelectorStats:
         self._batches: deque[tuple[list[str], list[int]]] = deque()
         self._counts: dict[str, int] = {}
         self.total = 0
-        self._lookup: tuple[list[str], list[int]] | None = None
 
     def __len__(self) -> int:
         """Distinct selectors in the window."""
@@ -338,7 +396,6 @@ class SelectorStats:
         self._add(batch, +1)
         while self.total > self.capacity:
             self._add(self._batches.popleft(), -1)
-        self._lookup = None
 
     def _add(self, batch: tuple[list[str], list[int]], sign: int) -> None:
         for key, n in zip(*batch, strict=True):  # one step per distinct selector of a batch
@@ -351,15 +408,10 @@ class SelectorStats:
 
     def rarity(self, method_ids: pl.Series) -> np.ndarray:
         """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
-        if self._lookup is None:
-            self._lookup = (list(self._counts), list(self._counts.values()))
-        keys, values = self._lookup
-        counts = (
-            method_ids.fill_null(_NO_SELECTOR)
-            .str.to_lowercase()
-            .replace_strict(keys, values, default=0, return_dtype=pl.Float64)
-            .to_numpy()
-        )
+        # looked up row by row: handing polars every known selector on each call cost more
+        get = self._counts.get
+        lowered = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
+        counts = np.array([get(k, 0) for k in lowered], dtype=np.float64)
         return -np.log((counts + 1.0) / (self.total + 1.0))
 
 
@@ -447,13 +499,19 @@ def _frame_now(frame: pl.DataFrame, now: float | None) -> float:
     return float(latest) if isinstance(latest, int | float) else 0.0
 
 
-def _mapped(column: str, mapping: dict[str, int] | dict[str, float] | None) -> pl.Expr:
+def _mapped(
+    frame: pl.DataFrame, column: str, mapping: dict[str, int] | dict[str, float] | None
+) -> pl.Series | pl.Expr:
+    """The mapping's value (as a float) for each row's `column`, null where absent.
+
+    Looked up row by row: the mappings (pending txs, replacements) hold up to 200k entries
+    and a batch a few hundred rows, so handing polars the whole mapping cost far more.
+    """
     if not mapping:
         return pl.lit(None, pl.Float64)
-    return pl.col(column).replace_strict(
-        list(mapping), [float(v) for v in mapping.values()], default=None,
-        return_dtype=pl.Float64,
-    )
+    get = mapping.get
+    values = [None if (v := get(k)) is None else float(v) for k in frame[column]]
+    return pl.Series(values, dtype=pl.Float64)
 
 
 def tx_features(
@@ -485,7 +543,7 @@ def tx_features(
     previous_nonce = pl.coalesce(
         pl.col("nonce").shift(1).over("from_address", order_by="nonce"), pl.col("last_nonce")
     )
-    since = pl.coalesce(_mapped("hash", pending_since), pl.col("first_seen_at"))
+    since = pl.coalesce(_mapped(frame, "hash", pending_since), pl.col("first_seen_at"))
     out = frame.with_columns(
         pl.Series("priority_fee_percentile", market.percentile_of(tips), pl.Float64),
         pl.Series("priority_fee_z", market.tip_z(tips), pl.Float64),
@@ -507,7 +565,7 @@ def tx_features(
             "nonce_gap"
         ),
         pl.col("is_contract_creation").cast(pl.Float64),
-        _mapped("hash", replacements).fill_null(0.0).alias("replacement_count"),
+        _mapped(frame, "hash", replacements).fill_null(0.0).alias("replacement_count"),
         (pl.col("observed_at") - since).clip(lower_bound=0.0).alias("time_pending_seconds"),
     )
     return out
