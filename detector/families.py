@@ -270,9 +270,9 @@ class TxFamily:
                 self._gone(tx.hash)
                 sender = tx.from_address.lower()
                 self.next_nonce[sender] = max(self.next_nonce.pop(sender, 0), tx.nonce + 1)
+                self._included.put(tx.hash, b.observed_at)
             while len(self.next_nonce) > 200_000:
                 self.next_nonce.popitem(last=False)
-                self._included.put(tx.hash, b.observed_at)
         return findings
 
     def _score(self, frame: pl.DataFrame, now: float, *, learn: bool = True) -> list[Finding]:

@@ -346,3 +346,16 @@ def test_the_first_live_block_after_a_backfill_is_not_stamped_ahead(normal):
                   *blocks[100:]]
     found = Run().feed(backfilled)
     assert by(found, "timestamp_drift_rule") == []
+
+
+def test_a_pending_sighting_after_its_block_does_not_reopen_the_tx(normal):
+    """Every mined tx is remembered as included (only the last tx of a block was, and
+    only while the nonce map overflowed): a late pending record must not make a mined tx
+    pending again (offered for censorship, scored as pending)."""
+    run = Run()
+    run.feed(normal[:30])
+    mined = normal[10].transactions[0]
+    run.feed([_pending(mined, normal[29].observed_at + 1)])
+    family = run.detector.tx[1]
+    assert mined.hash not in family.pending_since
+    assert mined.hash not in family.offers
