@@ -82,14 +82,17 @@ from detector.tx_features import (
 class FamilyConfig:
     # transactions: a finding needs the model's verdict AND one feature far out. An
     # isolation forest saturates on points far beyond its training range, so the
-    # detector's z guard (z_limit) makes such a point anomalous whatever the trees say
+    # detector's z guard makes such a point anomalous whatever the trees say
     tx_warmup: int = 2_000
     tx_refit_every: int = 50_000
     tx_history: int = 50_000
     tx_contamination: float = 0.001
-    # robust z of the most unusual feature: mainnet-shaped fees have a heavy tail (MEV
-    # tips reach 180 sigma in 200k normal txs), so only a far outlier is worth a page
-    tx_min_deviation: float = 100.0
+    # robust z of the most unusual feature: at least tx_min_deviation, and tx_tail_factor
+    # times what the training txs reach at the contamination quantile. Mainnet-shaped fees
+    # have a heavy tail (MEV tips: 40 sigma in one tx of 1,000, 160 in 50k), which puts
+    # the cut near 120; a devnet's quiet market (~10) puts it at 30
+    tx_min_deviation: float = 20.0
+    tx_tail_factor: float = 3.0
     score_pending: bool = True  # score txs as the pool announces them, not only once mined
     replacement_window_seconds: float = 60.0
     replacement_limit: int = 5
@@ -172,7 +175,8 @@ class TxFamily:
         self.model = BlockAnomalyModel(
             TX_FEATURES, warmup=c.tx_warmup, refit_every=c.tx_refit_every,
             history=c.tx_history, contamination=c.tx_contamination, seed=seed,
-            min_scale=TX_FEATURE_MIN_SCALE, z_limit=c.tx_min_deviation, kind=kind, family="tx",
+            min_scale=TX_FEATURE_MIN_SCALE, z_limit=c.tx_min_deviation,
+            tail_factor=c.tx_tail_factor, kind=kind, family="tx",
             pretrained=pretrained,
         )
         self.pending_since = _Bounded(200_000)  # hash -> first seen, of txs pending now
@@ -296,7 +300,7 @@ class TxFamily:
                 self.last_scored = scored
             self.scored_rows += len(x)
             z = np.abs(self.model.detector.robust_z(x)).max(axis=1)
-            flagged = np.flatnonzero(scored.anomalous & (z >= self.config.tx_min_deviation))
+            flagged = np.flatnonzero(scored.anomalous & (z >= self.model.detector.z_cut))
             if len(flagged):
                 rows = frame.filter(pl.Series(ok))
                 findings = self._findings(rows, x, scored, flagged, now)

@@ -29,6 +29,7 @@ class BlockAnomalyModel:
         seed: int = 42,
         min_scale: tuple[float, ...] | None = None,
         z_limit: float = 12.0,
+        tail_factor: float = 0.0,
         kind: str = "iforest",
         family: str = "block",
         pretrained: AnomalyDetector | None = None,
@@ -40,6 +41,7 @@ class BlockAnomalyModel:
         self.detector = pretrained or AnomalyDetector(
             family, feature_names, kind=kind, contamination=contamination, seed=seed,
             n_estimators=n_estimators, min_scale=min_scale, z_limit=z_limit,
+            tail_factor=tail_factor,
         )
         # the last `history` rows learnt, as a ring buffer (the oldest row at `_next` once
         # full): one array instead of a deque of row views, which kept whole batch

@@ -174,3 +174,22 @@ def test_the_compiled_forest_scores_exactly_as_sklearn(kind, tmp_path):
     loaded = AnomalyDetector.load(path, "block", ("a", "b", "c", "d"))
     assert loaded._compiled is None  # not saved: rebuilt on first use
     assert np.array_equal(loaded.score(rows).scores, model.score(rows).scores)
+
+
+def test_the_deviation_cut_follows_the_training_tail():
+    """A quiet market's far outlier is flagged; the same deviation is ordinary where the
+    training txs themselves reach it (mainnet's MEV tips), and stays unflagged there."""
+    rng = np.random.default_rng(5)
+    quiet = rng.normal(0.0, 1.0, size=(4_000, 3))
+    heavy = quiet.copy()
+    heavy[:, 0] = rng.standard_t(1.2, size=4_000)  # a heavy-tailed feature
+    probe = np.array([[60.0, 0.0, 0.0]])  # 60 robust sigma on that feature
+    cuts = {}
+    for name, train in (("quiet", quiet), ("heavy", heavy)):
+        model = AnomalyDetector("tx", ("a", "b", "c"), contamination=0.001, seed=1,
+                                z_limit=20.0, tail_factor=3.0)
+        model.fit(train)
+        cuts[name] = model.z_cut
+        scored = model.score(probe)
+        assert bool(scored.anomalous[0]) == (name == "quiet"), name
+    assert cuts["quiet"] == 20.0 and cuts["heavy"] > 60.0
