@@ -303,11 +303,14 @@ class Detector:
                 "unreachable": "the collector cannot reach its RPC endpoint",
             }[t.new]
             now = self.clock()
+            head = self.state.node(t.chain_id, t.node).head_number
             findings.append(
                 Finding(
                     chain_id=t.chain_id,
                     node=t.node,
-                    event_id=Finding.id_for(t.chain_id, t.node, "node_state", f"{t.new}@{now}"),
+                    # the state and the head it happened at, not the clock: re-evaluated
+                    # after a crash, the same transition gets the same id (counted once)
+                    event_id=Finding.id_for(t.chain_id, t.node, "node_state", f"{t.new}@{head}"),
                     observed_at=now,
                     detector="node_state",
                     family="fork_risk",
@@ -316,7 +319,7 @@ class Detector:
                     threshold=1.0,
                     subject_kind="node",
                     subject=t.node,
-                    block_number=self.state.node(t.chain_id, t.node).head_number,
+                    block_number=head,
                     summary=f"node {t.node} is {t.new} (was {t.old or 'unknown'}): {detail}",
                 )
             )
@@ -351,7 +354,9 @@ class Detector:
         return Finding(
             chain_id=split.chain_id,
             node=split.node,
-            event_id=Finding.id_for(split.chain_id, split.node, "chain_split", f"{subject}@{now}"),
+            # where the chains diverge, not the clock: the same split keeps its id
+            event_id=Finding.id_for(split.chain_id, split.node, "chain_split",
+                                    f"{subject}@{split.first_diverging_height}"),
             observed_at=now,
             detector="chain_split",
             family="fork_risk",
