@@ -188,7 +188,8 @@ class TxFamily:
         self._replaced: deque[TxLifecycle] = deque(maxlen=10_000)
         self._seen_blocks = _Bounded(10_000)
         # mined already: a pending record that arrives after its block must not re-open it
-        self._included = _Bounded(200_000)
+        # (such records come seconds late; 50k txs is ~250 mainnet blocks, ~50 minutes)
+        self._included = _Bounded(50_000)
         self.last_scored: Scored | None = None
         self.scored_rows = 0
 
