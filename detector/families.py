@@ -269,7 +269,7 @@ class TxFamily:
         frame = blocks_to_tx_frame(fresh)
         if frame.height:
             findings.extend(self._score(frame, now))
-        self.market.update(fresh)
+        self.market.update(fresh, frame)
         for b in fresh:
             for tx in b.transactions:
                 self._gone(tx.hash)

@@ -18,7 +18,6 @@ features. Addresses and selectors are lower-cased in the frame.
 from __future__ import annotations
 
 import operator
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
@@ -151,27 +150,8 @@ def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, Seq
     return _columns_of(_TX_COLUMNS, _attribute_rows(txs, _TX_COLUMNS))
 
 
-# The engine's tx family builds the frame of a batch's fresh blocks, scores it, then hands
-# the same blocks to FeeMarket.update, which needs the same frame: the last frame built is
-# kept (weakly keyed on the blocks themselves) so the second call costs nothing.
-_last_frame: tuple[tuple[weakref.ref[Block], ...], pl.DataFrame] | None = None
-
-
-def _cached_frame(blocks: Sequence[Block]) -> pl.DataFrame | None:
-    if _last_frame is None:
-        return None
-    refs, frame = _last_frame
-    if len(refs) != len(blocks) or any(r() is not b for r, b in zip(refs, blocks, strict=True)):
-        return None
-    return frame
-
-
 def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     """One row per included transaction, in block order then transaction order."""
-    global _last_frame
-    cached = _cached_frame(blocks)
-    if cached is not None:
-        return cached
     txs = [tx for b in blocks for tx in b.transactions]
     per_block = pl.DataFrame(
         {
@@ -199,12 +179,7 @@ def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
         pl.lit("block", pl.Utf8).alias("source"),
         pl.lit(None, pl.Float64).alias("first_seen_at"),
     )
-    frame = _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
-    try:
-        _last_frame = (tuple(weakref.ref(b) for b in blocks), frame)
-    except TypeError:  # blocks that cannot be weakly referenced are not cached
-        _last_frame = None
-    return frame
+    return _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
 
 
 def pending_to_tx_frame(txs: Sequence[PendingTx]) -> pl.DataFrame:
@@ -325,8 +300,12 @@ class FeeMarket:
         """Number of tip values in the window."""
         return len(self._tips.values)
 
-    def update(self, blocks: Sequence[Block]) -> None:
-        """Learn the tips of new blocks (in the order given; already-seen hashes skipped)."""
+    def update(self, blocks: Sequence[Block], frame: pl.DataFrame | None = None) -> None:
+        """Learn the tips of new blocks (in the order given; already-seen hashes skipped).
+
+        `frame`: `blocks_to_tx_frame(blocks)` when the caller built it already (the tx
+        family scores that frame first); used when every block is new to the market.
+        """
         fresh: list[Block] = []
         for b in blocks:
             if b.hash in self._seen:
@@ -340,9 +319,9 @@ class FeeMarket:
                 self.base_fee = _opt_float(b.base_fee_per_gas)
         if not fresh:
             return
-        global _last_frame
-        frame = blocks_to_tx_frame(fresh).select(effective_tip_expr(), fee_cap_expr())
-        _last_frame = None  # the batch's frame is not needed again: free it now
+        if frame is None or len(fresh) != len(blocks):
+            frame = blocks_to_tx_frame(fresh)
+        frame = frame.select(effective_tip_expr(), fee_cap_expr())
         tips = frame["effective_tip"].fill_null(np.nan).to_numpy()
         caps = frame["fee_cap"].fill_null(np.nan).to_numpy()
         cuts = np.cumsum([len(b.transactions) for b in fresh])[:-1]
