@@ -281,29 +281,38 @@ def test_a_node_back_with_a_new_genesis_drops_the_old_genesis_too():
     assert list(reorg.dropped_block_hashes) == old
 
 
+class _EmptyPool:
+    """A node whose pool is empty; counts the full listings (txpool_content) asked for."""
+
+    node = "n"
+    chain_id = 1
+
+    def __init__(self) -> None:
+        self.listings = 0
+
+    async def call(self, method: str, params: list[Any]) -> Any:
+        if method == "txpool_status":
+            return {"pending": "0x0", "queued": "0x0"}
+        self.listings += 1
+        return {"pending": {}, "queued": {}}
+
+
+class _Live:
+    """A subscription that is connected: listings come only from the reconcile timer."""
+
+    connected = True
+
+
 def test_a_subscription_gap_lists_the_pool_at_once():
     """Txs sent while the subscription was down waited for the next reconcile (30 s)
     and, if mined meanwhile, were never seen pending."""
 
-    class Rpc:
-        node = "n"
-        chain_id = 1
-        listings = 0
-
-        async def call(self, method: str, params: list[Any]) -> Any:
-            if method == "txpool_status":
-                return {"pending": "0x0", "queued": "0x0"}
-            Rpc.listings += 1
-            return {"pending": {}, "queued": {}}
-
-    class Live:
-        connected = True
-
+    rpc = _EmptyPool()
     mempool = MempoolCollector(
-        Rpc(), EmbeddedBus(), Topics(), Metrics(),  # type: ignore[arg-type]
+        rpc, EmbeddedBus(), Topics(), Metrics(),  # type: ignore[arg-type]
         MempoolConfig(poll_interval=0.05, snapshot_interval=3600, reconcile_interval=3600),
     )
-    mempool.subscription = Live()  # type: ignore[assignment]
+    mempool.subscription = _Live()  # type: ignore[assignment]
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -313,7 +322,7 @@ def test_a_subscription_gap_lists_the_pool_at_once():
         await mempool.run(stop)
 
     asyncio.run(main())
-    assert Rpc.listings == 2  # the first round, then the gap
+    assert rpc.listings == 2  # the first round, then the gap
 
 
 def test_pool_listings_follow_the_collectors_clock():
@@ -321,20 +330,7 @@ def test_pool_listings_follow_the_collectors_clock():
     collector's clock: on the scenario runner's faster session clock a pool listing came
     every ~17 blocks, so lost txs looked pending (and censored) for that long."""
 
-    class Rpc:
-        node = "n"
-        chain_id = 1
-        listings = 0
-
-        async def call(self, method: str, params: list[Any]) -> Any:
-            if method == "txpool_status":
-                return {"pending": "0x0", "queued": "0x0"}
-            Rpc.listings += 1
-            return {"pending": {}, "queued": {}}
-
-    class Live:
-        connected = True
-
+    rpc = _EmptyPool()
     session = {"now": 1000.0}
 
     def clock() -> float:  # ten session seconds per poll round
@@ -342,11 +338,11 @@ def test_pool_listings_follow_the_collectors_clock():
         return session["now"]
 
     mempool = MempoolCollector(
-        Rpc(), EmbeddedBus(), Topics(), Metrics(),  # type: ignore[arg-type]
+        rpc, EmbeddedBus(), Topics(), Metrics(),  # type: ignore[arg-type]
         MempoolConfig(poll_interval=0.02, snapshot_interval=3600, reconcile_interval=30),
         clock=clock,
     )
-    mempool.subscription = Live()  # type: ignore[assignment]
+    mempool.subscription = _Live()  # type: ignore[assignment]
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -356,4 +352,4 @@ def test_pool_listings_follow_the_collectors_clock():
     asyncio.run(main())
     # ~25 rounds of 10 session seconds (a few clock reads each): a listing every 30 s of
     # session time, not one per 30 s of wall time
-    assert Rpc.listings >= 3
+    assert rpc.listings >= 3
