@@ -283,17 +283,22 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
                  f"(rate(chainwatch_findings_total{{{sel}}}[5m]))"},
         {"record": "chainwatch:seconds_since_head",
          "expr": f"time() - chainwatch_last_head_seen_timestamp_seconds{{{sel}}}"},
-        # one series per node and scrape target; `max by` drops target labels (pod, ...)
-        # and keeps the alert's one-to-one match when a restarted target's old series is
-        # still inside the window
-        {"record": baseline,
-         "expr": f"max by (job, instance, chain_id, node) "
-                 f"(quantile_over_time(0.5, {pending}[{mempool['baseline_window']}]))"},
     ]
+    # The mempool baseline lives in the alerts group, ahead of the alerts reading it:
+    # Prometheus evaluates a group's rules in order but groups independently, so from
+    # another group the alert could compare with the baseline of the previous interval.
+    # One series per node and scrape target; `max by` drops target labels (pod, ...) and
+    # keeps the alert's one-to-one match when a restarted target's old series is still
+    # inside the window.
+    mempool_baseline = {
+        "record": baseline,
+        "expr": f"max by (job, instance, chain_id, node) "
+                f"(quantile_over_time(0.5, {pending}[{mempool['baseline_window']}]))",
+    }
     return {
         "groups": [
             {"name": "chainwatch.rules", "rules": recording},
-            {"name": "chainwatch.alerts", "rules": alerts},
+            {"name": "chainwatch.alerts", "rules": [mempool_baseline, *alerts]},
         ]
     }
 
