@@ -294,6 +294,8 @@ def run_replay(
                 detector, clock, config, sink, on_batch=on_batch,
                 before_batch=recorder.before_batch if recorder is not None else None,
             )
+            if any(v is not None for v in (first_block, last_block, first_time, last_time)):
+                source.screen = replayer.screen  # an archive skips decoding what is outside
             stats = replayer.run(source.records())
             progress.close(stats.records, stats.transactions)
             description = source.description

@@ -333,6 +333,32 @@ def is_archive(path: Path) -> bool:
     return path.is_dir() and ((path / CHECKPOINT).exists() or any(path.glob("chain_id=*")))
 
 
+_HEADER_TIME = re.compile(r'"timestamp"\s*:\s*(\d+)')
+
+
+@dataclass(frozen=True)
+class _Row:
+    """An archive row before decoding: what --from/--to can be decided on."""
+
+    kind: str
+    payload: str
+    number: int | None
+    file: ArchiveFile
+    offset: int
+
+    def where(self) -> str:
+        p = self.file.path
+        return f"{p.parent.parent.name}/{p.parent.name}/{p.name} offset {self.offset}"
+
+    def header_time(self) -> float | None:
+        """A block's header timestamp without decoding it: its first "timestamp" field
+        (chainwatch's encoding puts the block's own before the transactions, which have
+        none); None if absent, and the block is then decoded to be sure.
+        """
+        match = _HEADER_TIME.search(self.payload)
+        return float(match[1]) if match else None
+
+
 class ArchiveSource(Source):
     """Replays an archive: each (chain, topic, partition) in offset order, merged by time.
 
@@ -368,27 +394,32 @@ class ArchiveSource(Source):
     def progress(self) -> float | None:
         return self.read / self.total if self.total else None
 
-    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, AnyRecord]]:
+    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, _Row]]:
+        """The rows of one stream in offset order, not decoded yet."""
         for f in files:
-            lazy = pl.scan_parquet(f.path).select("type", "offset", "payload", "error")
+            lazy = pl.scan_parquet(f.path).select(
+                "type", "offset", "payload", "error", "observed_at", "block_number")
             for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
-                for kind, offset, payload, error in chunk.iter_rows():
+                for kind, offset, payload, error, observed_at, number in chunk.iter_rows():
                     self.read += 1
-                    where = f"{f.path.parent.parent.name}/{f.path.parent.name}/{f.path.name} " \
-                            f"offset {offset}"
                     if kind == "finding" and not self.include_findings:
                         continue
+                    row = _Row(kind, payload, number, f, offset)
                     if kind == "invalid":
-                        self.invalid.add(where, error or "invalid record")
+                        self.invalid.add(row.where(), error or "invalid record")
                         continue
-                    try:
-                        record = decode(payload)
-                    except InvalidRecord as exc:
-                        self.invalid.add(where, str(exc))
-                        continue
-                    yield record.observed_at, record
+                    yield observed_at, row
 
     def records(self) -> Iterator[AnyRecord]:
+        """Records merged by time; rows `screen` rejects are never decoded."""
         merged = heapq.merge(*(self._stream(s) for s in self.streams), key=lambda kv: kv[0])
-        for _, record in merged:
+        screen = self.screen
+        for _, row in merged:
+            if screen is not None and not screen(row.kind, row.number, row.header_time):
+                continue
+            try:
+                record = decode(row.payload)
+            except InvalidRecord as exc:
+                self.invalid.add(row.where(), str(exc))
+                continue
             yield record

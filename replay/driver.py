@@ -132,17 +132,43 @@ class RecordRange:
         self.inside = first is None and first_time is None
         self.past = False
 
+    @property
+    def timed(self) -> bool:
+        return self.first_time is not None or self.last_time is not None
+
     def keep(self, record: AnyRecord) -> bool:
         if isinstance(record, Block):
-            above = (self.first is None or record.number >= self.first) and (
-                self.first_time is None or record.timestamp >= self.first_time)
-            below = (self.last is None or record.number <= self.last) and (
-                self.last_time is None or record.timestamp <= self.last_time)
-            self.inside = self.inside or above
-            self.past = self.past or not below
-            return above and below
-        number = block_number_of(record)
-        timed = self.first_time is not None or self.last_time is not None
+            return self._keep_block(record.number, record.timestamp)
+        return self._keep_other(block_number_of(record))
+
+    def keep_unread(
+        self, kind: str, number: int | None, header_time: Callable[[], float | None]
+    ) -> bool | None:
+        """keep() for a record not decoded yet, from its type and height (the archive's
+        columns): None when only the record can tell (a block under time bounds whose
+        header time `header_time` cannot find). Same answer and state as keep(), which may
+        then run again on the decoded record: it changes nothing the second time.
+        """
+        if kind != "block":
+            return self._keep_other(number)
+        if number is None:
+            return None
+        timestamp = header_time() if self.timed else 0.0
+        if timestamp is None:
+            return None
+        return self._keep_block(number, timestamp)
+
+    def _keep_block(self, number: int, timestamp: float) -> bool:
+        above = (self.first is None or number >= self.first) and (
+            self.first_time is None or timestamp >= self.first_time)
+        below = (self.last is None or number <= self.last) and (
+            self.last_time is None or timestamp <= self.last_time)
+        self.inside = self.inside or above
+        self.past = self.past or not below
+        return above and below
+
+    def _keep_other(self, number: int | None) -> bool:
+        timed = self.timed
         if (number is None or timed) and not (self.inside and not self.past):
             return False
         return number is None or (
@@ -218,6 +244,18 @@ class Replayer:
         self.range = RecordRange(config.from_block, config.to_block,
                                  first_time=config.from_time, last_time=config.to_time)
         self._pace_origin: tuple[float, float] | None = None  # (recorded, wall)
+
+    def screen(
+        self, kind: str, number: int | None, header_time: Callable[[], float | None]
+    ) -> bool:
+        """For sources that can skip decoding: False when --from/--to drops the record
+        (counted as filtered out), True when it has to be decoded (kept, or undecided).
+        """
+        verdict = self.range.keep_unread(kind, number, header_time)
+        if verdict is False:
+            self.stats.filtered_out += 1
+            return False
+        return True
 
     def batches(self, records: Iterable[AnyRecord]) -> Iterator[tuple[list[AnyRecord], float]]:
         """Batches in order, each with the recorded time of the next record (gap end)."""

@@ -12,7 +12,7 @@ import csv
 import heapq
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,18 @@ TX_GROUP_CACHE = 128  # recent blocks' transactions kept for other nodes' copies
 csv.field_size_limit(sys.maxsize)  # calldata of contract creations is long
 
 
+Screen = Callable[[str, int | None, Callable[[], float | None]], bool]
+
+
 class Source:
-    """A stream of records in replay order, with a progress fraction for the bar."""
+    """A stream of records in replay order, with a progress fraction for the bar.
+
+    A source that can read a record's type and height before decoding it may ask
+    `screen` (set by the replay, `Replayer.screen`) and skip decoding what it rejects.
+    """
 
     description: str = ""
+    screen: Screen | None = None
 
     def records(self) -> Iterator[AnyRecord]:
         raise NotImplementedError

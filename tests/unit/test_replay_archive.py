@@ -62,3 +62,74 @@ def test_reading_keeps_partition_order_and_merges_by_time(tmp_path: Path) -> Non
     assert order.index("r") < order.index(blocks[0].event_id)
     assert [e for e in order if e.startswith("m")] == ["m0", "m1", "m2", "m3"]
     assert invalid.count == 1 and invalid.samples[0][0].startswith("chain_id=unknown/")
+
+
+def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int]:
+    """(kept event ids, filtered out, invalid rows) of a replay of the archive at root."""
+    from replay.driver import ReplayClock, Replayer
+
+    kept: list[str] = []
+
+    class Recorder:
+        def process(self, records: list) -> list:
+            kept.extend(r.event_id for r in records)
+            return []
+
+        def tick(self) -> list:
+            return []
+
+    invalid = InvalidRows()
+    source = ArchiveSource(root, invalid)
+    replayer = Replayer(Recorder(), ReplayClock(), config, lambda f: None)
+    if screen:
+        source.screen = replayer.screen
+    stats = replayer.run(source.records())
+    return kept, stats.filtered_out, invalid.count
+
+
+def test_from_to_skips_decoding_rows_outside_and_keeps_the_same_records(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from chainwatch.schema import PeerSnapshot
+    from replay import archive
+    from replay.driver import ReplayConfig
+
+    blocks = generate(30, 3, seed=4)
+    rows = []
+    for b in blocks:
+        rows.append(archive_row("cw.blocks", 0, len(rows), "1:n", encode(b), 0))
+        peers = PeerSnapshot(chain_id=1, node="n", event_id=f"p{b.number}",
+                             observed_at=b.observed_at + 0.1, peer_count=5, detailed=False)
+        rows.append(archive_row("cw.peers", 0, len(rows), "1:n", encode(peers), 0))
+    # a reorg to height 12 recorded after block 20, and a corrupt block row at height 25
+    reorg = Reorg(chain_id=1, node="n", event_id="r", observed_at=blocks[20].observed_at + 0.2,
+                  old_head_number=12, old_head_hash="0xa", new_head_number=12,
+                  new_head_hash="0xb", common_ancestor_number=11, depth=1)
+    rows.append(archive_row("cw.blocks", 0, len(rows), "1:n", encode(reorg), 0))
+    broken = archive_row("cw.blocks", 0, len(rows), "1:n", encode(blocks[25]), 0)
+    rows.append({**broken, "payload": broken["payload"][:-40]})
+    writer = ArchiveWriter(tmp_path)
+    for row in rows:
+        writer.add(row)
+    writer.flush()
+    decoded = []
+    real_decode = archive.decode
+    monkeypatch.setattr(archive, "decode", lambda p: decoded.append(1) or real_decode(p))
+    configs = [
+        ReplayConfig(from_block=10, to_block=15),
+        ReplayConfig(to_block=22),
+        ReplayConfig(from_time=blocks[8].timestamp, to_time=blocks[14].timestamp),
+        ReplayConfig(from_block=5, to_time=blocks[27].timestamp),
+    ]
+    for config in configs:
+        decoded.clear()
+        plain = _replay(tmp_path, config, screen=False)
+        decoded_plain = len(decoded)
+        decoded.clear()
+        screened = _replay(tmp_path, config, screen=True)
+        assert screened[0] == plain[0], config  # the same records kept, in the same order
+        # each row is kept, outside the range, or invalid; rows outside are not decoded, so
+        # the corrupt one counts as outside when the range leaves it out
+        assert screened[1] + screened[2] == plain[1] + plain[2], config
+        assert screened[1] > 0 and len(decoded) == decoded_plain - screened[1], config
+        assert screened[2] == (1 if config.to_time == blocks[27].timestamp else 0), config
