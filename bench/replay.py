@@ -4,6 +4,7 @@
     python -m bench.replay run --dir .cache/bench-archive                     # replay it
     python -m bench.replay decode --dir .cache/bench-archive --limit 10000    # reading alone
     python -m bench.replay detector --blocks 3000                             # detector alone
+    python -m bench.replay model                                              # tx model's floor
 
 `make` writes a chainwatch archive (the layout of `chainwatch archive`) of mainnet-shaped
 blocks from bench/synthetic.py: 10 seeded chunks of 1,000 blocks are generated once and
@@ -21,10 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.synthetic import generate
@@ -144,6 +148,58 @@ def detector_only(blocks: int, txs_per_block: float, batch: int) -> dict[str, ob
             "findings": findings}
 
 
+def model_floor(blocks: int, txs_per_block: float, repeats: int) -> dict[str, object]:
+    """The tx model's own cost per 10M txs: scoring each tx once, and the refits.
+
+    Whatever the rest of replay costs, these two are paid at the configured schedule
+    (FamilyConfig: a refit every tx_refit_every txs on the last tx_history, each scoring
+    its training rows once for PyOD's threshold). CPU seconds count every thread; the
+    floor divides them by the cores this process may use, as if perfectly parallel.
+    """
+    from chainwatch.metrics import Metrics
+    from detector.engine import Detector, DetectorConfig
+    from detector.families import FamilyConfig
+    from replay.driver import ReplayClock
+
+    history = generate(blocks, txs_per_block, seed=1)
+    clock = ReplayClock()
+    detector = Detector(DetectorConfig(), Metrics(), clock=clock)
+    for i in range(0, len(history), 500):
+        clock.now = history[i : i + 500][-1].observed_at
+        detector.process(list(history[i : i + 500]))
+    (family,) = detector.tx.values()
+    model = family.model
+    rows = model._window()
+    batch = rows[: min(len(rows), 75_000)]
+    config = FamilyConfig()
+
+    def timed(work: Callable[[], object]) -> tuple[float, float]:
+        best = (math.inf, math.inf)
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            work()
+            best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+        return best
+
+    fit_wall, fit_cpu = timed(lambda: model.detector.fit(rows))
+    score_wall, score_cpu = timed(lambda: model.detector.score(batch))
+    per_10m = 10_000_000
+    refits = per_10m / config.tx_refit_every
+    cpu = refits * fit_cpu + per_10m / len(batch) * score_cpu
+    cores = len(os.sched_getaffinity(0))
+    return {
+        "training_rows": len(rows), "features": rows.shape[1],
+        "refit_wall_s": round(fit_wall, 3), "refit_cpu_s": round(fit_cpu, 3),
+        "score_rows": len(batch), "score_wall_s": round(score_wall, 3),
+        "score_cpu_s": round(score_cpu, 3),
+        "per_10m_refits": round(refits), "per_10m_refit_cpu_s": round(refits * fit_cpu, 1),
+        "per_10m_score_cpu_s": round(per_10m / len(batch) * score_cpu, 1),
+        "per_10m_model_cpu_s": round(cpu, 1), "cores": cores,
+        "per_10m_model_floor_wall_s": round(cpu / cores, 1),
+        "target_wall_s_at_200k_tx_s": 50,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -161,6 +217,10 @@ def main() -> None:
     d.add_argument("--blocks", type=int, default=3000)
     d.add_argument("--txs-per-block", type=float, default=150)
     d.add_argument("--batch", type=int, default=500)
+    mf = sub.add_parser("model")
+    mf.add_argument("--blocks", type=int, default=800)
+    mf.add_argument("--txs-per-block", type=float, default=150)
+    mf.add_argument("--repeats", type=int, default=3)
     for p in (dec, d):
         p.add_argument("--default-gc", action="store_true",
                        help="CPython's collector thresholds instead of replay's")
@@ -171,6 +231,8 @@ def main() -> None:
         return
     if args.mode == "run":
         figures = run(args.dir, args.warmup)
+    elif args.mode == "model":
+        figures = model_floor(args.blocks, args.txs_per_block, args.repeats)
     else:
         from replay.driver import fewer_collections
 
