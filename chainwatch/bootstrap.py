@@ -369,19 +369,19 @@ def _log_finding(finding: Finding) -> None:
 
 
 def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float = 60.0) -> str:
-    """Fit the models from JSONL archives or the Kafka topics; save them under `out`."""
+    """Fit the models from recorded history or the Kafka topics; save them under `out`.
+
+    An input is anything `chainwatch replay` reads: a JSONL file of records, a
+    `chainwatch archive` directory, ethereum-etl tables (blocks.csv + transactions.csv).
+    """
     history = History()
     if inputs:
-
-        def records():
-            for path in inputs:
-                yield from read_jsonl(path, history)
-
-        gather(records(), history)
+        gather(_history_records(settings, inputs, history), history)
     elif settings.kafka:
         gather(_read_topic_to_end(settings, timeout), history)
     else:
-        raise ConfigError("give --input FILE (JSONL records) or --kafka HOST:PORT")
+        raise ConfigError("give --input SOURCE (JSONL records, an archive or table directory, "
+                          "blocks.csv) or --kafka HOST:PORT")
     model = train_block_model(
         history, kind=settings.model_kind, contamination=settings.contamination, seed=42
     )
@@ -402,6 +402,23 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
         f"({history.first_block}..{history.last_block}; {history.records} records read, "
         f"{history.duplicates} duplicates, {len(history.invalid)} invalid skipped) -> {out}"
     )
+
+
+def _history_records(settings: Settings, inputs: list[Path], history: History):
+    """The records of each input, read by replay's sources; skipped rows into history."""
+    from replay.app import ReplayOptions, open_source
+    from replay.rows import InvalidRows
+
+    for path in inputs:
+        if path.is_file() and path.suffix in (".jsonl", ".json", ".ndjson"):
+            yield from read_jsonl(path, history)  # line numbers as `file:line`
+            continue
+        invalid = InvalidRows()
+        with open_source(str(path), settings, invalid, ReplayOptions(progress=False)) as source:
+            yield from source.records()
+        history.invalid.extend(f"{where}: {reason}" for where, reason in invalid.samples)
+        history.invalid.extend([f"{path}: (more skipped rows)"] *
+                               (invalid.count - len(invalid.samples)))
 
 
 def _read_topic_to_end(settings: Settings, timeout: float):

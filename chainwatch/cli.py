@@ -218,14 +218,16 @@ ModelKind = Annotated[
 def train(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the models to")],
     input_files: Annotated[
-        list[Path] | None, typer.Option("--input", help="JSONL file(s) of chainwatch records")
+        list[Path] | None,
+        typer.Option("--input", help="History to learn from, as `replay` reads it: JSONL "
+                     "records, an archive or ethereum-etl table directory, blocks.csv"),
     ] = None,
     kafka: Kafka = None,
     topic_prefix: TopicPrefix = None,
     model: ModelKind = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Fit the detectors' models from history (JSONL archives or the Kafka topics)."""
+    """Fit the detectors' models from history (files and archives, or the Kafka topics)."""
     from chainwatch.bootstrap import run_train
 
     settings = _settings(

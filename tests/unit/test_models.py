@@ -193,3 +193,28 @@ def test_the_deviation_cut_follows_the_training_tail():
         scored = model.score(probe)
         assert bool(scored.anomalous[0]) == (name == "quiet"), name
     assert cuts["quiet"] == 20.0 and cuts["heavy"] > 60.0
+
+
+def test_train_reads_an_archive_directory_as_it_reads_the_same_records_in_jsonl(tmp_path):
+    from bench.synthetic import generate
+    from chainwatch.bootstrap import run_train
+    from chainwatch.settings import load_settings
+    from replay.archive import ArchiveWriter, archive_row
+
+    blocks = generate(70, 30, seed=5)
+    jsonl = tmp_path / "history.jsonl"
+    jsonl.write_text("".join(encode(b).decode() + "\n" for b in blocks))
+    writer = ArchiveWriter(tmp_path / "archive")
+    for offset, b in enumerate(blocks):
+        writer.add(archive_row("chainwatch.blocks", 0, offset, "1:n", encode(b), 0))
+    writer.add(archive_row("chainwatch.blocks", 0, len(blocks), "1:n", b"{broken", 0))
+    writer.flush()
+    settings = load_settings()
+    from_jsonl = run_train(settings, [jsonl], tmp_path / "a")
+    from_archive = run_train(settings, [tmp_path / "archive"], tmp_path / "b")
+    # the same records give the same models (versions carry a digest of the training rows)
+    versions = [load_models(tmp_path / d) for d in ("a", "b")]
+    assert {f: m.version for f, m in versions[0].items()} == \
+        {f: m.version for f, m in versions[1].items()}
+    assert set(versions[1]) == {"block", "tx"}
+    assert "0 invalid skipped" in from_jsonl and "1 invalid skipped" in from_archive
