@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.soak [--minutes 10] [--tx-rate 120] [--block-time 1]
                                    [--interval 5] [--warmup-minutes 3] [--json FILE]
 
-Starts a real Kafka broker and an anvil on 127.0.0.1 (chainwatch.local), then
-`chainwatch collect` and `chainwatch detect` as processes, exactly as in production.
-anvil mines a block every --block-time seconds (mainnet: 12 s) and the harness sends
---tx-rate pending transactions a second (mainnet: 15-20) from 50 senders; each block
+Starts a real Kafka broker and an anvil on 127.0.0.1 (tests/servers.py, as the integration
+tests do), then `chainwatch collect` and `chainwatch detect` as processes, exactly as in
+production. anvil mines a block every --block-time seconds (mainnet: 12 s) and the harness
+sends --tx-rate pending transactions a second (mainnet: 15-20) from 50 senders; each block
 includes what is pending, so blocks carry ~tx-rate x block-time transactions.
 
 Every --interval seconds it samples the RSS and CPU of both processes and the detector
@@ -50,8 +50,8 @@ from typing import Any
 
 from bench.pipeline import machine_info, percentile, print_machine, print_table
 from chainwatch.local.anvil import Anvil
-from chainwatch.local.kafka import KafkaBroker
 from chainwatch.local.procs import free_port, spawn, stop_pid
+from tests.servers import running_anvil, running_kafka
 
 CHAIN = "31337"
 NODE = "soak"
@@ -283,15 +283,16 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="chainwatch-soak-"))
     prefix, group = f"soak{uuid.uuid4().hex[:6]}", f"soak-{uuid.uuid4().hex[:6]}"
     detect_port, collect_port = free_port(), free_port()
-    broker, node = KafkaBroker(num_partitions=1), Anvil()
+    servers = contextlib.ExitStack()  # closed after the processes: anvil, then Kafka
     procs: dict[str, subprocess.Popen[Any]] = {}
     traffic: Traffic | None = None
     lag: Lag | None = None
     samples: list[Sample] = []
     try:
         log(f"starting Kafka and anvil (work dir {workdir})")
-        broker.start()
-        node.start(block_time=args.block_time, extra_args=["--accounts", str(SENDERS)])
+        broker = servers.enter_context(running_kafka(num_partitions=1))
+        node = servers.enter_context(running_anvil(block_time=args.block_time,
+                                                   extra_args=["--accounts", str(SENDERS)]))
         env = {"CHAINWATCH_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}
         common = ["--kafka", broker.bootstrap, "--topic-prefix", prefix,
                   "--metrics-host", "127.0.0.1"]
@@ -367,8 +368,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             lag.close()
         for p in procs.values():
             stop_pid(p.pid)
-        node.stop()
-        broker.close()
+        servers.close()
         log(f"logs kept in {workdir}")
 
 

@@ -27,6 +27,7 @@ from chainwatch.local.procs import free_port, spawn, stop_pid
 from tests.helm.conftest import objects, one, render
 from tests.helm.test_chart import secret_data
 from tests.integration.conftest import metric, wait_until
+from tests.servers import anvil_fixture, kafka_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +36,8 @@ NODE = {"name": "anvil-1", "rpcSecretKey": "ANVIL1_RPC", "wsSecretKey": "ANVIL1_
 LABELS = {"chain_id": "31337", "node": "anvil-1"}
 
 
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(num_partitions=1)
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
-
-
-@pytest.fixture
-def anvil() -> Iterator[Anvil]:
-    node = Anvil()
-    try:
-        node.start(no_mining=True)
-        yield node
-    finally:
-        node.stop()
+kafka = kafka_fixture(scope="module", num_partitions=1)
+anvil = anvil_fixture(no_mining=True)
 
 
 class Pod:

@@ -11,35 +11,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chainwatch.local.anvil import Anvil
-from chainwatch.local.kafka import KafkaBroker
 from chainwatch.local.procs import free_port, spawn, stop_pid
+from tests.servers import anvil_fixture, kafka_fixture
 
-
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(num_partitions=3)
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
-
-
-@pytest.fixture
-def anvil() -> Iterator[Anvil]:
-    node = Anvil()
-    try:
-        node.start(no_mining=True)
-        yield node
-    finally:
-        node.stop()
+kafka = kafka_fixture(scope="session", num_partitions=3)
+anvil = anvil_fixture(no_mining=True)
 
 
 def rpc(url: str, method: str, params: list[Any]) -> Any:

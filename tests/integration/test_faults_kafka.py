@@ -33,6 +33,7 @@ from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg, decod
 from tests.integration.conftest import free_port, metric, rpc, wait_until
 from tests.integration.test_multinode import nodes_file
 from tests.integration.test_spine import LABELS, node_args
+from tests.servers import anvil_fixture, kafka_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +49,9 @@ OUTBOX_TYPES = ("pending_tx", "tx_lifecycle", "mempool_snapshot")
 # -- servers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def broker_for_faults() -> Iterator[KafkaBroker]:
-    """One broker for this module; tests kill, freeze and restart it."""
-    broker = KafkaBroker(num_partitions=1)
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.close()
+broker_for_faults = kafka_fixture(
+    scope="module", doc="One broker for this module; tests kill, freeze and restart it.",
+    num_partitions=1)
 
 
 @pytest.fixture
@@ -425,16 +420,10 @@ def canonical_head(node: Anvil) -> int:
 # -- 2. the broker stays down longer than the collector can hold --------------------------
 
 
-@pytest.fixture
-def pool() -> Iterator[Anvil]:
-    """A second node, never mined: its pending txs stay pending, so each one either reaches
-    the mempool topic or is a counted drop (no race with its own inclusion)."""
-    node = Anvil()
-    try:
-        node.start(no_mining=True, chain_id=31338)
-        yield node
-    finally:
-        node.stop()
+pool = anvil_fixture(
+    doc="A second node, never mined: its pending txs stay pending, so each one either "
+    "reaches the mempool topic or is a counted drop (no race with its own inclusion).",
+    no_mining=True, chain_id=31338)
 
 
 OUTBOX = 200  # records; the default 100k holds over an hour of mainnet pending txs
