@@ -22,9 +22,11 @@ finding when the condition starts, none while it lasts, a new one after it clear
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import polars as pl
@@ -76,6 +78,12 @@ from detector.tx_features import (
     pending_to_tx_frame,
     tx_features,
 )
+
+_HASH = operator.attrgetter("hash")
+_FROM = operator.attrgetter("from_address")
+_NONCE = operator.attrgetter("nonce")
+_SECOND = operator.itemgetter(1)
+NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,18 @@ class _Bounded(OrderedDict[str, float]):
     def put(self, key: str, value: float) -> None:
         self[key] = value
         if len(self) > self.limit:
+            self.popitem(last=False)
+
+    def put_many(self, keys: Sequence[str], value: float) -> None:
+        """`put(key, value)` for each key in order, in bulk when every key is new (the
+        usual case): then both keep the last `limit` keys of the old ones and the new."""
+        new = dict.fromkeys(keys, value)
+        if len(new) < len(keys) or not self.keys().isdisjoint(new):
+            for key in keys:  # a key put again: a put may move it or evict it first
+                self.put(key, value)
+            return
+        self.update(new)
+        for _ in range(len(self) - self.limit):
             self.popitem(last=False)
 
 
@@ -271,14 +291,32 @@ class TxFamily:
             findings.extend(self._score(frame, now))
         self.market.update(fresh, frame)
         for b in fresh:
-            for tx in b.transactions:
-                self._gone(tx.hash)
-                sender = tx.from_address.lower()
-                self.next_nonce[sender] = max(self.next_nonce.pop(sender, 0), tx.nonce + 1)
-                self._included.put(tx.hash, b.observed_at)
-            while len(self.next_nonce) > 200_000:
-                self.next_nonce.popitem(last=False)
+            self._learn_included(b)
         return findings
+
+    def _learn_included(self, block: Block) -> None:
+        """Its txs left the pool, are mined, and raise their senders' next nonce.
+
+        Each step at C speed over the block, with the state of one tx at a time (`_gone`,
+        `next_nonce[sender] = max(popped, nonce + 1)`, `_included.put`): the same keys,
+        values and order (a sender moves to the end at its last tx in the block).
+        """
+        hashes = list(map(_HASH, block.transactions))
+        for pool in (self.pending_since, self.offers):
+            if pool:
+                for tx_hash in pool.keys() & hashes:
+                    del pool[tx_hash]
+        senders = list(map(str.lower, map(_FROM, block.transactions)))
+        # sender -> its highest nonce in the block: pairs sorted by nonce, the last one wins
+        top = dict(sorted(zip(senders, map(_NONCE, block.transactions), strict=True),
+                          key=_SECOND))
+        order = list(reversed(dict.fromkeys(reversed(senders))))  # by their last tx
+        before = list(map(self.next_nonce.pop, order, repeat(0)))
+        after = map(max, before, map(operator.add, map(top.__getitem__, order), repeat(1)))
+        self.next_nonce.update(zip(order, after, strict=True))
+        while len(self.next_nonce) > NONCE_SENDERS:
+            self.next_nonce.popitem(last=False)
+        self._included.put_many(hashes, block.observed_at)
 
     def _score(self, frame: pl.DataFrame, now: float, *, learn: bool = True) -> list[Finding]:
         """Score a tx frame; included txs (learn=True) then update the stats and the model."""
