@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pyod.models.iforest import IForest
 
-from detector.models import _fit_pyod_iforest
+from detector.models import PARALLEL_MIN_ROWS, _fit_pyod_iforest, forest_score_samples
 
 
 def _data(rows: int, seed: int = 7) -> np.ndarray:
@@ -28,3 +28,9 @@ def test_one_pass_iforest_fit_is_pyods_fit_bit_for_bit():
     probe = _data(500, seed=8)
     assert np.array_equal(ours.decision_function(probe), theirs.decision_function(probe))
 
+
+def test_threaded_scoring_matches_sklearn():
+    x = _data(PARALLEL_MIN_ROWS + 1_000)
+    model = IForest(contamination=0.01, random_state=3).fit(x[:2_000])
+    assert np.array_equal(forest_score_samples(model.detector_, x),
+                          model.detector_.score_samples(x))
