@@ -8,17 +8,15 @@ import uuid
 import pytest
 
 from chainwatch.local.anvil import Anvil
-from chainwatch.local.kafka import KafkaBroker
 from tests.integration.conftest import chain_view, free_port, metric, rpc, wait_until
 from tests.integration.test_spine import LABELS, canonical_hashes, node_args
+from tests.servers import running_kafka
 
 pytestmark = pytest.mark.integration
 
 
 def test_kafka_briefly_down_loses_nothing(anvil: Anvil, chainwatch_procs, tmp_path) -> None:
-    broker = KafkaBroker(num_partitions=1)
-    try:
-        broker.start()
+    with running_kafka(num_partitions=1) as broker:  # its own: this test stops it
         prefix = f"t{uuid.uuid4().hex[:8]}"
         port, collector_port = free_port(), free_port()
         chainwatch_procs("detect", "detect", "--kafka", broker.bootstrap, "--metrics-port",
@@ -50,8 +48,6 @@ def test_kafka_briefly_down_loses_nothing(anvil: Anvil, chainwatch_procs, tmp_pa
         assert [n for n, _ in view["canonical"]] == list(range(14))
         assert dict(view["canonical"]) == canonical_hashes(anvil, 0, 13)
         assert metric(port, "chainwatch_blocks_observed_total", LABELS) == 14
-    finally:
-        broker.close()
 
 
 def test_node_restart_is_survived_and_counted(anvil: Anvil, chainwatch_procs, tmp_path) -> None:
