@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     mempool_drop_grace: float = Field(default=30.0, ge=0)  # gone from the pool this long
     # records waiting for the bus; past it new ones are dropped and counted
     mempool_max_outbox: int = Field(default=100_000, ge=1)
+    # tracked pending txs saved to the state dir at most this often (and at shutdown)
+    mempool_save_interval: float = Field(default=30.0, gt=0)
     peers: bool = True  # poll the peer set (single node; per node in --nodes)
     peer_interval: float = Field(default=15.0, gt=0)
 

@@ -10,6 +10,9 @@ The streams race each other (a pool listing can be older or newer than the last
 delivered block), so the tracker remembers the txs of recent blocks: a stale listing
 does not resurrect an included tx, and a tx must stay absent from the pool for the
 grace period before it counts as dropped.
+
+`export`/`restore` carry the tracked txs over a collector restart, so the txs that left
+the pool (or were mined) while it was down still get their fate.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from collector.mappers import hex_to_int
 _HEX = re.compile(r"0x(?:[0-9a-f]{2})*")
 _HASH_CHARS = 64
 _ADDRESS_CHARS = 40
+STATE_FORMAT = "chainwatch.mempool"  # what `export` writes, checked by `restore`
+STATE_VERSION = 1
 
 
 def _short(value: Any) -> str:
@@ -206,6 +211,7 @@ class MempoolTracker:
         self._blocks: OrderedDict[str, _BlockMemory] = OrderedDict()  # block hash -> txs
         self._included_in: dict[str, str] = {}  # tx hash -> block hash, remembered blocks
         self.included = self.replaced = self.dropped = self.requeued = self.evicted = 0
+        self.revision = 0  # bumped when the tracked set changes: an unchanged one is not saved
 
     @property
     def tracked_count(self) -> int:
@@ -332,6 +338,46 @@ class MempoolTracker:
         self.dropped += 1
         return self._lifecycle(tx, "dropped", now)
 
+    # --- restarts ----------------------------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """The tracked txs in tracking order, JSON-ready. Absence timers and remembered
+        blocks are left out: a restored tx gets the whole grace again (its block may not
+        be backfilled yet), and blocks delivered before a restart are not delivered again."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "chain_id": self.chain_id,
+            "node": self.node,
+            "pending": [tx.model_dump(mode="json") for tx in self._pending.values()],
+        }
+
+    def restore(self, data: Any, now: float) -> list[TxLifecycle]:
+        """Track the txs of an `export` again; returns the dropped records of those
+        tracked longer than `drop_after_seconds` meanwhile. Raises ValueError (one line)
+        when `data` is not an export of this chain and node, leaving the tracker as it was."""
+        if self._pending:
+            raise ValueError("mempool state: the tracker already tracks transactions")
+        if not isinstance(data, Mapping) or data.get("format") != STATE_FORMAT:
+            raise ValueError("not a chainwatch mempool state")
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"mempool state version {_short(data.get('version'))} "
+                             f"is not {STATE_VERSION}")
+        if data.get("chain_id") != self.chain_id or data.get("node") != self.node:
+            raise ValueError("mempool state of another chain or node")
+        entries = data.get("pending")
+        if not isinstance(entries, list):
+            raise ValueError("mempool state: pending is not a list")
+        try:
+            txs = [PendingTx.model_validate(entry) for entry in entries]
+        except ValidationError as exc:
+            raise ValueError(f"mempool state: invalid tx: {exc.errors()[0]['msg']}") from None
+        if any((tx.chain_id, tx.node) != (self.chain_id, self.node) for tx in txs):
+            raise ValueError("mempool state: a tx of another chain or node")
+        for tx in txs:
+            self._track(tx)
+        return self.expire(now)
+
     # --- summary -----------------------------------------------------------------------
 
     def snapshot(
@@ -362,6 +408,7 @@ class MempoolTracker:
     # --- bookkeeping -------------------------------------------------------------------
 
     def _track(self, tx: PendingTx) -> None:
+        self.revision += 1
         self._pending[tx.hash] = tx
         self._by_slot[(tx.from_address, tx.nonce)] = tx.hash
         while len(self._pending) > self.max_tracked:
@@ -371,6 +418,7 @@ class MempoolTracker:
     def _untrack(self, tx_hash: str) -> PendingTx | None:
         tx = self._pending.pop(tx_hash, None)
         if tx is not None:
+            self.revision += 1
             self._absent_since.pop(tx_hash, None)
             if self._by_slot.get((tx.from_address, tx.nonce)) == tx_hash:
                 del self._by_slot[(tx.from_address, tx.nonce)]

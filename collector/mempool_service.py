@@ -5,6 +5,12 @@ objects (WebSocket), and `txpool_content` polling (the fallback when there is no
 WebSocket or the subscription is down; also the reconciliation that finds dropped txs).
 `txpool_status` gives the pool's counts for the periodic snapshot. Inclusions, and
 re-queues after a reorg, come from the block collector of the same node.
+
+The tracked txs are saved in the state dir (`mempool-<chain>-<node>.json`) whenever the
+outbox has nothing unacknowledged, at most every `save_interval` and at a clean
+shutdown, and restored at start: a restarted collector still reports the txs that were
+dropped or mined while it was down. The saved state never runs ahead of the bus: a
+fate whose record is still queued is not in it.
 """
 
 from __future__ import annotations
@@ -19,9 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from chainwatch.bus import Bus, Topics
-from chainwatch.exceptions import MalformedRpcPayload, RpcError, RpcMethodUnsupported
+from chainwatch.exceptions import (
+    ConfigError,
+    MalformedRpcPayload,
+    RpcError,
+    RpcMethodUnsupported,
+)
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, Reorg
+from chainwatch.schema import AnyRecord, Block, Reorg, TxLifecycle
+from collector.checkpoint import FileCheckpointStore
 from collector.mempool import (
     MempoolTracker,
     map_pending_tx,
@@ -42,6 +54,8 @@ class MempoolConfig:
     drop_grace: float = 30.0  # a tx must be gone from the pool this long to count as dropped
     max_tracked: int = 50_000
     max_outbox: int = 100_000
+    save_interval: float = 30.0  # tracked txs saved at most this often (wall seconds)
+    final_flush_timeout: float = 5.0  # at shutdown, how long the bus may take the rest
 
 
 class MempoolCollector:
@@ -56,6 +70,7 @@ class MempoolCollector:
         ws_url: str | None = None,
         clock: Callable[[], float] = time.time,
         chain_ok: Callable[[], bool] | None = None,
+        state: FileCheckpointStore | None = None,
     ) -> None:
         self.rpc = rpc
         self.chain_ok = chain_ok  # the block collector is delivering (see _poll_txpool)
@@ -64,7 +79,9 @@ class MempoolCollector:
         self.config = config
         self.ws_url = ws_url
         self.clock = clock
-        self.outbox = Outbox(bus, topics.mempool, max_records=config.max_outbox)
+        self.state = state  # where the tracked txs outlive a restart; None: they do not
+        self.outbox = Outbox(bus, topics.mempool, max_records=config.max_outbox,
+                             on_idle=self._save_if_due)
         self.tracker: MempoolTracker | None = None
         self.subscription: Subscription | None = None
         self._txpool_supported = True
@@ -72,26 +89,61 @@ class MempoolCollector:
         self._wake = asyncio.Event()
         self._gap = False  # the subscription (re)started or ended: reconcile at once
         self._logged: set[str] = set()
+        self._saved_revision = -1  # the tracker revision in the state file
+        self._saved_at = -math.inf  # monotonic
+        self._saving: asyncio.Task[None] | None = None
 
     def on_chain(self, records: list[Block | Reorg]) -> None:
-        """Listener for the block collector: inclusions and re-queues."""
-        if self.tracker is not None:
-            self._queue(self.tracker.on_blocks(records, self.clock()))
+        """Listener for the block collector: inclusions and re-queues. It may start the
+        tracker: the block collector can backfill before `run` sees the chain id, and
+        those blocks hold the restored txs mined while the collector was down."""
+        tracker = self.tracker
+        if tracker is None and self.rpc.chain_id is not None:
+            tracker = self._start_tracker(self.rpc.chain_id)
+        if tracker is not None:
+            self._queue(tracker.on_blocks(records, self.clock()))
+
+    def _start_tracker(self, chain_id: int) -> MempoolTracker:
+        self.tracker = MempoolTracker(
+            chain_id,
+            self.node,
+            max_tracked=self.config.max_tracked,
+            grace_seconds=self.config.drop_grace,
+        )
+        if self.state is not None:
+            self._queue(self._restore(self.tracker))
+        return self.tracker
+
+    def _restore(self, tracker: MempoolTracker) -> list[TxLifecycle]:
+        """The txs the last run saved; an unreadable or foreign file is a counted warning
+        and a fresh start (it is overwritten at the first save), never a crash loop."""
+        assert self.state is not None
+        name = self.state.path(tracker.chain_id, self.node).name
+        try:
+            data = self.state.read(tracker.chain_id, self.node)
+            expired = tracker.restore(data, self.clock()) if data is not None else []
+        except (ConfigError, ValueError) as exc:
+            self.metrics.collector_errors.labels(self.node, "malformed").inc()
+            log.warning("mempool state ignored, starting fresh",
+                        extra={"node": self.node, "file": name, "error": str(exc)})
+            return []
+        if data is not None:
+            log.info("mempool state restored", extra={
+                "node": self.node, "file": name, "tracked": tracker.tracked_count,
+                "expired": len(expired)})
+        return expired
 
     async def run(self, stop: asyncio.Event) -> None:
         while self.rpc.chain_id is None and not stop.is_set():  # the block collector connects
             await asyncio.sleep(0.2)
         if stop.is_set():
             return
-        assert self.rpc.chain_id is not None
-        self.tracker = MempoolTracker(
-            self.rpc.chain_id,
-            self.node,
-            max_tracked=self.config.max_tracked,
-            grace_seconds=self.config.drop_grace,
-        )
+        chain_id = self.rpc.chain_id
+        assert chain_id is not None
+        if self.tracker is None:  # before the first listing: absent restored txs get dropped
+            self._start_tracker(chain_id)
+        flusher = asyncio.create_task(self.outbox.flush_forever(lambda m: self._error("bus", m)))
         tasks = [
-            asyncio.create_task(self.outbox.flush_forever(lambda m: self._error("bus", m))),
             asyncio.create_task(self._poll_loop(stop)),
             asyncio.create_task(self._drain_loop(stop)),
         ]
@@ -112,6 +164,47 @@ class MempoolCollector:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close(flusher)
+
+    async def _close(self, flusher: asyncio.Task[None]) -> None:
+        """Let the bus take what is queued (within `final_flush_timeout`), then save the
+        tracked txs if it took everything; else the last saved state stands."""
+        deadline = time.monotonic() + self.config.final_flush_timeout
+        while len(self.outbox) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        if self._saving is not None:
+            await asyncio.gather(self._saving, return_exceptions=True)
+        final = self._start_save()
+        if final is not None:
+            await asyncio.gather(final, return_exceptions=True)
+
+    def _save_if_due(self) -> None:
+        """The outbox's idle hook (and each poll round): save at most every save_interval."""
+        if time.monotonic() - self._saved_at >= self.config.save_interval:
+            self._start_save()
+
+    def _start_save(self) -> asyncio.Task[None] | None:
+        """Export now, if the tracked set changed and nothing queued is unacknowledged
+        (so no fate in the export is still waiting for the bus); write it in a thread."""
+        tracker = self.tracker
+        if (self.state is None or tracker is None or len(self.outbox)
+                or tracker.revision == self._saved_revision
+                or (self._saving is not None and not self._saving.done())):
+            return None
+        data = tracker.export()
+        self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
+        self._saving = asyncio.get_running_loop().create_task(self._write(tracker.chain_id, data))
+        return self._saving
+
+    async def _write(self, chain_id: int, data: dict[str, Any]) -> None:
+        assert self.state is not None
+        try:
+            await asyncio.to_thread(self.state.save, chain_id, self.node, data)
+        except Exception as exc:  # disk full, state dir gone: counted, retried at the next save
+            self._saved_revision = -1
+            self._error("internal", f"cannot save the mempool state: {exc}")
 
     def _on_gap(self) -> None:
         """Txs announced while no subscription was live (or before this one was set up)
@@ -145,11 +238,12 @@ class MempoolCollector:
                 self._error("malformed", str(exc))
             except Exception as exc:  # one tx nothing foresaw: a counted skip, not a dead task
                 self._error("internal", repr(exc), exc_info=exc)
-        await self.outbox.put(out)
+        self.outbox.put_nowait(out)
 
     def _queue(self, records: list[AnyRecord]) -> None:
-        if records:
-            asyncio.get_running_loop().create_task(self.outbox.put(records))
+        # at once, not in a task: a save in between would see the tracker's change with
+        # its record not yet queued, and run ahead of the bus
+        self.outbox.put_nowait(records)
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
         # intervals on the service's clock, like drop_grace: a session clock that runs
@@ -180,6 +274,7 @@ class MempoolCollector:
                 # this task ending would stop pending-tx polling and drop detection for
                 # good, with no sign: count it and poll again
                 self._error("internal", repr(exc), exc_info=exc)
+            self._save_if_due()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.poll_interval)
@@ -209,7 +304,7 @@ class MempoolCollector:
                 self._txpool_supported = False
         now = self.clock()
         self._queue(self.tracker.expire(now))
-        await self.outbox.put([self.tracker.snapshot(now, pending, queued, source)])
+        self.outbox.put_nowait([self.tracker.snapshot(now, pending, queued, source)])
 
     def _error(self, kind: str, message: str, exc_info: BaseException | None = None) -> None:
         self.metrics.collector_errors.labels(self.node, kind).inc()

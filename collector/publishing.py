@@ -8,6 +8,10 @@ fill, new records are dropped and each drop is reported through `on_drop` (a cou
 without a count. Waiting instead (back-pressure) does not bound anything here, because
 a node's subscription keeps pushing and the notifications would pile up unbounded
 in front of the outbox.
+
+`on_idle` is called, synchronously, each time a flush leaves nothing unacknowledged:
+the moment when state derived from the queued records (the mempool tracker's) may be
+checkpointed without running ahead of the bus.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Outbox:
         *,
         max_records: int = 100_000,
         on_drop: Callable[[AnyRecord, str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
@@ -48,6 +53,7 @@ class Outbox:
         self.topic = topic
         self.max_records = max_records
         self.on_drop = on_drop  # (record, reason) for each record refused
+        self.on_idle = on_idle  # everything queued so far is acknowledged
         self.dropped = 0
         self._queue: deque[AnyRecord] = deque()
         self._ready = asyncio.Event()
@@ -58,6 +64,10 @@ class Outbox:
 
     async def put(self, records: list[AnyRecord]) -> None:
         """Queue records; never waits. Past the bound, each record is dropped and counted."""
+        self.put_nowait(records)
+
+    def put_nowait(self, records: list[AnyRecord]) -> None:
+        """`put` for synchronous callers: the records are queued before it returns."""
         for record in records:
             if len(self._queue) >= self.max_records:
                 self._drop(record)
@@ -101,3 +111,5 @@ class Outbox:
                          extra={"topic": self.topic, "dropped_so_far": self.dropped})
             if not self._queue:
                 self._ready.clear()
+                if self.on_idle is not None:
+                    self.on_idle()

@@ -1,0 +1,104 @@
+"""A restarted collector resumes following the pending txs it had announced (real anvil,
+real Kafka): the ones dropped or mined while it was down still get their fate."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chainwatch.local.anvil import Anvil
+from chainwatch.local.kafka import KafkaBroker
+from chainwatch.schema import AnyRecord, PendingTx, TxLifecycle, decode
+from tests.integration.conftest import free_port, rpc, wait_until
+from tests.integration.test_mempool_peers import send
+from tests.integration.test_spine import node_args
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "CHAINWATCH_MEMPOOL_POLL_INTERVAL": "0.5",
+    "CHAINWATCH_MEMPOOL_SNAPSHOT_INTERVAL": "1",
+    "CHAINWATCH_MEMPOOL_RECONCILE_INTERVAL": "1",
+    "CHAINWATCH_MEMPOOL_DROP_GRACE": "2",  # > 0: the backfill of the mined tx comes first
+    "CHAINWATCH_MEMPOOL_SAVE_INTERVAL": "1",
+}
+
+
+def read_until(kafka: KafkaBroker, topic: str, done: Callable[[list[AnyRecord]], bool],
+               what: str, timeout: float = 40) -> list[AnyRecord]:
+    """The topic's records from offset 0, read until `done` holds for them."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=[kafka.bootstrap],
+                             auto_offset_reset="earliest", group_id=f"reader-{uuid.uuid4().hex}",
+                             session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    got: list[AnyRecord] = []
+    try:
+        def check() -> bool:
+            for messages in consumer.poll(timeout_ms=500).values():
+                got.extend(decode(m.value) for m in messages)
+            return done(got)
+
+        wait_until(check, timeout, what)
+    finally:
+        consumer.close()
+    return got
+
+
+def pending_hashes(records: list[AnyRecord]) -> set[str]:
+    return {r.hash for r in records if isinstance(r, PendingTx)}
+
+
+def fates(records: list[AnyRecord]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in records:
+        if isinstance(r, TxLifecycle):
+            out.setdefault(r.hash, []).append(r.fate)
+    return out
+
+
+def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_down(
+    anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path: Path
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
+            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
+    topic = f"{prefix}.mempool"
+    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
+    a, b = rpc(anvil.http_url, "eth_accounts", [])[:2]
+    doomed, mined = send(anvil, a, 0, tip_gwei=1), send(anvil, b, 0, tip_gwei=1)
+    read_until(kafka, topic, lambda rs: {doomed, mined} <= pending_hashes(rs),
+               "both txs published as pending")
+
+    first.stop()  # SIGTERM: the last records are flushed, then the tracked txs saved
+    assert first.proc is not None and first.proc.returncode == 0, first.output()[-2000:]
+    path = state / "mempool-31337-anvil1.json"
+    text = path.read_text()
+    assert {t["hash"] for t in json.loads(text)["pending"]} == {doomed, mined}
+    assert anvil.http_url not in text and anvil.ws_url not in text
+
+    # while the collector is down: one tx leaves the pool unmined, the other is mined
+    rpc(anvil.http_url, "anvil_dropTransaction", [doomed])
+    rpc(anvil.http_url, "evm_mine", [])
+    block = rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])
+    assert block["transactions"] == [mined]
+
+    second = chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    records = read_until(kafka, topic, lambda rs: doomed in fates(rs) and mined in fates(rs),
+                         "the fates of both txs after the restart")
+    assert fates(records) == {doomed: ["dropped"], mined: ["included"]}
+    [included] = [r for r in records if isinstance(r, TxLifecycle) and r.hash == mined]
+    assert (included.block_number, included.block_hash) == (1, block["hash"])
+    assert included.inclusion_delay_seconds is not None and included.inclusion_delay_seconds > 0
+    assert sum(isinstance(r, PendingTx) for r in records) == 2, "nothing announced twice"
+
+    wait_until(lambda: json.loads(path.read_text())["pending"] == [], 10,
+               "the saved state to follow the acknowledged fates")
+    second.stop()
+    assert "mempool state restored" in second.output()

@@ -1,0 +1,309 @@
+"""The tracked pending txs outlive a collector restart, and their saved state never runs
+ahead of what the bus acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chainwatch.bus import Bus, Consumer, EmbeddedBus, Topics
+from chainwatch.exceptions import BusError, ConfigError
+from chainwatch.metrics import Metrics
+from chainwatch.schema import decode
+from collector.checkpoint import FileCheckpointStore
+from collector.mempool import MempoolTracker
+from collector.mempool_service import MempoolCollector, MempoolConfig
+from tests.unit.test_mempool import GENESIS, block, fates, pending, raw_tx, tracking
+
+SENDER_B = "0x" + "cc" * 20
+
+
+def roundtrip(tracker: MempoolTracker) -> dict[str, Any]:
+    return json.loads(json.dumps(tracker.export()))  # as the state file holds it
+
+
+# --- the tracker: export / restore --------------------------------------------------------
+
+
+def test_a_restored_tracker_follows_its_txs_to_inclusion_and_to_a_drop():
+    mined, lost = pending(0, at=100.0), pending(1, at=101.0)
+    before = tracking(mined, lost, grace_seconds=30)
+    after = MempoolTracker(1, "n", grace_seconds=30)
+    assert after.restore(roundtrip(before), now=500.0) == []
+    assert after.export() == before.export(), "same txs, same tracking order"
+    assert after.on_pending(lost) == [], "a restored tx is not announced again"
+
+    [included] = after.on_blocks([block(1, GENESIS, mined, observed_at=510.0)], now=510.0)
+    assert (included.fate, included.hash) == ("included", mined.hash)
+    assert included.inclusion_delay_seconds == 410.0  # from the first sighting, before restart
+    assert after.on_pool_contents(set(), now=520.0) == []  # the grace starts again
+    assert fates(after.on_pool_contents(set(), now=550.0)) == [("dropped", lost.hash)]
+    assert after.tracked_count == 0
+
+
+def test_restored_txs_older_than_drop_after_are_expired_with_their_dropped_records():
+    old, young = pending(0, at=100.0), pending(1, at=3000.0)
+    after = MempoolTracker(1, "n", drop_after_seconds=3600)
+    expired = after.restore(roundtrip(tracking(old, young)), now=4000.0)
+    assert fates(expired) == [("dropped", old.hash)]
+    assert [t["hash"] for t in after.export()["pending"]] == [young.hash]
+
+
+def test_a_restore_beyond_max_tracked_keeps_the_newest_and_counts_evictions():
+    txs = [pending(i, at=float(i)) for i in range(5)]
+    after = MempoolTracker(1, "n", max_tracked=3)
+    after.restore(roundtrip(tracking(*txs)), now=10.0)
+    assert [t["hash"] for t in after.export()["pending"]] == [t.hash for t in txs[2:]]
+    assert after.evicted == 2
+
+
+def _foreign(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    data = roundtrip(tracking(pending(0)))
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ([1, 2], "not a chainwatch mempool state"),
+        ({"refs": []}, "not a chainwatch mempool state"),  # a block checkpoint
+        (_foreign(lambda d: d.update(version=2)), "version 2"),
+        (_foreign(lambda d: d.update(chain_id=5)), "another chain or node"),
+        (_foreign(lambda d: d.update(node="other")), "another chain or node"),
+        (_foreign(lambda d: d.update(pending={})), "pending is not a list"),
+        (_foreign(lambda d: d["pending"][0].pop("hash")), "invalid tx"),
+        (_foreign(lambda d: d["pending"][0].update(node="other")), "a tx of another"),
+    ],
+)
+def test_a_foreign_state_is_refused_in_one_line_and_the_tracker_stays_empty(data, why):
+    tracker = MempoolTracker(1, "n")
+    with pytest.raises(ValueError, match=why) as caught:
+        tracker.restore(data, now=10.0)
+    assert "\n" not in str(caught.value)
+    assert tracker.tracked_count == 0
+
+
+# --- the collector: where and when the state is saved ------------------------------------
+
+
+class Pool:
+    """A node's txpool: txpool_content lists `txs`."""
+
+    node = "n"
+    chain_id = 1
+
+    def __init__(self, *txs: dict[str, Any]) -> None:
+        self.txs = list(txs)
+
+    async def call(self, method: str, params: list[Any]) -> Any:
+        if method == "txpool_status":
+            return {"pending": hex(len(self.txs)), "queued": "0x0"}
+        by_sender: dict[str, dict[str, Any]] = {}
+        for tx in self.txs:
+            by_sender.setdefault(tx["from"], {})[str(int(tx["nonce"], 16))] = tx
+        return {"pending": by_sender, "queued": {}}
+
+
+class HeldBus(Bus):
+    """A broker that refuses every flush while `down`; what it acknowledged is kept."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self._unacked: list[bytes] = []
+        self.acked: list[bytes] = []
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> None:
+        self._unacked.append(value)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        unacked, self._unacked = self._unacked, []
+        if self.down:
+            raise BusError("broker unavailable")
+        self.acked.extend(unacked)
+
+    def consumer(self, topics: list[str], group: str) -> Consumer:
+        raise NotImplementedError
+
+
+FAST = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
+                     save_interval=0.05, final_flush_timeout=0.3)
+
+
+def collector(rpc: Pool, bus: Bus, state_dir: Path, config: MempoolConfig = FAST,
+              metrics: Metrics | None = None) -> MempoolCollector:
+    return MempoolCollector(rpc, bus, Topics(), metrics or Metrics(), config,  # type: ignore[arg-type]
+                            state=FileCheckpointStore(state_dir, prefix="mempool"))
+
+
+def saved(state_dir: Path) -> list[str] | None:
+    """The hashes in the state file; None while there is none (or not one of ours)."""
+    try:
+        data = FileCheckpointStore(state_dir, prefix="mempool").read(1, "n")
+        return [t["hash"] for t in data["pending"]]  # type: ignore[index]
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_the_saved_state_never_holds_a_fate_still_waiting_for_the_bus(tmp_path: Path):
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    a, b = tx_a["hash"], tx_b["hash"]
+    rpc, bus = Pool(tx_a), HeldBus()
+    mempool = collector(rpc, bus, tmp_path)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: saved(tmp_path) == [a], "A saved once its pending record is acked")
+
+        bus.down = True  # nothing is acknowledged from here on
+        rpc.txs = [tx_b]  # B announced, A mined
+        mined = pending(0, at=1.0)
+        assert mined.hash == a
+        mempool.on_chain([block(1, GENESIS, mined)])
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 1
+                    and mempool.tracker.export()["pending"][0]["hash"] == b, "B tracked")
+        await asyncio.sleep(0.5)  # ten save intervals, dozens of failed flushes
+        assert saved(tmp_path) == [a], "A's inclusion and B's announcement are not acked yet"
+        assert len(mempool.outbox) > 0
+
+        bus.down = False
+        await until(lambda: saved(tmp_path) == [b], "the state once the bus took the records")
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    records = [decode(v) for v in bus.acked]
+    assert ("included", a) in fates(records)
+
+
+def test_a_shutdown_with_the_bus_down_keeps_the_last_acknowledged_state(tmp_path: Path):
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    rpc, bus = Pool(tx_a), HeldBus()
+    mempool = collector(rpc, bus, tmp_path)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: saved(tmp_path) == [tx_a["hash"]], "A saved")
+        bus.down = True
+        rpc.txs.append(tx_b)
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "B tracked")
+        stop.set()
+        await task  # the final flush fails: no final save
+
+    asyncio.run(main())
+    assert saved(tmp_path) == [tx_a["hash"]]
+
+
+def test_a_clean_shutdown_saves_what_the_bus_took_since_the_last_save(tmp_path: Path):
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    rpc = Pool(tx_a)
+    slow = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
+                         save_interval=3600)
+    mempool = collector(rpc, EmbeddedBus(), tmp_path, slow)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: saved(tmp_path) == [tx_a["hash"]], "the first save")
+        rpc.txs.append(tx_b)
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "B tracked")
+        assert saved(tmp_path) == [tx_a["hash"]], "not due before an hour"
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert saved(tmp_path) == [tx_a["hash"], tx_b["hash"]]
+
+
+def test_a_restarted_collector_reports_the_txs_mined_or_dropped_while_it_was_down(
+    tmp_path: Path,
+):
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    a, b = tx_a["hash"], tx_b["hash"]
+    config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
+                           drop_grace=0.2)
+
+    async def first_run() -> None:
+        stop = asyncio.Event()
+        mempool = collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config)
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "A and B")
+        stop.set()
+        await task
+
+    asyncio.run(first_run())
+    assert saved(tmp_path) == [a, b]
+
+    # down meanwhile: A was mined, B left the pool
+    bus = EmbeddedBus()
+    consumer = bus.consumer([Topics().mempool], "test")
+    mempool = collector(Pool(), bus, tmp_path, config)
+
+    async def second_run() -> None:
+        # the block collector backfills before the mempool collector's run sees the chain
+        mempool.on_chain([block(1, GENESIS, pending(0, at=1.0))])
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 0, "B dropped")
+        stop.set()
+        await task
+
+    asyncio.run(second_run())
+    records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
+    assert sorted(fates(records)) == [("dropped", b), ("included", a)]
+    assert not any(r.type == "pending_tx" for r in records), "nothing announced twice"
+    assert saved(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"refs": []}', '{"pending": 1}',
+                                     '{"format": "chainwatch.mempool", "version": 99}'])
+def test_an_unreadable_state_file_is_a_fresh_start_with_one_warning_and_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str
+):
+    (tmp_path / "mempool-1-n.json").write_text(content)
+    metrics = Metrics()
+    tx_a = raw_tx(0)
+    mempool = collector(Pool(tx_a), EmbeddedBus(), tmp_path, metrics=metrics)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: saved(tmp_path) == [tx_a["hash"]], "a fresh state saved")
+        stop.set()
+        await task
+
+    with caplog.at_level(logging.WARNING, logger="chainwatch.collector.mempool"):
+        asyncio.run(main())
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["mempool state ignored, starting fresh"]
+    assert "\n" not in warnings[0].error  # type: ignore[attr-defined]
+    assert metrics.registry.get_sample_value(
+        "chainwatch_collector_errors_total", {"node": "n", "kind": "malformed"}) == 1
+
+
+def test_the_state_file_is_per_chain_and_node_with_a_safe_name(tmp_path: Path):
+    store = FileCheckpointStore(tmp_path, prefix="mempool")
+    assert store.path(1, "eu/geth:1").name == "mempool-1-eu_geth_1.json"
+    tracker = tracking(pending(0))
+    store.save(1, "n", tracker.export())
+    assert store.read(1, "n") == roundtrip(tracker)
+    assert store.read(2, "n") is None
+    assert not list(tmp_path.glob(".ckpt-*")), "no temporary file left"
+
