@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chainwatch.bus import Bus, Consumer
+from chainwatch.exceptions import BusError
 from chainwatch.schema import Block, make_event_id
 
 
@@ -77,3 +79,24 @@ class FakeChain:
 
     async def block_by_hash(self, block_hash: str) -> Block | None:
         return self.by_hash.get(block_hash)
+
+
+class FlakyBus(Bus):
+    """A broker that refuses every flush while `down`; what it acknowledged is kept."""
+
+    def __init__(self, *, down: bool = False) -> None:
+        self.down = down
+        self._unacked: list[bytes] = []
+        self.acked: list[bytes] = []
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> None:
+        self._unacked.append(value)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        unacked, self._unacked = self._unacked, []
+        if self.down:
+            raise BusError("broker unavailable")
+        self.acked.extend(unacked)
+
+    def consumer(self, topics: list[str], group: str) -> Consumer:
+        raise NotImplementedError

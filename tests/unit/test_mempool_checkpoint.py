@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from chainwatch.bus import Bus, Consumer, EmbeddedBus, Topics
-from chainwatch.exceptions import BusError, ConfigError
+from chainwatch.bus import Bus, EmbeddedBus, Topics
+from chainwatch.exceptions import ConfigError
 from chainwatch.metrics import Metrics
 from chainwatch.schema import decode
 from collector.checkpoint import FileCheckpointStore
 from collector.mempool import MempoolTracker
 from collector.mempool_service import MempoolCollector, MempoolConfig
+from tests.fakes import FlakyBus
 from tests.unit.test_mempool import GENESIS, block, fates, pending, raw_tx, tracking
 
 SENDER_B = "0x" + "cc" * 20
@@ -111,27 +112,6 @@ class Pool:
         return {"pending": by_sender, "queued": {}}
 
 
-class HeldBus(Bus):
-    """A broker that refuses every flush while `down`; what it acknowledged is kept."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self._unacked: list[bytes] = []
-        self.acked: list[bytes] = []
-
-    def publish(self, topic: str, key: str | None, value: bytes) -> None:
-        self._unacked.append(value)
-
-    def flush(self, timeout: float = 30.0) -> None:
-        unacked, self._unacked = self._unacked, []
-        if self.down:
-            raise BusError("broker unavailable")
-        self.acked.extend(unacked)
-
-    def consumer(self, topics: list[str], group: str) -> Consumer:
-        raise NotImplementedError
-
-
 FAST = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
                      save_interval=0.05, final_flush_timeout=0.3)
 
@@ -163,7 +143,7 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> No
 def test_the_saved_state_never_holds_a_fate_still_waiting_for_the_bus(tmp_path: Path):
     tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
     a, b = tx_a["hash"], tx_b["hash"]
-    rpc, bus = Pool(tx_a), HeldBus()
+    rpc, bus = Pool(tx_a), FlakyBus()
     mempool = collector(rpc, bus, tmp_path)
 
     async def main() -> None:
@@ -194,7 +174,7 @@ def test_the_saved_state_never_holds_a_fate_still_waiting_for_the_bus(tmp_path: 
 
 def test_a_shutdown_with_the_bus_down_keeps_the_last_acknowledged_state(tmp_path: Path):
     tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
-    rpc, bus = Pool(tx_a), HeldBus()
+    rpc, bus = Pool(tx_a), FlakyBus()
     mempool = collector(rpc, bus, tmp_path)
 
     async def main() -> None:

@@ -5,32 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from chainwatch.bootstrap import _count_drop
-from chainwatch.bus import Bus, Consumer
-from chainwatch.exceptions import BusError
 from chainwatch.metrics import Metrics
 from chainwatch.schema import AnyRecord, PendingTx, decode
 from collector.publishing import OUTBOX_FULL, Outbox
-
-
-class DownThenUpBus(Bus):
-    """A broker that refuses every flush while `down`; acknowledged messages are kept."""
-
-    def __init__(self) -> None:
-        self.down = True
-        self._pending: list[bytes] = []
-        self.acked: list[bytes] = []
-
-    def publish(self, topic: str, key: str | None, value: bytes) -> None:
-        self._pending.append(value)
-
-    def flush(self, timeout: float = 30.0) -> None:
-        pending, self._pending = self._pending, []
-        if self.down:
-            raise BusError("broker unavailable")
-        self.acked.extend(pending)
-
-    def consumer(self, topics: list[str], group: str) -> Consumer:
-        raise NotImplementedError
+from tests.fakes import FlakyBus
 
 
 def pending_tx(i: int) -> PendingTx:
@@ -42,7 +20,7 @@ def pending_tx(i: int) -> PendingTx:
 
 
 def test_a_full_outbox_drops_new_records_counts_each_and_never_blocks() -> None:
-    bus = DownThenUpBus()
+    bus = FlakyBus(down=True)
     drops: list[tuple[str, str]] = []
     outbox = Outbox(bus, "t.mempool", max_records=50,
                     on_drop=lambda r, why: drops.append((r.event_id, why)))
