@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -184,6 +184,19 @@ class _BlockMemory:
     seen: list[PendingTx] = field(default_factory=list)
 
 
+def state_document(chain_id: int, node: str, txs: Sequence[PendingTx]) -> dict[str, Any]:
+    """What `MempoolTracker.restore` reads. Absence timers and remembered blocks are left
+    out: a restored tx gets the whole grace again (its block may not be backfilled yet),
+    and blocks delivered before a restart are not delivered again."""
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "chain_id": chain_id,
+        "node": node,
+        "pending": [tx.model_dump(mode="json") for tx in txs],
+    }
+
+
 class MempoolTracker:
     """Follows pending txs to their fate. Each method returns the records to publish."""
 
@@ -340,17 +353,13 @@ class MempoolTracker:
 
     # --- restarts ----------------------------------------------------------------------
 
+    def tracked(self) -> tuple[PendingTx, ...]:
+        """The tracked txs in tracking order (immutable records: safe to export later)."""
+        return tuple(self._pending.values())
+
     def export(self) -> dict[str, Any]:
-        """The tracked txs in tracking order, JSON-ready. Absence timers and remembered
-        blocks are left out: a restored tx gets the whole grace again (its block may not
-        be backfilled yet), and blocks delivered before a restart are not delivered again."""
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "chain_id": self.chain_id,
-            "node": self.node,
-            "pending": [tx.model_dump(mode="json") for tx in self._pending.values()],
-        }
+        """The tracked txs in tracking order, JSON-ready (see `state_document`)."""
+        return state_document(self.chain_id, self.node, self.tracked())
 
     def restore(self, data: Any, now: float) -> list[TxLifecycle]:
         """Track the txs of an `export` again; returns the dropped records of those

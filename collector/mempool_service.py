@@ -32,13 +32,14 @@ from chainwatch.exceptions import (
     RpcMethodUnsupported,
 )
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, Reorg, TxLifecycle
+from chainwatch.schema import AnyRecord, Block, PendingTx, Reorg, TxLifecycle
 from collector.checkpoint import FileCheckpointStore
 from collector.mempool import (
     MempoolTracker,
     map_pending_tx,
     parse_txpool_content,
     parse_txpool_status,
+    state_document,
 )
 from collector.publishing import Outbox
 from collector.rpc import NodeRpc, Subscription
@@ -193,15 +194,21 @@ class MempoolCollector:
                 or tracker.revision == self._saved_revision
                 or (self._saving is not None and not self._saving.done())):
             return None
-        data = tracker.export()
+        txs = tracker.tracked()  # the state now; encoded and written in a thread
         self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
-        self._saving = asyncio.get_running_loop().create_task(self._write(tracker.chain_id, data))
+        self._saving = asyncio.get_running_loop().create_task(self._write(tracker.chain_id, txs))
         return self._saving
 
-    async def _write(self, chain_id: int, data: dict[str, Any]) -> None:
-        assert self.state is not None
+    async def _write(self, chain_id: int, txs: tuple[PendingTx, ...]) -> None:
+        """Encode and save off the event loop (~0.15 s for 50k txs)."""
+        store = self.state
+        assert store is not None
+
+        def save() -> None:
+            store.save(chain_id, self.node, state_document(chain_id, self.node, txs))
+
         try:
-            await asyncio.to_thread(self.state.save, chain_id, self.node, data)
+            await asyncio.to_thread(save)
         except Exception as exc:  # disk full, state dir gone: counted, retried at the next save
             self._saved_revision = -1
             self._error("internal", f"cannot save the mempool state: {exc}")
