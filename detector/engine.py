@@ -483,7 +483,7 @@ class Detector:
             if scored is not None:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
                 self._export_scores(chain_id, "block", scored)
-                far = np.abs(model.detector.robust_z(x)).max(axis=1) >= c.block_min_deviation
+                far = scored.max_z >= c.block_min_deviation
                 for j, i in enumerate(idx):
                     block = blocks[i]
                     score = float(scored.scores[j])

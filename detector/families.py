@@ -338,8 +338,8 @@ class TxFamily:
             if learn:
                 self.last_scored = scored
             self.scored_rows += len(x)
-            z = np.abs(self.model.detector.robust_z(x)).max(axis=1)
-            flagged = np.flatnonzero(scored.anomalous & (z >= self.model.detector.z_cut))
+            far = scored.max_z >= self.model.detector.z_cut
+            flagged = np.flatnonzero(scored.anomalous & far)
             if len(flagged):
                 rows = frame.filter(pl.Series(ok))
                 findings = self._findings(rows, x, scored, flagged, now)

@@ -185,6 +185,7 @@ class Scored:
     scores: np.ndarray  # normalised to [0, 1]
     anomalous: np.ndarray  # bool
     threshold: float  # normalised threshold
+    max_z: np.ndarray  # each row's largest |robust z| over the features (the range guard's)
 
 
 class AnomalyDetector:
@@ -322,7 +323,7 @@ class AnomalyDetector:
         beyond = max_z > cut
         guard = threshold + (1.0 - threshold) * (1.0 - cut / np.maximum(max_z, 1e-12))
         scores = np.where(beyond, np.maximum(scores, guard), scores)
-        return Scored(scores, (raw > self._estimator.threshold_) | beyond, threshold)
+        return Scored(scores, (raw > self._estimator.threshold_) | beyond, threshold, max_z)
 
     def explain(self, row: np.ndarray, top: int = 3) -> tuple[FeatureDeviation, ...]:
         z = self.robust_z(row)
