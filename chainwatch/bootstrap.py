@@ -410,7 +410,7 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
     return (
         f"trained {model.version} on {model.trained_rows} blocks{tx_note} "
         f"({history.first_block}..{history.last_block}; {history.records} records read, "
-        f"{history.duplicates} duplicates, {len(history.invalid)} invalid skipped) -> {out}"
+        f"{history.duplicates} duplicates, {history.invalid_count} invalid skipped) -> {out}"
     )
 
 
@@ -427,8 +427,7 @@ def _history_records(settings: Settings, inputs: list[Path], history: History):
         with open_source(str(path), settings, invalid, ReplayOptions(progress=False)) as source:
             yield from source.records()
         history.invalid.extend(f"{where}: {reason}" for where, reason in invalid.samples)
-        history.invalid.extend([f"{path}: (more skipped rows)"] *
-                               (invalid.count - len(invalid.samples)))
+        history.invalid_unlisted += invalid.count - len(invalid.samples)
 
 
 def _read_topic_to_end(settings: Settings, timeout: float):

@@ -1153,7 +1153,7 @@ def evaluate_recording(directory: Path) -> tuple[Evaluation, dict[str, Any]]:
     if session_path.is_file():
         with contextlib.suppress(ValueError):
             session = json.loads(session_path.read_text())
-    session["invalid_lines"] = len(history.invalid)
+    session["invalid_lines"] = history.invalid_count
     return evaluate(run, labels), session
 
 

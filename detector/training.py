@@ -42,7 +42,8 @@ class History:
     block_rows: list[dict[str, object]] = field(default_factory=list)
     records: int = 0
     duplicates: int = 0
-    invalid: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # where and why, of each kept sample
+    invalid_unlisted: int = 0  # skipped beyond a source's sample (counted, not listed)
     first_block: int | None = None
     last_block: int | None = None
     first_time: float | None = None
@@ -50,6 +51,10 @@ class History:
     # per chain, the live transaction pipeline with a model that never fits: it computes
     # features exactly as `detect` will (score-then-learn order) and keeps the rows
     tx: dict[int, TxFamily] = field(default_factory=dict)
+
+    @property
+    def invalid_count(self) -> int:
+        return len(self.invalid) + self.invalid_unlisted
 
     def tx_matrix(self) -> np.ndarray:
         rows = [row for family in self.tx.values() for row in family.model.history]

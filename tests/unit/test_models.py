@@ -207,7 +207,8 @@ def test_train_reads_an_archive_directory_as_it_reads_the_same_records_in_jsonl(
     writer = ArchiveWriter(tmp_path / "archive")
     for offset, b in enumerate(blocks):
         writer.add(archive_row("chainwatch.blocks", 0, offset, "1:n", encode(b), 0))
-    writer.add(archive_row("chainwatch.blocks", 0, len(blocks), "1:n", b"{broken", 0))
+    for offset in range(len(blocks), len(blocks) + 1_002):  # more than one sample holds
+        writer.add(archive_row("chainwatch.blocks", 0, offset, "1:n", b"{broken", 0))
     writer.flush()
     settings = load_settings()
     from_jsonl = run_train(settings, [jsonl], tmp_path / "a")
@@ -217,4 +218,4 @@ def test_train_reads_an_archive_directory_as_it_reads_the_same_records_in_jsonl(
     assert {f: m.version for f, m in versions[0].items()} == \
         {f: m.version for f, m in versions[1].items()}
     assert set(versions[1]) == {"block", "tx"}
-    assert "0 invalid skipped" in from_jsonl and "1 invalid skipped" in from_archive
+    assert "0 invalid skipped" in from_jsonl and "1002 invalid skipped" in from_archive
