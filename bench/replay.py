@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.synthetic import generate
 from chainwatch.schema import Block, encode
@@ -126,6 +127,17 @@ def decode_only(directory: Path, limit: int) -> dict[str, object]:
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
+def _feed(detector: Any, clock: Any, history: list[Block], batch: int) -> int:
+    """Blocks to the detector in batches on their recorded clock, as replay does; findings."""
+    findings = 0
+    for i in range(0, len(history), batch):
+        part = history[i : i + batch]
+        clock.now = part[-1].observed_at
+        findings += len(detector.process(list(part)))
+        findings += len(detector.tick())
+    return findings
+
+
 def detector_only(blocks: int, txs_per_block: float, batch: int) -> dict[str, object]:
     from chainwatch.metrics import Metrics
     from detector.engine import Detector, DetectorConfig
@@ -135,12 +147,7 @@ def detector_only(blocks: int, txs_per_block: float, batch: int) -> dict[str, ob
     clock = ReplayClock()
     detector = Detector(DetectorConfig(), Metrics(), clock=clock)
     started = time.perf_counter()
-    findings = 0
-    for i in range(0, len(history), batch):
-        part = history[i : i + batch]
-        clock.now = part[-1].observed_at
-        findings += len(detector.process(list(part)))
-        findings += len(detector.tick())
+    findings = _feed(detector, clock, history, batch)
     wall = time.perf_counter() - started
     txs = sum(b.tx_count for b in history)
     return {"blocks": blocks, "txs": txs, "batch": batch, "wall_s": round(wall, 2),
@@ -161,15 +168,14 @@ def model_floor(blocks: int, txs_per_block: float, repeats: int) -> dict[str, ob
     from detector.families import FamilyConfig
     from replay.driver import ReplayClock
 
-    history = generate(blocks, txs_per_block, seed=1)
     clock = ReplayClock()
     detector = Detector(DetectorConfig(), Metrics(), clock=clock)
-    for i in range(0, len(history), 500):
-        clock.now = history[i : i + 500][-1].observed_at
-        detector.process(list(history[i : i + 500]))
+    _feed(detector, clock, generate(blocks, txs_per_block, seed=1), 500)
     (family,) = detector.tx.values()
     model = family.model
     rows = model._window()
+    if not len(rows):  # the first batch only warms the fee market up
+        raise SystemExit(f"model: no training rows after {blocks} blocks: give --blocks 800+")
     batch = rows[: min(len(rows), 75_000)]
     config = FamilyConfig()
 
