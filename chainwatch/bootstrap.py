@@ -32,7 +32,6 @@ from collector.peer_service import PeerCollector
 from collector.rpc import NodeRpc, check_url
 from collector.service import BlockCollector, CollectorConfig
 from detector.engine import Detector, DetectorConfig
-from detector.health import HealthConfig
 from detector.service import DetectorService
 from detector.training import (
     History,
@@ -102,24 +101,6 @@ def start_http(rt: Runtime, chain_view: Callable[[], object] | None = None) -> N
     rt.metrics_url = f"http://{rt.metrics_address}/metrics"
 
 
-def detector_config(s: Settings) -> DetectorConfig:
-    """The detector's tuning from settings: shared by `detect`, `run` and `replay`."""
-    return DetectorConfig(
-        warmup_blocks=s.warmup_blocks,
-        refit_every_blocks=s.refit_every_blocks,
-        contamination=s.contamination,
-        reorg_warning_depth=s.reorg_warning_depth,
-        reorg_critical_depth=s.reorg_critical_depth,
-        model_kind=s.model_kind,
-        health=HealthConfig(
-            lag_start_blocks=s.lag_start_blocks,
-            lag_clear_blocks=s.lag_clear_blocks,
-            stall_factor=s.stall_factor,
-            default_block_time=s.expected_block_time,
-        ),
-    )
-
-
 def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -> DetectorService:
     s = rt.settings
     if s.alertmanager:
@@ -134,7 +115,7 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
             ),
         ]
     pretrained = load_models(s.models) if s.models else None
-    rt.detector = Detector(detector_config(s), rt.metrics, pretrained=pretrained)
+    rt.detector = Detector(DetectorConfig.from_settings(s), rt.metrics, pretrained=pretrained)
     return DetectorService(rt.bus, rt.topics, rt.detector, rt.health, group=s.group, sinks=sinks)
 
 

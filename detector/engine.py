@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,9 @@ from detector.features import (
 from detector.fork_features import split_lengths
 from detector.health import HealthConfig, NodeHealth, Split, Transition
 from detector.model import BlockAnomalyModel, Scored
+
+if TYPE_CHECKING:
+    from chainwatch.settings import Settings
 from detector.models import AnomalyDetector
 from detector.state import ChainState, SeenIds
 
@@ -59,6 +62,24 @@ class DetectorConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     split_critical_blocks: int = 3
     families: FamilyConfig = field(default_factory=FamilyConfig)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> DetectorConfig:
+        """The detector's tuning from settings: shared by `detect`, `run` and `replay`."""
+        return cls(
+            warmup_blocks=s.warmup_blocks,
+            refit_every_blocks=s.refit_every_blocks,
+            contamination=s.contamination,
+            reorg_warning_depth=s.reorg_warning_depth,
+            reorg_critical_depth=s.reorg_critical_depth,
+            model_kind=s.model_kind,
+            health=HealthConfig(
+                lag_start_blocks=s.lag_start_blocks,
+                lag_clear_blocks=s.lag_clear_blocks,
+                stall_factor=s.stall_factor,
+                default_block_time=s.expected_block_time,
+            ),
+        )
 
 
 def observe_all(histogram: Any, values: np.ndarray) -> None:

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chainwatch.bootstrap import detector_config
 from chainwatch.bus import Topics
 from chainwatch.exceptions import ConfigError
 from chainwatch.labels import Label, read_labels
 from chainwatch.metrics import Metrics
 from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
-from detector.engine import Detector
+from detector.engine import Detector, DetectorConfig
 from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.training import load_models
 from replay.archive import (
@@ -38,7 +37,6 @@ from replay.driver import POLL_SECONDS, ReplayClock, ReplayConfig, Replayer, Rep
 from replay.exceptions import ReplayError
 from replay.positions import Position, check_range
 from replay.progress import Progress
-from replay.report import write_findings, write_invalid, write_report
 from replay.report_data import ReportData
 from replay.rows import Defaults, InvalidRows
 from replay.sources import JsonlSource, Source, TableSource, find_tables
@@ -49,7 +47,7 @@ log = logging.getLogger("chainwatch.replay")
 def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
     """The live detector, configured as `chainwatch detect` would be, on the replayed clock."""
     return Detector(
-        detector_config(settings),
+        DetectorConfig.from_settings(settings),
         Metrics(),
         clock=clock,
         pretrained=load_models(settings.models) if settings.models else None,
@@ -296,6 +294,7 @@ def run_replay(
             )
             if any(v is not None for v in (first_block, last_block, first_time, last_time)):
                 source.screen = replayer.screen  # an archive skips decoding what is outside
+                source.block_window = replayer.range.block_window()  # ... and reading it
             stats = replayer.run(source.records())
             progress.close(stats.records, stats.transactions)
             description = source.description
@@ -314,6 +313,8 @@ def run_replay(
     if recorder is not None and labels is not None:
         summary["labels"] = label_summary(evaluate(recorder.run, labels), labels)
     if options.out is not None:
+        from replay.report import write_findings, write_invalid, write_report  # matplotlib
+
         frame = write_findings(findings, options.out)
         write_invalid(invalid, options.out)
         (options.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -341,7 +341,7 @@ class _Row:
     """An archive row before decoding: what --from/--to can be decided on."""
 
     kind: str
-    payload: str
+    payload: str | None  # None: not read (a block outside the source's block_window)
     number: int | None
     file: ArchiveFile
     offset: int
@@ -355,6 +355,8 @@ class _Row:
         (chainwatch's encoding puts the block's own before the transactions, which have
         none); None if absent, and the block is then decoded to be sure.
         """
+        if self.payload is None:
+            return None
         match = _HEADER_TIME.search(self.payload)
         return float(match[1]) if match else None
 
@@ -389,26 +391,74 @@ class ArchiveSource(Source):
             int(pl.scan_parquet(f.path).select(pl.len()).collect().item()) for f in files
         )
         self.read = 0
+        self.payloads_skipped = 0
         self.description = f"archive {root} ({len(files)} files)"
 
     def progress(self) -> float | None:
         return self.read / self.total if self.total else None
 
     def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, _Row]]:
-        """The rows of one stream in offset order, not decoded yet."""
+        """The rows of one stream in offset order, not decoded yet.
+
+        With a `block_window`, the payloads of block rows outside it are not read (a
+        block's payload is ~64 KB at mainnet size; reading them cost more than the replay
+        of a short range): such rows come with payload None, for `screen` to reject.
+        """
         for f in files:
-            lazy = pl.scan_parquet(f.path).select(
-                "type", "offset", "payload", "error", "observed_at", "block_number")
-            for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
-                for kind, offset, payload, error, observed_at, number in chunk.iter_rows():
-                    self.read += 1
-                    if kind == "finding" and not self.include_findings:
-                        continue
-                    row = _Row(kind, payload, number, f, offset)
-                    if kind == "invalid":
-                        self.invalid.add(row.where(), error or "invalid record")
-                        continue
-                    yield observed_at, row
+            scan = pl.scan_parquet(f.path)
+            wanted = self._payload_wanted()
+            if wanted is None:
+                rows = self._rows(scan, pl.col("payload"))
+            else:
+                rows = self._rows_in_window(scan, wanted)
+            for kind, offset, payload, error, observed_at, number in rows:
+                self.read += 1
+                if kind == "finding" and not self.include_findings:
+                    continue
+                row = _Row(kind, payload, number, f, offset)
+                if kind == "invalid":
+                    self.invalid.add(row.where(), error or "invalid record")
+                    continue
+                yield observed_at, row
+
+    def _payload_wanted(self) -> pl.Expr | None:
+        """Which rows need their payload read: None for all."""
+        if self.block_window is None:
+            return None
+        first, last = self.block_window
+        number = pl.col("block_number")
+        outside = pl.lit(False)
+        if first is not None:
+            outside = outside | (number < first)
+        if last is not None:
+            outside = outside | (number > last)
+        return ~((pl.col("type") == "block") & outside).fill_null(False)
+
+    @staticmethod
+    def _rows(scan: pl.LazyFrame, payload: pl.Expr) -> Iterator[tuple[Any, ...]]:
+        lazy = scan.select("type", "offset", payload.alias("payload"), "error",
+                           "observed_at", "block_number")
+        for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
+            yield from chunk.iter_rows()
+
+    def _rows_in_window(self, scan: pl.LazyFrame, wanted: pl.Expr) -> Iterator[tuple[Any, ...]]:
+        """Every row's small columns; payloads only where `wanted`, read in a second scan
+        that the parquet reader filters (row groups outside are skipped, not decoded)."""
+        small = scan.select("type", "offset", "error", "observed_at", "block_number",
+                            wanted.alias("wanted")).collect()
+        payloads = (
+            payload
+            for chunk in scan.filter(wanted).select("payload").collect_batches(
+                chunk_size=READ_CHUNK_ROWS)
+            for payload in chunk.to_series()
+        )
+        for kind, offset, error, observed_at, number, read in small.iter_rows():
+            if read:
+                payload = next(payloads)
+            else:
+                payload = None
+                self.payloads_skipped += 1
+            yield kind, offset, payload, error, observed_at, number
 
     def records(self) -> Iterator[AnyRecord]:
         """Records merged by time; rows `screen` rejects are never decoded."""
@@ -417,6 +467,8 @@ class ArchiveSource(Source):
         for _, row in merged:
             if screen is not None and not screen(row.kind, row.number, row.header_time):
                 continue
+            if row.payload is None:  # only rows screen rejects come without one
+                raise ReplayError(f"{row.where()}: kept a row whose payload was not read")
             try:
                 record = decode(row.payload)
             except InvalidRecord as exc:

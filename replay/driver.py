@@ -136,6 +136,13 @@ class RecordRange:
     def timed(self) -> bool:
         return self.first_time is not None or self.last_time is not None
 
+    def block_window(self) -> tuple[int | None, int | None] | None:
+        """Heights outside which keep_unread rejects a block on its height alone, without
+        its header time: None under time bounds or without height bounds."""
+        if self.timed or (self.first is None and self.last is None):
+            return None
+        return self.first, self.last
+
     def keep(self, record: AnyRecord) -> bool:
         if isinstance(record, Block):
             return self._keep_block(record.number, record.timestamp)

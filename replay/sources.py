@@ -51,10 +51,13 @@ class Source:
 
     A source that can read a record's type and height before decoding it may ask
     `screen` (set by the replay, `Replayer.screen`) and skip decoding what it rejects.
+    `block_window` (first, last), when set, says more: `screen` rejects every block row
+    whose height is outside it from the height alone, so its payload need not be read.
     """
 
     description: str = ""
     screen: Screen | None = None
+    block_window: tuple[int | None, int | None] | None = None
 
     def records(self) -> Iterator[AnyRecord]:
         raise NotImplementedError

@@ -64,8 +64,9 @@ def test_reading_keeps_partition_order_and_merges_by_time(tmp_path: Path) -> Non
     assert invalid.count == 1 and invalid.samples[0][0].startswith("chain_id=unknown/")
 
 
-def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int]:
-    """(kept event ids, filtered out, invalid rows) of a replay of the archive at root."""
+def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int, int]:
+    """(kept event ids, filtered out, invalid rows, payloads not read) of a replay of the
+    archive at root."""
     from replay.driver import ReplayClock, Replayer
 
     kept: list[str] = []
@@ -83,8 +84,9 @@ def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int]:
     replayer = Replayer(Recorder(), ReplayClock(), config, lambda f: None)
     if screen:
         source.screen = replayer.screen
+        source.block_window = replayer.range.block_window()
     stats = replayer.run(source.records())
-    return kept, stats.filtered_out, invalid.count
+    return kept, stats.filtered_out, invalid.count, source.payloads_skipped
 
 
 def test_from_to_skips_decoding_rows_outside_and_keeps_the_same_records(
@@ -133,3 +135,23 @@ def test_from_to_skips_decoding_rows_outside_and_keeps_the_same_records(
         assert screened[1] + screened[2] == plain[1] + plain[2], config
         assert screened[1] > 0 and len(decoded) == decoded_plain - screened[1], config
         assert screened[2] == (1 if config.to_time == blocks[27].timestamp else 0), config
+        # under height bounds alone, the block rows outside them are not even read
+        outside = [r for r in rows if r["type"] == "block" and not (config.from_block or 0)
+                   <= r["block_number"] <= (config.to_block if config.to_block is not None
+                                            else 10**9)]
+        timed = config.from_time is not None or config.to_time is not None
+        assert screened[3] == (0 if timed else len(outside)), config
+        assert plain[3] == 0
+
+
+def test_replay_wiring_leaves_node_clients_and_plotting_unimported() -> None:
+    """`chainwatch replay` starts in well under a second: web3 (~0.6 s to import, for the
+    collectors) and matplotlib (~0.3 s, for --out only) stay out of its imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys, replay.app; "
+            "print(sorted(m for m in ('web3', 'matplotlib', 'collector.rpc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
