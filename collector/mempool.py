@@ -184,15 +184,20 @@ class _BlockMemory:
     seen: list[PendingTx] = field(default_factory=list)
 
 
-def state_document(chain_id: int, node: str, txs: Sequence[PendingTx]) -> dict[str, Any]:
-    """What `MempoolTracker.restore` reads. Absence timers and remembered blocks are left
-    out: a restored tx gets the whole grace again (its block may not be backfilled yet),
-    and blocks delivered before a restart are not delivered again."""
+def state_document(
+    chain_id: int, node: str, txs: Sequence[PendingTx], head_number: int | None = None
+) -> dict[str, Any]:
+    """What `MempoolTracker.restore` reads: the tracked txs, and the head of the last block
+    delivery they reflect. Absence timers and remembered blocks are left out: a restored
+    tx gets the whole grace again (its block may not be backfilled yet), and blocks
+    delivered before a restart are not delivered again; the blocks after `head_number`
+    are fetched again instead (see MempoolCollector)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "chain_id": chain_id,
         "node": node,
+        "head_number": head_number,
         "pending": [tx.model_dump(mode="json") for tx in txs],
     }
 
@@ -224,6 +229,8 @@ class MempoolTracker:
         self._blocks: OrderedDict[str, _BlockMemory] = OrderedDict()  # block hash -> txs
         self._included_in: dict[str, str] = {}  # tx hash -> block hash, remembered blocks
         self.included = self.replaced = self.dropped = self.requeued = self.evicted = 0
+        self.head_number: int | None = None  # the last block delivered (on_blocks)
+        self.restored_head: int | None = None  # head_number of the restored state
         self.revision = 0  # bumped when the tracked set changes: an unchanged one is not saved
 
     @property
@@ -269,12 +276,22 @@ class MempoolTracker:
                             orphaned[tx.hash] = (tx, block_hash, memory.number)
             elif record.hash not in self._blocks:  # a block delivered twice counts once
                 out.extend(self._on_block(record, orphaned, now))
+                self.head_number = record.number
         if orphaned:
             for tx, block_hash, number in orphaned.values():
                 self.requeued += 1
                 out.append(self._lifecycle(tx, "requeued", now, block_hash=block_hash,
                                            block_number=number))
                 self._track(tx)
+        return out
+
+    def on_refetched_block(self, block: Block, now: float) -> list[TxLifecycle]:
+        """A block from before the latest delivery, fetched again after a restore: like
+        on_blocks, but it does not move head_number back."""
+        head = self.head_number
+        out = self.on_blocks([block], now)
+        if head is not None:
+            self.head_number = max(head, block.number)
         return out
 
     def _on_block(
@@ -313,6 +330,10 @@ class MempoolTracker:
             self._included_in[tx_hash] = block_hash
         while len(self._blocks) > self.remember_blocks:
             self._forget_block(next(iter(self._blocks)))
+
+    def has_block_at(self, number: int) -> bool:
+        """A block of this height was delivered (and is still remembered)."""
+        return any(m.number == number for m in self._blocks.values())
 
     def _forget_block(self, block_hash: str) -> _BlockMemory | None:
         memory = self._blocks.pop(block_hash, None)
@@ -359,7 +380,7 @@ class MempoolTracker:
 
     def export(self) -> dict[str, Any]:
         """The tracked txs in tracking order, JSON-ready (see `state_document`)."""
-        return state_document(self.chain_id, self.node, self.tracked())
+        return state_document(self.chain_id, self.node, self.tracked(), self.head_number)
 
     def restore(self, data: Any, now: float) -> list[TxLifecycle]:
         """Track the txs of an `export` again; returns the dropped records of those
@@ -377,6 +398,9 @@ class MempoolTracker:
         entries = data.get("pending")
         if not isinstance(entries, list):
             raise ValueError("mempool state: pending is not a list")
+        head = data.get("head_number")  # absent in states saved before it existed
+        if head is not None and (type(head) is not int or head < 0):
+            raise ValueError(f"mempool state: head_number {_short(head)} is not a height")
         try:
             txs = [PendingTx.model_validate(entry) for entry in entries]
         except ValidationError as exc:
@@ -385,6 +409,7 @@ class MempoolTracker:
             raise ValueError("mempool state: a tx of another chain or node")
         for tx in txs:
             self._track(tx)
+        self.restored_head = head
         return self.expire(now)
 
     # --- summary -----------------------------------------------------------------------

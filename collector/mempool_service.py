@@ -10,7 +10,11 @@ The tracked txs are saved in the state dir (`mempool-<chain>-<node>.json`) whene
 outbox has nothing unacknowledged, at most every `save_interval` and at a clean
 shutdown, and restored at start: a restarted collector still reports the txs that were
 dropped or mined while it was down. The saved state never runs ahead of the bus: a
-fate whose record is still queued is not in it.
+fate whose record is still queued is not in it. It can lag behind it: after a kill, the
+block collector resumes from its own checkpoint, which may be newer than the state. So
+the blocks after the state's head are fetched again for the tracker (at most
+`MAX_REFETCH_BLOCKS`): a restored tx mined in one of them gets its `included` record
+(again, with the same event id, if it was published before the kill), not a `dropped`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from collector.publishing import Outbox
 from collector.rpc import NodeRpc, Subscription
 
 log = logging.getLogger("chainwatch.collector.mempool")
+
+MAX_REFETCH_BLOCKS = 256  # blocks after a restored state's head fetched again (~50 min at 12 s)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class MempoolCollector:
         self._saved_revision = -1  # the tracker revision in the state file
         self._saved_at = -math.inf  # monotonic
         self._saving: asyncio.Task[None] | None = None
+        self._refetch_from: int | None = None  # first block to fetch again after a restore
 
     def on_chain(self, records: list[Block | Reorg]) -> None:
         """Listener for the block collector: inclusions and re-queues. It may start the
@@ -131,8 +138,39 @@ class MempoolCollector:
         if data is not None:
             log.info("mempool state restored", extra={
                 "node": self.node, "file": name, "tracked": tracker.tracked_count,
-                "expired": len(expired)})
+                "expired": len(expired), "head": tracker.restored_head})
+            if tracker.restored_head is not None and tracker.tracked_count:
+                self._refetch_from = tracker.restored_head + 1
         return expired
+
+    async def _refetch_blocks(self, stop: asyncio.Event) -> None:
+        """Deliver the blocks after the restored state's head to the tracker once, up to the
+        node's head or the first height the block collector has delivered since (it goes
+        on from there). Drops are not judged until this is done; RPC failures are
+        counted and retried."""
+        tracker = self.tracker
+        assert tracker is not None and self._refetch_from is not None
+        while self._refetch_from is not None and not stop.is_set():
+            try:
+                first = self._refetch_from
+                latest = await self.rpc.latest_number()
+                last = min(latest, first + MAX_REFETCH_BLOCKS - 1)
+                for number in range(first, last + 1):
+                    if tracker.has_block_at(number):
+                        break
+                    block = await self.rpc.block_by_number(number)
+                    if block is not None:
+                        self._queue(tracker.on_refetched_block(block, self.clock()))
+                    self._refetch_from = number + 1
+                if latest > last:
+                    self._once("refetch", f"the mempool state is {latest - first + 1} blocks "
+                               f"old; only {MAX_REFETCH_BLOCKS} fetched again: restored txs "
+                               "mined later may be reported dropped")
+                self._refetch_from = None
+            except RpcError as exc:
+                self._error("malformed" if isinstance(exc, MalformedRpcPayload) else "rpc",
+                            f"refetching blocks after the mempool state: {exc}")
+                await asyncio.sleep(self.config.poll_interval)
 
     async def run(self, stop: asyncio.Event) -> None:
         while self.rpc.chain_id is None and not stop.is_set():  # the block collector connects
@@ -148,6 +186,8 @@ class MempoolCollector:
             asyncio.create_task(self._poll_loop(stop)),
             asyncio.create_task(self._drain_loop(stop)),
         ]
+        if self._refetch_from is not None:
+            tasks.append(asyncio.create_task(self._refetch_blocks(stop)))
         if self.ws_url:
             self.subscription = Subscription(
                 self.ws_url,
@@ -194,18 +234,21 @@ class MempoolCollector:
                 or tracker.revision == self._saved_revision
                 or (self._saving is not None and not self._saving.done())):
             return None
-        txs = tracker.tracked()  # the state now; encoded and written in a thread
+        if self._refetch_from is not None:
+            return None  # the head to fetch again from would be lost (not yet delivered)
+        txs, head = tracker.tracked(), tracker.head_number  # now; encoded in a thread
         self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
-        self._saving = asyncio.get_running_loop().create_task(self._write(tracker.chain_id, txs))
+        self._saving = asyncio.get_running_loop().create_task(
+            self._write(tracker.chain_id, txs, head))
         return self._saving
 
-    async def _write(self, chain_id: int, txs: tuple[PendingTx, ...]) -> None:
+    async def _write(self, chain_id: int, txs: tuple[PendingTx, ...], head: int | None) -> None:
         """Encode and save off the event loop (~0.15 s for 50k txs)."""
         store = self.state
         assert store is not None
 
         def save() -> None:
-            store.save(chain_id, self.node, state_document(chain_id, self.node, txs))
+            store.save(chain_id, self.node, state_document(chain_id, self.node, txs, head))
 
         try:
             await asyncio.to_thread(save)
@@ -293,10 +336,11 @@ class MempoolCollector:
         await self._ingest(pending, now)
         # a tx demoted to queued (nonce gap) is still in the pool: not dropped
         hashes = {str(tx.get("hash", "")).lower() for tx in (*pending, *queued)}
-        if self.chain_ok is None or self.chain_ok():
+        if self._refetch_from is None and (self.chain_ok is None or self.chain_ok()):
             # A tx gone from the pool may be in a block not delivered yet: while the block
-            # collector fails (a node answering garbage for blocks only), judging drops
-            # would call mined txs dropped once the grace period ran out.
+            # collector fails (a node answering garbage for blocks only), or the blocks
+            # after a restored state are not fetched again yet, judging drops would call
+            # mined txs dropped once the grace period ran out.
             self._queue(self.tracker.on_pool_contents(hashes, now))
 
     async def _snapshot(self) -> None:

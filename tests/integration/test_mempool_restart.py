@@ -4,6 +4,7 @@ real Kafka): the ones dropped or mined while it was down still get their fate.""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -102,3 +103,53 @@ def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_dow
                "the saved state to follow the acknowledged fates")
     second.stop()
     assert "mempool state restored" in second.output()
+
+
+def test_a_collector_killed_after_an_inclusion_but_before_its_save_reports_no_drop(
+    anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path: Path
+) -> None:
+    """kill -9 between an acknowledged `included` and the next state save leaves a state
+    that still tracks the mined tx, while the block collector resumes after its block.
+    The restarted collector fetches the blocks since the state's head again: the tx gets
+    its `included` once more (same event id), never a `dropped`."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
+            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
+    topic = f"{prefix}.mempool"
+    path = state / "mempool-31337-anvil1.json"
+    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
+    sender = rpc(anvil.http_url, "eth_accounts", [])[0]
+    mined = send(anvil, sender, 0, tip_gwei=1)
+
+    def saved() -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    wait_until(lambda: (s := saved()) is not None and [t["hash"] for t in s["pending"]]
+               == [mined], 20, "the state to track the pending tx")
+    stale = path.read_text()
+    assert json.loads(stale)["head_number"] == 0
+
+    rpc(anvil.http_url, "evm_mine", [])
+    read_until(kafka, topic, lambda rs: fates(rs).get(mined) == ["included"], "its inclusion")
+    wait_until(lambda: (s := saved()) is not None and s["pending"] == [], 10,
+               "the state to follow the inclusion")
+    first.kill9()
+    path.write_text(stale)  # as if the kill had come before that save
+
+    second = chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    records = read_until(kafka, topic, lambda rs: len(fates(rs).get(mined, [])) >= 2,
+                         "the inclusion reported again after the restart")
+    wait_until(lambda: "mempool state restored" in second.output(), 10, "the restore log")
+    time.sleep(2 * float(FAST["CHAINWATCH_MEMPOOL_DROP_GRACE"]) + 1)  # drops judged by now
+    records = read_until(kafka, topic, lambda rs: len(rs) >= len(records), "all records")
+    assert fates(records)[mined] == ["included", "included"]
+    first_included, again = [r for r in records if isinstance(r, TxLifecycle)]
+    assert again.event_id == first_included.event_id, "a duplicate consumers recognise"
+    assert again.block_number == 1
+    wait_until(lambda: (s := saved()) is not None and s["pending"] == []
+               and s["head_number"] == 1, 10, "the state to follow again")

@@ -79,6 +79,8 @@ def _foreign(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         (_foreign(lambda d: d.update(chain_id=5)), "another chain or node"),
         (_foreign(lambda d: d.update(node="other")), "another chain or node"),
         (_foreign(lambda d: d.update(pending={})), "pending is not a list"),
+        (_foreign(lambda d: d.update(head_number="12")), "head_number '12' is not a height"),
+        (_foreign(lambda d: d.update(head_number=-1)), "head_number -1 is not a height"),
         (_foreign(lambda d: d["pending"][0].pop("hash")), "invalid tx"),
         (_foreign(lambda d: d["pending"][0].update(node="other")), "a tx of another"),
     ],
@@ -250,6 +252,79 @@ def test_a_restarted_collector_reports_the_txs_mined_or_dropped_while_it_was_dow
     assert sorted(fates(records)) == [("dropped", b), ("included", a)]
     assert not any(r.type == "pending_tx" for r in records), "nothing announced twice"
     assert saved(tmp_path) == []
+
+
+class ChainPool(Pool):
+    """A txpool whose node also serves blocks by number (the block collector's calls)."""
+
+    def __init__(self, *txs: dict[str, Any], blocks: list[Any]) -> None:
+        super().__init__(*txs)
+        self.blocks = {b.number: b for b in blocks}
+        self.fetched: list[int] = []
+
+    async def latest_number(self) -> int:
+        return max(self.blocks)
+
+    async def block_by_number(self, number: int) -> Any:
+        self.fetched.append(number)
+        return self.blocks.get(number)
+
+
+def test_after_a_kill_the_blocks_since_the_saved_head_are_fetched_again(tmp_path: Path):
+    """Killed after A's inclusion (block 2) was acknowledged but before the next save:
+    the state still tracks A, and the block collector resumes after block 2. Without
+    fetching block 2 again, A would get a `dropped` record besides its `included`."""
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    a, b = tx_a["hash"], tx_b["hash"]
+    one = block(1, GENESIS)
+    two = block(2, one.hash, pending(0, at=1.0))
+    three = block(3, two.hash)
+    four = block(4, three.hash)
+    config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
+                           drop_grace=0.2)
+
+    async def first_run() -> None:
+        stop = asyncio.Event()
+        mempool = collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config)
+        mempool.on_chain([one])
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "A and B")
+        stop.set()
+        await task
+
+    asyncio.run(first_run())
+    state = json.loads((tmp_path / "mempool-1-n.json").read_text())
+    assert (state["head_number"], saved(tmp_path)) == (1, [a, b])
+
+    bus = EmbeddedBus()
+    consumer = bus.consumer([Topics().mempool], "test")
+    node = ChainPool(blocks=[one, two, three, four])  # A mined in 2, B left the pool
+    mempool = collector(node, bus, tmp_path, config)  # type: ignore[arg-type]
+
+    async def second_run() -> None:
+        mempool.on_chain([four])  # the block collector's checkpoint was at block 3
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 0, "B dropped")
+        stop.set()
+        await task
+
+    asyncio.run(second_run())
+    records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
+    assert sorted(fates(records)) == [("dropped", b), ("included", a)]
+    [included] = [r for r in records if r.type == "tx_lifecycle" and r.fate == "included"]
+    assert (included.block_number, included.block_hash) == (2, two.hash)
+    assert node.fetched == [2, 3], "from the saved head up to what the block collector gave"
+    state = json.loads((tmp_path / "mempool-1-n.json").read_text())  # the clean stop's save
+    assert (state["head_number"], state["pending"]) == (4, [])
+
+
+def test_a_state_saved_before_it_had_a_head_restores_without_fetching_blocks():
+    data = roundtrip(tracking(pending(0)))
+    data.pop("head_number")
+    tracker = MempoolTracker(1, "n")
+    assert tracker.restore(data, now=10.0) == []
+    assert (tracker.tracked_count, tracker.restored_head) == (1, None)
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"refs": []}', '{"pending": 1}',
