@@ -28,7 +28,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from chainwatch.schema import Block, TxSummary
 
@@ -188,9 +188,22 @@ def generate(
     progress: bool = False,
 ) -> list[Block]:
     """`blocks` linked blocks 0..blocks-1; same arguments, same history."""
+    return list(stream(blocks, txs_per_block, seed, chain_id=chain_id, node=node,
+                       progress=progress))
+
+
+def stream(
+    blocks: int,
+    txs_per_block: float = 150,
+    seed: int = 1,
+    *,
+    chain_id: int = 1,
+    node: str = "bench",
+    progress: bool = False,
+) -> Iterator[Block]:
+    """`generate` one block at a time: a long history without holding it in memory."""
     rng = random.Random(seed)
     pop = _Population(rng)
-    out: list[Block] = []
     parent_hash = "0x" + "00" * 32
     timestamp = GENESIS_TIME
     base_fee = INITIAL_BASE_FEE
@@ -211,31 +224,28 @@ def generate(
         ratio = min(max(rng.gauss(mean_ratio, 0.22), 0.02), 1.0)
         gas_used = int(GAS_LIMIT * ratio)
         block_hash = "0x" + hashlib.sha256(f"{seed}:{number}:{parent_hash}".encode()).hexdigest()
-        out.append(
-            Block(
-                chain_id=chain_id,
-                node=node,
-                event_id=Block.id_for(chain_id, node, block_hash),
-                observed_at=timestamp + math.exp(rng.gauss(math.log(0.6), 0.5)),
-                number=number,
-                hash=block_hash,
-                parent_hash=parent_hash,
-                timestamp=timestamp,
-                miner=rng.choices(pop.builders, cum_weights=pop.builder_cum)[0],
-                gas_used=gas_used,
-                gas_limit=GAS_LIMIT,
-                base_fee_per_gas=base_fee,
-                tx_count=len(txs),
-                size=size,
-                transactions=tuple(txs),
-            )
+        yield Block(
+            chain_id=chain_id,
+            node=node,
+            event_id=Block.id_for(chain_id, node, block_hash),
+            observed_at=timestamp + math.exp(rng.gauss(math.log(0.6), 0.5)),
+            number=number,
+            hash=block_hash,
+            parent_hash=parent_hash,
+            timestamp=timestamp,
+            miner=rng.choices(pop.builders, cum_weights=pop.builder_cum)[0],
+            gas_used=gas_used,
+            gas_limit=GAS_LIMIT,
+            base_fee_per_gas=base_fee,
+            tx_count=len(txs),
+            size=size,
+            transactions=tuple(txs),
         )
         parent_hash = block_hash
         base_fee = next_base_fee(base_fee, gas_used, GAS_LIMIT)
         if progress and number and number % 2000 == 0:
             rate = number / (time.monotonic() - started)
             print(f"  generated {number}/{blocks} blocks ({rate:.0f} blocks/s)", file=sys.stderr)
-    return out
 
 
 class MemoryNode:

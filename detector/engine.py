@@ -29,6 +29,7 @@ from chainwatch.schema import (
 )
 from detector.families import FamilyConfig, ForkRisk, MinerFamily, TxFamily
 from detector.features import (
+    BLOCK_FEATURE_MEDIAN_SCALE,
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
     BLOCK_INPUT_SCHEMA,
@@ -144,6 +145,7 @@ class Detector:
                 contamination=c.contamination,
                 seed=c.seed,
                 min_scale=BLOCK_FEATURE_MIN_SCALE,
+                median_scale=BLOCK_FEATURE_MEDIAN_SCALE,
                 z_limit=c.z_limit,
                 kind=c.model_kind,
                 pretrained=self.pretrained.get("block"),

@@ -24,6 +24,10 @@ BLOCK_FEATURES: tuple[str, ...] = (
 # z-scores divide by at least this, so a feature that barely varies in training (block
 # intervals on a steady chain) does not turn noise into alarms.
 BLOCK_FEATURE_MIN_SCALE: tuple[float, ...] = (1.0, 0.05, 5.0, 0.02, 1.0)
+# ... and at least this fraction of the feature's training median: the block interval's
+# unit is the chain's own slot (12 s on mainnet), so a missed slot (24 s, ~1 % of slots)
+# is one unit off, not twelve, while a stall of six slots still stands out.
+BLOCK_FEATURE_MEDIAN_SCALE: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 0.0)
 
 BLOCK_INPUT_SCHEMA: dict[str, type[pl.DataType]] = {
     "number": pl.Int64,

@@ -16,7 +16,8 @@ training. A range guard covers both: a row whose robust z-score on any feature e
 `z_cut` is `z_limit`, or with a `tail_factor` that many times the deviation the training
 rows themselves reach at the contamination quantile, if larger: "far beyond what this
 chain's normal traffic does" (MEV tips on mainnet reach 40 sigma in one tx of 1,000; a
-quiet devnet's stay under 10).
+quiet devnet's stay under 10). A `median_scale` measures a feature's deviation in units
+of its own typical value at least (block intervals in slots).
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ class AnomalyDetector:
         min_scale: tuple[float, ...] | None = None,
         z_limit: float = 12.0,
         tail_factor: float = 0.0,
+        median_scale: tuple[float, ...] | None = None,
     ) -> None:
         if not 0 < contamination < 0.5:
             raise ValueError("contamination must be in (0, 0.5)")
@@ -218,6 +220,10 @@ class AnomalyDetector:
         self.tail_factor = tail_factor
         self.tail_z = 0.0  # training rows' largest |z| at the contamination quantile
         self._min_scale = np.array(min_scale if min_scale else [0.0] * len(feature_names))
+        # a floor on each feature's scale as a fraction of its training median: a block
+        # interval's deviation is measured in slots, not seconds (a missed slot is normal)
+        self._median_scale = np.array(median_scale if median_scale
+                                      else [0.0] * len(feature_names))
         self._estimator: _Estimator | None = None
         self._compiled: tuple[CompiledForest, float] | None = None
         self._lo = 0.0
@@ -249,7 +255,8 @@ class AnomalyDetector:
         q75, q25 = np.percentile(train, [75, 25], axis=0)
         mad = np.median(np.abs(train - self._median), axis=0) * 1.4826
         scale = np.where((q75 - q25) > 0, (q75 - q25) / 1.349, mad)
-        self._scale = np.maximum(np.where(scale > 0, scale, 1.0), self._min_scale)
+        floor = np.maximum(self._min_scale, self._median_scale * np.abs(self._median))
+        self._scale = np.maximum(np.where(scale > 0, scale, 1.0), floor)
         if self.tail_factor > 0 and len(train):
             deviation = np.abs(self.robust_z(train)).max(axis=1)
             self.tail_z = float(np.quantile(deviation, 1.0 - self.contamination))

@@ -19,6 +19,7 @@ from chainwatch.exceptions import ChainwatchError, InvalidRecord
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
 from detector.families import FamilyConfig, TxFamily
 from detector.features import (
+    BLOCK_FEATURE_MEDIAN_SCALE,
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
     BLOCK_INPUT_SCHEMA,
@@ -123,7 +124,8 @@ def train_block_model(
             f"not enough history to train: {len(x)} complete blocks, need at least {min_rows}"
         )
     model = AnomalyDetector("block", BLOCK_FEATURES, kind=kind, contamination=contamination,
-                            seed=seed, min_scale=BLOCK_FEATURE_MIN_SCALE)
+                            seed=seed, min_scale=BLOCK_FEATURE_MIN_SCALE,
+                            median_scale=BLOCK_FEATURE_MEDIAN_SCALE)
     model.fit(x, {"first_block": history.first_block, "last_block": history.last_block,
                   "first_timestamp": history.first_time, "last_timestamp": history.last_time,
                   "rows": len(x)})

@@ -219,3 +219,33 @@ def test_train_reads_an_archive_directory_as_it_reads_the_same_records_in_jsonl(
         {f: m.version for f, m in versions[1].items()}
     assert set(versions[1]) == {"block", "tx"}
     assert "0 invalid skipped" in from_jsonl and "1002 invalid skipped" in from_archive
+
+
+def test_block_intervals_deviate_in_slots_so_a_missed_slot_is_not_an_outlier():
+    """On a 12 s chain, a missed slot (24 s) is ~1 % of blocks: 12 robust sigma when
+    intervals are measured in seconds (they hardly vary), 1 in slots. A six-slot stall
+    still passes the block model's 6 sigma guard."""
+    from detector.features import (
+        BLOCK_FEATURE_MEDIAN_SCALE,
+        BLOCK_FEATURE_MIN_SCALE,
+        BLOCK_FEATURES,
+    )
+
+    rng = np.random.default_rng(3)
+    rows = 5_000
+    train = np.column_stack([
+        np.where(rng.random(rows) < 0.01, 24.0, 12.0),  # interval_seconds
+        rng.normal(0.5, 0.2, rows),  # gas_used_ratio
+        rng.normal(150, 30, rows),  # tx_count
+        rng.normal(0.0, 0.05, rows),  # base_fee_change_ratio
+        rng.lognormal(np.log(0.6), 0.5, rows),  # propagation_delay_seconds
+    ])
+    missed, stall = [24.0, 0.5, 150, 0.0, 0.6], [84.0, 0.5, 150, 0.0, 0.6]
+    z_interval = {}
+    for median_scale in (None, BLOCK_FEATURE_MEDIAN_SCALE):
+        model = AnomalyDetector("block", BLOCK_FEATURES, contamination=0.001, seed=1,
+                                min_scale=BLOCK_FEATURE_MIN_SCALE, median_scale=median_scale)
+        model.fit(train)
+        z_interval[median_scale is not None] = model.robust_z(np.array([missed, stall]))[:, 0]
+    assert list(z_interval[False]) == [12.0, 72.0]  # seconds: 1 s scale
+    assert list(z_interval[True]) == [1.0, 6.0]  # slots: 12 s scale
