@@ -142,6 +142,23 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> No
         await asyncio.sleep(0.02)
 
 
+def run_until_tracked(mempool: MempoolCollector, count: int, what: str,
+                      backfill: list[Any] | None = None) -> None:
+    """One run of the collector until it tracks `count` txs, then a clean stop. `backfill`:
+    blocks the block collector delivers before the mempool collector's run sees the chain."""
+
+    async def main() -> None:
+        if backfill:
+            mempool.on_chain(backfill)
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == count, what)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+
+
 def test_the_saved_state_never_holds_a_fate_still_waiting_for_the_bus(tmp_path: Path):
     tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
     a, b = tx_a["hash"], tx_b["hash"]
@@ -222,32 +239,15 @@ def test_a_restarted_collector_reports_the_txs_mined_or_dropped_while_it_was_dow
     config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
                            drop_grace=0.2)
 
-    async def first_run() -> None:
-        stop = asyncio.Event()
-        mempool = collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config)
-        task = asyncio.create_task(mempool.run(stop))
-        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "A and B")
-        stop.set()
-        await task
-
-    asyncio.run(first_run())
+    run_until_tracked(collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config), 2,
+                      "A and B")
     assert saved(tmp_path) == [a, b]
 
     # down meanwhile: A was mined, B left the pool
     bus = EmbeddedBus()
     consumer = bus.consumer([Topics().mempool], "test")
-    mempool = collector(Pool(), bus, tmp_path, config)
-
-    async def second_run() -> None:
-        # the block collector backfills before the mempool collector's run sees the chain
-        mempool.on_chain([block(1, GENESIS, pending(0, at=1.0))])
-        stop = asyncio.Event()
-        task = asyncio.create_task(mempool.run(stop))
-        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 0, "B dropped")
-        stop.set()
-        await task
-
-    asyncio.run(second_run())
+    run_until_tracked(collector(Pool(), bus, tmp_path, config), 0, "B dropped",
+                      backfill=[block(1, GENESIS, pending(0, at=1.0))])
     records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
     assert sorted(fates(records)) == [("dropped", b), ("included", a)]
     assert not any(r.type == "pending_tx" for r in records), "nothing announced twice"
@@ -283,33 +283,17 @@ def test_after_a_kill_the_blocks_since_the_saved_head_are_fetched_again(tmp_path
     config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
                            drop_grace=0.2)
 
-    async def first_run() -> None:
-        stop = asyncio.Event()
-        mempool = collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config)
-        mempool.on_chain([one])
-        task = asyncio.create_task(mempool.run(stop))
-        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 2, "A and B")
-        stop.set()
-        await task
-
-    asyncio.run(first_run())
+    run_until_tracked(collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config), 2,
+                      "A and B", backfill=[one])
     state = json.loads((tmp_path / "mempool-1-n.json").read_text())
     assert (state["head_number"], saved(tmp_path)) == (1, [a, b])
 
     bus = EmbeddedBus()
     consumer = bus.consumer([Topics().mempool], "test")
     node = ChainPool(blocks=[one, two, three, four])  # A mined in 2, B left the pool
-    mempool = collector(node, bus, tmp_path, config)  # type: ignore[arg-type]
-
-    async def second_run() -> None:
-        mempool.on_chain([four])  # the block collector's checkpoint was at block 3
-        stop = asyncio.Event()
-        task = asyncio.create_task(mempool.run(stop))
-        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 0, "B dropped")
-        stop.set()
-        await task
-
-    asyncio.run(second_run())
+    # the block collector's checkpoint was at block 3: it goes on with block 4
+    run_until_tracked(collector(node, bus, tmp_path, config), 0,  # type: ignore[arg-type]
+                      "B dropped", backfill=[four])
     records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
     assert sorted(fates(records)) == [("dropped", b), ("included", a)]
     [included] = [r for r in records if r.type == "tx_lifecycle" and r.fate == "included"]
