@@ -303,6 +303,29 @@ def test_after_a_kill_the_blocks_since_the_saved_head_are_fetched_again(tmp_path
     assert (state["head_number"], state["pending"]) == (4, [])
 
 
+def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    from collector import mempool_service
+
+    monkeypatch.setattr(mempool_service, "MAX_REFETCH_BLOCKS", 3)
+    chain = [block(1, GENESIS)]
+    for number in range(2, 9):
+        chain.append(block(number, chain[-1].hash))
+    tx_a = raw_tx(0)
+    run_until_tracked(collector(Pool(tx_a), EmbeddedBus(), tmp_path), 1, "A",
+                      backfill=chain[:1])
+    node = ChainPool(blocks=chain)  # A left the pool; the node is 7 blocks further
+    quick = MempoolConfig(poll_interval=0.02, reconcile_interval=0.05, drop_grace=0.2)
+    with caplog.at_level(logging.WARNING, logger="chainwatch.collector.mempool"):
+        run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick),  # type: ignore[arg-type]
+                          0, "A dropped")
+    assert node.fetched == [2, 3, 4]
+    warnings = [r.error for r in caplog.records if r.levelno >= logging.WARNING]  # type: ignore[attr-defined]
+    assert warnings == ["the mempool state is 7 blocks old; only 3 fetched again: restored "
+                        "txs mined later may be reported dropped"]
+
+
 def test_a_state_saved_before_it_had_a_head_restores_without_fetching_blocks():
     data = roundtrip(tracking(pending(0)))
     data.pop("head_number")
