@@ -150,22 +150,25 @@ class MempoolCollector:
         counted and retried."""
         tracker = self.tracker
         assert tracker is not None and self._refetch_from is not None
+        start = self._refetch_from
+        end: int | None = None  # the last height to fetch, set at the node's first answer
         while self._refetch_from is not None and not stop.is_set():
             try:
-                first = self._refetch_from
                 latest = await self.rpc.latest_number()
-                last = min(latest, first + MAX_REFETCH_BLOCKS - 1)
-                for number in range(first, last + 1):
+                if end is None:
+                    end = min(latest, start + MAX_REFETCH_BLOCKS - 1)
+                for number in range(self._refetch_from, end + 1):
                     if tracker.has_block_at(number):
-                        break
+                        break  # the block collector goes on from here
                     block = await self.rpc.block_by_number(number)
                     if block is not None:
                         self._queue(tracker.on_refetched_block(block, self.clock()))
                     self._refetch_from = number + 1
-                if latest > last:
-                    self._once("refetch", f"the mempool state is {latest - first + 1} blocks "
-                               f"old; only {MAX_REFETCH_BLOCKS} fetched again: restored txs "
-                               "mined later may be reported dropped")
+                else:
+                    if latest > end:
+                        self._once("refetch", f"the mempool state is {latest - start + 1} "
+                                   f"blocks old; only {MAX_REFETCH_BLOCKS} fetched again: "
+                                   "restored txs mined later may be reported dropped")
                 self._refetch_from = None
             except RpcError as exc:
                 self._error("malformed" if isinstance(exc, MalformedRpcPayload) else "rpc",

@@ -303,9 +303,12 @@ def test_after_a_kill_the_blocks_since_the_saved_head_are_fetched_again(tmp_path
     assert (state["head_number"], state["pending"]) == (4, [])
 
 
-def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns_once(
+def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
+    """A state 7 blocks old, a limit of 3: 3 blocks fetched again and one warning; a failed
+    fetch is counted and retried without moving the limit."""
+    from chainwatch.exceptions import RpcError
     from collector import mempool_service
 
     monkeypatch.setattr(mempool_service, "MAX_REFETCH_BLOCKS", 3)
@@ -315,15 +318,26 @@ def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns_once(
     tx_a = raw_tx(0)
     run_until_tracked(collector(Pool(tx_a), EmbeddedBus(), tmp_path), 1, "A",
                       backfill=chain[:1])
-    node = ChainPool(blocks=chain)  # A left the pool; the node is 7 blocks further
+
+    class Flaky(ChainPool):
+        async def block_by_number(self, number: int) -> Any:
+            if number == 3 and 3 not in self.fetched:
+                self.fetched.append(3)
+                raise RpcError("eth_getBlockByNumber timed out")
+            return await super().block_by_number(number)
+
+    node = Flaky(blocks=chain)  # A left the pool; the node is 7 blocks further
+    metrics = Metrics()
     quick = MempoolConfig(poll_interval=0.02, reconcile_interval=0.05, drop_grace=0.2)
     with caplog.at_level(logging.WARNING, logger="chainwatch.collector.mempool"):
-        run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick),  # type: ignore[arg-type]
+        run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick, metrics),  # type: ignore[arg-type]
                           0, "A dropped")
-    assert node.fetched == [2, 3, 4]
+    assert node.fetched == [2, 3, 3, 4]
     warnings = [r.error for r in caplog.records if r.levelno >= logging.WARNING]  # type: ignore[attr-defined]
-    assert warnings == ["the mempool state is 7 blocks old; only 3 fetched again: restored "
-                        "txs mined later may be reported dropped"]
+    assert warnings[-1] == ("the mempool state is 7 blocks old; only 3 fetched again: "
+                            "restored txs mined later may be reported dropped")
+    assert metrics.registry.get_sample_value(
+        "chainwatch_collector_errors_total", {"node": "n", "kind": "rpc"}) == 1
 
 
 def test_a_state_saved_before_it_had_a_head_restores_without_fetching_blocks():
