@@ -23,15 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench.synthetic import stream
-from chainwatch.schema import Block, Finding, TxSummary
+from chainwatch.schema import Block, Finding
+from detector.tx_features import effective_tip
 
 BATCH_BLOCKS = 500  # replay's batch
-
-
-def _tip(tx: TxSummary, base_fee: int) -> int:
-    if tx.max_priority_fee_per_gas is not None:
-        return tx.max_priority_fee_per_gas
-    return max((tx.gas_price or 0) - base_fee, 0)
 
 
 def _batches(blocks: Iterator[Block]) -> Iterator[list[Block]]:
@@ -62,8 +57,7 @@ def run_seed(blocks: int, txs_per_block: float, seed: int) -> dict[str, Any]:
         findings: list[Finding] = [*detector.process(list(batch)), *detector.tick()]
         flagged = {f.subject for f in findings if f.detector == "tx_iforest"}
         for block in batch if flagged else ():
-            base = block.base_fee_per_gas or 0
-            tips = [_tip(t, base) for t in block.transactions]
+            tips = [effective_tip(t, block.base_fee_per_gas) or 0 for t in block.transactions]
             median = statistics.median(tips) if tips else 0
             for tx, tip in zip(block.transactions, tips, strict=True):
                 if tx.hash in flagged and median > 0:

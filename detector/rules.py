@@ -22,6 +22,7 @@ import polars as pl
 
 from chainwatch.schema import Block, Finding, Severity, TxLifecycle
 from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
+from detector.tx_features import effective_tip
 
 RULE_THRESHOLD = 0.5
 
@@ -516,13 +517,8 @@ def block_min_tip(block: Block, quantile: float = 0.1) -> float | None:
 
     A low quantile, not the minimum: builders end blocks with their own zero-tip payouts.
     """
-    base = block.base_fee_per_gas or 0
-    tips = []
-    for tx in block.transactions:
-        if tx.max_priority_fee_per_gas is not None and tx.max_fee_per_gas is not None:
-            tips.append(min(tx.max_priority_fee_per_gas, tx.max_fee_per_gas - base))
-        elif tx.gas_price is not None:
-            tips.append(tx.gas_price - base)
+    tips = [tip for tx in block.transactions
+            if (tip := effective_tip(tx, block.base_fee_per_gas)) is not None]
     return float(np.quantile(tips, quantile)) if tips else None
 
 

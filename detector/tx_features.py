@@ -225,6 +225,16 @@ def effective_tip_expr(base_fee: pl.Expr | None = None) -> pl.Expr:
     return tip.clip(lower_bound=0.0).alias("effective_tip")
 
 
+def effective_tip(tx: TxSummary, base_fee: int | None) -> int | None:
+    """`effective_tip_expr` for one transaction (the rules' scalar path)."""
+    base = base_fee or 0
+    if tx.max_priority_fee_per_gas is not None and tx.max_fee_per_gas is not None:
+        return max(min(tx.max_priority_fee_per_gas, tx.max_fee_per_gas - base), 0)
+    if tx.gas_price is not None:
+        return max(tx.gas_price - base, 0)
+    return None
+
+
 def fee_cap_expr() -> pl.Expr:
     """The most the sender offered per gas: max_fee_per_gas, or gas_price for legacy txs."""
     return pl.coalesce(pl.col("max_fee_per_gas"), pl.col("gas_price")).alias("fee_cap")

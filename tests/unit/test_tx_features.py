@@ -16,6 +16,7 @@ from detector.tx_features import (
     SenderStats,
     blocks_to_tx_frame,
     complete_tx_rows,
+    effective_tip,
     effective_tip_expr,
     pending_to_tx_frame,
     tx_features,
@@ -105,6 +106,8 @@ def test_effective_tip_follows_eip1559_and_legacy_rules_floored_at_zero():
     ))
     tips = blocks_to_tx_frame([b]).select(effective_tip_expr())["effective_tip"].to_list()
     assert tips == [2e9, 2e9, 0.0, 3e9, 0.0, None]
+    # the scalar twin the rules use gives the same tips
+    assert [effective_tip(t, b.base_fee_per_gas) for t in b.transactions] == tips
 
 
 def test_fee_market_percentile_is_mid_rank_against_the_window():
