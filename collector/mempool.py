@@ -410,6 +410,8 @@ class MempoolTracker:
         for tx in txs:
             self._track(tx)
         self.restored_head = head
+        if self.head_number is None:
+            self.head_number = head  # what the restored txs reflect, until a delivery
         return self.expire(now)
 
     # --- summary -----------------------------------------------------------------------

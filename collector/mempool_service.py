@@ -143,6 +143,24 @@ class MempoolCollector:
                 self._refetch_from = tracker.restored_head + 1
         return expired
 
+    async def _seed_head(self) -> None:
+        """Before the first listing, with no block delivered yet: the node's head. Every tx
+        listed or announced from now on is mined after it, so a state saved before the
+        first delivery still says where to fetch blocks again after a kill."""
+        tracker = self.tracker
+        assert tracker is not None
+        if tracker.head_number is None:
+            try:
+                head = await self.rpc.latest_number()
+            except RpcError as exc:  # the first delivery sets it; until then no head is saved
+                self._error("rpc", f"eth_blockNumber for the mempool state: {exc}")
+                return
+            except Exception as exc:  # nothing foreseen: counted, and the collector goes on
+                self._error("internal", repr(exc), exc_info=exc)
+                return
+            if tracker.head_number is None:  # no delivery meanwhile
+                tracker.head_number = head
+
     async def _refetch_blocks(self, stop: asyncio.Event) -> None:
         """Deliver the blocks after the restored state's head to the tracker once, up to the
         node's head or the first height the block collector has delivered since (it goes
@@ -184,6 +202,7 @@ class MempoolCollector:
         assert chain_id is not None
         if self.tracker is None:  # before the first listing: absent restored txs get dropped
             self._start_tracker(chain_id)
+        await self._seed_head()
         flusher = asyncio.create_task(self.outbox.flush_forever(lambda m: self._error("bus", m)))
         tasks = [
             asyncio.create_task(self._poll_loop(stop)),

@@ -568,6 +568,9 @@ def test_reorg_while_the_collector_is_down_is_found_from_its_checkpoint(
     wait_until(lambda: arrivals(port) == 1, 20, "a pending tx")
     rpc(anvil.http_url, "anvil_mine", ["0xa"])  # the tx goes into block 1
     wait_until(follows(port, anvil), 40, "the detector to follow blocks 0..10")
+    # its inclusion acknowledged before the kill: a fate still in the outbox would be lost
+    # with it (the tx is not in the mempool state if it was announced after the last save)
+    wait_until(lambda: fates(port)["included"] == 1, 20, "the tx's inclusion")
     old = canonical_hashes(anvil, 0, 10)
 
     first.kill9()

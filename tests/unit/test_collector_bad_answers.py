@@ -237,6 +237,9 @@ def test_the_mempool_poll_loop_survives_an_unexpected_exception():
         chain_id = 1
         calls = 0
 
+        async def latest_number(self) -> int:
+            return 0
+
         async def call(self, method: str, params: list[Any]) -> Any:
             Rpc.calls += 1
             if Rpc.calls <= 2:
@@ -289,6 +292,9 @@ class _EmptyPool:
 
     def __init__(self) -> None:
         self.listings = 0
+
+    async def latest_number(self) -> int:
+        return 0
 
     async def call(self, method: str, params: list[Any]) -> Any:
         if method == "txpool_status":

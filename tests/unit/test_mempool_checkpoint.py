@@ -102,8 +102,12 @@ class Pool:
     node = "n"
     chain_id = 1
 
-    def __init__(self, *txs: dict[str, Any]) -> None:
+    def __init__(self, *txs: dict[str, Any], head: int = 0) -> None:
         self.txs = list(txs)
+        self.head = head
+
+    async def latest_number(self) -> int:
+        return self.head
 
     async def call(self, method: str, params: list[Any]) -> Any:
         if method == "txpool_status":
@@ -239,9 +243,11 @@ def test_a_restarted_collector_reports_the_txs_mined_or_dropped_while_it_was_dow
     config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
                            drop_grace=0.2)
 
-    run_until_tracked(collector(Pool(tx_a, tx_b), EmbeddedBus(), tmp_path, config), 2,
+    run_until_tracked(collector(Pool(tx_a, tx_b, head=5), EmbeddedBus(), tmp_path, config), 2,
                       "A and B")
     assert saved(tmp_path) == [a, b]
+    # no block delivered yet: the node's head when listing began (A and B mined after it)
+    assert json.loads((tmp_path / "mempool-1-n.json").read_text())["head_number"] == 5
 
     # down meanwhile: A was mined, B left the pool
     bus = EmbeddedBus()
