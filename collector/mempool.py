@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +34,9 @@ _HASH_CHARS = 64
 _ADDRESS_CHARS = 40
 STATE_FORMAT = "chainwatch.mempool"  # what `export` writes, checked by `restore`
 STATE_VERSION = 1
+# remembered blocks kept in the state: the block collector's checkpoint window (64 by
+# default), the most a reorg it finds at a restart can drop (~4 MB of JSON at mainnet size)
+SAVED_BLOCKS = 64
 
 
 def _short(value: Any) -> str:
@@ -184,22 +187,64 @@ class _BlockMemory:
     seen: list[PendingTx] = field(default_factory=list)
 
 
-def state_document(
-    chain_id: int, node: str, txs: Sequence[PendingTx], head_number: int | None = None
-) -> dict[str, Any]:
-    """What `MempoolTracker.restore` reads: the tracked txs, and the head of the last block
-    delivery they reflect. Absence timers and remembered blocks are left out: a restored
-    tx gets the whole grace again (its block may not be backfilled yet), and blocks
-    delivered before a restart are not delivered again; the blocks after `head_number`
-    are fetched again instead (see MempoolCollector)."""
+@dataclass(frozen=True, slots=True)
+class RememberedBlock:
+    """A delivered block as the tracker remembers it, for a reorg that drops it later."""
+
+    hash: str
+    number: int
+    hashes: tuple[str, ...]  # all its txs
+    seen: tuple[PendingTx, ...]  # the ones we had seen pending: re-queued if it is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerState:
+    """What survives a restart, taken at one moment (immutable: encoded in a thread)."""
+
+    txs: tuple[PendingTx, ...]  # tracked, in tracking order
+    head_number: int | None  # the last block delivered (see MempoolTracker.head_number)
+    blocks: tuple[RememberedBlock, ...] = ()  # oldest first
+
+
+def state_document(chain_id: int, node: str, state: TrackerState) -> dict[str, Any]:
+    """What `MempoolTracker.restore` reads: the tracked txs, the head of the last block
+    delivery they reflect, and the remembered blocks (so a reorg found after a restart
+    still re-queues their txs). Absence timers are left out: a restored tx gets the whole
+    grace again (its block may not be backfilled yet). Blocks after `head_number` are
+    fetched again after a restart (see MempoolCollector)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "chain_id": chain_id,
         "node": node,
-        "head_number": head_number,
-        "pending": [tx.model_dump(mode="json") for tx in txs],
+        "head_number": state.head_number,
+        "pending": [tx.model_dump(mode="json") for tx in state.txs],
+        "blocks": [{"hash": b.hash, "number": b.number, "hashes": list(b.hashes),
+                    "seen": [tx.model_dump(mode="json") for tx in b.seen]}
+                   for b in state.blocks],
     }
+
+
+def _restored_blocks(raw: Any) -> list[RememberedBlock]:
+    """The "blocks" of a state document, checked; ValueError (one line) if malformed."""
+    if not isinstance(raw, list):
+        raise ValueError("mempool state: blocks is not a list")
+    blocks: list[RememberedBlock] = []
+    for entry in raw:
+        ok = (isinstance(entry, Mapping) and isinstance(entry.get("hash"), str)
+              and type(entry.get("number")) is int and isinstance(entry.get("hashes"), list)
+              and all(isinstance(h, str) for h in entry["hashes"])
+              and isinstance(entry.get("seen"), list))
+        if not ok:
+            raise ValueError("mempool state: a remembered block is malformed")
+        try:
+            seen = tuple(PendingTx.model_validate(tx) for tx in entry["seen"])
+        except ValidationError as exc:
+            raise ValueError(
+                f"mempool state: invalid tx in a block: {exc.errors()[0]['msg']}") from None
+        blocks.append(RememberedBlock(entry["hash"], entry["number"], tuple(entry["hashes"]),
+                                      seen))
+    return blocks
 
 
 class MempoolTracker:
@@ -378,9 +423,15 @@ class MempoolTracker:
         """The tracked txs in tracking order (immutable records: safe to export later)."""
         return tuple(self._pending.values())
 
+    def state(self) -> TrackerState:
+        """What a restart needs, now: the tracked txs, and the last SAVED_BLOCKS blocks."""
+        recent = list(self._blocks.items())[-SAVED_BLOCKS:]
+        blocks = tuple(RememberedBlock(h, m.number, m.hashes, tuple(m.seen)) for h, m in recent)
+        return TrackerState(self.tracked(), self.head_number, blocks)
+
     def export(self) -> dict[str, Any]:
-        """The tracked txs in tracking order, JSON-ready (see `state_document`)."""
-        return state_document(self.chain_id, self.node, self.tracked(), self.head_number)
+        """`state()`, JSON-ready (see `state_document`)."""
+        return state_document(self.chain_id, self.node, self.state())
 
     def restore(self, data: Any, now: float) -> list[TxLifecycle]:
         """Track the txs of an `export` again; returns the dropped records of those
@@ -401,12 +452,16 @@ class MempoolTracker:
         head = data.get("head_number")  # absent in states saved before it existed
         if head is not None and (type(head) is not int or head < 0):
             raise ValueError(f"mempool state: head_number {_short(head)} is not a height")
+        blocks = _restored_blocks(data.get("blocks", []))  # absent in older states
         try:
             txs = [PendingTx.model_validate(entry) for entry in entries]
         except ValidationError as exc:
             raise ValueError(f"mempool state: invalid tx: {exc.errors()[0]['msg']}") from None
-        if any((tx.chain_id, tx.node) != (self.chain_id, self.node) for tx in txs):
+        seen = [tx for b in blocks for tx in b.seen]
+        if any((tx.chain_id, tx.node) != (self.chain_id, self.node) for tx in (*txs, *seen)):
             raise ValueError("mempool state: a tx of another chain or node")
+        for b in blocks:
+            self._remember(b.hash, _BlockMemory(b.number, b.hashes, list(b.seen)))
         for tx in txs:
             self._track(tx)
         self.restored_head = head

@@ -36,10 +36,11 @@ from chainwatch.exceptions import (
     RpcMethodUnsupported,
 )
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, PendingTx, Reorg, TxLifecycle
+from chainwatch.schema import AnyRecord, Block, Reorg, TxLifecycle
 from collector.checkpoint import FileCheckpointStore
 from collector.mempool import (
     MempoolTracker,
+    TrackerState,
     map_pending_tx,
     parse_txpool_content,
     parse_txpool_status,
@@ -258,19 +259,19 @@ class MempoolCollector:
             return None
         if self._refetch_from is not None:
             return None  # the head to fetch again from would be lost (not yet delivered)
-        txs, head = tracker.tracked(), tracker.head_number  # now; encoded in a thread
+        state = tracker.state()  # now; encoded and written in a thread
         self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
         self._saving = asyncio.get_running_loop().create_task(
-            self._write(tracker.chain_id, txs, head))
+            self._write(tracker.chain_id, state))
         return self._saving
 
-    async def _write(self, chain_id: int, txs: tuple[PendingTx, ...], head: int | None) -> None:
+    async def _write(self, chain_id: int, state: TrackerState) -> None:
         """Encode and save off the event loop (~0.15 s for 50k txs)."""
         store = self.state
         assert store is not None
 
         def save() -> None:
-            store.save(chain_id, self.node, state_document(chain_id, self.node, txs, head))
+            store.save(chain_id, self.node, state_document(chain_id, self.node, state))
 
         try:
             await asyncio.to_thread(save)

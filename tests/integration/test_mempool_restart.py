@@ -153,3 +153,48 @@ def test_a_collector_killed_after_an_inclusion_but_before_its_save_reports_no_dr
     assert again.block_number == 1
     wait_until(lambda: (s := saved()) is not None and s["pending"] == []
                and s["head_number"] == 1, 10, "the state to follow again")
+
+
+def test_a_reorg_while_the_collector_was_down_requeues_the_txs_of_the_dropped_blocks(
+    anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path: Path
+) -> None:
+    """The block holding a followed tx is reorged out while the collector is stopped: the
+    restarted block collector finds the reorg from its checkpoint, and the tracker, which
+    remembered that block across the restart, re-queues the tx."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
+            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
+    topic = f"{prefix}.mempool"
+    path = state / "mempool-31337-anvil1.json"
+    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
+    sender = rpc(anvil.http_url, "eth_accounts", [])[0]
+    tx = send(anvil, sender, 0, tip_gwei=1)
+    read_until(kafka, topic, lambda rs: tx in pending_hashes(rs), "the tx announced")
+    rpc(anvil.http_url, "evm_mine", [])
+    rpc(anvil.http_url, "anvil_mine", ["0x2"])
+    mined_in = rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])
+    assert mined_in["transactions"] == [tx]
+    read_until(kafka, topic, lambda rs: fates(rs).get(tx) == ["included"], "its inclusion")
+
+    def remembers_it() -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return data["head_number"] == 3 and any(
+            b["hash"] == mined_in["hash"] and [t["hash"] for t in b["seen"]] == [tx]
+            for b in data["blocks"])
+
+    wait_until(remembers_it, 10, "the state to remember the block that holds the tx")
+    first.stop()
+    rpc(anvil.http_url, "anvil_reorg", [3, []])  # blocks 1-3 replaced
+    assert rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])["hash"] != mined_in["hash"]
+
+    chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    records = read_until(kafka, topic, lambda rs: "requeued" in fates(rs).get(tx, []),
+                         "the tx re-queued after the restart")
+    assert fates(records)[tx][:2] == ["included", "requeued"]
+    [requeued] = [r for r in records if isinstance(r, TxLifecycle) and r.fate == "requeued"]
+    assert (requeued.block_number, requeued.block_hash) == (1, mined_in["hash"])

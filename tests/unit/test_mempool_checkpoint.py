@@ -20,7 +20,7 @@ from collector.checkpoint import FileCheckpointStore
 from collector.mempool import MempoolTracker
 from collector.mempool_service import MempoolCollector, MempoolConfig
 from tests.fakes import FlakyBus
-from tests.unit.test_mempool import GENESIS, block, fates, pending, raw_tx, tracking
+from tests.unit.test_mempool import GENESIS, block, fates, pending, raw_tx, reorg, tracking
 
 SENDER_B = "0x" + "cc" * 20
 
@@ -46,6 +46,39 @@ def test_a_restored_tracker_follows_its_txs_to_inclusion_and_to_a_drop():
     assert after.on_pool_contents(set(), now=520.0) == []  # the grace starts again
     assert fates(after.on_pool_contents(set(), now=550.0)) == [("dropped", lost.hash)]
     assert after.tracked_count == 0
+
+
+def test_a_reorg_found_after_a_restart_requeues_the_txs_of_the_dropped_blocks():
+    """The remembered blocks are saved too: a reorg that the restarted block collector
+    finds from its checkpoint (it happened while the collector was down) puts the txs of
+    the dropped block back as pending, as it would without the restart."""
+    mined, other = pending(0, at=100.0), pending(1, at=101.0)
+    before = tracking(mined, other)
+    one = block(1, GENESIS, mined, observed_at=110.0)
+    before.on_blocks([one], now=110.0)
+    after = MempoolTracker(1, "n")
+    after.restore(roundtrip(before), now=500.0)
+    assert after.export() == before.export()
+    assert after.on_pending(mined) == [], "known as included: a stale announcement"
+
+    replacement = block(1, GENESIS, branch="b")
+    [requeued] = after.on_blocks([reorg([one], replacement), replacement], now=510.0)
+    assert (requeued.fate, requeued.hash, requeued.block_hash) == ("requeued", mined.hash,
+                                                                   one.hash)
+    assert [t["hash"] for t in after.export()["pending"]] == [other.hash, mined.hash]
+
+
+def test_the_state_keeps_the_last_blocks_a_reorg_found_at_a_restart_can_drop():
+    from collector.mempool import SAVED_BLOCKS
+
+    tracker = MempoolTracker(1, "n")
+    parent = GENESIS
+    for number in range(1, SAVED_BLOCKS + 7):
+        b = block(number, parent)
+        tracker.on_blocks([b], now=float(number))
+        parent = b.hash
+    numbers = [b["number"] for b in tracker.export()["blocks"]]
+    assert numbers == list(range(7, SAVED_BLOCKS + 7))  # the newest, oldest first
 
 
 def test_restored_txs_older_than_drop_after_are_expired_with_their_dropped_records():
@@ -81,6 +114,12 @@ def _foreign(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         (_foreign(lambda d: d.update(pending={})), "pending is not a list"),
         (_foreign(lambda d: d.update(head_number="12")), "head_number '12' is not a height"),
         (_foreign(lambda d: d.update(head_number=-1)), "head_number -1 is not a height"),
+        (_foreign(lambda d: d.update(blocks={})), "blocks is not a list"),
+        (_foreign(lambda d: d.update(blocks=[{"hash": "0xab", "number": "1"}])),
+         "a remembered block is malformed"),
+        (_foreign(lambda d: d.update(blocks=[{"hash": "0xab", "number": 1, "hashes": [],
+                                               "seen": [{"hash": "0x1"}]}])),
+         "invalid tx in a block"),
         (_foreign(lambda d: d["pending"][0].pop("hash")), "invalid tx"),
         (_foreign(lambda d: d["pending"][0].update(node="other")), "a tx of another"),
     ],
