@@ -62,15 +62,32 @@ def fates(records: list[AnyRecord]) -> dict[str, list[str]]:
     return out
 
 
+class Collect:
+    """`chainwatch collect` on anvil and Kafka with its own topics and state dir; each
+    `start` is a new process (a restart) on the same state."""
+
+    def __init__(self, anvil: Anvil, kafka: KafkaBroker, procs, tmp_path: Path) -> None:
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.state = tmp_path / "state"
+        self.args = ["collect", *node_args(anvil, str(self.state)), "--kafka",
+                     kafka.bootstrap, "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
+        self.topic = f"{prefix}.mempool"
+        self.path = self.state / "mempool-31337-anvil1.json"  # the mempool state file
+        self.procs = procs
+        self.runs = 0
+
+    def start(self):
+        self.runs += 1
+        return self.procs(f"collect-{self.runs}", *self.args, "--metrics-port",
+                          str(free_port()), env=FAST)
+
+
 def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_down(
     anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path: Path
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    state = tmp_path / "state"
-    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
-            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
-    topic = f"{prefix}.mempool"
-    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    collect = Collect(anvil, kafka, chainwatch_procs, tmp_path)
+    topic = collect.topic
+    first = collect.start()
     wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
     a, b = rpc(anvil.http_url, "eth_accounts", [])[:2]
     doomed, mined = send(anvil, a, 0, tip_gwei=1), send(anvil, b, 0, tip_gwei=1)
@@ -79,7 +96,7 @@ def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_dow
 
     first.stop()  # SIGTERM: the last records are flushed, then the tracked txs saved
     assert first.proc is not None and first.proc.returncode == 0, first.output()[-2000:]
-    path = state / "mempool-31337-anvil1.json"
+    path = collect.path
     text = path.read_text()
     assert {t["hash"] for t in json.loads(text)["pending"]} == {doomed, mined}
     assert anvil.http_url not in text and anvil.ws_url not in text
@@ -90,7 +107,7 @@ def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_dow
     block = rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])
     assert block["transactions"] == [mined]
 
-    second = chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    second = collect.start()
     records = read_until(kafka, topic, lambda rs: doomed in fates(rs) and mined in fates(rs),
                          "the fates of both txs after the restart")
     assert fates(records) == {doomed: ["dropped"], mined: ["included"]}
@@ -112,13 +129,9 @@ def test_a_collector_killed_after_an_inclusion_but_before_its_save_reports_no_dr
     that still tracks the mined tx, while the block collector resumes after its block.
     The restarted collector fetches the blocks since the state's head again: the tx gets
     its `included` once more (same event id), never a `dropped`."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    state = tmp_path / "state"
-    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
-            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
-    topic = f"{prefix}.mempool"
-    path = state / "mempool-31337-anvil1.json"
-    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    collect = Collect(anvil, kafka, chainwatch_procs, tmp_path)
+    topic, path = collect.topic, collect.path
+    first = collect.start()
     wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
     sender = rpc(anvil.http_url, "eth_accounts", [])[0]
     mined = send(anvil, sender, 0, tip_gwei=1)
@@ -141,7 +154,7 @@ def test_a_collector_killed_after_an_inclusion_but_before_its_save_reports_no_dr
     first.kill9()
     path.write_text(stale)  # as if the kill had come before that save
 
-    second = chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    second = collect.start()
     records = read_until(kafka, topic, lambda rs: len(fates(rs).get(mined, [])) >= 2,
                          "the inclusion reported again after the restart")
     wait_until(lambda: "mempool state restored" in second.output(), 10, "the restore log")
@@ -161,13 +174,9 @@ def test_a_reorg_while_the_collector_was_down_requeues_the_txs_of_the_dropped_bl
     """The block holding a followed tx is reorged out while the collector is stopped: the
     restarted block collector finds the reorg from its checkpoint, and the tracker, which
     remembered that block across the restart, re-queues the tx."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    state = tmp_path / "state"
-    args = ["collect", *node_args(anvil, str(state)), "--kafka", kafka.bootstrap,
-            "--topic-prefix", prefix, "--metrics-host", "127.0.0.1"]
-    topic = f"{prefix}.mempool"
-    path = state / "mempool-31337-anvil1.json"
-    first = chainwatch_procs("collect-1", *args, "--metrics-port", str(free_port()), env=FAST)
+    collect = Collect(anvil, kafka, chainwatch_procs, tmp_path)
+    topic, path = collect.topic, collect.path
+    first = collect.start()
     wait_until(lambda: rpc(anvil.http_url, "txpool_status", []) is not None, 10, "anvil")
     sender = rpc(anvil.http_url, "eth_accounts", [])[0]
     tx = send(anvil, sender, 0, tip_gwei=1)
@@ -192,7 +201,7 @@ def test_a_reorg_while_the_collector_was_down_requeues_the_txs_of_the_dropped_bl
     rpc(anvil.http_url, "anvil_reorg", [3, []])  # blocks 1-3 replaced
     assert rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])["hash"] != mined_in["hash"]
 
-    chainwatch_procs("collect-2", *args, "--metrics-port", str(free_port()), env=FAST)
+    collect.start()
     records = read_until(kafka, topic, lambda rs: "requeued" in fates(rs).get(tx, []),
                          "the tx re-queued after the restart")
     assert fates(records)[tx][:2] == ["included", "requeued"]
