@@ -359,12 +359,21 @@ class MempoolCollector:
         await self._ingest(pending, now)
         # a tx demoted to queued (nonce gap) is still in the pool: not dropped
         hashes = {str(tx.get("hash", "")).lower() for tx in (*pending, *queued)}
-        if self._refetch_from is None and (self.chain_ok is None or self.chain_ok()):
+        if (self._refetch_from is None and (self.chain_ok is None or self.chain_ok())
+                and await self._delivered_through_head()):
             # A tx gone from the pool may be in a block not delivered yet: while the block
-            # collector fails (a node answering garbage for blocks only), or the blocks
-            # after a restored state are not fetched again yet, judging drops would call
-            # mined txs dropped once the grace period ran out.
+            # collector fails (a node answering garbage for blocks only) or lags behind
+            # the listing, or the blocks after a restored state are not fetched again yet,
+            # judging drops would call mined txs dropped once the grace period ran out.
             self._queue(self.tracker.on_pool_contents(hashes, now))
+
+    async def _delivered_through_head(self) -> bool:
+        """The tracker has been given every block the node had when the pool was listed
+        (asked after the listing): a tx gone from that listing is in one of them, or was
+        dropped. The block collector's own view of the node's head can be a poll old."""
+        assert self.tracker is not None
+        delivered = self.tracker.head_number
+        return delivered is not None and delivered >= await self.rpc.latest_number()
 
     async def _snapshot(self) -> None:
         assert self.tracker is not None

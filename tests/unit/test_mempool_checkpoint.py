@@ -375,8 +375,9 @@ def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns(
     metrics = Metrics()
     quick = MempoolConfig(poll_interval=0.02, reconcile_interval=0.05, drop_grace=0.2)
     with caplog.at_level(logging.WARNING, logger="chainwatch.collector.mempool"):
+        # the block collector goes on from block 5 (its checkpoint was at 4)
         run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick, metrics),  # type: ignore[arg-type]
-                          0, "A dropped")
+                          0, "A dropped", backfill=chain[4:])
     assert node.fetched == [2, 3, 3, 4]
     warnings = [r.error for r in caplog.records if r.levelno >= logging.WARNING]  # type: ignore[attr-defined]
     assert warnings[-1] == ("the mempool state is 7 blocks old; only 3 fetched again: "
@@ -391,6 +392,36 @@ def test_a_state_saved_before_it_had_a_head_restores_without_fetching_blocks():
     tracker = MempoolTracker(1, "n")
     assert tracker.restore(data, now=10.0) == []
     assert (tracker.tracked_count, tracker.restored_head) == (1, None)
+
+
+def test_a_tx_gone_from_the_pool_is_not_dropped_while_its_block_is_still_on_the_way(
+    tmp_path: Path,
+):
+    """The listing no longer holds A because the node mined it, but the block collector
+    has not delivered that block yet (its view of the node's head is a poll old): even
+    with no grace at all, A waits for the block and is included, not dropped."""
+    tx_a = raw_tx(0)
+    node, bus = Pool(tx_a), EmbeddedBus()
+    consumer = bus.consumer([Topics().mempool], "test")
+    no_grace = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1,
+                             reconcile_interval=0.02, drop_grace=0.0)
+    mempool = collector(node, bus, tmp_path, no_grace)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 1, "A")
+        node.txs, node.head = [], 1  # mined in block 1, which is not delivered yet
+        await asyncio.sleep(0.3)  # ~15 listings without A
+        assert mempool.tracker and mempool.tracker.tracked_count == 1, "A dropped"
+        mempool.on_chain([block(1, GENESIS, pending(0, at=1.0))])
+        await until(lambda: mempool.tracker and mempool.tracker.tracked_count == 0, "A gone")
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
+    assert fates(records) == [("included", tx_a["hash"])]
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"refs": []}', '{"pending": 1}',
