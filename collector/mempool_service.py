@@ -253,12 +253,12 @@ class MempoolCollector:
         """Export now, if the tracked set changed and nothing queued is unacknowledged
         (so no fate in the export is still waiting for the bus); write it in a thread."""
         tracker = self.tracker
+        # during a refetch the state's head would skip blocks not given to the tracker yet
         if (self.state is None or tracker is None or len(self.outbox)
                 or tracker.revision == self._saved_revision
-                or (self._saving is not None and not self._saving.done())):
+                or (self._saving is not None and not self._saving.done())
+                or self._refetch_from is not None):
             return None
-        if self._refetch_from is not None:
-            return None  # the head to fetch again from would be lost (not yet delivered)
         state = tracker.state()  # now; encoded and written in a thread
         self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
         self._saving = asyncio.get_running_loop().create_task(

@@ -404,13 +404,10 @@ class ArchiveSource(Source):
         block's payload is ~64 KB at mainnet size; reading them cost more than the replay
         of a short range): such rows come with payload None, for `screen` to reject.
         """
+        wanted = self._payload_wanted()
         for f in files:
             scan = pl.scan_parquet(f.path)
-            wanted = self._payload_wanted()
-            if wanted is None:
-                rows = self._rows(scan, pl.col("payload"))
-            else:
-                rows = self._rows_in_window(scan, wanted)
+            rows = self._rows(scan) if wanted is None else self._rows_in_window(scan, wanted)
             for kind, offset, payload, error, observed_at, number in rows:
                 self.read += 1
                 if kind == "finding" and not self.include_findings:
@@ -435,9 +432,8 @@ class ArchiveSource(Source):
         return ~((pl.col("type") == "block") & outside).fill_null(False)
 
     @staticmethod
-    def _rows(scan: pl.LazyFrame, payload: pl.Expr) -> Iterator[tuple[Any, ...]]:
-        lazy = scan.select("type", "offset", payload.alias("payload"), "error",
-                           "observed_at", "block_number")
+    def _rows(scan: pl.LazyFrame) -> Iterator[tuple[Any, ...]]:
+        lazy = scan.select("type", "offset", "payload", "error", "observed_at", "block_number")
         for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
             yield from chunk.iter_rows()
 
