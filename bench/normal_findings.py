@@ -7,8 +7,10 @@ normal blocks, narrow fee spread). This runs the live Detector (default configur
 warm-up, refits) over bench/synthetic's mainnet-shaped history, in which no anomaly is
 injected: lognormal tips (sigma 1.2), Zipf-like bots, 1 % missed slots. It prints each
 detector's findings per 1,000 blocks and, for the transaction model, how far the flagged
-txs' tips are from the median tip of their block: the fee_outlier scenario labels a tip
-of 50-1000x the market as an anomaly, and a lognormal market makes such tips by itself.
+txs' tips are from the median tip of their block, and how many txs' tips reach 5, 5.5
+and 6 market spreads in log space (`priority_fee_log_z`, whose cut is 6): the
+fee_outlier scenario labels a tip of 50-1000x a narrow market as an anomaly, and a
+lognormal market makes tips hundreds of times its median by itself.
 Blocks are generated as they are fed (~5 ms each), so memory stays flat.
 """
 
@@ -22,11 +24,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from bench.synthetic import stream
 from chainwatch.schema import Block, Finding
 from detector.tx_features import effective_tip
 
 BATCH_BLOCKS = 500  # replay's batch
+FEE_SPREADS = (5.0, 5.5, 6.0)  # tip log z-scores counted: the cut is 6
 
 
 def _batches(blocks: Iterator[Block]) -> Iterator[list[Block]]:
@@ -50,10 +55,19 @@ def run_seed(blocks: int, txs_per_block: float, seed: int) -> dict[str, Any]:
     by_detector: Counter[str] = Counter()
     by_severity: Counter[str] = Counter()
     tip_multiples: list[float] = []
+    fee_tail: Counter[float] = Counter()
+    txs = 0
     examples: dict[str, str] = {}
     started = time.monotonic()
     for batch in _batches(stream(blocks, txs_per_block, seed)):
         clock.now = batch[-1].observed_at
+        market = detector.tx_family(batch[0].chain_id).market  # what the batch is scored on
+        tips = np.array([effective_tip(t, b.base_fee_per_gas) or 0
+                         for b in batch for t in b.transactions], dtype=np.float64)
+        txs += len(tips)
+        if market.blocks:
+            spreads = market.tip_log_z(tips)
+            fee_tail.update({k: int((spreads >= k).sum()) for k in FEE_SPREADS})
         findings: list[Finding] = [*detector.process(list(batch)), *detector.tick()]
         flagged = {f.subject for f in findings if f.detector == "tx_iforest"}
         for block in batch if flagged else ():
@@ -74,6 +88,8 @@ def run_seed(blocks: int, txs_per_block: float, seed: int) -> dict[str, Any]:
         "by_detector": dict(by_detector.most_common()),
         "by_severity": dict(by_severity.most_common()),
         "tx_tip_multiple_of_block_median": _spread(tip_multiples),
+        "txs": txs,
+        "txs_with_tip_log_z_at_least": {str(k): fee_tail[k] for k in FEE_SPREADS},
         "wall_s": round(time.monotonic() - started, 1),
         "first_summary": examples,
     }
@@ -94,16 +110,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
     totals: Counter[str] = Counter()
-    blocks = 0
+    fee_tail: Counter[str] = Counter()
+    blocks = txs = 0
     for seed in args.seeds:
         result = run_seed(args.blocks, args.txs_per_block, seed)
         print(json.dumps(result), flush=True)
         totals.update(result["by_detector"])
+        fee_tail.update(result["txs_with_tip_log_z_at_least"])
         blocks += args.blocks
+        txs += result["txs"]
     print(f"{blocks} normal blocks, {sum(totals.values())} findings "
           f"({1000 * sum(totals.values()) / blocks:.2f} per 1,000 blocks):")
     for name, count in totals.most_common():
         print(f"  {name:<28} {count:>5}  {1000 * count / blocks:6.2f} per 1,000 blocks")
+    print(f"{txs} txs; tips at least k market spreads above the market in log space:")
+    for k, count in fee_tail.items():
+        rate = f"1 in {txs // count:,}" if count else "none"
+        print(f"  k = {k:<4} {count:>6} txs  ({rate})")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class BlockAnomalyModel:
         z_limit: float = 12.0,
         tail_factor: float = 0.0,
         median_scale: tuple[float, ...] | None = None,
+        feature_cuts: tuple[float, ...] | None = None,
         kind: str = "iforest",
         family: str = "block",
         pretrained: AnomalyDetector | None = None,
@@ -42,7 +43,7 @@ class BlockAnomalyModel:
         self.detector = pretrained or AnomalyDetector(
             family, feature_names, kind=kind, contamination=contamination, seed=seed,
             n_estimators=n_estimators, min_scale=min_scale, z_limit=z_limit,
-            tail_factor=tail_factor, median_scale=median_scale,
+            tail_factor=tail_factor, median_scale=median_scale, feature_cuts=feature_cuts,
         )
         # the last `history` rows learnt, as a ring buffer (the oldest row at `_next` once
         # full): one array instead of a deque of row views, which kept whole batch

@@ -15,9 +15,11 @@ training. A range guard covers both: a row whose robust z-score on any feature e
 `z_cut` is anomalous, with a score above the threshold that grows with the deviation.
 `z_cut` is `z_limit`, or with a `tail_factor` that many times the deviation the training
 rows themselves reach at the contamination quantile, if larger: "far beyond what this
-chain's normal traffic does" (MEV tips on mainnet reach 40 sigma in one tx of 1,000; a
-quiet devnet's stay under 10). A `median_scale` measures a feature's deviation in units
-of its own typical value at least (block intervals in slots).
+chain's normal traffic does". A feature with its own entry in `feature_cuts` has that cut
+instead (and is left out of the tail): a feature that is already a z-score against a
+live reference (a fee against the fee market, in log space) has a known scale. A
+`median_scale` measures a feature's deviation in units of its own typical value at least
+(block intervals in slots).
 """
 
 from __future__ import annotations
@@ -186,7 +188,8 @@ class Scored:
     scores: np.ndarray  # normalised to [0, 1]
     anomalous: np.ndarray  # bool
     threshold: float  # normalised threshold
-    max_z: np.ndarray  # each row's largest |robust z| over the features (the range guard's)
+    max_z: np.ndarray  # each row's largest |robust z| over the features
+    beyond: np.ndarray  # bool: some feature's |robust z| past its cut (the range guard fired)
 
 
 class AnomalyDetector:
@@ -205,6 +208,7 @@ class AnomalyDetector:
         z_limit: float = 12.0,
         tail_factor: float = 0.0,
         median_scale: tuple[float, ...] | None = None,
+        feature_cuts: tuple[float, ...] | None = None,
     ) -> None:
         if not 0 < contamination < 0.5:
             raise ValueError("contamination must be in (0, 0.5)")
@@ -219,6 +223,9 @@ class AnomalyDetector:
         self.z_limit = z_limit
         self.tail_factor = tail_factor
         self.tail_z = 0.0  # training rows' largest |z| at the contamination quantile
+        # per feature: its own cut, or 0 for the shared z_cut
+        self._feature_cuts = np.array(feature_cuts if feature_cuts
+                                      else [0.0] * len(feature_names))
         self._min_scale = np.array(min_scale if min_scale else [0.0] * len(feature_names))
         # a floor on each feature's scale as a fraction of its training median: a block
         # interval's deviation is measured in slots, not seconds (a missed slot is normal)
@@ -257,8 +264,9 @@ class AnomalyDetector:
         scale = np.where((q75 - q25) > 0, (q75 - q25) / 1.349, mad)
         floor = np.maximum(self._min_scale, self._median_scale * np.abs(self._median))
         self._scale = np.maximum(np.where(scale > 0, scale, 1.0), floor)
-        if self.tail_factor > 0 and len(train):
-            deviation = np.abs(self.robust_z(train)).max(axis=1)
+        shared = self._own_cuts() <= 0
+        if self.tail_factor > 0 and len(train) and shared.any():
+            deviation = np.abs(self.robust_z(train))[:, shared].max(axis=1)
             self.tail_z = float(np.quantile(deviation, 1.0 - self.contamination))
         self._estimator = estimator
         self._compiled = None
@@ -314,10 +322,20 @@ class AnomalyDetector:
 
     @property
     def z_cut(self) -> float:
-        """The deviation beyond which a row is anomalous whatever the model says."""
+        """The shared deviation beyond which a row is anomalous whatever the model says."""
         # models saved before the tail existed have neither attribute
         tail = getattr(self, "tail_factor", 0.0) * getattr(self, "tail_z", 0.0)
         return max(self.z_limit, tail)
+
+    def _own_cuts(self) -> np.ndarray:
+        own = getattr(self, "_feature_cuts", None)  # absent in models saved before it existed
+        return own if own is not None else np.zeros(len(self.feature_names))
+
+    @property
+    def cuts(self) -> np.ndarray:
+        """Each feature's cut: its own, or the shared z_cut."""
+        own = self._own_cuts()
+        return np.where(own > 0, own, self.z_cut)
 
     def score(self, x: np.ndarray) -> Scored:
         if self._estimator is None:
@@ -325,16 +343,17 @@ class AnomalyDetector:
         raw = self._raw(x)
         scores = np.clip((raw - self._lo) / self._span, 0.0, 1.0)
         threshold = float(np.clip((self._estimator.threshold_ - self._lo) / self._span, 0, 1))
-        max_z = np.abs(self.robust_z(x)).max(axis=1)
-        cut = self.z_cut
-        beyond = max_z > cut
-        guard = threshold + (1.0 - threshold) * (1.0 - cut / np.maximum(max_z, 1e-12))
+        z = np.abs(self.robust_z(x))
+        past = (z / self.cuts).max(axis=1)  # > 1: beyond a cut
+        beyond = past > 1.0
+        guard = threshold + (1.0 - threshold) * (1.0 - 1.0 / np.maximum(past, 1e-12))
         scores = np.where(beyond, np.maximum(scores, guard), scores)
-        return Scored(scores, (raw > self._estimator.threshold_) | beyond, threshold, max_z)
+        anomalous = (raw > self._estimator.threshold_) | beyond
+        return Scored(scores, anomalous, threshold, z.max(axis=1), beyond)
 
     def explain(self, row: np.ndarray, top: int = 3) -> tuple[FeatureDeviation, ...]:
         z = self.robust_z(row)
-        order = np.argsort(-np.abs(z))[:top]
+        order = np.argsort(-np.abs(z) / self.cuts, kind="stable")[:top]  # nearest its cut first
         return tuple(
             FeatureDeviation(feature=self.feature_names[i], value=float(row[i]),
                              normal=float(self._median[i]), deviation=round(float(z[i]), 3))
@@ -353,6 +372,7 @@ class AnomalyDetector:
             "trained_rows": self.trained_rows,
             "contamination": self.contamination,
             "seed": self.seed,
+            "feature_cuts": [float(c) for c in self.cuts],
             "version": self.version,
             "chainwatch_version": __version__,
         }

@@ -143,7 +143,8 @@ def train_tx_model(
     model = AnomalyDetector("tx", TX_FEATURES, kind=kind, contamination=contamination,
                             seed=seed, min_scale=TX_FEATURE_MIN_SCALE,
                             z_limit=config.tx_min_deviation,
-                            tail_factor=config.tx_tail_factor)
+                            tail_factor=config.tx_tail_factor,
+                            feature_cuts=config.tx_feature_cuts())
     model.fit(x, {"first_block": history.first_block, "last_block": history.last_block,
                   "rows": len(x)})
     return model

@@ -28,8 +28,8 @@ from chainwatch.schema import Block, PendingTx, TxSummary
 
 TX_FEATURES: tuple[str, ...] = (
     "priority_fee_percentile",
-    "priority_fee_z",
-    "gas_price_z",
+    "priority_fee_log_z",
+    "gas_price_log_z",
     "log_value",
     "gas_limit_log",
     "input_size_log",
@@ -40,6 +40,9 @@ TX_FEATURES: tuple[str, ...] = (
     "replacement_count",
     "time_pending_seconds",
 )
+
+# The fee features measured in log space against the market (see FeeMarket.tip_log_z).
+TX_FEE_FEATURES: tuple[str, ...] = ("priority_fee_log_z", "gas_price_log_z")
 
 # Smallest meaningful deviation of each feature, in its own unit (see BLOCK_FEATURE_MIN_SCALE):
 # percentiles move in 5% steps, logs in fractions of e, a pending time in about one block.
@@ -78,6 +81,9 @@ TX_FRAME_SCHEMA: dict[str, type[pl.DataType]] = {
 
 _I64_MAX = 2**63 - 1
 _IQR_TO_SIGMA = 1.349  # IQR of a normal distribution in standard deviations
+# A fee far below the market is not an abnormal tx (it waits, or is never mined: the
+# censorship rule's concern); only the high side of the log fee z-scores can go far out.
+LOG_Z_CLIP = 3.0
 _NO_SELECTOR = ""  # key for txs without a 4-byte selector (plain transfers)
 
 
@@ -272,19 +278,29 @@ class _BatchWindow:
         out = (below + at_or_below) / (2.0 * len(window))
         return np.where(np.isnan(x), np.nan, out)
 
-    def robust_z(self, x: np.ndarray, min_scale: float) -> np.ndarray:
-        """(x - median) / max(IQR / 1.349, min_scale): robust to the fat tails of fees."""
+    def log_robust_z(self, x: np.ndarray, floor: float, min_scale: float) -> np.ndarray:
+        """Robust z of log(x + floor) against the window's: (log x' - median) / max(IQR/1.349,
+        min_scale), below-median values clipped at -LOG_Z_CLIP.
+
+        Quartiles are taken of the raw window and then logged (log is monotone: the same
+        order statistics, without logging the whole window per call).
+        """
         window = self.values
         x = np.asarray(x, dtype=np.float64)
         if len(window) == 0:
             return np.full(x.shape, np.nan)
-        q1, median, q3 = np.quantile(window, [0.25, 0.5, 0.75])
+        q1, median, q3 = np.log(np.quantile(window, [0.25, 0.5, 0.75]) + floor)
         scale = max((q3 - q1) / _IQR_TO_SIGMA, min_scale)
-        return (x - median) / scale
+        z = (np.log(np.maximum(x, 0.0) + floor) - median) / scale
+        return np.maximum(z, -LOG_Z_CLIP)
 
 
 class FeeMarket:
     """Tips and fee caps of the last `window_blocks` blocks: what "a normal fee" is now.
+
+    Fees are compared in log space: a fee market is lognormal-like (mainnet tips spread
+    over orders of magnitude), so "how many market spreads above the median" is a ratio
+    of fees, and a tip 100x a wide market is ordinary where 50x a narrow one is not.
 
     A block is learnt once per hash (several nodes report the same block). Empty blocks
     take a window slot without adding values: the window is "the last N blocks".
@@ -294,12 +310,14 @@ class FeeMarket:
         self,
         window_blocks: int = 50,
         *,
-        tip_min_scale: float = 1e8,  # 0.1 gwei: finer tip differences are noise
-        fee_cap_min_scale: float = 1e9,  # 1 gwei
+        tip_floor: float = 1e8,  # 0.1 gwei: finer tip differences are noise
+        fee_cap_floor: float = 1e9,  # 1 gwei
+        log_min_scale: float = 0.5,  # a uniform market: one spread is a factor of ~1.6
     ) -> None:
         self.window_blocks = window_blocks
-        self.tip_min_scale = tip_min_scale
-        self.fee_cap_min_scale = fee_cap_min_scale
+        self.tip_floor = tip_floor
+        self.fee_cap_floor = fee_cap_floor
+        self.log_min_scale = log_min_scale
         self._tips = _BatchWindow(window_blocks)
         self._caps = _BatchWindow(window_blocks)
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -350,13 +368,13 @@ class FeeMarket:
         """Empirical (mid-rank) percentile in [0, 1] of each tip; NaN while the window is empty."""
         return self._tips.percentile(tips)
 
-    def tip_z(self, tips: np.ndarray) -> np.ndarray:
-        """Robust z-score of each tip against the window (NaN while empty)."""
-        return self._tips.robust_z(tips, self.tip_min_scale)
+    def tip_log_z(self, tips: np.ndarray) -> np.ndarray:
+        """Robust z-score of each log tip against the window's (NaN while empty)."""
+        return self._tips.log_robust_z(tips, self.tip_floor, self.log_min_scale)
 
-    def fee_cap_z(self, caps: np.ndarray) -> np.ndarray:
-        """Robust z-score of each offered fee cap against the window (NaN while empty)."""
-        return self._caps.robust_z(caps, self.fee_cap_min_scale)
+    def fee_cap_log_z(self, caps: np.ndarray) -> np.ndarray:
+        """Robust z-score of each log fee cap against the window's (NaN while empty)."""
+        return self._caps.log_robust_z(caps, self.fee_cap_floor, self.log_min_scale)
 
 
 class SelectorStats:
@@ -540,16 +558,16 @@ def tx_features(
     since = pl.coalesce(_mapped(frame, "hash", pending_since), pl.col("first_seen_at"))
     out = frame.with_columns(
         pl.Series("priority_fee_percentile", market.percentile_of(tips), pl.Float64),
-        pl.Series("priority_fee_z", market.tip_z(tips), pl.Float64),
-        pl.Series("gas_price_z", market.fee_cap_z(caps), pl.Float64),
+        pl.Series("priority_fee_log_z", market.tip_log_z(tips), pl.Float64),
+        pl.Series("gas_price_log_z", market.fee_cap_log_z(caps), pl.Float64),
         pl.Series("selector_rarity", selectors.rarity(frame["method_id"]), pl.Float64),
         sender["sender_rate"],
         sender["last_nonce"],
     ).select(
         pl.col("hash"),
         pl.col("priority_fee_percentile").fill_nan(None),
-        pl.col("priority_fee_z").fill_nan(None),
-        pl.col("gas_price_z").fill_nan(None),
+        pl.col("priority_fee_log_z").fill_nan(None),
+        pl.col("gas_price_log_z").fill_nan(None),
         (pl.col("value") / 1e9).log1p().alias("log_value"),  # log(1 + gwei): dust ~ 0
         pl.col("gas").log1p().alias("gas_limit_log"),
         pl.col("input_size").cast(pl.Float64).log1p().alias("input_size_log"),

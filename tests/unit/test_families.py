@@ -72,8 +72,23 @@ def test_a_fat_finger_tip_is_flagged_with_its_explanation(normal):
     })
     found = by(run.feed([with_txs(last, [outlier])]), "tx_iforest")
     assert [f.subject for f in found] == [outlier.hash]
-    assert found[0].family == "tx" and found[0].explanation[0].feature == "priority_fee_z"
+    assert found[0].family == "tx" and found[0].explanation[0].feature == "priority_fee_log_z"
     assert found[0].score >= found[0].threshold
+
+
+def test_a_tip_in_a_wide_markets_own_tail_is_not_flagged(normal):
+    """300x the median tip is ~5.6 spreads out in log on a lognormal market (sigma 1.2):
+    1 tx in ~10^5 does that by itself. Linear z-scores put it at ~220 sigma, past the cut."""
+    run = Run()
+    run.feed(normal[:-1])
+    last = normal[-1]
+    template = next(t for t in last.transactions if t.max_priority_fee_per_gas)
+    tip = 150 * 10**9
+    tail = template.model_copy(update={
+        "hash": "0x" + "f1" * 32, "max_priority_fee_per_gas": tip,
+        "max_fee_per_gas": tip + 10 * (last.base_fee_per_gas or 0),
+    })
+    assert by(run.feed([with_txs(last, [tail])]), "tx_iforest") == []
 
 
 def test_one_sender_filling_a_block_is_a_spam_burst(normal):

@@ -195,6 +195,24 @@ def test_the_deviation_cut_follows_the_training_tail():
     assert cuts["quiet"] == 20.0 and cuts["heavy"] > 60.0
 
 
+def test_a_feature_with_its_own_cut_is_judged_by_it_and_left_out_of_the_tail():
+    """The heavy-tailed feature has its own cut (6): it no longer lifts the shared cut of
+    the others, so 30 sigma on a quiet feature is flagged; 7 sigma on it is flagged too
+    (its robust scale is ~1.35: 10 is ~7.4 sigma, 7 is ~5.2)."""
+    rng = np.random.default_rng(5)
+    train = rng.normal(0.0, 1.0, size=(4_000, 3))
+    train[:, 0] = rng.standard_t(1.2, size=4_000)
+    model = AnomalyDetector("tx", ("a", "b", "c"), contamination=0.001, seed=1,
+                            z_limit=20.0, tail_factor=3.0, feature_cuts=(6.0, 0.0, 0.0))
+    model.fit(train)
+    assert model.z_cut == 20.0 and model.cuts.tolist() == [6.0, 20.0, 20.0]
+    scored = model.score(np.array([[10.0, 0.0, 0.0], [0.0, 30.0, 0.0], [7.0, 15.0, 0.0]]))
+    assert scored.beyond.tolist() == [True, True, False]
+    assert scored.anomalous[:2].all()
+    # explained nearest its cut first: 5.2 of 6 on "a" before 15 of 20 on "b"
+    assert [e.feature for e in model.explain(np.array([7.0, 15.0, 0.0]))][:2] == ["a", "b"]
+
+
 def test_train_reads_an_archive_directory_as_it_reads_the_same_records_in_jsonl(tmp_path):
     from bench.synthetic import generate
     from chainwatch.bootstrap import run_train

@@ -119,12 +119,20 @@ def test_fee_market_percentile_is_mid_rank_against_the_window():
     assert math.isnan(pct[4])
 
 
-def test_fee_market_robust_z_uses_median_and_iqr():
-    market = FeeMarket()
-    market.update([block(1, tuple(legacy(i, t) for i, t in enumerate((1, 2, 3, 4))))])
-    # q1 = 1.75, median = 2.5, q3 = 3.25 gwei: scale = 1.5 gwei / 1.349
-    z = market.tip_z(np.array([2.5, 4.0]) * GWEI)
-    assert z == pytest.approx([0.0, 1.349])
+def test_fee_market_log_z_is_in_market_spreads_with_low_fees_clipped():
+    market = FeeMarket()  # tip floor 0.1 gwei, log scale at least 0.5
+    market.update([block(1, tuple(legacy(i, t) for i, t in enumerate((1, 2, 4, 8))))])
+    # quartiles 1.75, 3, 5 gwei: log(5.1 / 1.85) / 1.349 = 0.75 market spreads in log
+    scale = math.log(5.1 / 1.85) / 1.349
+    z = market.tip_log_z(np.array([3.0, 30.9, 309.9, 0.0]) * GWEI)
+    assert z[:3] == pytest.approx([0.0, math.log(10) / scale, math.log(100) / scale])
+    assert z[3] == -3.0  # log(0.1 / 3.1) / 0.75 = -4.6: a cheap tx is not far out
+    # a uniform market: the spread's floor (0.5) keeps a 10x tip from being 30 spreads out
+    uniform = FeeMarket()
+    uniform.update([block(1, tuple(legacy(i, 2) for i in range(8)))])
+    assert uniform.tip_log_z(np.array([20.9 * GWEI])) == pytest.approx(
+        [math.log(21.0 / 2.1) / 0.5]
+    )
 
 
 def test_fee_market_keeps_only_the_last_blocks_and_learns_a_block_once():
@@ -142,7 +150,8 @@ def test_fee_market_keeps_only_the_last_blocks_and_learns_a_block_once():
 def test_fee_market_is_unknown_before_any_block():
     market = FeeMarket()
     assert np.isnan(market.percentile_of(np.array([1.0]))).all()
-    assert np.isnan(market.tip_z(np.array([1.0]))).all()
+    assert np.isnan(market.tip_log_z(np.array([1.0]))).all()
+    assert np.isnan(market.fee_cap_log_z(np.array([1.0]))).all()
 
 
 def test_selector_rarity_is_minus_log_of_smoothed_frequency():
