@@ -121,6 +121,7 @@ class FamilyConfig:
     # a takeover: binomial tail of a producer's recent count against its past share
     surge_windows: tuple[int, ...] = (3, 4, 5, 6, 8, 12, 16, 24, 32)
     surge_alpha: float = 1e-6
+    surge_newcomer_alpha: float = 1e-5  # a producer absent from the window before
     # blocks a miner rule may pause before its condition counts as a new episode
     miner_episode_hold: int = 8
     # censorship: a top-decile tip left out by this many blocks that had room for it
@@ -442,7 +443,8 @@ class MinerFamily:
         hits = miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
         hits += self._empty_blocks()
         hits += miner_surge_rule(producers, chain_id=head.chain_id, node=head.node,
-                                 head=head.number, windows=c.surge_windows, alpha=c.surge_alpha)
+                                 head=head.number, windows=c.surge_windows, alpha=c.surge_alpha,
+                                 newcomer_alpha=c.surge_newcomer_alpha)
         active = {(h.rule, h.subject): str(head.number) for h in hits}
         started = self.episodes.update("rules", active)
         for h in hits:

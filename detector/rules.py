@@ -377,6 +377,7 @@ def miner_surge_rule(
     head: int,
     windows: Sequence[int] = (3, 4, 5, 6, 8, 12, 16, 24, 32),
     alpha: float = 1e-6,
+    newcomer_alpha: float = 1e-5,
     min_prior: int = 24,
 ) -> list[RuleHit]:
     """Producers that suddenly make far more of the recent blocks than their history allows.
@@ -385,12 +386,15 @@ def miner_surge_rule(
     recent window of n blocks, a miner's count k is tested against its record before that
     window: the chance of k or more under a Beta(seen + 1/2, unseen + 1/2) belief about
     its share (Jeffreys prior; a beta-binomial tail), so a newcomer is not judged against
-    a share of zero, and a share estimated from few blocks counts as uncertain. A producer
-    absent from the last ~100 blocks that makes the next four is flagged (chance ~7e-8);
-    a known producer's takeover needs ~6-10 blocks; the share rule needs ~50. The chance
-    of a false alarm per miner and window stays under `alpha`.
+    a share of zero, and a share estimated from few blocks counts as uncertain. The chance
+    of a false alarm per miner and window stays under `alpha`, or `newcomer_alpha` for a
+    producer absent from the blocks before the window: such a producer's true share is
+    small, so it makes 3 of 4 blocks by chance far less often than the rule's prior says
+    (~4 share^3), and a takeover with an honest block in its first four is flagged by its
+    fourth (chance 6.9e-6; 3 in a row 1.8e-6). A known producer's takeover needs ~6-10
+    blocks; the share rule needs ~50.
     """
-    best: dict[str, tuple[float, int, int, float]] = {}  # miner -> (p, k, n, p0)
+    best: dict[str, tuple[float, int, int, float, float]] = {}  # miner -> (p, k, n, p0, limit)
     for n in windows:
         prior = miners[:-n]
         if len(prior) < min_prior:
@@ -409,12 +413,13 @@ def miner_surge_rule(
             if k <= n * p0:
                 continue
             p = beta_binomial_tail(k, n, seen, unseen)
-            if p < alpha and p < best.get(miner, (1.0, 0, 0, 0.0))[0]:
-                best[miner] = (p, k, n, p0)
+            limit = newcomer_alpha if miner not in prior_counts else alpha
+            if p < limit and p < best.get(miner, (1.0, 0, 0, 0.0, 0.0))[0]:
+                best[miner] = (p, k, n, p0, limit)
     out: list[RuleHit] = []
-    for miner, (p, k, n, p0) in sorted(best.items()):
-        # -log10(p) at alpha scores 0.5, at alpha squared 1.0
-        score = min(math.log10(max(p, 1e-300)) / (2 * math.log10(alpha)), 1.0)
+    for miner, (p, k, n, p0, limit) in sorted(best.items()):
+        # -log10(p) at the limit scores 0.5, at the limit squared 1.0
+        score = min(math.log10(max(p, 1e-300)) / (2 * math.log10(limit)), 1.0)
         out.append(RuleHit(
             rule="miner_surge_rule", family="miner",
             severity="critical" if k / n > 0.5 else "warning",

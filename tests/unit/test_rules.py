@@ -204,6 +204,24 @@ def test_a_takeover_is_a_surge_but_a_big_regular_producer_is_not():
     assert miner_surge_rule([*small, big, big, big], chain_id=1, node="n1", head=63) == []
 
 
+def test_a_newcomers_takeover_with_an_honest_block_in_it_is_flagged_by_its_fourth_block():
+    """3 of 4 by a producer absent from the 96 blocks before: chance ~8e-6 under the rule's
+    belief, under newcomer_alpha (1e-5), not under alpha (1e-6)."""
+    taker = "0x" + "ab" * 20
+    history = _rotation(96)
+    blocks = [*history, taker, taker, history[0], taker]
+    found = miner_surge_rule(blocks, chain_id=1, node="n1", head=100)
+    assert [(h.subject, h.details["blocks"], h.details["window_blocks"]) for h in found] == [
+        (taker, 3, 4)
+    ]
+    assert found[0].score >= 0.5  # at its own limit the score is 0.5
+    assert miner_surge_rule(blocks, chain_id=1, node="n1", head=100, newcomer_alpha=1e-6) == []
+    # the same 3 of 4 by a producer seen once in those 96 blocks is judged under alpha
+    seen_once = [taker, *history[1:]]
+    assert miner_surge_rule([*seen_once, taker, taker, history[0], taker], chain_id=1,
+                            node="n1", head=100) == []
+
+
 def test_too_little_history_gives_no_surge():
     taker = "0x" + "ab" * 20
     assert miner_surge_rule([*_rotation(10), *[taker] * 8], chain_id=1, node="n1",
