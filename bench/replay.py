@@ -159,13 +159,15 @@ def model_floor(blocks: int, txs_per_block: float, repeats: int) -> dict[str, ob
     """The tx model's own cost per 10M txs: scoring each tx once, and the refits.
 
     Whatever the rest of replay costs, these two are paid at the configured schedule
-    (FamilyConfig: a refit every tx_refit_every txs on the last tx_history, each scoring
-    its training rows once for PyOD's threshold). CPU seconds count every thread; the
-    floor divides them by the cores this process may use, as if perfectly parallel.
+    (FamilyConfig: refits at growing intervals up to every tx_refit_every txs, on the last
+    tx_history, each scoring its training rows once for PyOD's threshold). CPU seconds
+    count every thread; the floor divides them by the cores this process may use, as if
+    perfectly parallel.
     """
     from chainwatch.metrics import Metrics
     from detector.engine import Detector, DetectorConfig
     from detector.families import FamilyConfig
+    from detector.model import fits_within
     from replay.driver import ReplayClock
 
     clock = ReplayClock()
@@ -190,7 +192,7 @@ def model_floor(blocks: int, txs_per_block: float, repeats: int) -> dict[str, ob
     fit_wall, fit_cpu = timed(lambda: model.detector.fit(rows))
     score_wall, score_cpu = timed(lambda: model.detector.score(batch))
     per_10m = 10_000_000
-    refits = per_10m / config.tx_refit_every
+    refits = fits_within(per_10m, config.tx_warmup, config.tx_refit_every)
     cpu = refits * fit_cpu + per_10m / len(batch) * score_cpu
     cores = len(os.sched_getaffinity(0))
     return {

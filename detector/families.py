@@ -93,7 +93,9 @@ class FamilyConfig:
     # isolation forest saturates on points far beyond its training range, so the
     # detector's z guard makes such a point anomalous whatever the trees say
     tx_warmup: int = 2_000
-    tx_refit_every: int = 50_000
+    # refits at 2k, 4k, 8k ... txs, then every 200k (~1,300 mainnet blocks) on the last 50k:
+    # every 50k cost 75 CPU-s per 10M txs in refits alone (`python -m bench.replay model`)
+    tx_refit_every: int = 200_000
     tx_history: int = 50_000
     tx_contamination: float = 0.001
     # robust z of the most unusual non-fee feature: at least tx_min_deviation, and

@@ -267,3 +267,19 @@ def test_block_intervals_deviate_in_slots_so_a_missed_slot_is_not_an_outlier():
         z_interval[median_scale is not None] = model.robust_z(np.array([missed, stall]))[:, 0]
     assert list(z_interval[False]) == [12.0, 72.0]  # seconds: 1 s scale
     assert list(z_interval[True]) == [1.0, 6.0]  # slots: 12 s scale
+
+
+def test_the_live_model_refits_at_growing_intervals_up_to_refit_every():
+    """Fits after warm-up, then after as many new rows as seen in all, at most refit_every."""
+    from detector.model import BlockAnomalyModel, fits_within
+
+    model = BlockAnomalyModel(("a", "b"), warmup=10, refit_every=50, history=40,
+                              n_estimators=10)
+    rows = normal_rows(400)[:, :2]
+    fitted_at = [5 * (i + 1) for i in range(len(rows) // 5)
+                 if model.learn(rows[5 * i : 5 * i + 5])]
+    assert fitted_at == [10, 20, 40, 80, 130, 180, 230, 280, 330, 380]
+    assert fits_within(400, 10, 50) == 10 and fits_within(9, 10, 50) == 0
+    assert model.fits == 10 and model.detector.trained_rows == 40  # the last `history` rows
+    frozen = BlockAnomalyModel(("a", "b"), warmup=10, pretrained=model.detector)
+    assert not frozen.learn(rows[:50]) and frozen.fits == 0
