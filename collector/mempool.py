@@ -206,18 +206,21 @@ class TrackerState:
     blocks: tuple[RememberedBlock, ...] = ()  # oldest first
 
 
-def state_document(chain_id: int, node: str, state: TrackerState) -> dict[str, Any]:
+def state_document(chain_id: int, node: str, state: TrackerState,
+                   journal_from: int | None = None) -> dict[str, Any]:
     """What `MempoolTracker.restore` reads: the tracked txs, the head of the last block
     delivery they reflect, and the remembered blocks (so a reorg found after a restart
     still re-queues their txs). Absence timers are left out: a restored tx gets the whole
     grace again (its block may not be backfilled yet). Blocks after `head_number` are
-    fetched again after a restart (see MempoolCollector)."""
+    fetched again after a restart, and the announcements acknowledged after the state are
+    read from the journal generations from `journal_from` on (see MempoolCollector)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "chain_id": chain_id,
         "node": node,
         "head_number": state.head_number,
+        "journal_from": journal_from,
         "pending": [tx.model_dump(mode="json") for tx in state.txs],
         "blocks": [{"hash": b.hash, "number": b.number, "hashes": list(b.hashes),
                     "seen": [tx.model_dump(mode="json") for tx in b.seen]}

@@ -15,6 +15,11 @@ block collector resumes from its own checkpoint, which may be newer than the sta
 the blocks after the state's head are fetched again for the tracker (at most
 `MAX_REFETCH_BLOCKS`): a restored tx mined in one of them gets its `included` record
 (again, with the same event id, if it was published before the kill), not a `dropped`.
+The txs announced after the last save are not in the state: each announcement the bus
+acknowledges is appended to a journal beside it (`mempool-<chain>-<node>.journal.<n>`,
+a new generation per save, the older ones deleted once the state is written), and a
+restart tracks them again from it, so a tx announced just before a kill and mined while
+the collector was down still gets its `included` record.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from typing import Any
 from chainwatch.bus import Bus, Topics
 from chainwatch.exceptions import (
     ConfigError,
+    InvalidRecord,
     MalformedRpcPayload,
     RpcError,
     RpcMethodUnsupported,
 )
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, Reorg, TxLifecycle
-from collector.checkpoint import FileCheckpointStore
+from chainwatch.schema import AnyRecord, Block, PendingTx, Reorg, TxLifecycle, decode
+from collector.checkpoint import FileCheckpointStore, JournalStore
 from collector.mempool import (
     MempoolTracker,
     TrackerState,
@@ -88,8 +94,11 @@ class MempoolCollector:
         self.ws_url = ws_url
         self.clock = clock
         self.state = state  # where the tracked txs outlive a restart; None: they do not
+        # announcements acknowledged since the last save (see the module docstring)
+        self.journal = JournalStore(state.directory, state.prefix) if state else None
+        self._journal_generation = 0  # the generation appended to now
         self.outbox = Outbox(bus, topics.mempool, max_records=config.max_outbox,
-                             on_idle=self._save_if_due)
+                             on_idle=self._save_if_due, on_sent=self._journal_sent)
         self.tracker: MempoolTracker | None = None
         self.subscription: Subscription | None = None
         self._txpool_supported = True
@@ -124,25 +133,69 @@ class MempoolCollector:
         return self.tracker
 
     def _restore(self, tracker: MempoolTracker) -> list[TxLifecycle]:
-        """The txs the last run saved; an unreadable or foreign file is a counted warning
-        and a fresh start (it is overwritten at the first save), never a crash loop."""
-        assert self.state is not None
-        name = self.state.path(tracker.chain_id, self.node).name
+        """The txs the last run saved, and those its journal holds; an unreadable or
+        foreign file is a counted warning and a fresh start (it is overwritten at the first
+        save), never a crash loop."""
+        assert self.state is not None and self.journal is not None
+        chain_id = tracker.chain_id
+        name = self.state.path(chain_id, self.node).name
+        generations = [g for g, _ in self.journal.generations(chain_id, self.node)]
+        self._journal_generation = max(generations, default=0) + 1
         try:
-            data = self.state.read(tracker.chain_id, self.node)
-            expired = tracker.restore(data, self.clock()) if data is not None else []
+            data = self.state.read(chain_id, self.node)
+            out: list[TxLifecycle] = (tracker.restore(data, self.clock())
+                                      if data is not None else [])
+            first = (data or {}).get("journal_from") or 0
+            if type(first) is not int or first < 0:
+                raise ValueError(f"mempool state: journal_from {first!r} is not a generation")
+            lines = self.journal.read(chain_id, self.node, first)
         except (ConfigError, ValueError) as exc:
             self.metrics.collector_errors.labels(self.node, "malformed").inc()
             log.warning("mempool state ignored, starting fresh",
                         extra={"node": self.node, "file": name, "error": str(exc)})
             return []
-        if data is not None:
+        journaled = self._track_journaled(tracker, lines, out)
+        if data is not None or journaled:
             log.info("mempool state restored", extra={
                 "node": self.node, "file": name, "tracked": tracker.tracked_count,
-                "expired": len(expired), "head": tracker.restored_head})
+                "journaled": journaled, "expired": len(out), "head": tracker.restored_head})
             if tracker.restored_head is not None and tracker.tracked_count:
                 self._refetch_from = tracker.restored_head + 1
-        return expired
+        return out
+
+    def _track_journaled(self, tracker: MempoolTracker, lines: list[bytes],
+                         out: list[TxLifecycle]) -> int:
+        """Track the journal's txs again, as announcements already published: their
+        `pending_tx` records are not sent twice, a replacement's `replaced` record is (with
+        its event id: a duplicate for consumers). A line a kill cut short is a counted skip."""
+        tracked, bad = 0, 0
+        for line in lines:
+            try:
+                tx = decode(line)
+            except InvalidRecord:
+                bad += 1
+                continue
+            if not isinstance(tx, PendingTx) or (tx.chain_id, tx.node) != (tracker.chain_id,
+                                                                           self.node):
+                bad += 1
+                continue
+            records = tracker.on_pending(tx)
+            tracked += bool(records)
+            out.extend(r for r in records if isinstance(r, TxLifecycle))
+        if bad:
+            self._error("malformed", f"{bad} unreadable line(s) in the mempool journal skipped")
+        return tracked
+
+    def _journal_sent(self, records: list[AnyRecord], payloads: list[bytes]) -> None:
+        """The outbox's hook: append the acknowledged announcements to the journal."""
+        tracker = self.tracker
+        if self.journal is None or tracker is None:
+            return
+        lines = [p for r, p in zip(records, payloads, strict=True) if isinstance(r, PendingTx)]
+        try:
+            self.journal.append(tracker.chain_id, self.node, self._journal_generation, lines)
+        except OSError as exc:  # disk full, state dir gone: counted; the state still saves
+            self._error("internal", f"cannot append to the mempool journal: {exc}")
 
     async def _seed_head(self) -> None:
         """Before the first listing, with no block delivered yet: the node's head. Every tx
@@ -260,18 +313,23 @@ class MempoolCollector:
                 or self._refetch_from is not None):
             return None
         state = tracker.state()  # now; encoded and written in a thread
+        # announcements acknowledged from now on are not in `state`: a new generation
+        self._journal_generation += 1
         self._saved_revision, self._saved_at = tracker.revision, time.monotonic()
         self._saving = asyncio.get_running_loop().create_task(
-            self._write(tracker.chain_id, state))
+            self._write(tracker.chain_id, state, self._journal_generation))
         return self._saving
 
-    async def _write(self, chain_id: int, state: TrackerState) -> None:
-        """Encode and save off the event loop (~0.15 s for 50k txs)."""
-        store = self.state
-        assert store is not None
+    async def _write(self, chain_id: int, state: TrackerState, journal_from: int) -> None:
+        """Encode and save off the event loop (~0.15 s for 50k txs); then the journal
+        generations the state covers go."""
+        store, journal = self.state, self.journal
+        assert store is not None and journal is not None
 
         def save() -> None:
-            store.save(chain_id, self.node, state_document(chain_id, self.node, state))
+            store.save(chain_id, self.node,
+                       state_document(chain_id, self.node, state, journal_from))
+            journal.drop_before(chain_id, self.node, journal_from)
 
         try:
             await asyncio.to_thread(save)

@@ -11,7 +11,9 @@ in front of the outbox.
 
 `on_idle` is called, synchronously, each time a flush leaves nothing unacknowledged:
 the moment when state derived from the queued records (the mempool tracker's) may be
-checkpointed without running ahead of the bus.
+checkpointed without running ahead of the bus. `on_sent` is called, synchronously, with
+each batch the bus acknowledged (records and their encoded payloads), before it leaves
+the queue: the mempool collector journals its acknowledged announcements there.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Outbox:
         max_records: int = 100_000,
         on_drop: Callable[[AnyRecord, str], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        on_sent: Callable[[list[AnyRecord], list[bytes]], None] | None = None,
     ) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
@@ -54,6 +57,7 @@ class Outbox:
         self.max_records = max_records
         self.on_drop = on_drop  # (record, reason) for each record refused
         self.on_idle = on_idle  # everything queued so far is acknowledged
+        self.on_sent = on_sent  # (records, payloads) of each acknowledged batch
         self.dropped = 0
         self._queue: deque[AnyRecord] = deque()
         self._ready = asyncio.Event()
@@ -103,6 +107,8 @@ class Outbox:
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 0.5
+            if self.on_sent is not None:
+                self.on_sent(chunk, [payload for _, _, payload in messages])
             for _ in chunk:
                 self._queue.popleft()
             if self._full and len(self._queue) < self.max_records:

@@ -76,10 +76,17 @@ class Collect:
         self.procs = procs
         self.runs = 0
 
-    def start(self):
+    def start(self, **env: str):
         self.runs += 1
         return self.procs(f"collect-{self.runs}", *self.args, "--metrics-port",
-                          str(free_port()), env=FAST)
+                          str(free_port()), env={**FAST, **env})
+
+    def saved(self) -> dict | None:
+        """The mempool state file's document; None while there is none (or mid-write)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def test_a_restarted_collector_reports_the_txs_dropped_or_mined_while_it_was_down(
@@ -136,12 +143,7 @@ def test_a_collector_killed_after_an_inclusion_but_before_its_save_reports_no_dr
     sender = rpc(anvil.http_url, "eth_accounts", [])[0]
     mined = send(anvil, sender, 0, tip_gwei=1)
 
-    def saved() -> dict | None:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
+    saved = collect.saved
     wait_until(lambda: (s := saved()) is not None and [t["hash"] for t in s["pending"]]
                == [mined], 20, "the state to track the pending tx")
     stale = path.read_text()
@@ -207,3 +209,41 @@ def test_a_reorg_while_the_collector_was_down_requeues_the_txs_of_the_dropped_bl
     assert fates(records)[tx][:2] == ["included", "requeued"]
     [requeued] = [r for r in records if isinstance(r, TxLifecycle) and r.fate == "requeued"]
     assert (requeued.block_number, requeued.block_hash) == (1, mined_in["hash"])
+
+
+def test_a_tx_announced_after_the_last_save_and_mined_during_a_kill_gets_its_inclusion(
+    anvil: Anvil, kafka: KafkaBroker, chainwatch_procs, tmp_path: Path
+) -> None:
+    """kill -9 after a tx's `pending_tx` was acknowledged but before a state save held it:
+    the restarted collector knows it from the journal of acknowledged announcements, and
+    the block that mined it during the outage gives its `included`. Without the journal
+    the tx never gets a fate record."""
+    collect = Collect(anvil, kafka, chainwatch_procs, tmp_path)
+    first = collect.start(CHAINWATCH_MEMPOOL_SAVE_INTERVAL="3600")  # one save: the first
+    wait_until(lambda: (s := collect.saved()) is not None and s["pending"] == [], 20,
+               "the first state save")
+    sender = rpc(anvil.http_url, "eth_accounts", [])[0]
+    mined = send(anvil, sender, 0, tip_gwei=1)
+    read_until(kafka, collect.topic, lambda rs: mined in pending_hashes(rs), "its announcement")
+
+    def journaled() -> list[Path]:
+        return [p for p in collect.state.glob("mempool-31337-anvil1.journal.*")
+                if mined in p.read_text()]
+
+    wait_until(journaled, 10, "the announcement journaled once acknowledged")
+    journals = journaled()
+    first.kill9()
+    assert collect.saved()["pending"] == []  # type: ignore[index]
+
+    rpc(anvil.http_url, "evm_mine", [])
+    block = rpc(anvil.http_url, "eth_getBlockByNumber", ["0x1", False])
+    assert block["transactions"] == [mined]
+    second = collect.start()
+    records = read_until(kafka, collect.topic, lambda rs: mined in fates(rs),
+                         "its fate after the restart")
+    assert fates(records) == {mined: ["included"]}
+    assert sum(isinstance(r, PendingTx) for r in records) == 1, "not announced twice"
+    wait_until(lambda: (s := collect.saved()) is not None and s["pending"] == []
+               and s["head_number"] == 1, 10, "the state to follow")
+    second.stop()
+    assert not any(p.exists() for p in journals), "gone once a state covers them"

@@ -459,3 +459,73 @@ def test_the_state_file_is_per_chain_and_node_with_a_safe_name(tmp_path: Path):
     assert store.read(2, "n") is None
     assert not list(tmp_path.glob(".ckpt-*")), "no temporary file left"
 
+
+
+def _copy_state(source: Path, target: Path) -> None:
+    """The state dir as a kill -9 would have left it (files only)."""
+    import shutil
+
+    for path in target.iterdir():
+        path.unlink()
+    for path in source.iterdir():
+        shutil.copy2(path, target / path.name)
+
+
+def test_after_a_kill_a_tx_announced_since_the_last_save_is_tracked_from_the_journal(
+    tmp_path: Path,
+):
+    """A saved; B announced and acknowledged, then killed before the next save. B is mined
+    while the collector is down: without the journal the restarted collector does not know
+    B, and B never gets a fate record."""
+    tx_a, tx_b = raw_tx(0), raw_tx(0, sender=SENDER_B)
+    a, b = tx_a["hash"], tx_b["hash"]
+    state_dir, killed = tmp_path / "state", tmp_path / "killed"
+    state_dir.mkdir()
+    killed.mkdir()
+    config = MempoolConfig(poll_interval=0.02, snapshot_interval=0.1, reconcile_interval=0.05,
+                           drop_grace=0.2, save_interval=3600)  # one save: the first
+    rpc, bus = Pool(tx_a), EmbeddedBus()
+    mempool = collector(rpc, bus, state_dir, config)
+    journal = state_dir / "mempool-1-n.journal.2"  # 1 before the first save, 2 after it
+
+    async def first_run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mempool.run(stop))
+        await until(lambda: saved(state_dir) == [a], "A saved")
+        rpc.txs = [tx_a, tx_b]
+        await until(lambda: journal.exists() and b in journal.read_text(), "B journaled")
+        _copy_state(state_dir, killed)  # the kill -9: no save after B
+        stop.set()
+        await task
+
+    asyncio.run(first_run())
+    assert json.loads((killed / "mempool-1-n.json").read_text())["journal_from"] == 2
+    assert saved(killed) == [a]
+    assert saved(state_dir) == [a, b] and not journal.exists(), "a clean stop saves B instead"
+
+    _copy_state(killed, state_dir)
+    one = block(1, GENESIS, pending(0, at=1.0), pending(0, sender=SENDER_B, at=1.0))
+    bus = EmbeddedBus()
+    consumer = bus.consumer([Topics().mempool], "test")
+    run_until_tracked(collector(ChainPool(blocks=[one]), bus, state_dir, config), 0,
+                      "A and B mined while the collector was down")
+    records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
+    assert sorted(fates(records)) == sorted([("included", a), ("included", b)])
+    assert not [r for r in records if r.type == "pending_tx"], "B is not announced twice"
+    state = json.loads((state_dir / "mempool-1-n.json").read_text())
+    assert state["pending"] == [] and state["journal_from"] >= 2
+    assert [p.name for p in state_dir.glob("*.journal.*")] in ([], [f"mempool-1-n.journal."
+                                                                   f"{state['journal_from']}"])
+
+
+def test_a_journal_line_cut_short_by_a_kill_is_a_counted_skip(tmp_path: Path):
+    from collector.checkpoint import JournalStore
+
+    tx = pending(0, at=1.0)
+    JournalStore(tmp_path).append(1, "n", 3, [tx.model_dump_json().encode(), b'{"schema_ver'])
+    metrics = Metrics()
+    mempool = collector(Pool(), EmbeddedBus(), tmp_path, FAST, metrics)
+    tracker = mempool._start_tracker(1)
+    assert tracker.tracked() == (tx,)
+    assert metrics.collector_errors.labels("n", "malformed")._value.get() == 1
+    assert mempool._journal_generation == 4, "appends go to a new generation"
