@@ -179,7 +179,6 @@ def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
                 save_interval=s.mempool_save_interval,
             ),
             ws_url=ws_url,
-            chain_ok=lambda: _caught_up(blocks),
             state=FileCheckpointStore(s.state_dir, prefix="mempool"),
         )
         mempool.outbox.on_drop = _count_drop(rt.metrics)
@@ -190,14 +189,6 @@ def make_agents(rt: Runtime, node: NodeConfig) -> NodeAgents:
         peers.outbox.on_drop = _count_drop(rt.metrics)
         others.append(peers)
     return NodeAgents(blocks, others)
-
-
-def _caught_up(blocks: BlockCollector) -> bool:
-    """Blocks flow and the backfill is done: until then a tx missing from the pool may be
-    in a block not delivered yet (after a restart, restored txs mined while it was down)."""
-    follower = blocks.follower
-    return (blocks.delivering and follower is not None and follower.node_head is not None
-            and follower.lag_blocks <= 1)
 
 
 def _count_drop(metrics: Metrics) -> Callable[[AnyRecord, str], None]:

@@ -83,11 +83,9 @@ class MempoolCollector:
         *,
         ws_url: str | None = None,
         clock: Callable[[], float] = time.time,
-        chain_ok: Callable[[], bool] | None = None,
         state: FileCheckpointStore | None = None,
     ) -> None:
         self.rpc = rpc
-        self.chain_ok = chain_ok  # the block collector is delivering (see _poll_txpool)
         self.node = rpc.node
         self.metrics = metrics
         self.config = config
@@ -417,12 +415,11 @@ class MempoolCollector:
         await self._ingest(pending, now)
         # a tx demoted to queued (nonce gap) is still in the pool: not dropped
         hashes = {str(tx.get("hash", "")).lower() for tx in (*pending, *queued)}
-        if (self._refetch_from is None and (self.chain_ok is None or self.chain_ok())
-                and await self._delivered_through_head()):
+        if self._refetch_from is None and await self._delivered_through_head():
             # A tx gone from the pool may be in a block not delivered yet: while the block
-            # collector fails (a node answering garbage for blocks only) or lags behind
-            # the listing, or the blocks after a restored state are not fetched again yet,
-            # judging drops would call mined txs dropped once the grace period ran out.
+            # collector fails (a node answering garbage for blocks only), backfills or lags
+            # behind the listing, or the blocks after a restored state are not fetched
+            # again yet, judging drops would call mined txs dropped once the grace ran out.
             self._queue(self.tracker.on_pool_contents(hashes, now))
 
     async def _delivered_through_head(self) -> bool:

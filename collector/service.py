@@ -107,12 +107,6 @@ class BlockCollector:
     def loop_name(self) -> str:
         return f"collector:{self.node}"
 
-    @property
-    def delivering(self) -> bool:
-        """True while blocks flow: started, and no node or bus failure since the last
-        round that reached the node's head (a dropped WebSocket does not count)."""
-        return self.follower is not None and not (self._failing - {"websocket"})
-
     async def start(self) -> None:
         """Connect and restore the checkpoint. Raises RpcError if the node is unreachable."""
         chain_id = await self.rpc.fetch_chain_id()
