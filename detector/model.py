@@ -17,7 +17,12 @@ import numpy as np
 from chainwatch.schema import FeatureDeviation
 from detector.models import AnomalyDetector, Scored
 
-__all__ = ["BlockAnomalyModel", "Scored", "fits_within"]
+__all__ = ["BlockAnomalyModel", "Scored", "fits_within", "refit_interval"]
+
+
+def refit_interval(seen: int, warmup: int, refit_every: int) -> int:
+    """New rows after a fit, having seen `seen` rows in all, before the next refit is due."""
+    return min(refit_every, max(warmup, seen))
 
 
 def fits_within(rows: int, warmup: int, refit_every: int) -> int:
@@ -26,7 +31,7 @@ def fits_within(rows: int, warmup: int, refit_every: int) -> int:
     while seen + next_at <= rows:
         seen += next_at
         fits += 1
-        next_at = min(refit_every, max(warmup, seen))
+        next_at = refit_interval(seen, warmup, refit_every)
     return fits
 
 
@@ -126,7 +131,7 @@ class BlockAnomalyModel:
         if due:
             self.detector.fit(self._window(), {"source": "live", "rows": self._count})
             self._since_fit = 0
-            self._next_fit = min(self.refit_every, max(self.warmup, self._seen))
+            self._next_fit = refit_interval(self._seen, self.warmup, self.refit_every)
             self.fits += 1
         return due
 
