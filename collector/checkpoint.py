@@ -13,6 +13,12 @@ from typing import Any
 from chainwatch.exceptions import ConfigError
 
 
+def file_stem(prefix: str, chain_id: int, node: str) -> str:
+    """`<prefix>-<chain>-<node>` with the node name made safe for a file name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
+    return f"{prefix}-{chain_id}-{safe}"
+
+
 class FileCheckpointStore:
     """One JSON file per (chain, node) in a state directory, named `<prefix>-<chain>-<node>`
     (`checkpoint` for the block collector, `mempool` for the mempool tracker)."""
@@ -22,8 +28,7 @@ class FileCheckpointStore:
         self.prefix = prefix
 
     def path(self, chain_id: int, node: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
-        return self.directory / f"{self.prefix}-{chain_id}-{safe}.json"
+        return self.directory / f"{file_stem(self.prefix, chain_id, node)}.json"
 
     def read(self, chain_id: int, node: str) -> dict[str, Any] | None:
         """The file's JSON object, None when there is no file; ConfigError when it is
@@ -80,8 +85,7 @@ class JournalStore:
         self.prefix = prefix
 
     def _stem(self, chain_id: int, node: str) -> str:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
-        return f"{self.prefix}-{chain_id}-{safe}.journal."
+        return f"{file_stem(self.prefix, chain_id, node)}.journal."
 
     def generations(self, chain_id: int, node: str) -> list[tuple[int, Path]]:
         """The journal files there are, oldest generation first."""
