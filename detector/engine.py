@@ -173,8 +173,15 @@ class Detector:
             risk = self.fork_risk[chain_id] = ForkRisk(self.config.families)
         return risk
 
-    def process(self, records: list[AnyRecord]) -> list[Finding]:
-        """Apply a batch in order; return the findings it produced (new ones only)."""
+    def process(
+        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+    ) -> list[Finding]:
+        """Apply a batch in order; return the findings it produced (new ones only).
+
+        `txs`: the included transactions of the batch's blocks as one tx frame, when the
+        source holds them in columns (replay of an archive: its blocks come without
+        `transactions`); see `detector.tx_features.included_tx_frame`.
+        """
         findings: list[Finding] = []
         rows: list[dict[str, object]] = []
         block_of_row: list[Block] = []
@@ -225,14 +232,14 @@ class Detector:
             findings.extend(self._on_transitions(self.health.evaluate(self.state, self.clock())))
         if rows:
             findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))
-        findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles))
+        findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles, txs))
         if records:
             self.metrics.last_event_processed.set(self.clock())
         return self._count(findings)
 
     def _families(
         self, chains: set[int], blocks: list[Block], pending: dict[int, list[PendingTx]],
-        lifecycles: dict[int, list[TxLifecycle]],
+        lifecycles: dict[int, list[TxLifecycle]], txs: pl.DataFrame | None = None,
     ) -> list[Finding]:
         """Transactions, miners and fork risk for the chains this batch touched."""
         now = self.clock()
@@ -240,9 +247,9 @@ class Detector:
         for chain_id in sorted(chains):
             chain_blocks = [b for b in blocks if b.chain_id == chain_id]
             findings.extend(self._guarded("tx", lambda c=chain_id, b=chain_blocks: self._txs(
-                c, b, pending.get(c, []), lifecycles.get(c, []), now)))
+                c, b, pending.get(c, []), lifecycles.get(c, []), now, txs)))
             findings.extend(self._guarded("miner", lambda c=chain_id, b=chain_blocks: (
-                self._miners(c, b, now))))
+                self._miners(c, b, now, txs))))
             findings.extend(self._guarded("fork_risk", lambda c=chain_id: self._fork_risk(c, now)))
         return findings
 
@@ -261,25 +268,29 @@ class Detector:
 
     def _txs(
         self, chain_id: int, blocks: list[Block], pending: list[PendingTx],
-        lifecycles: list[TxLifecycle], now: float,
+        lifecycles: list[TxLifecycle], now: float, tx_frame: pl.DataFrame | None = None,
     ) -> list[Finding]:
         txs = self.tx_family(chain_id)
         findings = txs.on_pending(pending, now)
         findings.extend(txs.on_lifecycles(lifecycles, now))
-        findings.extend(txs.on_blocks(blocks, now))
+        findings.extend(txs.on_blocks(blocks, now, tx_frame))
         if txs.last_scored is not None:
             self._export_scores(chain_id, "tx", txs.last_scored)
             self.metrics.transactions_scored.labels(str(chain_id)).inc(len(txs.last_scored.scores))
         return findings
 
-    def _miners(self, chain_id: int, blocks: list[Block], now: float) -> list[Finding]:
+    def _miners(
+        self, chain_id: int, blocks: list[Block], now: float,
+        tx_frame: pl.DataFrame | None = None,
+    ) -> list[Finding]:
         by_node: dict[str, list[Block]] = {}
         for b in blocks:
             by_node.setdefault(b.node, []).append(b)
         findings: list[Finding] = []
         for node, node_blocks in by_node.items():
             miners = self.miner_family(chain_id, node)
-            findings.extend(miners.on_blocks(node_blocks, self.tx_family(chain_id), now))
+            findings.extend(
+                miners.on_blocks(node_blocks, self.tx_family(chain_id), now, tx_frame))
             self.metrics.miner_top_share.labels(str(chain_id), node).set(miners.top_share)
             self.metrics.miner_window_hhi.labels(str(chain_id), node).set(miners.hhi)
         return findings

@@ -22,11 +22,10 @@ finding when the condition starts, none while it lasts, a new one after it clear
 from __future__ import annotations
 
 import math
-import operator
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice
 
 import numpy as np
 import polars as pl
@@ -71,19 +70,17 @@ from detector.tx_features import (
     TX_FEATURE_MIN_SCALE,
     TX_FEATURES,
     TX_FEE_FEATURES,
+    BlockTxs,
     FeeMarket,
     SelectorStats,
     SenderStats,
-    blocks_to_tx_frame,
     effective_tip_expr,
+    included_tx_frame,
     pending_to_tx_frame,
+    per_block_txs,
     tx_features,
 )
 
-_HASH = operator.attrgetter("hash")
-_FROM = operator.attrgetter("from_address")
-_NONCE = operator.attrgetter("nonce")
-_SECOND = operator.itemgetter(1)
 NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 
 
@@ -190,9 +187,73 @@ class _Bounded(OrderedDict[str, float]):
             for key in keys:  # a key put again: a put may move it or evict it first
                 self.put(key, value)
             return
+        if len(new) >= self.limit:  # the new keys alone fill it: only their last `limit` stay
+            self.clear()
+            self.update(islice(new.items(), len(new) - self.limit, None))
+            return
         self.update(new)
         for _ in range(len(self) - self.limit):
             self.popitem(last=False)
+
+
+class NextNonces:
+    """Each sender's next nonce (one above its highest included one), for the `limit`
+    senders whose txs were mined most recently; the others are forgotten.
+
+    Columnar and learnt once per batch: a replay batch holds ~75k txs of ~30k senders, and
+    the same bookkeeping in a dict took ~1 s per 1M txs. Within a batch the order is the
+    txs' order (a sender's last tx counts), so the senders kept are those one tx at a time
+    would keep; a sender forgotten inside a batch, only to come back in it, keeps its old
+    value where one tx at a time would have started it again (equal unless its nonces
+    went down, which a chain does not allow).
+    """
+
+    _SCHEMA: dict[str, type[pl.DataType]] = {
+        "sender": pl.Utf8, "next_nonce": pl.UInt64, "touched": pl.Int64,
+    }
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._frame = pl.DataFrame(schema=self._SCHEMA)
+        self._clock = 0  # txs learnt so far: the order senders were last touched in
+
+    def __len__(self) -> int:
+        return self._frame.height
+
+    def learn(self, senders: pl.Series, nonces: pl.Series) -> None:
+        """The included txs of a batch, in order (senders lower-cased, nonces as Int64)."""
+        if not len(senders):
+            return
+        batch = (
+            pl.DataFrame({"sender": senders, "nonce": nonces.cast(pl.UInt64)})
+            .with_row_index("position")
+            .group_by("sender")
+            .agg((pl.col("nonce").max() + 1).alias("new"),
+                 (pl.col("position").max().cast(pl.Int64) + self._clock).alias("last"))
+        )
+        self._clock += len(senders)
+        merged = self._frame.join(batch, on="sender", how="full", coalesce=True).select(
+            "sender",
+            pl.max_horizontal(pl.col("next_nonce").fill_null(0), pl.col("new").fill_null(0))
+            .alias("next_nonce"),
+            pl.coalesce("last", "touched").alias("touched"),
+        )
+        if merged.height > self.limit:
+            merged = merged.sort("touched").tail(self.limit)
+        self._frame = merged
+
+    def of(self, senders: Iterable[str]) -> dict[str, int]:
+        """The next nonce of each of `senders` that is known."""
+        wanted = list(set(senders))
+        if not wanted or not self._frame.height:
+            return {}
+        rows = self._frame.filter(pl.col("sender").is_in(wanted))
+        return dict(zip(rows["sender"].to_list(), rows["next_nonce"].to_list(), strict=True))
+
+    def items(self) -> list[tuple[str, int]]:
+        """(sender, next nonce), least recently touched first (tests, analysis)."""
+        rows = self._frame.sort("touched")
+        return list(zip(rows["sender"].to_list(), rows["next_nonce"].to_list(), strict=True))
 
 
 class TxFamily:
@@ -217,7 +278,7 @@ class TxFamily:
         self.tip_percentile = _Bounded(200_000)  # hash -> fee percentile on arrival
         # what the top-decile pending txs offer, for the censorship rule
         self.offers: OrderedDict[str, Offer] = OrderedDict()
-        self.next_nonce: OrderedDict[str, int] = OrderedDict()  # sender -> last included + 1
+        self.next_nonce = NextNonces(NONCE_SENDERS)  # sender -> last included + 1
         self.replacements = _Bounded(100_000)  # new hash -> how many replacements led to it
         self._replaced: deque[TxLifecycle] = deque(maxlen=10_000)
         self._seen_blocks = _Bounded(10_000)
@@ -287,50 +348,48 @@ class TxFamily:
                                            c.replacement_limit)
         return [h.to_finding(now) for h in hits]
 
-    def on_blocks(self, blocks: list[Block], now: float) -> list[Finding]:
-        """Score the transactions of blocks not seen before, then learn from them."""
+    def on_blocks(
+        self, blocks: list[Block], now: float, txs: pl.DataFrame | None = None
+    ) -> list[Finding]:
+        """Score the transactions of blocks not seen before, then learn from them.
+
+        `txs`: the batch's included txs as a tx frame when replay read them in columns
+        (`included_tx_frame`); without it, the blocks' own `transactions`.
+        """
         self.last_scored = None  # what this call scored, for the metrics: nothing yet
-        fresh = sorted(
-            (b for b in blocks if b.hash not in self._seen_blocks), key=lambda b: b.number
-        )
-        if not fresh:
+        first: dict[str, Block] = {}  # several nodes deliver a block: the first one wins
+        for b in blocks:
+            if b.hash not in self._seen_blocks:
+                first.setdefault(b.hash, b)
+        if not first:
             return []
+        fresh = sorted(first.values(), key=lambda b: b.number)
         for b in fresh:
             self._seen_blocks.put(b.hash, 0.0)
+        frame, counts = included_tx_frame(fresh, txs)
+        per_block = per_block_txs(frame, counts, fresh)
         findings = [
-            h.to_finding(now) for b in fresh for h in (*sandwich_rule(b), *sender_burst_rule(b))
+            h.to_finding(now) for t in per_block
+            for h in (*sandwich_rule(t), *sender_burst_rule(t))
         ]
-        frame = blocks_to_tx_frame(fresh)
         if frame.height:
             findings.extend(self._score(frame, now))
-        self.market.update(fresh, frame)
-        for b in fresh:
-            self._learn_included(b)
+        self.market.update(fresh, frame, counts)
+        self._learn_included(frame, fresh)
         return findings
 
-    def _learn_included(self, block: Block) -> None:
-        """Its txs left the pool, are mined, and raise their senders' next nonce.
-
-        Each step at C speed over the block, with the state of one tx at a time (`_gone`,
-        `next_nonce[sender] = max(popped, nonce + 1)`, `_included.put`): the same keys,
-        values and order (a sender moves to the end at its last tx in the block).
-        """
-        hashes = list(map(_HASH, block.transactions))
+    def _learn_included(self, frame: pl.DataFrame, blocks: Sequence[Block]) -> None:
+        """The batch's mined txs left the pool, are remembered as mined (`_included`, with
+        the batch's latest arrival), and raise their senders' next nonce."""
+        cols = frame.select("hash", "from_address", "nonce")
+        hashes = cols["hash"].to_list()
         for pool in (self.pending_since, self.offers):
             if pool:
                 for tx_hash in pool.keys() & hashes:
                     del pool[tx_hash]
-        senders = list(map(str.lower, map(_FROM, block.transactions)))
-        # sender -> its highest nonce in the block: pairs sorted by nonce, the last one wins
-        top = dict(sorted(zip(senders, map(_NONCE, block.transactions), strict=True),
-                          key=_SECOND))
-        order = list(reversed(dict.fromkeys(reversed(senders))))  # by their last tx
-        before = list(map(self.next_nonce.pop, order, repeat(0)))
-        after = map(max, before, map(operator.add, map(top.__getitem__, order), repeat(1)))
-        self.next_nonce.update(zip(order, after, strict=True))
-        while len(self.next_nonce) > NONCE_SENDERS:
-            self.next_nonce.popitem(last=False)
-        self._included.put_many(hashes, block.observed_at)
+        self.next_nonce.learn(cols["from_address"], cols["nonce"])
+        if blocks:
+            self._included.put_many(hashes, max(b.observed_at for b in blocks))
 
     def _score(self, frame: pl.DataFrame, now: float, *, learn: bool = True) -> list[Finding]:
         """Score a tx frame; included txs (learn=True) then update the stats and the model."""
@@ -427,13 +486,21 @@ class MinerFamily:
     def on_snapshot(self, snapshot: MempoolSnapshot) -> None:
         self.snapshots.append((snapshot.observed_at, snapshot.pending_count))
 
-    def on_blocks(self, blocks: list[Block], txs: TxFamily, now: float) -> list[Finding]:
+    def on_blocks(
+        self, blocks: list[Block], txs: TxFamily, now: float,
+        tx_frame: pl.DataFrame | None = None,
+    ) -> list[Finding]:
+        """`tx_frame`: as for `TxFamily.on_blocks` (read only while high-fee txs wait)."""
         if not blocks:
             return []
         findings: list[Finding | None] = []
-        for b in blocks:
+        included = self._included_txs(blocks, txs, tx_frame)
+        next_nonces = (txs.next_nonce.of(o.sender for o in txs.offers.values())
+                       if included is not None else {})
+        for i, b in enumerate(blocks):
             findings.append(self._clock(b, now))
-            self._count_skips(b, txs)
+            if included is not None:
+                self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
             self.stamps.append(_stamp(b))
         c = self.config
@@ -502,20 +569,33 @@ class MinerFamily:
         )
         return hit.to_finding(now, episode=block.hash)
 
-    def _count_skips(self, block: Block, txs: TxFamily) -> None:
+    @staticmethod
+    def _included_txs(
+        blocks: list[Block], txs: TxFamily, tx_frame: pl.DataFrame | None
+    ) -> list[BlockTxs] | None:
+        """Each block's txs with their tips, for the censorship rule; None when no
+        high-fee tx is waiting (then there is nothing to skip)."""
+        if not txs.offers:
+            return None
+        frame, counts = included_tx_frame(blocks, tx_frame)
+        return per_block_txs(frame, counts, blocks, tips=True)
+
+    def _count_skips(
+        self, block_txs: BlockTxs, txs: TxFamily, next_nonces: Mapping[str, int]
+    ) -> None:
         """Note which watched high-fee txs this block's producer could have taken but left."""
         if not txs.offers:
             return
+        block = block_txs.block
         parent = next((b for b in reversed(self.blocks) if b.number == block.number - 1), None)
         parent_seen = parent.observed_at if parent is not None else None
-        min_tip = block_min_tip(block)
-        included = {t.hash for t in block.transactions}
+        min_tip = block_min_tip(block_txs)
+        included = set(block_txs.hashes)
         miner = block.miner.lower()
         for tx_hash, offer in txs.offers.items():
             if tx_hash in included or tx_hash in self._overdue_reported:
                 continue
-            if skipped_by(offer, block, parent_seen, min_tip,
-                          txs.next_nonce.get(offer.sender)):
+            if skipped_by(offer, block, parent_seen, min_tip, next_nonces.get(offer.sender)):
                 self._skips.setdefault(tx_hash, {})[block.number] = miner
         if len(self._skips) > 2 * len(txs.offers) + 1_000:
             self._skips = {h: v for h, v in self._skips.items() if h in txs.offers}

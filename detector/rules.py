@@ -22,13 +22,10 @@ import polars as pl
 
 from chainwatch.schema import Block, Finding, Severity, TxLifecycle
 from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
-from detector.tx_features import effective_tip
+from detector.tx_features import BlockTxs
 
 RULE_THRESHOLD = 0.5
 
-_FROM = operator.attrgetter("from_address")
-_HASH = operator.attrgetter("hash")
-_TX_INDEX = operator.attrgetter("transaction_index")
 
 SubjectKind = Literal["node", "block", "tx", "miner"]
 
@@ -172,7 +169,7 @@ def empty_blocks_rule(
     return out
 
 
-def sandwich_rule(block: Block) -> list[RuleHit]:
+def sandwich_rule(txs: BlockTxs) -> list[RuleHit]:
     """Same sender right before and right after a victim tx, all three to one contract.
 
     Adjacent indices only, the victim from another sender. Bots that trade through their
@@ -181,26 +178,26 @@ def sandwich_rule(block: Block) -> list[RuleHit]:
     """
     # a plain pass over ~200 txs: a polars frame per block cost ~15 ms, this ~0.1 ms.
     # Only triples whose outer txs share a sender are looked at (found at C speed)
-    txs = sorted(block.transactions, key=_TX_INDEX)
-    senders = list(map(str.lower, map(_FROM, txs)))
+    block = txs.block
+    txs = txs.in_index_order()
+    senders, receivers, indices, hashes = txs.senders, txs.receivers, txs.indices, txs.hashes
     matched = []
-    for i in compress(range(len(txs)), map(operator.eq, senders, senders[2:])):
-        front, victim, back = txs[i : i + 3]
+    for i in compress(range(len(senders)), map(operator.eq, senders, senders[2:])):
         attacker = senders[i]
-        contract = (victim.to_address or "").lower()
+        contract = receivers[i + 1] or ""
         if (
             contract
             and senders[i + 1] != attacker
-            and (front.to_address or "").lower() == contract == (back.to_address or "").lower()
-            and front.transaction_index == victim.transaction_index - 1
-            and back.transaction_index == victim.transaction_index + 1
+            and (receivers[i] or "") == contract == (receivers[i + 2] or "")
+            and indices[i] == indices[i + 1] - 1
+            and indices[i + 2] == indices[i + 1] + 1
         ):
             matched.append({
                 "front_from": attacker, "from_address": senders[i + 1],
-                "to_address": contract, "hash": victim.hash,
-                "front_index": front.transaction_index, "tx_index": victim.transaction_index,
-                "back_index": back.transaction_index, "front_hash": front.hash,
-                "back_hash": back.hash,
+                "to_address": contract, "hash": hashes[i + 1],
+                "front_index": indices[i], "tx_index": indices[i + 1],
+                "back_index": indices[i + 2], "front_hash": hashes[i],
+                "back_hash": hashes[i + 2],
             })
     out: list[RuleHit] = []
     for row in matched:
@@ -307,23 +304,23 @@ def nonce_replacement_spam_rule(
 
 
 def sender_burst_rule(
-    block: Block, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
+    txs: BlockTxs, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
 ) -> list[RuleHit]:
     """One sender filling a block: >= `min_txs` txs, or >= `min_share` of it (and >= 20).
 
     Spam bursts crowd out everyone else for a block or two; busy bots on mainnet send a
     handful per block, so the limits sit well above normal traffic.
     """
-    total = len(block.transactions)
+    block = txs.block
+    total = len(txs)
     floor = min(min_txs, min_share_txs)  # a sender with fewer txs meets neither limit
     if total < floor:
         return []
     # senders counted at C speed; hashes gathered only for those that may fire
-    senders = list(map(str.lower, map(_FROM, block.transactions)))
+    senders = txs.senders
     busy = sorted(s for s, n in Counter(senders).items() if n >= floor)
     counts = {
-        s: [h for h, t in zip(map(_HASH, block.transactions), senders, strict=True) if t == s]
-        for s in busy
+        s: [h for h, t in zip(txs.hashes, senders, strict=True) if t == s] for s in busy
     }
     out: list[RuleHit] = []
     for sender, hashes in counts.items():
@@ -517,13 +514,13 @@ class Offer:
     nonce: int
 
 
-def block_min_tip(block: Block, quantile: float = 0.1) -> float | None:
+def block_min_tip(txs: BlockTxs, quantile: float = 0.1) -> float | None:
     """A low quantile of the effective tips a block accepted (None when it has no txs).
 
     A low quantile, not the minimum: builders end blocks with their own zero-tip payouts.
+    `txs` needs its tips (`per_block_txs(..., tips=True)`).
     """
-    tips = [tip for tx in block.transactions
-            if (tip := effective_tip(tx, block.base_fee_per_gas)) is not None]
+    tips = [tip for tip in txs.tips or () if not math.isnan(tip)]
     return float(np.quantile(tips, quantile)) if tips else None
 
 

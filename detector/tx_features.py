@@ -20,6 +20,7 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -164,6 +165,31 @@ def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, Seq
 def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     """One row per included transaction, in block order then transaction order."""
     txs = [tx for b in blocks for tx in b.transactions]
+    names = ("tx_index", *_TX_COLUMNS)
+    tx_cols = pl.DataFrame(
+        _columns_of(txs, _INCLUDED_COLUMNS, names),
+        schema={k: TX_FRAME_SCHEMA[k] for k in names},
+    )
+    return tx_frame_of(blocks, [len(b.transactions) for b in blocks], tx_cols)
+
+
+# The block columns of a tx frame, taken from each transaction's block.
+_BLOCK_COLUMNS: tuple[str, ...] = (
+    "chain_id", "node", "block_number", "block_hash", "base_fee_per_gas", "timestamp",
+    "observed_at",
+)
+
+
+def tx_frame_of(
+    blocks: Sequence[Block], counts: Sequence[int], tx_cols: pl.DataFrame
+) -> pl.DataFrame:
+    """A tx frame (`TX_FRAME_SCHEMA`) from the blocks' headers and their txs' own columns.
+
+    `tx_cols` holds the transactions of `blocks` in order (`counts[i]` rows for block i)
+    under the frame's names (`tx_index`, `hash` ... `is_contract_creation`), in any type
+    that casts to the frame's: replay reads them so from a columnar archive, wei amounts
+    as decimal strings, which polars parses to the same Float64 as float(int) gives.
+    """
     per_block = pl.DataFrame(
         {
             "chain_id": [b.chain_id for b in blocks],
@@ -174,23 +200,104 @@ def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
             "timestamp": [b.timestamp for b in blocks],
             "observed_at": [b.observed_at for b in blocks],
         },
-        schema={k: TX_FRAME_SCHEMA[k] for k in (
-            "chain_id", "node", "block_number", "block_hash", "base_fee_per_gas",
-            "timestamp", "observed_at",
-        )},
+        schema={k: TX_FRAME_SCHEMA[k] for k in _BLOCK_COLUMNS},
     )
-    owner = np.repeat(np.arange(len(blocks)), [len(b.transactions) for b in blocks])
-    block_cols = per_block[owner] if len(txs) else per_block.clear()
+    owner = np.repeat(np.arange(len(blocks)), counts)
+    block_cols = per_block[owner] if len(owner) else per_block.clear()
     names = ("tx_index", *_TX_COLUMNS)
-    tx_cols = pl.DataFrame(
-        _columns_of(txs, _INCLUDED_COLUMNS, names),
-        schema={k: TX_FRAME_SCHEMA[k] for k in names},
-    )
+    tx_cols = tx_cols.select(pl.col(k).cast(TX_FRAME_SCHEMA[k]) for k in names)
     frame = pl.concat([block_cols, tx_cols], how="horizontal").with_columns(
         pl.lit("block", pl.Utf8).alias("source"),
         pl.lit(None, pl.Float64).alias("first_seen_at"),
     )
     return _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
+
+
+def included_tx_frame(
+    blocks: Sequence[Block], given: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, list[int]]:
+    """The included txs of `blocks` as one tx frame, block by block in the order given,
+    and how many rows each block has.
+
+    On the live path the txs come from the blocks' own `transactions`. Replay of a
+    columnar archive decodes only the headers and hands the batch's txs in as `given`
+    (a tx frame, possibly with rows of other blocks, which are left out); a block that
+    does carry its transactions adds them. Either way the detectors read the same frame.
+    """
+    if given is None:
+        return blocks_to_tx_frame(blocks), [len(b.transactions) for b in blocks]
+    keys = pl.DataFrame(
+        {
+            "chain_id": [b.chain_id for b in blocks],
+            "node": [b.node for b in blocks],
+            "block_hash": [b.hash for b in blocks],
+            "_block": list(range(len(blocks))),
+        },
+        schema={"chain_id": pl.Int64, "node": pl.Utf8, "block_hash": pl.Utf8,
+                "_block": pl.Int64},
+    )
+    own = [b for b in blocks if b.transactions]
+    parts = [given, blocks_to_tx_frame(own)] if own else [given]
+    frame = (
+        pl.concat(parts)
+        .join(keys, on=["chain_id", "node", "block_hash"], how="inner", maintain_order="left")
+        .sort("_block", maintain_order=True)
+    )
+    counts = np.bincount(frame["_block"].to_numpy(), minlength=len(blocks))
+    return frame.drop("_block"), counts.tolist()
+
+
+@dataclass(frozen=True)
+class BlockTxs:
+    """One block's included transactions as columns, in the block's order: what the
+    per-block rules read. Addresses are lower-cased (as in the tx frame); `tips` are the
+    effective tips (NaN when no fee is known), filled only when asked for.
+    """
+
+    block: Block  # the header: its own `transactions` may be empty (a columnar replay)
+    hashes: list[str]
+    senders: list[str]
+    receivers: list[str | None]
+    indices: list[int]
+    tips: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def in_index_order(self) -> BlockTxs:
+        """The same txs sorted by transaction index (stable; collectors send them so)."""
+        ix = self.indices
+        if all(map(operator.lt, ix, ix[1:])):
+            return self
+        order = sorted(range(len(ix)), key=ix.__getitem__)
+        tips = [self.tips[i] for i in order] if self.tips is not None else None
+        return BlockTxs(self.block, *([col[i] for i in order] for col in (
+            self.hashes, self.senders, self.receivers, self.indices)), tips)
+
+    @staticmethod
+    def of(block: Block, *, tips: bool = False) -> BlockTxs:
+        """A block's own transactions (tests, analysis)."""
+        frame, counts = included_tx_frame([block])
+        return per_block_txs(frame, counts, [block], tips=tips)[0]
+
+
+def per_block_txs(
+    frame: pl.DataFrame, counts: Sequence[int], blocks: Sequence[Block], *, tips: bool = False
+) -> list[BlockTxs]:
+    """`included_tx_frame`'s result cut into one `BlockTxs` per block (lists read once)."""
+    names = ["hash", "from_address", "to_address", "tx_index"]
+    cols = frame.select(*names, effective_tip_expr()) if tips else frame.select(names)
+    hashes, senders, receivers, indices = (cols[n].to_list() for n in names)
+    tip_values = cols["effective_tip"].fill_null(np.nan).to_list() if tips else None
+    out: list[BlockTxs] = []
+    start = 0
+    for block, n in zip(blocks, counts, strict=True):
+        part = slice(start, start + n)
+        ts = tip_values[part] if tip_values is not None else None
+        out.append(BlockTxs(block, hashes[part], senders[part], receivers[part],
+                            indices[part], ts))
+        start += n
+    return out
 
 
 def pending_to_tx_frame(txs: Sequence[PendingTx]) -> pl.DataFrame:
@@ -333,31 +440,41 @@ class FeeMarket:
         """Number of tip values in the window."""
         return len(self._tips.values)
 
-    def update(self, blocks: Sequence[Block], frame: pl.DataFrame | None = None) -> None:
+    def update(
+        self, blocks: Sequence[Block], frame: pl.DataFrame | None = None,
+        counts: Sequence[int] | None = None,
+    ) -> None:
         """Learn the tips of new blocks (in the order given; already-seen hashes skipped).
 
-        `frame`: `blocks_to_tx_frame(blocks)` when the caller built it already (the tx
-        family scores that frame first); used when every block is new to the market.
+        `frame`, `counts`: `included_tx_frame(blocks)` when the caller built it already
+        (the tx family scores that frame first); without them, the blocks' own txs.
         """
         fresh: list[Block] = []
-        for b in blocks:
+        kept: list[int] = []
+        for i, b in enumerate(blocks):
             if b.hash in self._seen:
                 continue
             self._seen[b.hash] = None
             if len(self._seen) > 4 * self.window_blocks:
                 self._seen.popitem(last=False)
             fresh.append(b)
+            kept.append(i)
             if self._head is None or b.number >= self._head:
                 self._head = b.number
                 self.base_fee = _opt_float(b.base_fee_per_gas)
         if not fresh:
             return
-        if frame is None or len(fresh) != len(blocks):
-            frame = blocks_to_tx_frame(fresh)
+        if frame is None or counts is None:
+            frame, counts = included_tx_frame(fresh)
+        elif len(fresh) != len(blocks):  # only the rows of the blocks new to the market
+            starts = np.concatenate(([0], np.cumsum(counts)))
+            frame = frame[np.concatenate(
+                [np.arange(starts[i], starts[i + 1]) for i in kept] or [np.empty(0, int)])]
+            counts = [counts[i] for i in kept]
         frame = frame.select(effective_tip_expr(), fee_cap_expr())
         tips = frame["effective_tip"].fill_null(np.nan).to_numpy()
         caps = frame["fee_cap"].fill_null(np.nan).to_numpy()
-        cuts = np.cumsum([len(b.transactions) for b in fresh])[:-1]
+        cuts = np.cumsum(counts)[:-1]
         for block_tips, block_caps in zip(
             np.split(tips, cuts), np.split(caps, cuts), strict=True
         ):

@@ -9,7 +9,7 @@ compares everything a reader could see.
 from __future__ import annotations
 
 import random
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
 import pytest
 
@@ -21,8 +21,10 @@ from detector.rules import Offer, RuleHit, count_score, sandwich_rule, sender_bu
 from detector.tx_features import (
     _CHUNK,
     _INCLUDED_COLUMNS,
+    BlockTxs,
     _attribute_columns,
     blocks_to_tx_frame,
+    included_tx_frame,
     pending_to_tx_frame,
 )
 
@@ -105,20 +107,36 @@ def test_put_many_leaves_what_one_put_per_key_leaves(seed):
 # -- TxFamily._learn_included -----------------------------------------------------------
 
 
-def _learn_one_by_one(family: TxFamily, block: Block) -> None:
-    """The per-transaction loop `_learn_included` replaced."""
-    for tx in block.transactions:
-        family._gone(tx.hash)
-        sender = tx.from_address.lower()
-        family.next_nonce[sender] = max(family.next_nonce.pop(sender, 0), tx.nonce + 1)
-        family._included.put(tx.hash, block.observed_at)
-    while len(family.next_nonce) > families.NONCE_SENDERS:
-        family.next_nonce.popitem(last=False)
+class _OneByOne:
+    """The per-transaction bookkeeping `_learn_included` replaced, trimmed per batch.
+    Nonces are read from the tx frame, which holds them as Int64: one beyond it (no
+    account can send 2^63 txs) counts as the largest Int64."""
+
+    def __init__(self, family: TxFamily) -> None:
+        self.family = family
+        self.next_nonce: OrderedDict[str, int] = OrderedDict()
+
+    def learn(self, blocks: list[Block]) -> None:
+        family = self.family
+        for block in blocks:
+            for tx in block.transactions:
+                family._gone(tx.hash)
+                sender = tx.from_address.lower()
+                nonce = min(tx.nonce, 2**63 - 1)
+                self.next_nonce[sender] = max(self.next_nonce.pop(sender, 0), nonce + 1)
+                family._included.put(tx.hash, 0.0)
+        while len(self.next_nonce) > families.NONCE_SENDERS:
+            self.next_nonce.popitem(last=False)
 
 
-def _state(family: TxFamily) -> tuple[list[object], ...]:
-    return (list(family.next_nonce.items()), list(family._included.items()),
-            list(family.pending_since.items()), list(family.offers.items()))
+def _learn(family: TxFamily, blocks: list[Block]) -> None:
+    frame, _ = included_tx_frame(blocks)
+    family._learn_included(frame, blocks)
+
+
+def _state(family: TxFamily, next_nonce: list[tuple[str, int]]) -> tuple[list[object], ...]:
+    return (next_nonce, list(family._included), list(family.pending_since.items()),
+            list(family.offers.items()))
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -127,6 +145,7 @@ def test_learning_included_txs_in_bulk_equals_one_tx_at_a_time(seed, monkeypatch
     monkeypatch.setattr(families, "NONCE_SENDERS", rng.randint(1, 15))
     blocks = _random_blocks(seed)
     bulk, each = (TxFamily(FamilyConfig(), kind="iforest", seed=1) for _ in range(2))
+    reference = _OneByOne(each)
     pool = [tx.hash for b in blocks for tx in b.transactions] + ["0xnever"] * 3
     pending, limit = rng.sample(pool, len(pool) // 3), rng.randint(1, 60)
     for family in (bulk, each):
@@ -134,25 +153,33 @@ def test_learning_included_txs_in_bulk_equals_one_tx_at_a_time(seed, monkeypatch
         for i, tx_hash in enumerate(pending):  # some mined below, some never
             family.pending_since.put(tx_hash, float(i))
             family.offers[tx_hash] = Offer(1, 1, 21_000, float(i), SENDERS[0], i)
-    assert _state(bulk) == _state(each)
-    for b in blocks:
-        bulk._learn_included(b)
-        _learn_one_by_one(each, b)
-        assert _state(bulk) == _state(each)
+    start = 0
+    while start < len(blocks):  # batches of 1 to 4 blocks
+        batch = blocks[start:start + rng.randint(1, 4)]
+        start += len(batch)
+        _learn(bulk, batch)
+        reference.learn(batch)
+        assert _state(bulk, bulk.next_nonce.items()) == _state(
+            each, list(reference.next_nonce.items()))
+    assert len(bulk.next_nonce) == min(families.NONCE_SENDERS, len(reference.next_nonce))
 
 
-def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_block(monkeypatch):
-    """Trimmed per block, as before: its old, higher nonce does not come back."""
+def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_batch(monkeypatch):
+    """Trimmed per batch: its old, higher nonce does not come back in a later batch."""
     monkeypatch.setattr(families, "NONCE_SENDERS", 1)
-    family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
     rng = random.Random(0)
     a, b = SENDERS[:2]
     blocks = [_block(rng, n, 1, senders=[s], hashes=["0x1"]) for n, s in ((1, a), (2, b), (3, a))]
     blocks = [blk.model_copy(update={"transactions": (blk.transactions[0].model_copy(
         update={"nonce": nonce}),)}) for blk, nonce in zip(blocks, (9, 0, 4), strict=True)]
+    family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
     for blk in blocks:
-        family._learn_included(blk)
-    assert list(family.next_nonce.items()) == [(a, 5)]
+        _learn(family, [blk])
+    assert family.next_nonce.items() == [(a, 5)]
+    family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
+    _learn(family, blocks)  # one batch: a's last tx is the most recent, its highest nonce 9
+    assert family.next_nonce.items() == [(a, 10)]
+    assert family.next_nonce.of([a, b, "0xunknown"]) == {a: 10}
 
 
 # -- rules ------------------------------------------------------------------------------
@@ -227,7 +254,7 @@ def rule_blocks() -> list[Block]:
 def test_sandwich_rule_equals_a_pass_over_every_triple(rule_blocks):
     found = 0
     for b in rule_blocks:
-        hits = sandwich_rule(b)
+        hits = sandwich_rule(BlockTxs.of(b))
         assert hits == _sandwich_reference(b)
         found += len(hits)
     assert found > 20  # the crowded blocks hold sandwiches: the test compares real hits
@@ -239,7 +266,7 @@ def test_sender_burst_rule_equals_counting_every_sender(rule_blocks):
     for b in rule_blocks:
         limits = [(50, 0.3, 20), (rng.randint(0, 30), rng.random(), rng.randint(0, 30))]
         for min_txs, min_share, min_share_txs in limits:
-            hits = sender_burst_rule(b, min_txs, min_share, min_share_txs)
+            hits = sender_burst_rule(BlockTxs.of(b), min_txs, min_share, min_share_txs)
             assert hits == _burst_reference(b, min_txs, min_share, min_share_txs)
             found += len(hits)
     assert found > 50
