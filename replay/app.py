@@ -288,9 +288,11 @@ def run_replay(
                 data.observe(batch)
                 progress.update(stats.records, stats.transactions)
 
+            source.columnar = True  # an archive's transactions go to the detector as frames
             replayer = Replayer(
                 detector, clock, config, sink, on_batch=on_batch,
                 before_batch=recorder.before_batch if recorder is not None else None,
+                columns=source,
             )
             if any(v is not None for v in (first_block, last_block, first_time, last_time)):
                 source.screen = replayer.screen  # an archive skips decoding what is outside

@@ -3,8 +3,13 @@
 Layout: `DIR/chain_id=<id>/day=<YYYY-MM-DD>/<topic>-<partition>-<first>-<last>.parquet`,
 one row per Kafka message: where it was (topic, partition, offset), the record's common
 fields as columns (type, chain_id, node, event_id, observed_at, block_number) and the
-record itself as it was on the wire (`payload`, JSON). Messages that are not valid
-records are kept under `chain_id=unknown` with their `error`, never silently dropped.
+record itself (`payload`, JSON). A block's transactions are stored in columns instead
+(`transactions`, a list of structs, wei amounts as decimal strings so they stay exact) and
+its payload is the rest of the record: replay reads them straight into the detectors'
+frames without building an object per transaction. A block whose transactions the columns
+cannot hold exactly (an integer beyond Int64 other than a value) keeps them in its
+payload, as do archives written before. Messages that are not valid records are kept
+under `chain_id=unknown` with their `error`, never silently dropped.
 
 Resuming without duplicates: the archive, not the consumer group, owns the offsets.
 A flush writes its files as `.tmp`, then atomically replaces `_checkpoint.json` (next
@@ -28,13 +33,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from chainwatch.exceptions import InvalidRecord
-from chainwatch.schema import AnyRecord, decode
+from chainwatch.schema import AnyRecord, Block, TxSummary, decode, encode
+from detector.tx_features import tx_frame_of
 from replay.driver import block_number_of
 from replay.exceptions import ReplayError
 from replay.positions import Position
@@ -44,6 +51,24 @@ from replay.sources import Source
 log = logging.getLogger("chainwatch.archive")
 
 CHECKPOINT = "_checkpoint.json"
+# A block's transactions in the archive: TxSummary's fields, the value as a decimal string.
+TX_COLUMNS: dict[str, Any] = {
+    "hash": pl.String,
+    "transaction_index": pl.Int64,
+    "from_address": pl.String,
+    "to_address": pl.String,
+    "value": pl.String,
+    "gas": pl.Int64,
+    "gas_price": pl.Int64,
+    "max_fee_per_gas": pl.Int64,
+    "max_priority_fee_per_gas": pl.Int64,
+    "nonce": pl.Int64,
+    "tx_type": pl.Int64,
+    "input_size": pl.Int64,
+    "method_id": pl.String,
+    "is_contract_creation": pl.Boolean,
+}
+_INT64_MAX = 2**63 - 1
 ARCHIVE_SCHEMA: dict[str, Any] = {
     "topic": pl.String,
     "partition": pl.Int32,
@@ -57,6 +82,7 @@ ARCHIVE_SCHEMA: dict[str, Any] = {
     "block_number": pl.Int64,
     "payload": pl.String,
     "error": pl.String,
+    "transactions": pl.List(pl.Struct(TX_COLUMNS)),
 }
 FILE_RE = re.compile(
     r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
@@ -71,17 +97,45 @@ def day_of(seconds: float) -> str:
 def archive_row(
     topic: str, partition: int, offset: int, key: str | None, value: bytes, kafka_ts_ms: int
 ) -> dict[str, Any]:
-    """One Kafka message as an archive row (pure): decoded for the columns, kept verbatim."""
+    """One Kafka message as an archive row (pure): decoded for the columns, kept whole."""
     row: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset, "key": key}
     try:
         record = decode(value)
     except InvalidRecord as exc:
         return {**row, "type": "invalid", "chain_id": None, "node": None, "event_id": None,
                 "observed_at": max(kafka_ts_ms, 0) / 1000, "block_number": None,
-                "payload": value.decode("utf-8", "replace"), "error": str(exc)}
+                "payload": value.decode("utf-8", "replace"), "error": str(exc),
+                "transactions": None}
+    payload, txs = value.decode(), None
+    if isinstance(record, Block) and record.transactions:
+        txs = transaction_rows(record.transactions)
+        if txs is not None:
+            payload = encode(record.model_copy(update={"transactions": ()})).decode()
     return {**row, "type": record.type, "chain_id": record.chain_id, "node": record.node,
             "event_id": record.event_id, "observed_at": record.observed_at,
-            "block_number": block_number_of(record), "payload": value.decode(), "error": None}
+            "block_number": block_number_of(record), "payload": payload, "error": None,
+            "transactions": txs}
+
+
+def transaction_rows(txs: tuple[TxSummary, ...]) -> list[dict[str, Any]] | None:
+    """A block's transactions as rows of the `transactions` column; None when one of
+    them has an integer the Int64 columns cannot hold (it then stays in the payload)."""
+    rows = []
+    for tx in txs:
+        row = tx.model_dump()
+        row["value"] = str(tx.value)
+        if any(v > _INT64_MAX for k, v in row.items() if type(v) is int):
+            return None
+        rows.append(row)
+    return rows
+
+
+def with_transactions(header: Block, txs: pl.DataFrame) -> Block:
+    """A block read from columns, whole again: its header and its transactions' rows."""
+    summaries = tuple(
+        TxSummary.model_validate({**row, "value": int(row["value"])}) for row in txs.to_dicts()
+    )
+    return header.model_copy(update={"transactions": summaries})
 
 
 def partition_dir(row: dict[str, Any]) -> str:
@@ -144,7 +198,7 @@ class ArchiveWriter:
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        self.bytes += len(row["payload"])
+        self.bytes += len(row["payload"]) + 200 * len(row.get("transactions") or ())
         self.next_offsets[f"{row['topic']}:{row['partition']}"] = row["offset"] + 1
 
     def flush(self) -> int:
@@ -345,6 +399,7 @@ class _Row:
     number: int | None
     file: ArchiveFile
     offset: int
+    txs: pl.DataFrame | None = None  # a block's transactions, when stored in columns
 
     def where(self) -> str:
         p = self.file.path
@@ -392,6 +447,8 @@ class ArchiveSource(Source):
         )
         self.read = 0
         self.payloads_skipped = 0
+        self.columnar = False  # blocks as headers + tx_frame (replay), or whole
+        self._columns: dict[str, tuple[Block, pl.DataFrame]] = {}  # event id -> its txs
         self.description = f"archive {root} ({len(files)} files)"
 
     def progress(self) -> float | None:
@@ -407,12 +464,14 @@ class ArchiveSource(Source):
         wanted = self._payload_wanted()
         for f in files:
             scan = pl.scan_parquet(f.path)
-            rows = self._rows(scan) if wanted is None else self._rows_in_window(scan, wanted)
-            for kind, offset, payload, error, observed_at, number in rows:
+            columnar = "transactions" in scan.collect_schema()
+            rows = (self._rows(scan, columnar) if wanted is None
+                    else self._rows_in_window(scan, wanted, columnar))
+            for kind, offset, payload, error, observed_at, number, txs in rows:
                 self.read += 1
                 if kind == "finding" and not self.include_findings:
                     continue
-                row = _Row(kind, payload, number, f, offset)
+                row = _Row(kind, payload, number, f, offset, txs)
                 if kind == "invalid":
                     self.invalid.add(row.where(), error or "invalid record")
                     continue
@@ -432,32 +491,62 @@ class ArchiveSource(Source):
         return ~((pl.col("type") == "block") & outside).fill_null(False)
 
     @staticmethod
-    def _rows(scan: pl.LazyFrame) -> Iterator[tuple[Any, ...]]:
-        lazy = scan.select("type", "offset", "payload", "error", "observed_at", "block_number")
-        for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
-            yield from chunk.iter_rows()
+    def _transactions(chunk: pl.DataFrame) -> Iterator[pl.DataFrame | None]:
+        """Each row's transactions as a frame (a slice of the chunk's, not copied); None
+        where the row has none in columns."""
+        column = chunk["transactions"]
+        lengths = column.list.len().to_list()
+        flat = chunk.select(
+            pl.col("transactions").explode(empty_as_null=False, keep_nulls=False)
+        ).unnest("transactions")
+        start = 0
+        for n in lengths:
+            if n is None:
+                yield None
+                continue
+            yield flat.slice(start, n)
+            start += n
 
-    def _rows_in_window(self, scan: pl.LazyFrame, wanted: pl.Expr) -> Iterator[tuple[Any, ...]]:
+    @classmethod
+    def _rows(cls, scan: pl.LazyFrame, columnar: bool) -> Iterator[tuple[Any, ...]]:
+        names = ["type", "offset", "payload", "error", "observed_at", "block_number"]
+        lazy = scan.select(*names, *(["transactions"] if columnar else []))
+        for chunk in lazy.collect_batches(chunk_size=READ_CHUNK_ROWS):
+            txs = cls._transactions(chunk) if columnar else repeat(None)
+            for row, t in zip(chunk.select(names).iter_rows(), txs, strict=False):
+                yield *row, t
+
+    def _rows_in_window(
+        self, scan: pl.LazyFrame, wanted: pl.Expr, columnar: bool
+    ) -> Iterator[tuple[Any, ...]]:
         """Every row's small columns; payloads only where `wanted`, read in a second scan
         that the parquet reader filters (row groups outside are skipped, not decoded)."""
         small = scan.select("type", "offset", "error", "observed_at", "block_number",
                             wanted.alias("wanted")).collect()
+        big = ["payload", *(["transactions"] if columnar else [])]
         payloads = (
-            payload
-            for chunk in scan.filter(wanted).select("payload").collect_batches(
+            (payload, t)
+            for chunk in scan.filter(wanted).select(big).collect_batches(
                 chunk_size=READ_CHUNK_ROWS)
-            for payload in chunk.to_series()
+            for payload, t in zip(chunk["payload"],
+                                  self._transactions(chunk) if columnar else repeat(None),
+                                  strict=False)
         )
         for kind, offset, error, observed_at, number, read in small.iter_rows():
             if read:
-                payload = next(payloads)
+                payload, txs = next(payloads)
             else:
-                payload = None
+                payload, txs = None, None
                 self.payloads_skipped += 1
-            yield kind, offset, payload, error, observed_at, number
+            yield kind, offset, payload, error, observed_at, number, txs
 
     def records(self) -> Iterator[AnyRecord]:
-        """Records merged by time; rows `screen` rejects are never decoded."""
+        """Records merged by time; rows `screen` rejects are never decoded.
+
+        With `columnar` set, a block whose transactions are stored in columns comes as its
+        header alone (no `transactions`); `tx_frame` gives a batch's transactions as the
+        detectors' frame. Otherwise every block comes whole.
+        """
         merged = heapq.merge(*(self._stream(s) for s in self.streams), key=lambda kv: kv[0])
         screen = self.screen
         for _, row in merged:
@@ -467,7 +556,30 @@ class ArchiveSource(Source):
                 raise ReplayError(f"{row.where()}: kept a row whose payload was not read")
             try:
                 record = decode(row.payload)
-            except InvalidRecord as exc:
-                self.invalid.add(row.where(), str(exc))
+                if row.txs is not None and isinstance(record, Block):
+                    if self.columnar:
+                        self._columns[record.event_id] = (record, row.txs)
+                    else:
+                        record = with_transactions(record, row.txs)
+            except (InvalidRecord, ValueError) as exc:
+                self.invalid.add(row.where(), str(exc).splitlines()[0])
                 continue
             yield record
+
+    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
+        """The transactions of the batch's blocks read in columns, as one tx frame
+        (`detector.tx_features.tx_frame_of`); None when it has none."""
+        parts = []
+        for record in batch:
+            if isinstance(record, Block):
+                part = self._columns.pop(record.event_id, None)
+                if part is not None:
+                    parts.append(part)
+        if not parts:
+            return None
+        txs = pl.concat([t for _, t in parts]).rename({"transaction_index": "tx_index"})
+        return tx_frame_of([h for h, _ in parts], [t.height for _, t in parts], txs)
+
+    def discard(self, record: AnyRecord) -> None:
+        if isinstance(record, Block):
+            self._columns.pop(record.event_id, None)

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from chainwatch.schema import (
     AnyRecord,
@@ -33,6 +33,9 @@ from chainwatch.schema import (
     Reorg,
     TxLifecycle,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 GC_YOUNG_THRESHOLD = 100_000  # allocations between young collections (CPython's is 700)
 
@@ -58,9 +61,19 @@ def fewer_collections(young: int = GC_YOUNG_THRESHOLD) -> Iterator[None]:
 class DetectorLike(Protocol):
     """What replay needs of `detector.engine.Detector`."""
 
-    def process(self, records: list[AnyRecord]) -> list[Finding]: ...
+    def process(
+        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+    ) -> list[Finding]: ...
 
     def tick(self) -> list[Finding]: ...
+
+
+class ColumnarTxs(Protocol):
+    """A source that sends blocks without their transactions (`replay.sources.Source`)."""
+
+    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None: ...
+
+    def discard(self, record: AnyRecord) -> None: ...
 
 
 POLL_SECONDS = 1.0  # per-block batches span at most this (the live consumer polls every 0.5 s)
@@ -238,6 +251,7 @@ class Replayer:
         monotonic: Callable[[], float] = time.monotonic,
         on_batch: Callable[[ReplayStats, list[AnyRecord]], None] | None = None,
         before_batch: Callable[[list[AnyRecord]], None] | None = None,
+        columns: ColumnarTxs | None = None,
     ) -> None:
         self.detector = detector
         self.clock = clock
@@ -247,6 +261,7 @@ class Replayer:
         self.monotonic = monotonic
         self.on_batch = on_batch  # after the batch's findings went to the sink
         self.before_batch = before_batch  # before the detector sees the batch
+        self.columns = columns  # a source that sends blocks' transactions in columns
         self.stats = ReplayStats()
         self.range = RecordRange(config.from_block, config.to_block,
                                  first_time=config.from_time, last_time=config.to_time)
@@ -272,6 +287,8 @@ class Replayer:
         for record in records:
             if not self.range.keep(record):
                 self.stats.filtered_out += 1
+                if self.columns is not None:
+                    self.columns.discard(record)
                 continue
             t = record.observed_at
             if batch and not c.per_block and (
@@ -307,7 +324,9 @@ class Replayer:
         self._pace(self.clock.now)
         if self.before_batch is not None:
             self.before_batch(batch)
-        findings = self.detector.process(batch)
+        txs = self.columns.tx_frame(batch) if self.columns is not None else None
+        findings = (self.detector.process(batch) if txs is None
+                    else self.detector.process(batch, txs))
         s.batches += 1
         for record in batch:
             s.records += 1

@@ -53,14 +53,24 @@ class Source:
     `screen` (set by the replay, `Replayer.screen`) and skip decoding what it rejects.
     `block_window` (first, last), when set, says more: `screen` rejects every block row
     whose height is outside it from the height alone, so its payload need not be read.
+    With `columnar` set (by the replay), a source that holds transactions in columns may
+    send blocks without their `transactions` and give them per batch from `tx_frame`.
     """
 
     description: str = ""
     screen: Screen | None = None
     block_window: tuple[int | None, int | None] | None = None
+    columnar: bool = False
 
     def records(self) -> Iterator[AnyRecord]:
         raise NotImplementedError
+
+    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
+        """The transactions of the batch's blocks sent without them (see `columnar`)."""
+        return None
+
+    def discard(self, record: AnyRecord) -> None:
+        """The replay left `record` out (--from/--to): forget what it holds for it."""
 
     def progress(self) -> float | None:
         """Fraction done in [0, 1], or None when unknown."""

@@ -1,0 +1,164 @@
+"""Blocks whose transactions the archive stores in columns: read back whole and exact, and
+replayed as headers plus one tx frame per batch with the findings whole blocks give."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from bench.synthetic import generate
+from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, TxSummary, encode
+from chainwatch.settings import load_settings
+from replay.app import make_detector
+from replay.archive import ARCHIVE_SCHEMA, ArchiveSource, ArchiveWriter, archive_row
+from replay.driver import ReplayClock, ReplayConfig, Replayer
+from replay.rows import InvalidRows
+
+BOT, VICTIM, ROUTER = "0x" + "b0" * 20, "0x" + "71" * 20, "0x" + "7a" * 20
+
+
+def _write(root: Path, records: list[AnyRecord]) -> list[dict]:
+    writer = ArchiveWriter(root)
+    rows = [archive_row("cw.blocks", 0, i, "1:n", encode(r), 0) for i, r in enumerate(records)]
+    for row in rows:
+        writer.add(row)
+    writer.flush()
+    return rows
+
+
+def _tx(index: int, sender: str, **fields: object) -> TxSummary:
+    base: dict[str, object] = dict(
+        hash=f"0x{random.Random(f'{sender}{index}{fields}').getrandbits(256):064x}",
+        transaction_index=index, from_address=sender, to_address=ROUTER, value=0,
+        gas=100_000, gas_price=None, max_fee_per_gas=30 * 10**9,
+        max_priority_fee_per_gas=10**9, nonce=index, tx_type=2, input_size=68,
+        method_id="0xa9059cbb", is_contract_creation=False,
+    )
+    return TxSummary.model_validate({**base, **fields})
+
+
+def _awkward(block: Block) -> Block:
+    """Values a column could get wrong: wei beyond 2^64 and 2^53, nulls, mixed case."""
+    txs = (
+        _tx(0, "0xAbCd" + "ef" * 18, value=2**256 - 1, to_address=None, method_id=None,
+            is_contract_creation=True),
+        _tx(1, VICTIM, value=2**53 + 1, gas_price=7, max_fee_per_gas=None,
+            max_priority_fee_per_gas=None, tx_type=0),
+        _tx(2, VICTIM, value=10**30 + 7, nonce=2**63 - 1),
+    )
+    return block.model_copy(update={"transactions": txs, "tx_count": len(txs)})
+
+
+def test_the_archive_gives_back_every_block_written(tmp_path: Path) -> None:
+    blocks = generate(6, 20, seed=7)
+    blocks[1] = _awkward(blocks[1])
+    blocks[2] = blocks[2].model_copy(update={"transactions": (), "tx_count": 0})
+    # a gas price beyond Int64: this block keeps its transactions in the payload
+    too_big = _tx(0, VICTIM, gas_price=2**70, max_fee_per_gas=None,
+                  max_priority_fee_per_gas=None, tx_type=0)
+    blocks[3] = blocks[3].model_copy(update={"transactions": (too_big,), "tx_count": 1})
+    rows = _write(tmp_path, blocks)
+    assert [r["transactions"] is None for r in rows] == [False, False, True, True, False, False]
+    assert '"transactions":[]' in rows[0]["payload"] and str(2**70) in rows[3]["payload"]
+    assert list(ArchiveSource(tmp_path, InvalidRows()).records()) == blocks
+
+
+def test_archives_written_before_the_columns_still_read(tmp_path: Path) -> None:
+    blocks = generate(4, 10, seed=8)
+    old_schema = {k: v for k, v in ARCHIVE_SCHEMA.items() if k != "transactions"}
+    rows = [{**archive_row("cw.blocks", 0, i, "1:n", encode(b), 0), "payload": encode(b).decode()}
+            for i, b in enumerate(blocks)]
+    directory = tmp_path / "chain_id=1" / "day=2023-11-14"
+    directory.mkdir(parents=True)
+    pl.DataFrame([{k: r[k] for k in old_schema} for r in rows], schema=old_schema).write_parquet(
+        directory / f"cw.blocks-0-{0:020d}-{3:020d}.parquet")
+    for columnar in (False, True):
+        source = ArchiveSource(tmp_path, InvalidRows())
+        source.columnar = columnar
+        records = list(source.records())
+        assert records == blocks
+        assert source.tx_frame(records) is None  # whole blocks: nothing in columns
+
+
+def test_wei_amounts_read_from_decimal_strings_are_the_floats_of_the_ints() -> None:
+    rng = random.Random(3)
+    values = [0, 1, 2**53 + 1, 2**64 + 3, 10**30 + 7, 2**256 - 1] + [
+        rng.getrandbits(rng.randint(1, 256)) for _ in range(20_000)]
+    parsed = pl.Series([str(v) for v in values]).cast(pl.Float64).to_list()
+    assert parsed == [float(v) for v in values]
+
+
+def _history() -> list[AnyRecord]:
+    """Two nodes' blocks with a sandwich, a spam burst, a fee outlier and pending txs a
+    producer leaves out (so the censorship rule reads each block's txs and tips)."""
+    blocks = generate(80, 80, seed=11, node="n")
+    sandwich = (_tx(0, BOT), _tx(1, VICTIM), _tx(2, BOT, nonce=1))
+    blocks[30] = blocks[30].model_copy(update={
+        "transactions": sandwich + tuple(t.model_copy(update={"transaction_index": i + 3})
+                                         for i, t in enumerate(blocks[30].transactions))})
+    burst = tuple(_tx(i, BOT, nonce=100 + i) for i in range(60))
+    blocks[35] = blocks[35].model_copy(update={"transactions": burst, "tx_count": 60})
+    outlier = blocks[70].transactions[5].model_copy(update={
+        "max_fee_per_gas": 10**15, "max_priority_fee_per_gas": 10**15 - 10**9})
+    blocks[70] = blocks[70].model_copy(update={"transactions": (
+        *blocks[70].transactions[:5], outlier, *blocks[70].transactions[6:])})
+    records: list[AnyRecord] = []
+    for b in blocks:
+        if b.number == 20:
+            records += [PendingTx(
+                chain_id=1, node="n", event_id=f"p{i}", observed_at=b.observed_at - 30,
+                first_seen_at=b.observed_at - 30, hash=f"0x{i:064x}", from_address=VICTIM,
+                to_address=ROUTER, nonce=0, value=0, gas=21_000, max_fee_per_gas=10**12,
+                max_priority_fee_per_gas=10**11, tx_type=2, input_size=0, method_id=None,
+                is_contract_creation=False) for i in range(3)]
+        records.append(b)
+        # the same block from a second node, a little later
+        records.append(b.model_copy(update={
+            "node": "m", "event_id": Block.id_for(1, "m", b.hash),
+            "observed_at": b.observed_at + 0.5}))
+    return records
+
+
+def _replay(root: Path, config: ReplayConfig, columnar: bool) -> tuple[list[Finding], int]:
+    """The findings, and how many txs reached the detector as frames."""
+    clock = ReplayClock()
+    detector = make_detector(load_settings(warmup_blocks=20), clock)
+    findings: list[Finding] = []
+    source = ArchiveSource(root, InvalidRows())
+    source.columnar = columnar
+    framed = 0
+
+    class Counted:
+        def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
+            nonlocal framed
+            frame = source.tx_frame(batch)
+            framed += frame.height if frame is not None else 0
+            assert not columnar or all(not r.transactions for r in batch
+                                       if isinstance(r, Block))
+            return frame
+
+        def discard(self, record: AnyRecord) -> None:
+            source.discard(record)
+
+    Replayer(detector, clock, config, findings.extend, columns=Counted()).run(source.records())
+    assert not detector.step_errors
+    assert not source._columns  # nothing left behind (blocks outside --from/--to dropped)
+    return findings, framed
+
+
+@pytest.mark.parametrize("config", [
+    ReplayConfig(batch_records=40),
+    ReplayConfig(batch_records=7),
+    ReplayConfig(from_block=12, to_block=74, batch_records=13),
+], ids=["batches of 40", "batches of 7", "from 12 to 74"])
+def test_a_columnar_replay_finds_what_whole_blocks_find(tmp_path: Path, config) -> None:
+    _write(tmp_path, _history())
+    whole, none = _replay(tmp_path, config, columnar=False)
+    columnar, framed = _replay(tmp_path, config, columnar=True)
+    assert none == 0 and framed > 5_000
+    assert [f.model_dump_json() for f in columnar] == [f.model_dump_json() for f in whole]
+    found = {f.detector for f in whole}
+    assert {"sandwich_rule", "sender_burst_rule", "tx_iforest"} <= found, found
