@@ -22,6 +22,7 @@ finding when the condition starts, none while it lasts, a new one after it clear
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from detector.rules import (
     block_min_tip,
     count_score,
     empty_blocks_rule,
+    median,
     miner_share_rule,
     miner_surge_rule,
     nonce_replacement_spam_rule,
@@ -553,8 +555,8 @@ class MinerFamily:
         previous = self.blocks[-1] if self.blocks else None
         if previous is None or previous.number != block.number - 1 or len(self.blocks) < 10:
             return None
-        stamps = np.array([b.timestamp for b in self.blocks], dtype=np.float64)
-        usual = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
+        stamps = [b.timestamp for b in self.blocks]
+        usual = median(list(map(operator.sub, stamps[1:], stamps[:-1]))) if len(stamps) > 1 else 0.0
         interval = block.timestamp - previous.timestamp
         excess = interval - usual
         if excess <= self.config.timestamp_jump_seconds:

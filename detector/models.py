@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 from chainwatch import __version__
 from chainwatch.exceptions import ChainwatchError
 from chainwatch.schema import FeatureDeviation
-from detector.forest import CompiledForest
+from detector.forest import CompiledForest, TreeWalker
 
 MODEL_KINDS: tuple[str, ...] = ("iforest", "hbos", "ecod", "copod", "sk_iforest")
 COMPILED_MAX_ROWS = 4_096  # above this, sklearn's tree-at-a-time scoring is faster
@@ -103,6 +104,8 @@ def make_estimator(kind: str, contamination: float, seed: int, n_estimators: int
 
 PARALLEL_MIN_ROWS = 16_384  # fewer rows are scored on one thread (splitting costs more)
 _pool: ThreadPoolExecutor | None = None
+# each fitted forest's TreeWalker, for as long as the forest lives (a refit makes a new one)
+_walkers: weakref.WeakKeyDictionary[Any, TreeWalker] = weakref.WeakKeyDictionary()
 
 
 def scoring_threads() -> int:
@@ -115,20 +118,19 @@ def scoring_threads() -> int:
 
 
 def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:
-    """sklearn's `IsolationForest.score_samples(x)`, blocks of rows on several threads.
-
-    The same numbers: a row's score depends on that row only (sklearn itself scores in
-    chunks of rows), and sklearn walks its trees without holding the GIL, so a big batch
-    (a replay batch of 75k transactions, a refit's 50k training rows) uses every core.
-    """
+    """sklearn's `IsolationForest.score_samples(x)`; a big batch (a replay batch of 75k
+    transactions, a refit's 50k training rows) has its trees walked on several threads
+    (`TreeWalker`: the same numbers, bit for bit)."""
     global _pool
     threads = scoring_threads()
     if len(x) < PARALLEL_MIN_ROWS or threads < 2:
         return np.asarray(forest.score_samples(x))
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
-    parts = np.array_split(x, threads)
-    return np.concatenate(list(_pool.map(forest.score_samples, parts)))
+    walker = _walkers.get(forest)
+    if walker is None or walker.source is not forest.estimators_:
+        walker = _walkers[forest] = TreeWalker(forest)
+    return walker.score_samples(x, _pool, threads)
 
 
 def _is_pyod_iforest(estimator: Any) -> bool:

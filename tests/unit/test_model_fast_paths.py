@@ -34,3 +34,21 @@ def test_threaded_scoring_matches_sklearn():
     model = IForest(contamination=0.01, random_state=3).fit(x[:2_000])
     assert np.array_equal(forest_score_samples(model.detector_, x),
                           model.detector_.score_samples(x))
+
+
+def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
+    """Trees on feature subsets, NaN, a constant column, and a refit of the same object."""
+    from sklearn.ensemble import IsolationForest
+
+    from detector import models
+
+    monkeypatch.setattr(models, "scoring_threads", lambda: 3)
+    x = _data(PARALLEL_MIN_ROWS + 3_001, seed=9)
+    x[:, 2] = 1.0
+    x[7, 1] = np.nan
+    for max_features in (1.0, 0.5):
+        forest = IsolationForest(max_features=max_features, random_state=4).fit(x[:3_000])
+        assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
+        forest.set_params(random_state=5).fit(x[3_000:6_000])  # new trees, same object
+        assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
+    assert len(models._walkers) >= 1  # the threaded walk was taken
