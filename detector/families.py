@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 import operator
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
@@ -50,7 +51,7 @@ from detector.fork_features import (
 )
 from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
-from detector.models import AnomalyDetector
+from detector.models import PARALLEL_MIN_ROWS, AnomalyDetector
 from detector.rules import (
     Offer,
     RuleHit,
@@ -83,6 +84,8 @@ from detector.tx_features import (
     tx_features,
 )
 
+ASYNC_MIN_ROWS = PARALLEL_MIN_ROWS  # a tx batch this big is scored on the scoring thread
+_scorer: ThreadPoolExecutor | None = None
 NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 
 
@@ -314,7 +317,7 @@ class TxFamily:
                     self._offer(tx)
         if not self.config.score_pending or not self.model.fitted or not fresh.any():
             return []
-        return self._score(frame.filter(pl.Series(fresh)), now, learn=False)
+        return self._score(frame.filter(pl.Series(fresh)), now)
 
     def _offer(self, tx: PendingTx) -> None:
         fee_cap = tx.max_fee_per_gas if tx.max_fee_per_gas is not None else tx.gas_price
@@ -369,16 +372,37 @@ class TxFamily:
         for b in fresh:
             self._seen_blocks.put(b.hash, 0.0)
         frame, counts = included_tx_frame(fresh, txs)
+        x, ok = self._matrix(frame, now) if frame.height else (None, None)
+        # a big batch is scored on other threads meanwhile: the bookkeeping below changes
+        # only what the features read, and they are computed
+        scoring = self._start_scoring(x)
         per_block = per_block_txs(frame, counts, fresh)
         findings = [
             h.to_finding(now) for t in per_block
             for h in (*sandwich_rule(t), *sender_burst_rule(t))
         ]
         if frame.height:
-            findings.extend(self._score(frame, now))
+            self.selectors.update(frame)
+            self.senders.update(frame, now)
         self.market.update(fresh, frame, counts)
         self._learn_included(frame, fresh)
+        if x is not None and ok is not None:
+            findings.extend(self._verdicts(frame, x, ok, scoring(), now, included=True))
+            self.model.learn(x)
         return findings
+
+    def _start_scoring(self, x: np.ndarray | None) -> Callable[[], Scored | None]:
+        """The model's verdict on `x`, to be collected by calling the result; computed on
+        the scoring thread when `x` is big (the forest's walk holds no GIL)."""
+        if x is None:
+            return lambda: None
+        if len(x) < ASYNC_MIN_ROWS:
+            scored = self.model.score(x)
+            return lambda: scored
+        global _scorer
+        if _scorer is None:
+            _scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tx-score")
+        return _scorer.submit(self.model.score, x).result
 
     def _learn_included(self, frame: pl.DataFrame, blocks: Sequence[Block]) -> None:
         """The batch's mined txs left the pool, are remembered as mined (`_included`, with
@@ -393,8 +417,9 @@ class TxFamily:
         if blocks:
             self._included.put_many(hashes, max(b.observed_at for b in blocks))
 
-    def _score(self, frame: pl.DataFrame, now: float, *, learn: bool = True) -> list[Finding]:
-        """Score a tx frame; included txs (learn=True) then update the stats and the model."""
+    def _matrix(self, frame: pl.DataFrame, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """The model's rows of a tx frame (those with every feature known), and which
+        rows of the frame they are (a boolean mask)."""
         features = tx_features(
             frame, self.market, self.selectors, self.senders, self.replacements,
             self.pending_since, now=now,
@@ -406,22 +431,27 @@ class TxFamily:
         ok = features.select(
             pl.all_horizontal(pl.col(list(TX_FEATURES)).is_not_null()).alias("ok")
         )["ok"].to_numpy()
-        x = features.select(TX_FEATURES).to_numpy()[ok]
-        findings: list[Finding] = []
-        scored = self.model.score(x)
-        if scored is not None:
-            if learn:
-                self.last_scored = scored
-            self.scored_rows += len(x)
-            flagged = np.flatnonzero(scored.anomalous & scored.beyond)
-            if len(flagged):
-                rows = frame.filter(pl.Series(ok))
-                findings = self._findings(rows, x, scored, flagged, now)
-        if learn:
-            self.selectors.update(frame)
-            self.senders.update(frame, now)
-            self.model.learn(x)
-        return findings
+        return features.select(TX_FEATURES).to_numpy()[ok], ok
+
+    def _score(self, frame: pl.DataFrame, now: float) -> list[Finding]:
+        """Score pending txs (nothing is learnt from them)."""
+        x, ok = self._matrix(frame, now)
+        return self._verdicts(frame, x, ok, self.model.score(x), now, included=False)
+
+    def _verdicts(
+        self, frame: pl.DataFrame, x: np.ndarray, ok: np.ndarray, scored: Scored | None,
+        now: float, *, included: bool,
+    ) -> list[Finding]:
+        """Findings from the model's scores of a frame's rows."""
+        if scored is None:
+            return []
+        if included:
+            self.last_scored = scored
+        self.scored_rows += len(x)
+        flagged = np.flatnonzero(scored.anomalous & scored.beyond)
+        if not len(flagged):
+            return []
+        return self._findings(frame.filter(pl.Series(ok)), x, scored, flagged, now)
 
     def _findings(
         self, rows: pl.DataFrame, x: np.ndarray, scored: Scored, flagged: np.ndarray,

@@ -162,3 +162,27 @@ def test_a_columnar_replay_finds_what_whole_blocks_find(tmp_path: Path, config) 
     assert [f.model_dump_json() for f in columnar] == [f.model_dump_json() for f in whole]
     found = {f.detector for f in whole}
     assert {"sandwich_rule", "sender_burst_rule", "tx_iforest"} <= found, found
+
+
+def test_scoring_on_the_scoring_thread_changes_no_finding(tmp_path: Path, monkeypatch) -> None:
+    """A big batch's txs are scored on another thread while the bookkeeping runs."""
+    from detector import families
+
+    _write(tmp_path, _history())
+    config = ReplayConfig(batch_records=40)
+    inline, _ = _replay(tmp_path, config, columnar=True)
+    submitted = []
+    real_pool = families.ThreadPoolExecutor
+
+    class CountingPool(real_pool):  # type: ignore[misc, valid-type]
+        def submit(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(len(args[0]))
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(families, "ASYNC_MIN_ROWS", 1)
+    monkeypatch.setattr(families, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(families, "_scorer", None)
+    threaded, _ = _replay(tmp_path, config, columnar=True)
+    assert len(submitted) >= 3 and sum(submitted) > 4_000
+    assert [f.model_dump_json() for f in threaded] == [f.model_dump_json() for f in inline]
+    assert any(f.detector == "tx_iforest" for f in threaded)
