@@ -387,6 +387,10 @@ def is_archive(path: Path) -> bool:
     return path.is_dir() and ((path / CHECKPOINT).exists() or any(path.glob("chain_id=*")))
 
 
+def _no_time() -> float | None:
+    return None
+
+
 _HEADER_TIME = re.compile(r'"timestamp"\s*:\s*(\d+)')
 
 
@@ -414,6 +418,16 @@ class _Row:
             return None
         match = _HEADER_TIME.search(self.payload)
         return float(match[1]) if match else None
+
+
+@dataclass(frozen=True)
+class _Outside:
+    """A whole file of block rows all above the block window, or all below it: every row
+    is rejected on its height, and only the first can change the range's state (the
+    first block above --to ends it), so the file is screened at its first row's place
+    in the merge, without a row object or a merge step per row."""
+
+    numbers: list[int]
 
 
 class ArchiveSource(Source):
@@ -454,7 +468,7 @@ class ArchiveSource(Source):
     def progress(self) -> float | None:
         return self.read / self.total if self.total else None
 
-    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, _Row]]:
+    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, _Row | _Outside]]:
         """The rows of one stream in offset order, not decoded yet.
 
         With a `block_window`, the payloads of block rows outside it are not read (a
@@ -464,6 +478,13 @@ class ArchiveSource(Source):
         wanted = self._payload_wanted()
         for f in files:
             scan = pl.scan_parquet(f.path)
+            outside = self._outside(scan) if wanted is not None else None
+            if outside is not None:
+                first_time, numbers = outside
+                self.read += len(numbers)
+                self.payloads_skipped += len(numbers)
+                yield first_time, _Outside(numbers)
+                continue
             columnar = "transactions" in scan.collect_schema()
             rows = (self._rows(scan, columnar) if wanted is None
                     else self._rows_in_window(scan, wanted, columnar))
@@ -476,6 +497,23 @@ class ArchiveSource(Source):
                     self.invalid.add(row.where(), error or "invalid record")
                     continue
                 yield observed_at, row
+
+    def _outside(self, scan: pl.LazyFrame) -> tuple[float, list[int]] | None:
+        """(first row's time, heights) of a file whose rows are all blocks above the block
+        window or all below it; None for any other file."""
+        if self.block_window is None:
+            return None
+        first, last = self.block_window
+        small = scan.select("type", "block_number", "observed_at").collect()
+        numbers = small["block_number"]
+        if (small.height == 0 or numbers.null_count() or small["type"].n_unique() != 1
+                or small["type"][0] != "block"):
+            return None
+        above = last is not None and numbers.min() > last  # type: ignore[operator]
+        below = first is not None and numbers.max() < first  # type: ignore[operator]
+        if not (above or below):
+            return None
+        return float(small["observed_at"][0]), numbers.to_list()
 
     def _payload_wanted(self) -> pl.Expr | None:
         """Which rows need their payload read: None for all."""
@@ -550,6 +588,11 @@ class ArchiveSource(Source):
         merged = heapq.merge(*(self._stream(s) for s in self.streams), key=lambda kv: kv[0])
         screen = self.screen
         for _, row in merged:
+            if isinstance(row, _Outside):
+                if screen is None or any([screen("block", n, _no_time) for n in row.numbers]):
+                    raise ReplayError("the archive skipped blocks outside --from/--to that "
+                                      "the replay would keep")
+                continue
             if screen is not None and not screen(row.kind, row.number, row.header_time):
                 continue
             if row.payload is None:  # only rows screen rejects come without one

@@ -155,3 +155,49 @@ def test_replay_wiring_leaves_node_clients_and_plotting_unimported() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Two nodes' partitions written in many small files, snapshots in a third stream:
+    files whose blocks all lie above --to (or below --from) are screened in one step, with
+    the same records kept, the same counts and the same end of the range (snapshots after
+    the first block above --to are left out) as row by row."""
+    from chainwatch.schema import PeerSnapshot
+    from replay import archive
+    from replay.driver import ReplayConfig
+
+    blocks = generate(60, 2, seed=6)
+    writer = ArchiveWriter(tmp_path)
+    for i, b in enumerate(blocks):
+        other = b.model_copy(update={"node": "m", "event_id": f"m{b.number}",
+                                     "observed_at": b.observed_at + 0.5})
+        peers = PeerSnapshot(chain_id=1, node="n", event_id=f"p{b.number}",
+                             observed_at=b.observed_at + 0.2, peer_count=5, detailed=False)
+        writer.add(archive_row("cw.blocks", 0, i, "1:n", encode(b), 0))
+        writer.add(archive_row("cw.blocks", 1, i, "1:m", encode(other), 0))
+        writer.add(archive_row("cw.peers", 0, i, "1:n", encode(peers), 0))
+        if i % 7 == 6:
+            writer.flush()  # a file per partition every 7 blocks
+    writer.flush()
+    skipped = []
+    real = archive.ArchiveSource._outside
+
+    def counting(self, scan):  # type: ignore[no-untyped-def]
+        found = real(self, scan)
+        skipped.append(found is not None)
+        return found
+
+    monkeypatch.setattr(archive.ArchiveSource, "_outside", counting)
+    for config in (ReplayConfig(from_block=20, to_block=33), ReplayConfig(to_block=9),
+                   ReplayConfig(from_block=50)):
+        skipped.clear()
+        plain = _replay(tmp_path, config, screen=False)
+        screened = _replay(tmp_path, config, screen=True)
+        assert screened[0] == plain[0] and screened[1] == plain[1], config
+        assert screened[0] and sum(skipped) >= 4, config  # whole files were skipped
+        kept_peers = [e for e in plain[0] if e.startswith("p")]
+        assert kept_peers and all(
+            (config.from_block or 0) <= int(e[1:]) <= (config.to_block or 10**9)
+            for e in kept_peers), config
