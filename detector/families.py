@@ -57,14 +57,13 @@ from detector.rules import (
     RuleHit,
     Stamp,
     block_min_tip,
+    block_tx_rules,
     count_score,
     empty_blocks_rule,
     median,
     miner_share_rule,
     miner_surge_rule,
     nonce_replacement_spam_rule,
-    sandwich_rule,
-    sender_burst_rule,
     skipped_by,
     timestamp_drift_rule,
 )
@@ -243,8 +242,8 @@ class NextNonces:
             .alias("next_nonce"),
             pl.coalesce("last", "touched").alias("touched"),
         )
-        if merged.height > self.limit:
-            merged = merged.sort("touched").tail(self.limit)
+        if merged.height > self.limit:  # the most recently touched (all distinct)
+            merged = merged.top_k(self.limit, by="touched")
         self._frame = merged
 
     def of(self, senders: Iterable[str]) -> dict[str, int]:
@@ -376,11 +375,7 @@ class TxFamily:
         # a big batch is scored on other threads meanwhile: the bookkeeping below changes
         # only what the features read, and they are computed
         scoring = self._start_scoring(x)
-        per_block = per_block_txs(frame, counts, fresh)
-        findings = [
-            h.to_finding(now) for t in per_block
-            for h in (*sandwich_rule(t), *sender_burst_rule(t))
-        ]
+        findings = [h.to_finding(now) for h in block_tx_rules(frame)]
         if frame.height:
             self.selectors.update(frame)
             self.senders.update(frame, now)
@@ -610,7 +605,7 @@ class MinerFamily:
         if not txs.offers:
             return None
         frame, counts = included_tx_frame(blocks, tx_frame)
-        return per_block_txs(frame, counts, blocks, tips=True)
+        return per_block_txs(frame, counts, blocks)
 
     def _count_skips(
         self, block_txs: BlockTxs, txs: TxFamily, next_nonces: Mapping[str, int]

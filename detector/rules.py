@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress, pairwise
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -169,66 +168,97 @@ def empty_blocks_rule(
     return out
 
 
-def sandwich_rule(txs: BlockTxs) -> list[RuleHit]:
+_BLOCK_KEY = ("chain_id", "node", "block_hash")
+
+
+def _in_index_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """A tx frame's rows with a `run` number per block (the rows of a block are together),
+    each block's txs by transaction index (a stable sort, as collectors send them)."""
+    framed = frame.with_columns(pl.struct(*_BLOCK_KEY).rle_id().alias("run"))
+    ordered = framed.select(
+        (pl.col("tx_index").diff().fill_null(1) > 0) | (pl.col("run").diff() != 0)
+    ).to_series().all()
+    return framed if ordered else framed.sort("run", "tx_index", maintain_order=True)
+
+
+def sandwich_rule(frame: pl.DataFrame) -> list[RuleHit]:
+    """`_sandwiches` without the blocks' run numbers."""
+    return [hit for _, hit in _sandwiches(frame)]
+
+
+def _sandwiches(frame: pl.DataFrame) -> list[tuple[int, RuleHit]]:
     """Same sender right before and right after a victim tx, all three to one contract.
 
-    Adjacent indices only, the victim from another sender. Bots that trade through their
-    own contract (to_address differs from the victim's) are not caught: a known-bad
-    pattern, not an MEV classifier.
+    `frame`: the included txs of one or more blocks (a tx frame: addresses lower-cased,
+    each block's rows together); hits block by block, in index order. Adjacent indices
+    only, the victim from another sender. Bots that trade through their own contract
+    (to_address differs from the victim's) are not caught: a known-bad pattern, not an
+    MEV classifier. Vectorised over the frame: only the matches become Python objects.
     """
-    # a plain pass over ~200 txs: a polars frame per block cost ~15 ms, this ~0.1 ms.
-    # Only triples whose outer txs share a sender are looked at (found at C speed)
-    block = txs.block
-    txs = txs.in_index_order()
-    senders, receivers, indices, hashes = txs.senders, txs.receivers, txs.indices, txs.hashes
+    if frame.height < 3:
+        return []
+    f = _in_index_order(frame)
+    run, sender = pl.col("run"), pl.col("from_address")
+    # candidates at C speed: the same sender two rows later, in the same block
+    first = f.select(
+        ((run == run.shift(-2)) & (sender == sender.shift(-2))).fill_null(False)
+    ).to_series().arg_true().to_numpy()
+    if not len(first):
+        return []
+    triples = f[np.column_stack((first, first + 1, first + 2)).ravel()]
+    cols = {c: triples[c].to_list() for c in (
+        "run", "chain_id", "node", "block_number", "block_hash", "hash", "from_address",
+        "to_address", "tx_index")}
+    senders, receivers, indices, hashes = (cols["from_address"], cols["to_address"],
+                                           cols["tx_index"], cols["hash"])
     matched = []
-    for i in compress(range(len(senders)), map(operator.eq, senders, senders[2:])):
-        attacker = senders[i]
-        contract = receivers[i + 1] or ""
+    for a in range(0, len(senders), 3):
+        b, c = a + 1, a + 2
+        contract = receivers[b] or ""
         if (
             contract
-            and senders[i + 1] != attacker
-            and (receivers[i] or "") == contract == (receivers[i + 2] or "")
-            and indices[i] == indices[i + 1] - 1
-            and indices[i + 2] == indices[i + 1] + 1
+            and senders[b] != senders[a]
+            and (receivers[a] or "") == contract == (receivers[c] or "")
+            and indices[a] == indices[b] - 1
+            and indices[c] == indices[b] + 1
         ):
             matched.append({
-                "front_from": attacker, "from_address": senders[i + 1],
-                "to_address": contract, "hash": hashes[i + 1],
-                "front_index": indices[i], "tx_index": indices[i + 1],
-                "back_index": indices[i + 2], "front_hash": hashes[i],
-                "back_hash": hashes[i + 2],
+                "run": cols["run"][a], "chain_id": cols["chain_id"][a],
+                "node": cols["node"][a], "block_number": cols["block_number"][a],
+                "block_hash": cols["block_hash"][a], "from_address": senders[a],
+                "victim_sender": senders[b], "victim": hashes[b], "contract": contract,
+                "tx_index": indices[a], "victim_index": indices[b], "back_index": indices[c],
+                "hash": hashes[a], "back_hash": hashes[c],
             })
-    out: list[RuleHit] = []
+    out: list[tuple[int, RuleHit]] = []
     for row in matched:
-        indices = [int(row["front_index"]), int(row["tx_index"]), int(row["back_index"])]
-        out.append(
+        number, victim, contract = row["block_number"], row["victim"], row["contract"]
+        out.append((row["run"],
             RuleHit(
                 rule="sandwich_rule",
                 family="tx",
                 severity="warning",
-                chain_id=block.chain_id,
-                node=block.node,
+                chain_id=row["chain_id"],
+                node=row["node"],
                 subject_kind="tx",
-                subject=str(row["hash"]),
-                block_number=block.number,
+                subject=str(victim),
+                block_number=number,
                 score=1.0,
                 summary=(
-                    f"possible sandwich in block {block.number}: {row['front_from']} traded "
-                    f"with {row['to_address']} right before and after tx {row['hash']}"
+                    f"possible sandwich in block {number}: {row['from_address']} traded "
+                    f"with {contract} right before and after tx {victim}"
                 ),
                 details={
-                    "attacker": row["front_from"],
-                    "victim": row["hash"],
-                    "victim_sender": row["from_address"],
-                    "contract": row["to_address"],
-                    "indices": indices,
-                    "front_hash": row["front_hash"],
+                    "attacker": row["from_address"],
+                    "victim": victim,
+                    "victim_sender": row["victim_sender"],
+                    "contract": contract,
+                    "indices": [row["tx_index"], row["victim_index"], row["back_index"]],
+                    "front_hash": row["hash"],
                     "back_hash": row["back_hash"],
-                    "block_hash": block.hash,
+                    "block_hash": row["block_hash"],
                 },
-            )
-        )
+            )))
     return out
 
 
@@ -304,48 +334,75 @@ def nonce_replacement_spam_rule(
 
 
 def sender_burst_rule(
-    txs: BlockTxs, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
+    frame: pl.DataFrame, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
 ) -> list[RuleHit]:
+    """`_bursts` without the blocks' run numbers."""
+    return [hit for _, hit in _bursts(frame, min_txs, min_share, min_share_txs)]
+
+
+def block_tx_rules(frame: pl.DataFrame) -> list[RuleHit]:
+    """The per-block tx rules over a batch's included txs (`frame` as for
+    `sandwich_rule`): each block's sandwiches, then its spam bursts, block by block."""
+    hits = _sandwiches(frame) + _bursts(frame)
+    return [hit for _, hit in sorted(hits, key=operator.itemgetter(0))]  # stable
+
+
+def _bursts(
+    frame: pl.DataFrame, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
+) -> list[tuple[int, RuleHit]]:
     """One sender filling a block: >= `min_txs` txs, or >= `min_share` of it (and >= 20).
 
-    Spam bursts crowd out everyone else for a block or two; busy bots on mainnet send a
-    handful per block, so the limits sit well above normal traffic.
+    `frame` as for `sandwich_rule`; hits block by block, senders in order. Spam bursts
+    crowd out everyone else for a block or two; busy bots on mainnet send a handful per
+    block, so the limits sit well above normal traffic.
     """
-    block = txs.block
-    total = len(txs)
     floor = min(min_txs, min_share_txs)  # a sender with fewer txs meets neither limit
-    if total < floor:
+    if frame.height < floor or frame.height == 0:
         return []
-    # senders counted at C speed; hashes gathered only for those that may fire
-    senders = txs.senders
-    busy = sorted(s for s, n in Counter(senders).items() if n >= floor)
-    counts = {
-        s: [h for h, t in zip(txs.hashes, senders, strict=True) if t == s] for s in busy
-    }
-    out: list[RuleHit] = []
-    for sender, hashes in counts.items():
-        n = len(hashes)
+    framed = frame.with_columns(
+        pl.struct(*_BLOCK_KEY).rle_id().alias("run"), pl.col("from_address").hash().alias("h")
+    )
+    # senders with `floor` txs in a block, counted on hashes at C speed: hash collisions can
+    # only add candidates, which the exact count below drops
+    heavy = framed.group_by("run", "h").len().filter(pl.col("len") >= floor)
+    if not heavy.height:
+        return []
+    candidates = framed.filter(
+        pl.struct("run", "h").is_in(heavy.select(pl.struct("run", "h")).to_series().implode())
+    )
+    totals = framed.group_by("run").len().rename({"len": "total"})
+    busy = (
+        candidates.group_by("run", "from_address", maintain_order=True)
+        .agg(pl.len().alias("n"), pl.col("hash"),
+             pl.first("chain_id", "node", "block_number"))
+        .filter(pl.col("n") >= floor)
+        .join(totals, on="run", how="left")
+        .sort("run", "from_address", maintain_order=True)
+    )
+    out: list[tuple[int, RuleHit]] = []
+    for row in busy.iter_rows(named=True):
+        n, total, sender, hashes = row["n"], row["total"], row["from_address"], row["hash"]
         share = n / total
         if n < min_txs and not (share >= min_share and n >= min_share_txs):
             continue
-        out.append(
+        number = row["block_number"]
+        out.append((row["run"],
             RuleHit(
                 rule="sender_burst_rule",
                 family="tx",
                 severity="warning",
-                chain_id=block.chain_id,
-                node=block.node,
+                chain_id=row["chain_id"],
+                node=row["node"],
                 subject_kind="tx",
                 subject=hashes[0],
-                block_number=block.number,
+                block_number=number,
                 score=max(count_score(n, min_txs), min(share / (2 * min_share), 1.0)),
                 summary=(
-                    f"{sender} sent {n} of the {total} txs in block {block.number} "
+                    f"{sender} sent {n} of the {total} txs in block {number} "
                     f"({share:.0%}): a spam burst"
                 ),
                 details={"sender": sender, "txs": n, "share": share, "hashes": hashes[:10]},
-            )
-        )
+            )))
     return out
 
 
@@ -531,9 +588,8 @@ def block_min_tip(txs: BlockTxs, quantile: float = 0.1) -> float | None:
     """A low quantile of the effective tips a block accepted (None when it has no txs).
 
     A low quantile, not the minimum: builders end blocks with their own zero-tip payouts.
-    `txs` needs its tips (`per_block_txs(..., tips=True)`).
     """
-    tips = [tip for tip in txs.tips or () if not math.isnan(tip)]
+    tips = [tip for tip in txs.tips if not math.isnan(tip)]
     return float(np.quantile(tips, quantile)) if tips else None
 
 

@@ -226,6 +226,9 @@ def included_tx_frame(
     """
     if given is None:
         return blocks_to_tx_frame(blocks), [len(b.transactions) for b in blocks]
+    counts = _counts_if_exactly(given, blocks)
+    if counts is not None:  # the usual replay batch: these blocks' txs, in this order
+        return given, counts
     keys = pl.DataFrame(
         {
             "chain_id": [b.chain_id for b in blocks],
@@ -247,55 +250,58 @@ def included_tx_frame(
     return frame.drop("_block"), counts.tolist()
 
 
+def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int] | None:
+    """Each block's row count when `frame` holds the txs of `blocks` and nothing else, in
+    their order (runs of one block after another); None otherwise."""
+    if any(b.transactions for b in blocks):
+        return None
+    runs = frame.select(
+        pl.struct("chain_id", "node", "block_hash").rle().alias("run")
+    ).unnest("run")
+    keys = runs["value"].struct.unnest()
+    wanted = {(b.chain_id, b.node, b.hash): i for i, b in enumerate(blocks)}
+    if len(wanted) != len(blocks):
+        return None
+    positions = [wanted.get(k) for k in zip(keys["chain_id"].to_list(), keys["node"].to_list(),
+                                            keys["block_hash"].to_list(), strict=True)]
+    if None in positions or positions != sorted(set(positions)):  # type: ignore[type-var]
+        return None  # a block not asked for, a block in two runs, or out of order
+    counts = [0] * len(blocks)
+    for i, n in zip(positions, runs["len"].to_list(), strict=True):
+        counts[i] = n  # type: ignore[index]
+    return counts
+
+
 @dataclass(frozen=True)
 class BlockTxs:
-    """One block's included transactions as columns, in the block's order: what the
-    per-block rules read. Addresses are lower-cased (as in the tx frame); `tips` are the
-    effective tips (NaN when no fee is known), filled only when asked for.
-    """
+    """One block's included transactions as the censorship rule reads them: their hashes
+    and effective tips (NaN when no fee is known), in the block's order."""
 
     block: Block  # the header: its own `transactions` may be empty (a columnar replay)
     hashes: list[str]
-    senders: list[str]
-    receivers: list[str | None]
-    indices: list[int]
-    tips: list[float] | None = None
+    tips: list[float]
 
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def in_index_order(self) -> BlockTxs:
-        """The same txs sorted by transaction index (stable; collectors send them so)."""
-        ix = self.indices
-        if all(map(operator.lt, ix, ix[1:])):
-            return self
-        order = sorted(range(len(ix)), key=ix.__getitem__)
-        tips = [self.tips[i] for i in order] if self.tips is not None else None
-        return BlockTxs(self.block, *([col[i] for i in order] for col in (
-            self.hashes, self.senders, self.receivers, self.indices)), tips)
-
     @staticmethod
-    def of(block: Block, *, tips: bool = False) -> BlockTxs:
+    def of(block: Block) -> BlockTxs:
         """A block's own transactions (tests, analysis)."""
         frame, counts = included_tx_frame([block])
-        return per_block_txs(frame, counts, [block], tips=tips)[0]
+        return per_block_txs(frame, counts, [block])[0]
 
 
 def per_block_txs(
-    frame: pl.DataFrame, counts: Sequence[int], blocks: Sequence[Block], *, tips: bool = False
+    frame: pl.DataFrame, counts: Sequence[int], blocks: Sequence[Block]
 ) -> list[BlockTxs]:
     """`included_tx_frame`'s result cut into one `BlockTxs` per block (lists read once)."""
-    names = ["hash", "from_address", "to_address", "tx_index"]
-    cols = frame.select(*names, effective_tip_expr()) if tips else frame.select(names)
-    hashes, senders, receivers, indices = (cols[n].to_list() for n in names)
-    tip_values = cols["effective_tip"].fill_null(np.nan).to_list() if tips else None
+    cols = frame.select("hash", effective_tip_expr())
+    hashes = cols["hash"].to_list()
+    tips = cols["effective_tip"].fill_null(np.nan).to_list()
     out: list[BlockTxs] = []
     start = 0
     for block, n in zip(blocks, counts, strict=True):
-        part = slice(start, start + n)
-        ts = tip_values[part] if tip_values is not None else None
-        out.append(BlockTxs(block, hashes[part], senders[part], receivers[part],
-                            indices[part], ts))
+        out.append(BlockTxs(block, hashes[start:start + n], tips[start:start + n]))
         start += n
     return out
 

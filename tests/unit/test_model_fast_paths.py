@@ -49,6 +49,8 @@ def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
     for max_features in (1.0, 0.5):
         forest = IsolationForest(max_features=max_features, random_state=4).fit(x[:3_000])
         assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
+        part = x[: PARALLEL_MIN_ROWS + 17]  # a smaller batch after a bigger one
+        assert np.array_equal(forest_score_samples(forest, part), forest.score_samples(part))
         forest.set_params(random_state=5).fit(x[3_000:6_000])  # new trees, same object
         assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
     assert len(models._walkers) >= 1  # the threaded walk was taken

@@ -186,3 +186,37 @@ def test_scoring_on_the_scoring_thread_changes_no_finding(tmp_path: Path, monkey
     assert len(submitted) >= 3 and sum(submitted) > 4_000
     assert [f.model_dump_json() for f in threaded] == [f.model_dump_json() for f in inline]
     assert any(f.detector == "tx_iforest" for f in threaded)
+
+
+def test_a_given_frame_of_exactly_the_blocks_is_taken_as_it_is(monkeypatch) -> None:
+    """included_tx_frame's shortcut gives what the join gives, and only when it may."""
+    from detector import tx_features
+    from detector.tx_features import included_tx_frame, tx_frame_of
+
+    blocks = generate(6, 15, seed=12)
+    blocks[2] = blocks[2].model_copy(update={"transactions": (), "tx_count": 0})
+    headers = [b.model_copy(update={"transactions": ()}) for b in blocks]
+    whole = included_tx_frame(blocks)[0]
+    given = tx_frame_of(headers, [len(b.transactions) for b in blocks], whole.drop(
+        [c for c in whole.columns if c not in (
+            "tx_index", "hash", "from_address", "to_address", "nonce", "value", "gas",
+            "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type",
+            "input_size", "method_id", "is_contract_creation")]))
+    cases = {
+        "exactly": (headers, True),
+        "a subset": (headers[1:4], False),
+        "another order": ([headers[3], headers[1]], False),
+        "one block twice": ([headers[1], headers[1]], False),
+    }
+    taken = []
+    real = tx_features._counts_if_exactly
+    monkeypatch.setattr(tx_features, "_counts_if_exactly",
+                        lambda f, b: taken.append(real(f, b) is not None) or real(f, b))
+    for name, (wanted, shortcut) in cases.items():
+        taken.clear()
+        fast = included_tx_frame(wanted, given)
+        with monkeypatch.context() as m:
+            m.setattr(tx_features, "_counts_if_exactly", lambda f, b: None)
+            slow = included_tx_frame(wanted, given)
+        assert taken == [shortcut], name
+        assert fast[1] == slow[1] and fast[0].equals(slow[0]), name

@@ -19,7 +19,7 @@ from detector.rules import (
     sandwich_rule,
     skipped_by,
 )
-from detector.tx_features import BlockTxs
+from detector.tx_features import included_tx_frame
 from tests.fakes import make_block
 
 T0 = 1000.0
@@ -105,7 +105,7 @@ def test_empty_blocks_with_a_quiet_pool_or_too_few_are_not_reported():
 def test_sandwich_reports_attacker_victim_and_indices():
     block = block_of(tx(0, "0xother"), tx(1, "0xBot"), tx(2, "0xvictim"), tx(3, "0xbot"),
                      tx(4, "0xother"))
-    [hit] = sandwich_rule(BlockTxs.of(block))
+    [hit] = sandwich_rule(included_tx_frame([block])[0])
     assert (hit.subject_kind, hit.subject, hit.block_number) == ("tx", "0xt2", 7)
     assert hit.details["attacker"] == "0xbot"  # addresses compared lower-cased
     assert hit.details["victim"] == "0xt2" and hit.details["victim_sender"] == "0xvictim"
@@ -127,13 +127,13 @@ def test_sandwich_near_misses_do_not_match():
                          tx(2, "0xbot", to=None))
     for block in (different_contract, own_victim, not_adjacent, gap_after, gap_before,
                   creations, block_of()):
-        assert sandwich_rule(BlockTxs.of(block)) == []
+        assert sandwich_rule(included_tx_frame([block])[0]) == []
 
 
 def test_two_sandwiches_in_one_block_are_both_reported():
     block = block_of(tx(0, "0xbot"), tx(1, "0xv1"), tx(2, "0xbot"), tx(3, "0xv2"),
                      tx(4, "0xbot"))
-    hits = sandwich_rule(BlockTxs.of(block))
+    hits = sandwich_rule(included_tx_frame([block])[0])
     assert [h.details["indices"] for h in hits] == [[0, 1, 2], [2, 3, 4]]
 
 

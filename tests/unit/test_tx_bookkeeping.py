@@ -17,11 +17,17 @@ from bench.synthetic import generate
 from chainwatch.schema import Block, PendingTx, TxSummary
 from detector import families
 from detector.families import FamilyConfig, TxFamily, _Bounded
-from detector.rules import Offer, RuleHit, count_score, sandwich_rule, sender_burst_rule
+from detector.rules import (
+    Offer,
+    RuleHit,
+    block_tx_rules,
+    count_score,
+    sandwich_rule,
+    sender_burst_rule,
+)
 from detector.tx_features import (
     _CHUNK,
     _INCLUDED_COLUMNS,
-    BlockTxs,
     _attribute_columns,
     blocks_to_tx_frame,
     included_tx_frame,
@@ -254,10 +260,23 @@ def rule_blocks() -> list[Block]:
 def test_sandwich_rule_equals_a_pass_over_every_triple(rule_blocks):
     found = 0
     for b in rule_blocks:
-        hits = sandwich_rule(BlockTxs.of(b))
+        hits = sandwich_rule(included_tx_frame([b])[0])
         assert hits == _sandwich_reference(b)
         found += len(hits)
     assert found > 20  # the crowded blocks hold sandwiches: the test compares real hits
+    # all blocks in one frame: the same hits, block by block
+    everything = included_tx_frame(rule_blocks)[0]
+    assert sandwich_rule(everything) == [h for b in rule_blocks for h in _sandwich_reference(b)]
+
+
+def test_the_block_rules_of_a_batch_come_block_by_block(rule_blocks):
+    """Each block's sandwiches, then its bursts: the order of one block at a time."""
+    frame = included_tx_frame(rule_blocks)[0]
+    expected = [h for b in rule_blocks
+                for h in (*_sandwich_reference(b), *_burst_reference(b, 50, 0.3, 20))]
+    hits = block_tx_rules(frame)
+    assert hits == expected
+    assert {h.rule for h in hits} == {"sandwich_rule", "sender_burst_rule"}
 
 
 def test_sender_burst_rule_equals_counting_every_sender(rule_blocks):
@@ -266,7 +285,7 @@ def test_sender_burst_rule_equals_counting_every_sender(rule_blocks):
     for b in rule_blocks:
         limits = [(50, 0.3, 20), (rng.randint(0, 30), rng.random(), rng.randint(0, 30))]
         for min_txs, min_share, min_share_txs in limits:
-            hits = sender_burst_rule(BlockTxs.of(b), min_txs, min_share, min_share_txs)
+            hits = sender_burst_rule(included_tx_frame([b])[0], min_txs, min_share, min_share_txs)
             assert hits == _burst_reference(b, min_txs, min_share, min_share_txs)
             found += len(hits)
     assert found > 50
