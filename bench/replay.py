@@ -5,6 +5,7 @@
     python -m bench.replay decode --dir .cache/bench-archive --limit 10000    # reading alone
     python -m bench.replay detector --blocks 3000                             # detector alone
     python -m bench.replay model                                              # tx model's floor
+    python -m bench.replay steps --dir .cache/bench-archive --models M --to 7200  # where it goes
 
 `make` writes a chainwatch archive (the layout of `chainwatch archive`) of mainnet-shaped
 blocks from bench/synthetic.py: 10 seeded chunks of 1,000 blocks are generated once and
@@ -14,6 +15,10 @@ Detector -> findings), without writing a report, and prints figures plus VmHWM (
 of its own process. `detector` feeds pre-decoded blocks to the Detector only, to separate
 decoding from detection. `decode` and `detector` run under the garbage-collector setting
 replay uses (`replay.driver.fewer_collections`; `--default-gc` for CPython's own).
+`steps` replays like `run` and reports the wall seconds spent in each step of the
+detector (timers around the methods, on the thread that runs them), and how long the
+caller waited for the scoring thread. A sampling profiler misattributes time here: while
+the scoring threads hold the GIL, the caller's samples land on whatever line it waits at.
 Figures go to stdout; nothing fails on a slow machine.
 """
 
@@ -106,6 +111,72 @@ def run(directory: Path, warmup: int) -> dict[str, object]:
         "peak_rss_mb": round(_peak_rss_mb()),
     }
     return figures
+
+
+# (module, class or None, function, label) timed by `steps`
+STEPS: tuple[tuple[str, str | None, str, str], ...] = (
+    ("replay.app", None, "make_detector", "start-up: detector and models"),
+    ("replay.archive", "ArchiveSource", "tx_frame", "tx frame from the archive's columns"),
+    ("detector.engine", "Detector", "process", "Detector.process (all of it)"),
+    ("detector.engine", "Detector", "_score", "block model"),
+    ("detector.families", "TxFamily", "on_blocks", "tx family (all of it)"),
+    ("detector.families", None, "tx_features", "tx features"),
+    ("detector.families", None, "block_tx_rules", "tx rules (sandwich, burst)"),
+    ("detector.tx_features", "SenderStats", "update", "sender statistics"),
+    ("detector.tx_features", "SelectorStats", "update", "selector statistics"),
+    ("detector.tx_features", "FeeMarket", "update", "fee market"),
+    ("detector.families", "TxFamily", "_learn_included", "mined-tx bookkeeping"),
+    ("detector.families", "MinerFamily", "on_blocks", "miner family"),
+    ("detector.families", "ForkRisk", "evaluate", "fork risk"),
+)
+
+
+def steps(directory: Path, models: Path | None, to_block: int | None) -> dict[str, object]:
+    """Where a replay's time goes: wall seconds per detector step (see the docstring)."""
+    import functools
+    import importlib
+    from collections import Counter
+
+    from chainwatch.settings import load_settings
+    from replay.app import ReplayOptions
+    from replay.positions import parse_position
+
+    spent: Counter[str] = Counter()
+
+    def timed(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - started
+        return wrapper
+
+    for module_name, owner_name, name, label in STEPS:
+        owner = importlib.import_module(module_name)
+        if owner_name is not None:
+            owner = getattr(owner, owner_name)
+        setattr(owner, name, timed(getattr(owner, name), label))
+    families = importlib.import_module("detector.families")
+    start_scoring = families.TxFamily._start_scoring
+
+    def start(self: Any, x: Any) -> Callable[[], Any]:
+        return timed(start_scoring(self, x), "waiting for the scoring thread")
+
+    families.TxFamily._start_scoring = start
+    app = importlib.import_module("replay.app")  # make_detector is looked up there
+    started = time.monotonic()
+    stats = app.run_replay(
+        load_settings(models=models), str(directory),
+        ReplayOptions(out=None, progress=False,
+                      stop=parse_position(str(to_block), "--to") if to_block is not None
+                      else None),
+        echo=lambda line: None)
+    wall = time.monotonic() - started
+    return {"wall_s": round(wall, 2), "replayed_s": round(stats.wall_seconds, 2),
+            "blocks": stats.blocks, "txs": stats.transactions, "findings": stats.findings,
+            "steps_s": {k: round(v, 2) for k, v in spent.most_common()}}
 
 
 def decode_only(directory: Path, limit: int) -> dict[str, object]:
@@ -225,6 +296,10 @@ def main() -> None:
     d.add_argument("--blocks", type=int, default=3000)
     d.add_argument("--txs-per-block", type=float, default=150)
     d.add_argument("--batch", type=int, default=500)
+    st = sub.add_parser("steps")
+    st.add_argument("--dir", type=Path, required=True)
+    st.add_argument("--models", type=Path, default=None)
+    st.add_argument("--to", type=int, default=None)
     mf = sub.add_parser("model")
     mf.add_argument("--blocks", type=int, default=800)
     mf.add_argument("--txs-per-block", type=float, default=150)
@@ -239,6 +314,8 @@ def main() -> None:
         return
     if args.mode == "run":
         figures = run(args.dir, args.warmup)
+    elif args.mode == "steps":
+        figures = steps(args.dir, args.models, args.to)
     elif args.mode == "model":
         figures = model_floor(args.blocks, args.txs_per_block, args.repeats)
     else:
