@@ -209,14 +209,20 @@ def _feed(detector: Any, clock: Any, history: list[Block], batch: int) -> int:
     return findings
 
 
-def detector_only(blocks: int, txs_per_block: float, batch: int) -> dict[str, object]:
+def detector_only(
+    blocks: int, txs_per_block: float, batch: int, models: Path | None = None
+) -> dict[str, object]:
+    """Pre-decoded blocks through the Detector; with `models`, trained ones (no warm-up
+    and no refits, as `chainwatch replay --models`), loaded before the clock starts."""
     from chainwatch.metrics import Metrics
     from detector.engine import Detector, DetectorConfig
+    from detector.training import load_models
     from replay.driver import ReplayClock
 
     history = generate(blocks, txs_per_block, seed=1)
     clock = ReplayClock()
-    detector = Detector(DetectorConfig(), Metrics(), clock=clock)
+    detector = Detector(DetectorConfig(), Metrics(), clock=clock,
+                        pretrained=load_models(models) if models is not None else None)
     started = time.perf_counter()
     findings = _feed(detector, clock, history, batch)
     wall = time.perf_counter() - started
@@ -296,6 +302,7 @@ def main() -> None:
     d.add_argument("--blocks", type=int, default=3000)
     d.add_argument("--txs-per-block", type=float, default=150)
     d.add_argument("--batch", type=int, default=500)
+    d.add_argument("--models", type=Path, default=None, help="trained models (no refits)")
     st = sub.add_parser("steps")
     st.add_argument("--dir", type=Path, required=True)
     st.add_argument("--models", type=Path, default=None)
@@ -326,7 +333,8 @@ def main() -> None:
             if args.mode == "decode":
                 figures = decode_only(args.dir, args.limit)
             else:
-                figures = detector_only(args.blocks, args.txs_per_block, args.batch)
+                figures = detector_only(args.blocks, args.txs_per_block, args.batch,
+                                        args.models)
         figures["gc"] = "default" if args.default_gc else "replay"
     print(json.dumps({"mode": args.mode, **figures, **machine}))
 

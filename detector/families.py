@@ -22,7 +22,6 @@ finding when the condition starts, none while it lasts, a new one after it clear
 from __future__ import annotations
 
 import math
-import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,19 +52,19 @@ from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import PARALLEL_MIN_ROWS, AnomalyDetector
 from detector.rules import (
+    ClockWindow,
     Offer,
     RuleHit,
     Stamp,
     block_min_tip,
     block_tx_rules,
     count_score,
+    drift_hit,
     empty_blocks_rule,
-    median,
     miner_share_rule,
     miner_surge_rule,
     nonce_replacement_spam_rule,
     skipped_by,
-    timestamp_drift_rule,
 )
 from detector.state import NodeKey
 from detector.tx_features import (
@@ -524,8 +523,11 @@ class MinerFamily:
         included = self._included_txs(blocks, txs, tx_frame)
         next_nonces = (txs.next_nonce.of(o.sender for o in txs.offers.values())
                        if included is not None else {})
+        stamps = [*self.stamps, *map(_stamp, blocks)]
+        first = len(self.stamps)
+        clock = ClockWindow.of(stamps, first, self.config.miner_window)
         for i, b in enumerate(blocks):
-            findings.append(self._clock(b, now))
+            findings.append(self._clock(b, stamps[first + i], clock, i, now))
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
@@ -566,22 +568,27 @@ class MinerFamily:
         by_height = {b.number: b.miner.lower() for b in self.blocks}
         return [by_height[n] for n in sorted(by_height)]
 
-    def _clock(self, block: Block, now: float) -> Finding | None:
-        """A producer moving the chain's clock: a made-up timestamp, or a huge jump."""
-        hit = timestamp_drift_rule([*self.stamps, _stamp(block)], chain_id=block.chain_id,
-                                   node=block.node,
-                                   future_limit=self.config.timestamp_future_seconds)
+    def _clock(
+        self, block: Block, stamp: Stamp, clock: ClockWindow, i: int, now: float
+    ) -> Finding | None:
+        """A producer moving the chain's clock: a made-up timestamp, or a huge jump.
+
+        `clock` row i: the figures of the block's window (the node's blocks before it),
+        computed for the whole batch at once.
+        """
+        hit = drift_hit(stamp, self.stamps[-1] if self.stamps else None, clock, i,
+                        chain_id=block.chain_id, node=block.node,
+                        future_limit=self.config.timestamp_future_seconds)
         if hit is not None:
             return hit.to_finding(now, episode=block.hash)
-        return self._jump(block, now)
+        return self._jump(block, clock, i, now)
 
-    def _jump(self, block: Block, now: float) -> Finding | None:
+    def _jump(self, block: Block, clock: ClockWindow, i: int, now: float) -> Finding | None:
         """A timestamp far beyond the usual interval (also when arrival times are unknown)."""
         previous = self.blocks[-1] if self.blocks else None
-        if previous is None or previous.number != block.number - 1 or len(self.blocks) < 10:
+        if previous is None or not clock.follows[i] or clock.known[i] < 10:
             return None
-        stamps = [b.timestamp for b in self.blocks]
-        usual = median(list(map(operator.sub, stamps[1:], stamps[:-1]))) if len(stamps) > 1 else 0.0
+        usual = float(clock.usual_interval[i])
         interval = block.timestamp - previous.timestamp
         excess = interval - usual
         if excess <= self.config.timestamp_jump_seconds:

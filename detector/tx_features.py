@@ -86,6 +86,7 @@ _IQR_TO_SIGMA = 1.349  # IQR of a normal distribution in standard deviations
 # censorship rule's concern); only the high side of the log fee z-scores can go far out.
 LOG_Z_CLIP = 3.0
 _NO_SELECTOR = ""  # key for txs without a 4-byte selector (plain transfers)
+_ROW_LOOKUP_MAX = 2_048  # rows looked up one by one; a bigger batch per distinct value
 
 
 def _opt_float(value: int | None) -> float | None:
@@ -543,10 +544,15 @@ class SelectorStats:
 
     def rarity(self, method_ids: pl.Series) -> np.ndarray:
         """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
-        # looked up row by row: handing polars every known selector on each call cost more
+        # looked up per distinct selector: handing polars every known selector on each call
+        # cost more, and a replay batch of 75k txs has a few thousand distinct ones
         get = self._counts.get
         lowered = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
-        counts = np.array([get(k, 0) for k in lowered], dtype=np.float64)
+        if len(lowered) <= _ROW_LOOKUP_MAX:
+            counts = np.array([get(k, 0) for k in lowered], dtype=np.float64)
+        else:
+            seen = {k: float(get(k, 0)) for k in lowered.unique().to_list()}
+            counts = lowered.replace_strict(seen, return_dtype=pl.Float64).to_numpy()
         return -np.log((counts + 1.0) / (self.total + 1.0))
 
 
@@ -596,16 +602,16 @@ class SenderStats:
             .tail(self.max_events)
         )
         new_last = frame.group_by(pl.col("from_address").alias("sender")).agg(
-            pl.col("nonce").max().alias("last_nonce"),
-            pl.col("observed_at").max().alias("last_seen"),
+            pl.col("nonce").max().alias("new_nonce"),
+            pl.col("observed_at").max().alias("new_seen"),
         )
-        last = (
-            pl.concat([self._last, new_last.select(_LAST_SCHEMA.keys())])
-            .group_by("sender")
-            .agg(pl.col("last_nonce").max(), pl.col("last_seen").max())
+        last = self._last.join(new_last, on="sender", how="full", coalesce=True).select(
+            "sender",
+            pl.max_horizontal("last_nonce", "new_nonce").alias("last_nonce"),
+            pl.max_horizontal("last_seen", "new_seen").alias("last_seen"),
         )
-        if last.height > self.max_senders:
-            last = last.top_k(self.max_senders, by="last_seen")
+        if last.height > self.max_senders:  # the most recent; ties (one block) by sender
+            last = last.top_k(self.max_senders, by=["last_seen", "sender"])
         self._last = last
 
     def lookup(self, frame: pl.DataFrame, now: float | None = None) -> pl.DataFrame:

@@ -270,3 +270,50 @@ def test_empty_frame_gives_empty_features():
     market, selectors, senders, _ = learnt_stats()
     out = tx_features(blocks_to_tx_frame([]), market, selectors, senders)
     assert out.height == 0 and out.columns == ["hash", *TX_FEATURES]
+
+
+def test_selector_rarity_of_a_big_batch_equals_the_row_by_row_lookup(monkeypatch):
+    """Above _ROW_LOOKUP_MAX rows the lookup goes per distinct selector: same numbers."""
+    import random
+
+    from detector import tx_features
+
+    rng = random.Random(2)
+    selectors = [None, "0xAA", "0xaa", "0xbb", *(f"0x{i:08x}" for i in range(300))]
+    stats = SelectorStats(capacity=10_000)
+    stats.update(pl.DataFrame({"method_id": rng.choices(selectors, k=8_000)}))
+    batch = pl.Series(rng.choices([*selectors, "0xunseen"], k=5_000))
+    assert len(batch) > tx_features._ROW_LOOKUP_MAX
+    by_value = stats.rarity(batch)
+    monkeypatch.setattr(tx_features, "_ROW_LOOKUP_MAX", 10**9)
+    assert np.array_equal(by_value, stats.rarity(batch))
+
+
+def test_sender_stats_remember_each_senders_highest_nonce_and_latest_time():
+    import random
+
+    rng = random.Random(4)
+    stats, expected = SenderStats(), {}
+    for step in range(6):
+        senders = [f"0x{rng.randrange(40):02x}" for _ in range(200)]
+        nonces = [rng.randrange(10**6) for _ in senders]
+        times = [step * 12.0 + rng.random() for _ in senders]
+        stats.update(pl.DataFrame({"from_address": senders, "nonce": nonces,
+                                   "observed_at": times}), now=step * 12.0 + 1)
+        for s, n, t in zip(senders, nonces, times, strict=True):
+            old = expected.get(s, (-1, -1.0))
+            expected[s] = (max(old[0], n), max(old[1], t))
+    last = stats._last.sort("sender")
+    assert dict(zip(last["sender"], zip(last["last_nonce"], last["last_seen"], strict=True),
+                    strict=True)) == expected
+
+
+def test_sender_stats_at_their_bound_keep_the_latest_ties_by_address():
+    stats = SenderStats(max_senders=3)
+    frame = pl.DataFrame({"from_address": ["0xa", "0xe", "0xc", "0xd", "0xb"],
+                          "nonce": [1, 2, 3, 4, 5], "observed_at": [10.0] * 5})
+    stats.update(frame, now=10.0)
+    assert sorted(stats._last["sender"]) == ["0xc", "0xd", "0xe"]
+    stats.update(pl.DataFrame({"from_address": ["0xa"], "nonce": [9], "observed_at": [11.0]}),
+                 now=11.0)
+    assert sorted(stats._last["sender"]) == ["0xa", "0xd", "0xe"]

@@ -1,0 +1,160 @@
+"""The timestamp rules computed for a whole batch at once (ClockWindow) find what the
+former one-block-at-a-time code found, on histories with gaps, repeated heights,
+backfill bursts, made-up stamps and jumps, in batches of every size."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Sequence
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from chainwatch.schema import Block
+from detector.families import FamilyConfig, MinerFamily, TxFamily, _stamp
+from detector.rules import RuleHit, Stamp, count_score, timestamp_drift_rule
+
+
+def _drift_reference(
+    window: Sequence[Stamp],
+    *,
+    chain_id: int,
+    node: str,
+    future_limit: float = 15.0,
+    min_blocks: int = 10,
+) -> RuleHit | None:
+    """The newest block of `window` carries a timestamp its producer made up.
+
+    Ahead: stamped more than `future_limit` seconds further ahead of the moment the node
+    saw it than usual (geth refuses blocks more than 15 s in the future), AND further from
+    its parent than the usual interval: the producer moved the chain's clock forward.
+    Honest successors that can only add 1 s to a clock already ahead are not blamed.
+    Behind: stamped earlier than usual relative to its arrival by more than half the usual
+    interval, AND closer to its parent than half the usual interval: a backdated block.
+    A node that lags sees every block late, but at usual intervals: neither fires.
+    "Usual" is the window's median interval and the median lead of the blocks that arrived
+    live (not a backfill's burst), so a constant clock offset between the node and the
+    collector cancels out.
+    """
+    if len(window) < min_blocks + 1:
+        return None
+    block, parent = window[-1], window[-2]
+    if parent.number != block.number - 1:
+        return None
+    past = window[:-1]
+    pairs = [(a, b) for a, b in pairwise(past) if b.number == a.number + 1]
+    gaps = [b.timestamp - a.timestamp for a, b in pairs]
+    if len(gaps) < min_blocks // 2:
+        return None
+    usual_gap = float(np.median(gaps))
+    # the usual lead of blocks that arrived live: as far apart on arrival as in their
+    # stamps. A backfill after an outage (fetched in a burst, stamped with when it was
+    # fetched) and a manipulated block and its successors are left out of the reference
+    lead = [b.timestamp - b.observed_at for a, b in pairs
+            if abs((b.observed_at - a.observed_at) - (b.timestamp - a.timestamp))
+            < max(usual_gap / 2, 1.0)]
+    if len(lead) < min_blocks // 2:
+        return None  # too few live arrivals to know this node's usual lead
+    usual_lead = float(np.median(lead))
+    excess = (block.timestamp - block.observed_at) - usual_lead
+    interval = block.timestamp - parent.timestamp
+    if excess > future_limit and interval > usual_gap:
+        verdict, amount = "ahead of", excess
+        limit = future_limit
+    elif -excess > max(usual_gap / 2, 1.0) and interval < usual_gap / 2:
+        verdict, amount = "behind", -excess
+        limit = max(usual_gap / 2, 1.0)
+    else:
+        return None
+    return RuleHit(
+        rule="timestamp_drift_rule", family="miner", severity="warning",
+        chain_id=chain_id, node=node, subject_kind="miner", subject=block.miner,
+        block_number=block.number, score=count_score(amount, limit),
+        summary=(f"block {block.number} by {block.miner} is stamped {amount:.0f}s {verdict} "
+                 f"the time {node} received it, relative to the usual (interval to its "
+                 f"parent {interval:.0f}s, usual {usual_gap:.0f}s)"),
+        details={"excess_seconds": excess, "interval_seconds": interval,
+                 "usual_interval_seconds": usual_gap},
+    )
+
+
+
+
+def _jump_reference(window: Sequence[Block], block: Block, limit: float) -> tuple | None:
+    """MinerFamily._jump before: (excess, usual) of a jump, or None."""
+    previous = window[-1] if window else None
+    if previous is None or previous.number != block.number - 1 or len(window) < 10:
+        return None
+    stamps = np.array([b.timestamp for b in window], dtype=np.float64)
+    usual = float(np.median(np.diff(stamps))) if len(stamps) > 1 else 0.0
+    excess = block.timestamp - previous.timestamp - usual
+    return (excess, usual) if excess > limit else None
+
+
+def _history(seed: int, count: int = 400) -> list[Block]:
+    rng = random.Random(seed)
+    out, number, t, seen = [], 100, 1_700_000_000, 1_700_000_000.5
+    for i in range(count):
+        roll = rng.random()
+        if roll < 0.05:
+            number += rng.randint(2, 4)  # heights the node never saw
+        elif roll < 0.08:
+            number -= rng.randint(0, 2)  # a reorg: a height again
+        else:
+            number += 1
+        step = rng.choice([12, 12, 12, 24, 13, 11]) if rng.random() > 0.02 else 400  # a halt
+        t += step
+        seen = (seen + 0.01 if rng.random() < 0.1 else t + rng.uniform(0.2, 3.0))  # bursts
+        stamp = t
+        if rng.random() < 0.03:
+            stamp += rng.choice([40, 200, 600])  # ahead, or a jump
+        elif rng.random() < 0.03:
+            stamp -= rng.choice([8, 30])  # backdated
+        out.append(Block(chain_id=1, node="n", event_id=f"b{i}", observed_at=seen,
+                         number=number, hash=f"0x{i:064x}", parent_hash="0x", timestamp=stamp,
+                         miner=f"0xM{i % 7}", gas_used=1, gas_limit=30_000_000, tx_count=0))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_batch_at_once_finds_what_one_block_at_a_time_found(seed):
+    rng = random.Random(seed)
+    config = FamilyConfig()
+    history = _history(seed)
+    family, txs = MinerFamily(config), TxFamily(config, kind="iforest", seed=1)
+    stamps: deque[Stamp] = deque(maxlen=config.miner_window)
+    blocks: deque[Block] = deque(maxlen=config.miner_window)
+    expected, found, start = [], [], 0
+    while start < len(history):
+        batch = history[start:start + rng.choice([1, 1, 2, 7, 50, 150])]
+        start += len(batch)
+        for b in batch:
+            hit = _drift_reference([*stamps, _stamp(b)], chain_id=1, node="n",
+                                   future_limit=config.timestamp_future_seconds)
+            if hit is not None:
+                expected.append(("timestamp_drift_rule", b.number, hit.summary, hit.score))
+            else:
+                jump = _jump_reference(blocks, b, config.timestamp_jump_seconds)
+                if jump is not None:
+                    expected.append(("timestamp_jump_rule", b.number))
+            stamps.append(_stamp(b))
+            blocks.append(b)
+        for f in family.on_blocks(batch, txs, now=batch[-1].observed_at):
+            if f.detector == "timestamp_drift_rule":
+                found.append((f.detector, f.block_number, f.summary, f.score))
+            elif f.detector == "timestamp_jump_rule":
+                found.append((f.detector, f.block_number))
+    assert found == expected
+    assert {e[0] for e in expected} == {"timestamp_drift_rule", "timestamp_jump_rule"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_one_window_rule_is_the_former_rule(seed):
+    history = _history(seed, 150)
+    stamps = [_stamp(b) for b in history]
+    for end in range(1, len(stamps) + 1):
+        window = stamps[max(0, end - 101):end]
+        assert timestamp_drift_rule(window, chain_id=1, node="n") == _drift_reference(
+            window, chain_id=1, node="n")
