@@ -199,42 +199,85 @@ class _Bounded(OrderedDict[str, float]):
             self.popitem(last=False)
 
 
+class RecentKeys:
+    """Keys added lately, for membership: every one of the last `limit` keys added is
+    in; keys added more than two generations ago are forgotten.
+
+    Two generations of plain sets (the current one is retired once it holds `limit`
+    keys): adding a replay batch's 75k hashes is one set update at C speed, where an
+    exact bound kept in insertion order cost ~20 ms per batch.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._current or key in self._previous
+
+    def __len__(self) -> int:
+        return len(self._current | self._previous)
+
+    def add_many(self, keys: Iterable[str]) -> None:
+        self._current.update(keys)
+        if len(self._current) >= self.limit:
+            self._previous, self._current = self._current, set()
+
+    def add(self, key: str) -> None:
+        self.add_many((key,))
+
+
 class NextNonces:
     """Each sender's next nonce (one above its highest included one), for the `limit`
     senders whose txs were mined most recently; the others are forgotten.
 
-    Columnar and learnt once per batch: a replay batch holds ~75k txs of ~30k senders, and
-    the same bookkeeping in a dict took ~1 s per 1M txs. Within a batch the order is the
-    txs' order (a sender's last tx counts), so the senders kept are those one tx at a time
-    would keep; a sender forgotten inside a batch, only to come back in it, keeps its old
-    value where one tx at a time would have started it again (equal unless its nonces
-    went down, which a chain does not allow).
+    Columnar: the batches' (sender, nonce) pairs wait, and are folded into the state
+    when it is read or when `fold_every` batches wait (a replay batch holds ~75k txs of
+    ~30k senders; a dict touched per tx cost ~1 s per 1M txs, a join per batch with the
+    200k-sender state ~80 ms per 1M). Within what is folded the txs count in order (a
+    sender's last tx counts), so the senders kept are those one tx at a time would keep;
+    a sender forgotten in between, only to come back before the fold, keeps its old value
+    where one tx at a time would have started it again (equal unless its nonces went
+    down, which a chain does not allow).
     """
 
     _SCHEMA: dict[str, type[pl.DataType]] = {
         "sender": pl.Utf8, "next_nonce": pl.UInt64, "touched": pl.Int64,
     }
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, fold_every: int = 8) -> None:
         self.limit = limit
+        self.fold_every = fold_every
         self._frame = pl.DataFrame(schema=self._SCHEMA)
+        self._waiting: list[pl.DataFrame] = []
         self._clock = 0  # txs learnt so far: the order senders were last touched in
 
     def __len__(self) -> int:
+        self._fold()
         return self._frame.height
 
     def learn(self, senders: pl.Series, nonces: pl.Series) -> None:
         """The included txs of a batch, in order (senders lower-cased, nonces as Int64)."""
         if not len(senders):
             return
-        batch = (
-            pl.DataFrame({"sender": senders, "nonce": nonces.cast(pl.UInt64)})
-            .with_row_index("position")
-            .group_by("sender")
-            .agg((pl.col("nonce").max() + 1).alias("new"),
-                 (pl.col("position").max().cast(pl.Int64) + self._clock).alias("last"))
-        )
+        self._waiting.append(pl.DataFrame({
+            "sender": senders, "nonce": nonces.cast(pl.UInt64),
+            "position": pl.int_range(self._clock, self._clock + len(senders), eager=True),
+        }))
         self._clock += len(senders)
+        if len(self._waiting) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._waiting:
+            return
+        batch = (
+            pl.concat(self._waiting)
+            .group_by("sender")
+            .agg((pl.col("nonce").max() + 1).alias("new"), pl.col("position").max().alias("last"))
+        )
+        self._waiting = []
         merged = self._frame.join(batch, on="sender", how="full", coalesce=True).select(
             "sender",
             pl.max_horizontal(pl.col("next_nonce").fill_null(0), pl.col("new").fill_null(0))
@@ -247,6 +290,7 @@ class NextNonces:
 
     def of(self, senders: Iterable[str]) -> dict[str, int]:
         """The next nonce of each of `senders` that is known."""
+        self._fold()
         wanted = list(set(senders))
         if not wanted or not self._frame.height:
             return {}
@@ -255,6 +299,7 @@ class NextNonces:
 
     def items(self) -> list[tuple[str, int]]:
         """(sender, next nonce), least recently touched first (tests, analysis)."""
+        self._fold()
         rows = self._frame.sort("touched")
         return list(zip(rows["sender"].to_list(), rows["next_nonce"].to_list(), strict=True))
 
@@ -287,7 +332,7 @@ class TxFamily:
         self._seen_blocks = _Bounded(10_000)
         # mined already: a pending record that arrives after its block must not re-open it
         # (such records come seconds late; 50k txs is ~250 mainnet blocks, ~50 minutes)
-        self._included = _Bounded(50_000)
+        self._included = RecentKeys(50_000)
         self.last_scored: Scored | None = None
         self.scored_rows = 0
 
@@ -338,7 +383,7 @@ class TxFamily:
             if r.fate in ("dropped", "replaced", "included"):
                 self._gone(r.hash)
             if r.fate == "included":
-                self._included.put(r.hash, r.observed_at)
+                self._included.add(r.hash)
             if r.fate == "replaced":
                 self._replaced.append(r)
                 if r.replaced_by:
@@ -379,7 +424,7 @@ class TxFamily:
             self.selectors.update(frame)
             self.senders.update(frame, now)
         self.market.update(fresh, frame, counts)
-        self._learn_included(frame, fresh)
+        self._learn_included(frame)
         if x is not None and ok is not None:
             findings.extend(self._verdicts(frame, x, ok, scoring(), now, included=True))
             self.model.learn(x)
@@ -398,9 +443,9 @@ class TxFamily:
             _scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tx-score")
         return _scorer.submit(self.model.score, x).result
 
-    def _learn_included(self, frame: pl.DataFrame, blocks: Sequence[Block]) -> None:
-        """The batch's mined txs left the pool, are remembered as mined (`_included`, with
-        the batch's latest arrival), and raise their senders' next nonce."""
+    def _learn_included(self, frame: pl.DataFrame) -> None:
+        """The batch's mined txs left the pool, are remembered as mined (`_included`), and
+        raise their senders' next nonce."""
         cols = frame.select("hash", "from_address", "nonce")
         hashes = cols["hash"].to_list()
         for pool in (self.pending_since, self.offers):
@@ -408,8 +453,7 @@ class TxFamily:
                 for tx_hash in pool.keys() & hashes:
                     del pool[tx_hash]
         self.next_nonce.learn(cols["from_address"], cols["nonce"])
-        if blocks:
-            self._included.put_many(hashes, max(b.observed_at for b in blocks))
+        self._included.add_many(hashes)
 
     def _matrix(self, frame: pl.DataFrame, now: float) -> tuple[np.ndarray, np.ndarray]:
         """The model's rows of a tx frame (those with every feature known), and which

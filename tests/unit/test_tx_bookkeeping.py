@@ -114,13 +114,14 @@ def test_put_many_leaves_what_one_put_per_key_leaves(seed):
 
 
 class _OneByOne:
-    """The per-transaction bookkeeping `_learn_included` replaced, trimmed per batch.
-    Nonces are read from the tx frame, which holds them as Int64: one beyond it (no
-    account can send 2^63 txs) counts as the largest Int64."""
+    """The per-transaction bookkeeping `_learn_included` replaced, trimmed per batch, with
+    an exact bound on the mined hashes. Nonces are read from the tx frame, which holds
+    them as Int64: one beyond it (no account can send 2^63 txs) counts as the largest."""
 
-    def __init__(self, family: TxFamily) -> None:
+    def __init__(self, family: TxFamily, limit: int) -> None:
         self.family = family
         self.next_nonce: OrderedDict[str, int] = OrderedDict()
+        self.included = _Bounded(limit)
 
     def learn(self, blocks: list[Block]) -> None:
         family = self.family
@@ -130,19 +131,17 @@ class _OneByOne:
                 sender = tx.from_address.lower()
                 nonce = min(tx.nonce, 2**63 - 1)
                 self.next_nonce[sender] = max(self.next_nonce.pop(sender, 0), nonce + 1)
-                family._included.put(tx.hash, 0.0)
+                self.included.put(tx.hash, 0.0)
         while len(self.next_nonce) > families.NONCE_SENDERS:
             self.next_nonce.popitem(last=False)
 
 
 def _learn(family: TxFamily, blocks: list[Block]) -> None:
-    frame, _ = included_tx_frame(blocks)
-    family._learn_included(frame, blocks)
+    family._learn_included(included_tx_frame(blocks)[0])
 
 
-def _state(family: TxFamily, next_nonce: list[tuple[str, int]]) -> tuple[list[object], ...]:
-    return (next_nonce, list(family._included), list(family.pending_since.items()),
-            list(family.offers.items()))
+def _pools(family: TxFamily) -> tuple[list[object], ...]:
+    return list(family.pending_since.items()), list(family.offers.items())
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -151,27 +150,47 @@ def test_learning_included_txs_in_bulk_equals_one_tx_at_a_time(seed, monkeypatch
     monkeypatch.setattr(families, "NONCE_SENDERS", rng.randint(1, 15))
     blocks = _random_blocks(seed)
     bulk, each = (TxFamily(FamilyConfig(), kind="iforest", seed=1) for _ in range(2))
-    reference = _OneByOne(each)
     pool = [tx.hash for b in blocks for tx in b.transactions] + ["0xnever"] * 3
     pending, limit = rng.sample(pool, len(pool) // 3), rng.randint(1, 60)
+    reference = _OneByOne(each, limit)
+    bulk._included.limit = limit
     for family in (bulk, each):
-        family._included.limit = limit
         for i, tx_hash in enumerate(pending):  # some mined below, some never
             family.pending_since.put(tx_hash, float(i))
             family.offers[tx_hash] = Offer(1, 1, 21_000, float(i), SENDERS[0], i)
     start = 0
-    while start < len(blocks):  # batches of 1 to 4 blocks
+    while start < len(blocks):  # batches of 1 to 4 blocks, the nonces read after each
         batch = blocks[start:start + rng.randint(1, 4)]
         start += len(batch)
         _learn(bulk, batch)
         reference.learn(batch)
-        assert _state(bulk, bulk.next_nonce.items()) == _state(
-            each, list(reference.next_nonce.items()))
+        assert bulk.next_nonce.items() == list(reference.next_nonce.items())
+        assert _pools(bulk) == _pools(each)
+        assert all(tx_hash in bulk._included for tx_hash in reference.included)
+        assert "0xnever" not in bulk._included
     assert len(bulk.next_nonce) == min(families.NONCE_SENDERS, len(reference.next_nonce))
 
 
-def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_batch(monkeypatch):
-    """Trimmed per batch: its old, higher nonce does not come back in a later batch."""
+def test_recent_keys_hold_the_last_limit_keys_and_forget_old_ones():
+    rng = random.Random(3)
+    keys = families.RecentKeys(limit=50)
+    added: list[str] = []
+    for step in range(300):
+        batch = [f"k{rng.randrange(400)}" for _ in range(rng.choice([1, 3, 20, 70]))]
+        if len(batch) == 1:
+            keys.add(batch[0])
+        else:
+            keys.add_many(batch)
+        added.extend(batch)
+        recent = list(dict.fromkeys(reversed(added)))[:50]  # the last 50 distinct keys
+        assert all(k in keys for k in recent), step
+        assert len(keys) <= 2 * max(50, 70) + 70
+    assert "never" not in keys
+
+
+def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_fold(monkeypatch):
+    """Trimmed when folded (when read, or every `fold_every` batches): a sender's old,
+    higher nonce does not come back after it was forgotten."""
     monkeypatch.setattr(families, "NONCE_SENDERS", 1)
     rng = random.Random(0)
     a, b = SENDERS[:2]
@@ -181,11 +200,15 @@ def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_batch(monkey
     family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
     for blk in blocks:
         _learn(family, [blk])
+        family.next_nonce.items()  # read after each batch: folded per batch
     assert family.next_nonce.items() == [(a, 5)]
-    family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
-    _learn(family, blocks)  # one batch: a's last tx is the most recent, its highest nonce 9
-    assert family.next_nonce.items() == [(a, 10)]
-    assert family.next_nonce.of([a, b, "0xunknown"]) == {a: 10}
+    for batches in ([blocks], [[blk] for blk in blocks]):  # one batch; three, read once
+        family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
+        for batch in batches:
+            _learn(family, batch)
+        # a's last tx is the most recent, its highest nonce 9
+        assert family.next_nonce.items() == [(a, 10)]
+        assert family.next_nonce.of([a, b, "0xunknown"]) == {a: 10}
 
 
 # -- rules ------------------------------------------------------------------------------
