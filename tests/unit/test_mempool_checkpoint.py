@@ -460,7 +460,6 @@ def test_the_state_file_is_per_chain_and_node_with_a_safe_name(tmp_path: Path):
     assert not list(tmp_path.glob(".ckpt-*")), "no temporary file left"
 
 
-
 def _copy_state(source: Path, target: Path) -> None:
     """The state dir as a kill -9 would have left it (files only)."""
     import shutil
