@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import polars as pl
@@ -180,22 +179,6 @@ class _Bounded(OrderedDict[str, float]):
     def put(self, key: str, value: float) -> None:
         self[key] = value
         if len(self) > self.limit:
-            self.popitem(last=False)
-
-    def put_many(self, keys: Sequence[str], value: float) -> None:
-        """`put(key, value)` for each key in order, in bulk when every key is new (the
-        usual case): then both keep the last `limit` keys of the old ones and the new."""
-        new = dict.fromkeys(keys, value)
-        if len(new) < len(keys) or not self.keys().isdisjoint(new):
-            for key in keys:  # a key put again: a put may move it or evict it first
-                self.put(key, value)
-            return
-        if len(new) >= self.limit:  # the new keys alone fill it: only their last `limit` stay
-            self.clear()
-            self.update(islice(new.items(), len(new) - self.limit, None))
-            return
-        self.update(new)
-        for _ in range(len(self) - self.limit):
             self.popitem(last=False)
 
 

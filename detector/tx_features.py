@@ -285,12 +285,6 @@ class BlockTxs:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    @staticmethod
-    def of(block: Block) -> BlockTxs:
-        """A block's own transactions (tests, analysis)."""
-        frame, counts = included_tx_frame([block])
-        return per_block_txs(frame, counts, [block])[0]
-
 
 def per_block_txs(
     frame: pl.DataFrame, counts: Sequence[int], blocks: Sequence[Block]

@@ -88,28 +88,6 @@ def _random_blocks(seed: int, count: int = 30, most_senders: int = len(SENDERS))
     ]
 
 
-# -- _Bounded.put_many ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", range(60))
-def test_put_many_leaves_what_one_put_per_key_leaves(seed):
-    rng = random.Random(seed)
-    limit = rng.randint(1, 12)
-    bulk, each = _Bounded(limit), _Bounded(limit)
-    old = [f"old{i}" for i in range(20)]
-    for step in range(25):
-        size = rng.randint(0, 3 * limit)
-        if rng.random() < 0.5:  # all new: the bulk path, often beyond the bound
-            keys = [f"new{step}-{i}" for i in range(size)]
-        else:  # repeats within the batch and keys held or evicted before
-            keys = [rng.choice(old) if rng.random() < 0.5 else f"k{rng.randrange(2 * limit)}"
-                    for _ in range(size)]
-        bulk.put_many(keys, float(step))
-        for key in keys:
-            each.put(key, float(step))
-        assert list(bulk.items()) == list(each.items())
-
-
 # -- TxFamily._learn_included -----------------------------------------------------------
 
 
