@@ -558,7 +558,7 @@ class MinerFamily:
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
-            self.stamps.append(_stamp(b))
+            self.stamps.append(stamps[first + i])
         c = self.config
         head = self.blocks[-1]
         producers = self._producers()
@@ -645,8 +645,6 @@ class MinerFamily:
         self, block_txs: BlockTxs, txs: TxFamily, next_nonces: Mapping[str, int]
     ) -> None:
         """Note which watched high-fee txs this block's producer could have taken but left."""
-        if not txs.offers:
-            return
         block = block_txs.block
         parent = next((b for b in reversed(self.blocks) if b.number == block.number - 1), None)
         parent_seen = parent.observed_at if parent is not None else None

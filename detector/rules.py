@@ -495,22 +495,10 @@ class Stamp:
     observed_at: float
 
 
-def median(values: Sequence[float]) -> float:
-    """np.median of a short list, without building an array (the miner rules take one per
-    block): the middle value, or the mean of the two middle ones, as a float."""
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return math.nan
-    middle = n // 2
-    if n % 2:
-        return float(ordered[middle])
-    return (float(ordered[middle - 1]) + float(ordered[middle])) / 2.0
-
-
 def _row_medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's median over its non-NaN values (as `median` computes it) and their count;
-    NaN where a row has none."""
+    """Each row's median over its non-NaN values (as np.median of those values computes
+    it: the middle one, or the mean of the two middle ones) and their count; NaN where a
+    row has none."""
     counts = np.count_nonzero(~np.isnan(values), axis=1)
     if values.shape[1] == 0:
         return np.full(len(values), np.nan), counts
@@ -563,8 +551,8 @@ class ClockWindow:
         lead = np.append(ts[1:] - seen[1:], np.nan)[at]
         usual_lead, leads = _row_medians(np.where(live, lead, np.nan))
         usual_interval, _ = _row_medians(np.where(inside, gap, np.nan))
-        follows = np.array([q > 0 and numbers[q - 1] == numbers[q] - 1 for q in positions],
-                           dtype=bool)
+        follows = (positions > 0) & (numbers[np.maximum(positions - 1, 0)]
+                                     == numbers[positions] - 1)
         return ClockWindow(usual_gap, gaps, usual_lead, leads, usual_interval, follows,
                            np.minimum(positions, window))
 

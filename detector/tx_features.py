@@ -282,9 +282,6 @@ class BlockTxs:
     hashes: list[str]
     tips: list[float]
 
-    def __len__(self) -> int:
-        return len(self.hashes)
-
 
 def per_block_txs(
     frame: pl.DataFrame, counts: Sequence[int], blocks: Sequence[Block]

@@ -3,7 +3,6 @@
 Deep reorgs are the engine's `reorg_depth` detector (tests/unit/test_detector_engine.py).
 """
 
-import numpy as np
 import pytest
 
 from chainwatch.schema import Block, TxLifecycle, TxSummary
@@ -250,16 +249,3 @@ def test_a_tx_counts_as_skipped_only_when_the_producer_could_and_should_have_tak
     full = block.model_copy(update={"gas_used": 1_000_000})
     assert not skipped_by(offer, full, full.timestamp - 12.0, min_tip=8.0, next_nonce=7)
     assert skipped_by(offer, full, full.timestamp - 12.0, min_tip=2.0, next_nonce=7)
-
-
-def test_median_is_numpys_median() -> None:
-    import random
-
-    from detector.rules import median
-
-    rng = random.Random(5)
-    for _ in range(2_000):
-        n = rng.randint(1, 120)
-        values = ([rng.randint(-5, 2**40) for _ in range(n)] if rng.random() < 0.5
-                  else [rng.uniform(-1e6, 1e6) for _ in range(n)])
-        assert median(values) == float(np.median(values))
