@@ -478,16 +478,20 @@ class ArchiveSource(Source):
         wanted = self._payload_wanted()
         for f in files:
             scan = pl.scan_parquet(f.path)
-            outside = self._outside(scan) if wanted is not None else None
-            if outside is not None:
-                first_time, numbers = outside
-                self.read += len(numbers)
-                self.payloads_skipped += len(numbers)
-                yield first_time, _Outside(numbers)
-                continue
             columnar = "transactions" in scan.collect_schema()
-            rows = (self._rows(scan, columnar) if wanted is None
-                    else self._rows_in_window(scan, wanted, columnar))
+            if wanted is None:
+                rows = self._rows(scan, columnar)
+            else:
+                small = scan.select("type", "offset", "error", "observed_at", "block_number",
+                                    wanted.alias("wanted")).collect()
+                outside = self._outside(small)
+                if outside is not None:
+                    first_time, numbers = outside
+                    self.read += len(numbers)
+                    self.payloads_skipped += len(numbers)
+                    yield first_time, _Outside(numbers)
+                    continue
+                rows = self._rows_in_window(scan, small, wanted, columnar)
             for kind, offset, payload, error, observed_at, number, txs in rows:
                 self.read += 1
                 if kind == "finding" and not self.include_findings:
@@ -498,13 +502,12 @@ class ArchiveSource(Source):
                     continue
                 yield observed_at, row
 
-    def _outside(self, scan: pl.LazyFrame) -> tuple[float, list[int]] | None:
-        """(first row's time, heights) of a file whose rows are all blocks above the block
-        window or all below it; None for any other file."""
+    def _outside(self, small: pl.DataFrame) -> tuple[float, list[int]] | None:
+        """(first row's time, heights) of a file (`small`: its rows' small columns) whose
+        rows are all blocks above the block window or all below it; None for any other."""
         if self.block_window is None:
             return None
         first, last = self.block_window
-        small = scan.select("type", "block_number", "observed_at").collect()
         numbers = small["block_number"]
         if (small.height == 0 or numbers.null_count() or small["type"].n_unique() != 1
                 or small["type"][0] != "block"):
@@ -555,12 +558,11 @@ class ArchiveSource(Source):
                 yield *row, t
 
     def _rows_in_window(
-        self, scan: pl.LazyFrame, wanted: pl.Expr, columnar: bool
+        self, scan: pl.LazyFrame, small: pl.DataFrame, wanted: pl.Expr, columnar: bool
     ) -> Iterator[tuple[Any, ...]]:
-        """Every row's small columns; payloads only where `wanted`, read in a second scan
-        that the parquet reader filters (row groups outside are skipped, not decoded)."""
-        small = scan.select("type", "offset", "error", "observed_at", "block_number",
-                            wanted.alias("wanted")).collect()
+        """Every row's small columns (`small`, read already, with `wanted`); payloads only
+        where `wanted`, read in a second scan that the parquet reader filters (row groups
+        outside are skipped, not decoded)."""
         big = ["payload", *(["transactions"] if columnar else [])]
         payloads = (
             (payload, t)

@@ -184,8 +184,8 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
     skipped = []
     real = archive.ArchiveSource._outside
 
-    def counting(self, scan):  # type: ignore[no-untyped-def]
-        found = real(self, scan)
+    def counting(self, small):  # type: ignore[no-untyped-def]
+        found = real(self, small)
         skipped.append(found is not None)
         return found
 
