@@ -7,6 +7,7 @@ processed in poll batches so the model scores many blocks in one call.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,55 @@ def observe_all(histogram: Any, values: np.ndarray) -> None:
     total.set(float(np.cumsum(np.concatenate(([total.get()], v)))[-1]))
 
 
+class _NodeBlocks:
+    """One node's blocks in a batch, as its block metrics need them."""
+
+    __slots__ = ("count", "head_seen", "intervals", "number", "timestamp")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.number = 0
+        self.timestamp = 0
+        self.head_seen: float | None = None
+        self.intervals: list[float] = []
+
+
+class _BlockTally:
+    """A batch's block metrics, set once per node at the end of the batch.
+
+    Between two scrapes only a counter's total and a gauge's last value show, so counting
+    and keeping the last value per node, then setting each series once, exports the same
+    as updating five series per block (~1/4 of the per-block cost on thin blocks).
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple[str, str], _NodeBlocks] = {}
+
+    def add(self, block: Block, new_head: bool, parent_timestamp: int | None) -> None:
+        key = (str(block.chain_id), block.node)
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.nodes[key] = _NodeBlocks()
+        node.count += 1
+        node.number = block.number
+        node.timestamp = block.timestamp
+        if new_head:
+            node.head_seen = block.observed_at
+        if parent_timestamp is not None:
+            node.intervals.append(max(block.timestamp - parent_timestamp, 0))
+
+    def flush(self, m: Metrics, series: Callable[..., Any]) -> None:
+        for labels, node in self.nodes.items():
+            series(m.blocks_observed, *labels).inc(node.count)
+            series(m.head_block_number, *labels).set(node.number)
+            series(m.last_block_timestamp, *labels).set(node.timestamp)
+            if node.head_seen is not None:
+                series(m.last_head_seen, *labels).set(node.head_seen)
+            if node.intervals:
+                observe_all(series(m.block_interval, *labels),
+                            np.array(node.intervals, dtype=np.float64))
+
+
 class Detector:
     def __init__(
         self,
@@ -200,20 +250,22 @@ class Detector:
         lifecycles: dict[int, list[TxLifecycle]] = {}
         self.failed = []
         self.step_errors = []
+        tally = _BlockTally()
+        events: Counter[str] = Counter()
         for record in records:
             if isinstance(record, Finding):
                 continue  # findings are outputs; other detectors' findings are not inputs
             if not self.seen.add(record.event_id):
                 self.metrics.duplicate_events.labels(record.type).inc()
                 continue
-            self._series(self.metrics.events_processed, record.type).inc()
+            events[record.type] += 1
             if (record.chain_id, record.node) not in self.state.nodes:
                 self.metrics.init_node(record.chain_id, record.node)
                 self.state.node(record.chain_id, record.node)
             touched_chains.add(record.chain_id)
             try:
                 if isinstance(record, Block):
-                    rows.append(self._on_block(record))
+                    rows.append(self._on_block(record, tally))
                     block_of_row.append(record)
                 elif isinstance(record, Reorg):
                     findings.extend(self._on_reorg(record))
@@ -232,6 +284,9 @@ class Detector:
                         self.fork_risk_of(record.chain_id).add(record)
             except Exception as exc:  # a bug must cost one record, never the detector
                 self.failed.append((record, f"{type(exc).__name__}: {exc}"))
+        for kind, n in events.items():
+            self._series(self.metrics.events_processed, kind).inc(n)
+        tally.flush(self.metrics, self._series)
         for chain_id in touched_chains:
             for node in self.state.chain_nodes(chain_id):
                 self.metrics.head_lag.labels(str(chain_id), node.node).set(
@@ -450,20 +505,10 @@ class Detector:
                 m.peer_connects.labels(*labels).inc(len(record.connected))
                 m.peer_disconnects.labels(*labels).inc(len(record.disconnected))
 
-    def _on_block(self, block: Block) -> dict[str, object]:
+    def _on_block(self, block: Block, tally: _BlockTally) -> dict[str, object]:
         update = self.state.apply_block(block)
         self.fork_risk_of(block.chain_id).add(block)
-        labels = (str(block.chain_id), block.node)
-        m, series = self.metrics, self._series
-        series(m.blocks_observed, *labels).inc()
-        series(m.head_block_number, *labels).set(block.number)
-        series(m.last_block_timestamp, *labels).set(block.timestamp)
-        if update.new_head:
-            series(m.last_head_seen, *labels).set(block.observed_at)
-        if update.parent_timestamp is not None:
-            series(m.block_interval, *labels).observe(
-                max(block.timestamp - update.parent_timestamp, 0)
-            )
+        tally.add(block, update.new_head, update.parent_timestamp)
         return block_row(block, update)
 
     def _on_reorg(self, reorg: Reorg) -> list[Finding]:

@@ -85,6 +85,42 @@ def test_duplicates_are_counted_and_not_double_counted():
     assert value(d, "chainwatch_block_interval_seconds_count", **node) == 2
     assert value(d, "chainwatch_events_processed_total", type="block") == 3
 
+BLOCK_SERIES = (
+    "chainwatch_blocks_observed_total", "chainwatch_head_block_number",
+    "chainwatch_last_block_timestamp_seconds", "chainwatch_last_head_seen_timestamp_seconds",
+    "chainwatch_block_interval_seconds", "chainwatch_events_processed_total",
+)
+
+
+def block_samples(d: Detector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in d.metrics.registry.collect()
+        for s in metric.samples
+        if s.name.startswith(BLOCK_SERIES) and not s.name.endswith("_created")
+    }
+
+
+def test_a_batch_exports_the_block_series_of_its_blocks_one_at_a_time():
+    # two nodes interleaved, a side block (not a new head) and a gap, last values differ
+    main, side = chain(6, node="a"), chain(3, node="a", branch="b")
+    other = chain(4, node="b")
+    records = [main[0], other[0], main[1], main[2], other[1], side[2], main[3], other[3],
+               main[5], side[1], other[2]]
+    rng = random.Random(7)
+    for _ in range(5):
+        batched, one_by_one = detector(), detector()
+        batched.process(records)
+        for b in records:
+            one_by_one.process([b])
+        samples = block_samples(batched)
+        assert samples == block_samples(one_by_one)
+        assert samples[("chainwatch_blocks_observed_total",
+                        (("chain_id", "1"), ("node", "a")))] == 7
+        assert value(batched, "chainwatch_last_head_seen_timestamp_seconds",
+                     chain_id="1", node="b") is not None
+        rng.shuffle(records)
+
 
 def test_duplicate_reorg_gives_one_finding_and_one_count():
     d = detector()
