@@ -49,7 +49,7 @@ from detector.fork_features import (
 )
 from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
-from detector.models import PARALLEL_MIN_ROWS, AnomalyDetector
+from detector.models import AnomalyDetector
 from detector.rules import (
     ClockWindow,
     Offer,
@@ -81,7 +81,7 @@ from detector.tx_features import (
     tx_features,
 )
 
-ASYNC_MIN_ROWS = PARALLEL_MIN_ROWS  # a tx batch this big is scored on the scoring thread
+ASYNC_MIN_ROWS = 16_384  # a tx batch this big is scored on the scoring thread
 _scorer: ThreadPoolExecutor | None = None
 NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 

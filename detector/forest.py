@@ -87,7 +87,8 @@ class CompiledForest:
 
 
 class TreeWalker:
-    """sklearn IsolationForest's `score_samples` for big batches, its trees on threads.
+    """sklearn IsolationForest's `score_samples` for all but small calls, its trees on
+    threads for big batches.
 
     Each tree is walked by sklearn's own `tree_.apply` (compiled, and it releases the GIL,
     so threads walk different trees side by side) and its leaves' values are looked up
@@ -110,7 +111,8 @@ class TreeWalker:
         self.denominator = compiled.denominator
         self._buffer: np.ndarray | None = None
 
-    def score_samples(self, x: np.ndarray, pool: Any, threads: int) -> np.ndarray:
+    def score_samples(self, x: np.ndarray, pool: Any | None, threads: int) -> np.ndarray:
+        """Trees split over `threads` threads of `pool`; all on this thread without one."""
         x32 = np.ascontiguousarray(x, dtype=np.float32)
         if self._buffer is None or self._buffer.shape[1] < len(x32):
             # kept between calls: a fresh 60 MB array per replay batch cost page faults
@@ -123,7 +125,10 @@ class TreeWalker:
                     x32[:, self.features[t]])
                 np.take(self.values[t], self.trees[t].apply(rows), out=leaf_values[t])
 
-        list(pool.map(walk, [range(k, len(self.trees), threads) for k in range(threads)]))
+        if pool is None or threads < 2:
+            walk(range(len(self.trees)))
+        else:
+            list(pool.map(walk, [range(k, len(self.trees), threads) for k in range(threads)]))
         depths = leaf_values.sum(axis=0)  # axis 0: one tree after the other, as sklearn adds
         if self.denominator == 0:
             return -np.ones(len(x32))

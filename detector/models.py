@@ -42,7 +42,7 @@ from chainwatch.schema import FeatureDeviation
 from detector.forest import CompiledForest, TreeWalker
 
 MODEL_KINDS: tuple[str, ...] = ("iforest", "hbos", "ecod", "copod", "sk_iforest")
-COMPILED_MAX_ROWS = 4_096  # above this, sklearn's tree-at-a-time scoring is faster
+COMPILED_MAX_ROWS = 256  # above this, walking tree by tree (TreeWalker) is faster
 
 
 class ModelError(ChainwatchError):
@@ -102,7 +102,7 @@ def make_estimator(kind: str, contamination: float, seed: int, n_estimators: int
     raise ModelError(f"unknown model kind {kind!r}: choose one of {', '.join(MODEL_KINDS)}")
 
 
-PARALLEL_MIN_ROWS = 16_384  # fewer rows are scored on one thread (splitting costs more)
+PARALLEL_MIN_ROWS = 2_048  # fewer rows are walked on the caller's thread (handing over costs more)
 _pool: ThreadPoolExecutor | None = None
 # each fitted forest's TreeWalker, for as long as the forest lives (a refit makes a new one)
 _walkers: weakref.WeakKeyDictionary[Any, TreeWalker] = weakref.WeakKeyDictionary()
@@ -118,18 +118,18 @@ def scoring_threads() -> int:
 
 
 def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:
-    """sklearn's `IsolationForest.score_samples(x)`; a big batch (a replay batch of 75k
-    transactions, a refit's 50k training rows) has its trees walked on several threads
-    (`TreeWalker`: the same numbers, bit for bit)."""
+    """sklearn's `IsolationForest.score_samples(x)`, bit for bit, without joblib's
+    per-tree overhead (`TreeWalker`); a big batch (a replay batch of 75k transactions, a
+    refit's 50k training rows) has its trees walked on several threads."""
     global _pool
-    threads = scoring_threads()
-    if len(x) < PARALLEL_MIN_ROWS or threads < 2:
-        return np.asarray(forest.score_samples(x))
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
     walker = _walkers.get(forest)
     if walker is None or walker.source is not forest.estimators_:
         walker = _walkers[forest] = TreeWalker(forest)
+    threads = scoring_threads() if len(x) >= PARALLEL_MIN_ROWS else 1
+    if threads < 2:
+        return walker.score_samples(x, None, 1)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
     return walker.score_samples(x, _pool, threads)
 
 
@@ -280,37 +280,42 @@ class AnomalyDetector:
     def _raw(self, x: np.ndarray) -> np.ndarray:
         """The estimator's decision_function (higher = more abnormal).
 
-        Small calls on an isolation forest go through CompiledForest (same numbers, without
-        sklearn's per-tree overhead of ~10 ms per call); big batches are faster in sklearn.
+        An isolation forest is scored without sklearn's per-tree overhead (~5 ms per
+        call): small calls all trees at once (CompiledForest, equal to 1e-12), bigger
+        ones tree by tree (TreeWalker, equal bit for bit; on threads when big).
         """
         compiled = self._compiled_forest() if len(x) <= COMPILED_MAX_ROWS else None
-        if compiled is None:
-            forest = getattr(self._estimator, "detector_", None)
-            if _is_pyod_iforest(self._estimator) and forest is not None:
-                # PyOD's decision_function, with sklearn's scoring spread over threads
-                from pyod.utils.utility import invert_order
-                from sklearn.utils import check_array
-
-                x = check_array(x)
-                return np.asarray(invert_order(forest_score_samples(forest, x) - forest.offset_))
+        if compiled is not None:
+            forest, offset = compiled
+            return offset - forest.score_samples(x)
+        found = self._forest()
+        if found is None:
             return np.asarray(self._estimator.decision_function(x))  # type: ignore[union-attr]
-        forest, offset = compiled
-        return offset - forest.score_samples(x)
+        from sklearn.utils import check_array  # as the estimators' decision_function
+
+        sk_forest, offset = found
+        return offset - forest_score_samples(sk_forest, check_array(x))
+
+    def _forest(self) -> tuple[Any, float] | None:
+        """The sklearn IsolationForest inside and the offset that makes its negated
+        score_samples our decision_function; None for other kinds of model."""
+        if self.kind == "iforest" and _is_pyod_iforest(self._estimator):
+            forest = getattr(self._estimator, "detector_", None)  # PyOD: -(score - offset_)
+            offset = float(getattr(forest, "offset_", 0.0))
+        elif self.kind == "sk_iforest":  # ours: -score_samples
+            forest = getattr(self._estimator, "_model", None)
+            offset = 0.0
+        else:
+            return None
+        return None if forest is None else (forest, offset)
 
     def _compiled_forest(self) -> tuple[CompiledForest, float] | None:
         cached = getattr(self, "_compiled", None)  # absent in models saved before it existed
         if cached is None:
-            if self.kind == "iforest":  # PyOD: -(score_samples - offset_)
-                forest = getattr(self._estimator, "detector_", None)
-                offset = float(getattr(forest, "offset_", 0.0))
-            elif self.kind == "sk_iforest":  # ours: -score_samples
-                forest = getattr(self._estimator, "_model", None)
-                offset = 0.0
-            else:
+            found = self._forest()
+            if found is None:
                 return None
-            if forest is None:
-                return None
-            cached = self._compiled = (CompiledForest(forest), offset)
+            cached = self._compiled = (CompiledForest(found[0]), found[1])
         return cached
 
     def __getstate__(self) -> dict[str, Any]:

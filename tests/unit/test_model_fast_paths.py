@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from pyod.models.iforest import IForest
 
-from detector.models import PARALLEL_MIN_ROWS, _fit_pyod_iforest, forest_score_samples
+from detector.models import (
+    COMPILED_MAX_ROWS,
+    PARALLEL_MIN_ROWS,
+    AnomalyDetector,
+    _fit_pyod_iforest,
+    forest_score_samples,
+)
 
 
 def _data(rows: int, seed: int = 7) -> np.ndarray:
@@ -54,3 +61,24 @@ def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
         forest.set_params(random_state=5).fit(x[3_000:6_000])  # new trees, same object
         assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
     assert len(models._walkers) >= 1  # the threaded walk was taken
+
+
+@pytest.mark.parametrize("kind", ["iforest", "sk_iforest"])
+@pytest.mark.parametrize("rows", [COMPILED_MAX_ROWS + 1, PARALLEL_MIN_ROWS - 1,
+                                  PARALLEL_MIN_ROWS + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_models_scores_past_the_compiled_path_are_its_estimators(
+        kind, rows, threads, monkeypatch):
+    """Above COMPILED_MAX_ROWS the trees are walked one by one (on this thread below
+    PARALLEL_MIN_ROWS or with one CPU): the estimator's decision_function, bit for bit."""
+    from detector import models
+
+    monkeypatch.setattr(models, "scoring_threads", lambda: threads)
+    x = _data(3_000, seed=12)
+    model = AnomalyDetector("block", tuple("abcdef"), kind=kind, contamination=0.01)
+    model.fit(x[:2_000])
+    probe = _data(rows, seed=13)
+    models._walkers.clear()  # a fit may have walked its training rows
+    assert np.array_equal(model._raw(probe),
+                          np.asarray(model._estimator.decision_function(probe)))
+    assert list(models._walkers) == [model._forest()[0]]  # the walker was taken
