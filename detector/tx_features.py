@@ -469,6 +469,10 @@ class FeeMarket:
             frame = frame[np.concatenate(
                 [np.arange(starts[i], starts[i + 1]) for i in kept] or [np.empty(0, int)])]
             counts = [counts[i] for i in kept]
+        skip = len(counts) - self.window_blocks  # blocks the last ones would push out
+        if skip > 0:
+            counts = list(counts[skip:])
+            frame = frame.slice(frame.height - int(sum(counts)))
         frame = frame.select(effective_tip_expr(), fee_cap_expr())
         tips = frame["effective_tip"].fill_null(np.nan).to_numpy()
         caps = frame["fee_cap"].fill_null(np.nan).to_numpy()

@@ -18,6 +18,7 @@ from detector.tx_features import (
     complete_tx_rows,
     effective_tip,
     effective_tip_expr,
+    included_tx_frame,
     pending_to_tx_frame,
     tx_features,
 )
@@ -145,6 +146,29 @@ def test_fee_market_keeps_only_the_last_blocks_and_learns_a_block_once():
     assert market.percentile_of(np.array([2.0 * GWEI])).tolist() == [0.0]
     assert market.percentile_of(np.array([4.0 * GWEI])).tolist() == [0.5]
     assert market.base_fee == float(BASE)
+
+
+def test_fee_market_learns_a_long_batch_as_its_blocks_one_by_one():
+    """Only the last window_blocks blocks of a batch are pushed: the same window."""
+    rng = np.random.default_rng(3)
+    blocks = [block(n, tuple(legacy(i, float(rng.integers(1, 50)))
+                              for i in range(int(rng.integers(0, 4)))))
+              for n in range(1, 40)]
+    probe = np.arange(0.0, 60.0, 0.5) * GWEI
+    for given in (None, "frame"):
+        batched, one_by_one = FeeMarket(window_blocks=7), FeeMarket(window_blocks=7)
+        repeated = [*blocks[:20], blocks[5], *blocks[20:], blocks[38]]  # seen ones skipped
+        if given:
+            frame, counts = included_tx_frame(repeated)
+            batched.update(repeated, frame, counts)
+        else:
+            batched.update(repeated)
+        for b in blocks:
+            one_by_one.update([b])
+        assert batched.blocks == one_by_one.blocks == 7
+        assert np.array_equal(batched.percentile_of(probe), one_by_one.percentile_of(probe))
+        assert np.array_equal(batched.tip_log_z(probe), one_by_one.tip_log_z(probe))
+        assert np.array_equal(batched.fee_cap_log_z(probe), one_by_one.fee_cap_log_z(probe))
 
 
 def test_fee_market_is_unknown_before_any_block():
