@@ -395,6 +395,40 @@ _HEADER_TIME = re.compile(r'"timestamp"\s*:\s*(\d+)')
 
 
 @dataclass(frozen=True)
+class _TxRange:
+    """A block's transactions: `count` rows of a chunk's exploded column from `start`.
+
+    Kept as a reference until needed: the blocks of a replay batch are mostly adjacent
+    rows of one chunk, and one slice of the run is cheaper than a slice per block plus a
+    concatenation of hundreds of them (a third of the reading on thin blocks).
+    """
+
+    flat: pl.DataFrame
+    start: int
+    count: int
+
+    def frame(self) -> pl.DataFrame:
+        return self.flat.slice(self.start, self.count)
+
+
+def _tx_runs(ranges: list[_TxRange]) -> list[pl.DataFrame]:
+    """The ranges' rows in order, adjacent ranges of one chunk as one slice."""
+    runs: list[pl.DataFrame] = []
+    flat: pl.DataFrame | None = None
+    start = end = 0
+    for r in ranges:
+        if r.flat is flat and r.start == end:
+            end += r.count
+            continue
+        if flat is not None:
+            runs.append(flat.slice(start, end - start))
+        flat, start, end = r.flat, r.start, r.start + r.count
+    if flat is not None:
+        runs.append(flat.slice(start, end - start))
+    return runs
+
+
+@dataclass(frozen=True)
 class _Row:
     """An archive row before decoding: what --from/--to can be decided on."""
 
@@ -403,7 +437,7 @@ class _Row:
     number: int | None
     file: ArchiveFile
     offset: int
-    txs: pl.DataFrame | None = None  # a block's transactions, when stored in columns
+    txs: _TxRange | None = None  # a block's transactions, when stored in columns
 
     def where(self) -> str:
         p = self.file.path
@@ -462,7 +496,7 @@ class ArchiveSource(Source):
         self.read = 0
         self.payloads_skipped = 0
         self.columnar = False  # blocks as headers + tx_frame (replay), or whole
-        self._columns: dict[str, tuple[Block, pl.DataFrame]] = {}  # event id -> its txs
+        self._columns: dict[str, tuple[Block, _TxRange]] = {}  # event id -> its txs
         self.description = f"archive {root} ({len(files)} files)"
 
     def progress(self) -> float | None:
@@ -532,9 +566,9 @@ class ArchiveSource(Source):
         return ~((pl.col("type") == "block") & outside).fill_null(False)
 
     @staticmethod
-    def _transactions(chunk: pl.DataFrame) -> Iterator[pl.DataFrame | None]:
-        """Each row's transactions as a frame (a slice of the chunk's, not copied); None
-        where the row has none in columns."""
+    def _transactions(chunk: pl.DataFrame) -> Iterator[_TxRange | None]:
+        """Each row's transactions (rows of the chunk's exploded column); None where the
+        row has none in columns."""
         column = chunk["transactions"]
         lengths = column.list.len().to_list()
         flat = chunk.select(
@@ -545,7 +579,7 @@ class ArchiveSource(Source):
             if n is None:
                 yield None
                 continue
-            yield flat.slice(start, n)
+            yield _TxRange(flat, start, n)
             start += n
 
     @classmethod
@@ -605,7 +639,7 @@ class ArchiveSource(Source):
                     if self.columnar:
                         self._columns[record.event_id] = (record, row.txs)
                     else:
-                        record = with_transactions(record, row.txs)
+                        record = with_transactions(record, row.txs.frame())
             except (InvalidRecord, ValueError) as exc:
                 self.invalid.add(row.where(), str(exc).splitlines()[0])
                 continue
@@ -624,9 +658,10 @@ class ArchiveSource(Source):
             return None
         # one chunk per column: a frame of 500 blocks' slices kept them as 500 chunks,
         # which made every later step over it a third slower
-        txs = pl.concat([t for _, t in parts], rechunk=True).rename(
+        runs = _tx_runs([t for _, t in parts])
+        txs = (runs[0] if len(runs) == 1 else pl.concat(runs)).rechunk().rename(
             {"transaction_index": "tx_index"})
-        return tx_frame_of([h for h, _ in parts], [t.height for _, t in parts], txs)
+        return tx_frame_of([h for h, _ in parts], [t.count for _, t in parts], txs)
 
     def discard(self, record: AnyRecord) -> None:
         if isinstance(record, Block):

@@ -242,3 +242,19 @@ def test_an_archive_of_both_formats_replays_as_whole_blocks_do(tmp_path: Path) -
     assert 0 < framed < sum(len(r.transactions) for r in history if isinstance(r, Block))
     assert [f.model_dump_json() for f in mixed] == [f.model_dump_json() for f in whole]
     assert {"sandwich_rule", "sender_burst_rule", "tx_iforest"} <= {f.detector for f in whole}
+
+
+def test_tx_ranges_of_a_batch_are_read_as_runs_of_adjacent_rows():
+    """Adjacent ranges of one chunk become one slice; a gap (a block left out) or another
+    chunk starts a new one; the rows are those of the ranges one by one, in order."""
+    from replay.archive import _tx_runs, _TxRange
+
+    one = pl.DataFrame({"i": list(range(10))})
+    two = pl.DataFrame({"i": list(range(100, 106))})
+    ranges = [_TxRange(one, 0, 2), _TxRange(one, 2, 0), _TxRange(one, 2, 3),  # adjacent
+              _TxRange(one, 7, 2),  # rows 5-6 belong to a block not in the batch
+              _TxRange(two, 0, 4), _TxRange(two, 4, 2)]
+    runs = _tx_runs(ranges)
+    assert [r.height for r in runs] == [5, 2, 6]
+    assert pl.concat(runs)["i"].to_list() == pl.concat([r.frame() for r in ranges])["i"].to_list()
+    assert _tx_runs([]) == []
