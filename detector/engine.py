@@ -573,12 +573,14 @@ class Detector:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
                 self._export_scores(chain_id, "block", scored)
                 far = scored.max_z >= c.block_min_deviation
+                last_score: dict[str, float] = {}  # the gauge shows each node's latest
                 for j, i in enumerate(idx):
                     block = blocks[i]
-                    score = float(scored.scores[j])
-                    self.metrics.block_anomaly_score.labels(str(chain_id), block.node).set(score)
+                    score = last_score[block.node] = float(scored.scores[j])
                     if scored.anomalous[j] and far[j]:
                         findings.append(self._block_finding(block, score, scored.threshold, x[j]))
+                for node, score in last_score.items():
+                    self.metrics.block_anomaly_score.labels(str(chain_id), node).set(score)
             if model.learn(x):
                 self.metrics.model_info.labels("block", model.detector.kind,
                                                model.version or "unknown").set(1)
