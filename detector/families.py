@@ -580,14 +580,16 @@ class MinerFamily:
         return [f for f in findings if f is not None]
 
     def _empty_blocks(self) -> list[RuleHit]:
-        """empty_blocks_rule, re-run only when the window's empty blocks changed."""
+        """empty_blocks_rule, re-run only when the window's empty blocks changed, and only
+        when a snapshot showed a full pool (without one, no empty block counts)."""
         empties = tuple(b.hash for b in self.blocks if b.tx_count == 0)
         if empties != self._empties:
             self._empties = empties
             c = self.config
+            full_pool = any(n > c.empty_pending_threshold for _, n in self.snapshots)
             self._empty_hits = empty_blocks_rule(
                 list(self.blocks), list(self.snapshots), c.empty_pending_threshold,
-                c.empty_min_count) if empties else []
+                c.empty_min_count) if empties and full_pool else []
         return self._empty_hits
 
     def _producers(self) -> list[str]:

@@ -6,7 +6,16 @@ import pytest
 
 from bench.synthetic import generate
 from chainwatch.metrics import Metrics
-from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, Reorg, TxLifecycle, TxSummary
+from chainwatch.schema import (
+    AnyRecord,
+    Block,
+    Finding,
+    MempoolSnapshot,
+    PendingTx,
+    Reorg,
+    TxLifecycle,
+    TxSummary,
+)
 from detector.engine import Detector, DetectorConfig
 from detector.families import Episodes, MinerFamily
 
@@ -374,3 +383,29 @@ def test_a_pending_sighting_after_its_block_does_not_reopen_the_tx(normal):
     family = run.detector.tx[1]
     assert mined.hash not in family.pending_since
     assert mined.hash not in family.offers
+
+
+def _snapshot(at: float, pending: int) -> MempoolSnapshot:
+    return MempoolSnapshot(chain_id=1, node="bench",
+                           event_id=MempoolSnapshot.id_for(1, "bench", at), observed_at=at,
+                           pending_count=pending, tracked_count=0, sender_count=0)
+
+
+@pytest.mark.parametrize("pending", [5_000, 10])
+def test_empty_blocks_are_flagged_only_after_a_full_pool_and_checked_only_then(
+        pending, monkeypatch):
+    """A miner's empty blocks count while the pool was full; with only quiet snapshots the
+    rule cannot fire and is not even run."""
+    from detector import families
+
+    calls = []
+    rule = families.empty_blocks_rule
+    monkeypatch.setattr(families, "empty_blocks_rule",
+                        lambda *a, **k: calls.append(1) or rule(*a, **k))
+    blocks = generate(30, 20, seed=4)
+    blocks = [b.model_copy(update={"transactions": (), "tx_count": 0}) if b.number % 3 == 0
+              else b for b in blocks]
+    run = Run()
+    run.feed([_snapshot(blocks[0].observed_at - 1, pending), *blocks])
+    hits = by(run.findings, "empty_blocks_rule")
+    assert bool(hits) == bool(calls) == (pending > 1_000)
