@@ -332,6 +332,27 @@ def test_sender_stats_remember_each_senders_highest_nonce_and_latest_time():
                     strict=True)) == expected
 
 
+def test_sender_lookup_of_a_few_rows_against_many_senders_is_the_joins(monkeypatch):
+    """A small frame filters the remembered senders first: the same rows as the join."""
+    from detector import tx_features
+
+    rng = np.random.default_rng(8)
+    stats = SenderStats(window_seconds=60.0)
+    for step in range(4):
+        senders = [f"0x{i:04x}" for i in rng.integers(0, 3_000, 2_000)]
+        stats.update(pl.DataFrame({"from_address": senders,
+                                   "nonce": rng.integers(0, 500, 2_000).tolist(),
+                                   "observed_at": (step * 20.0 + rng.random(2_000)).tolist()}))
+    recent = senders[0]  # sent in the last step, inside the window
+    probe = pl.DataFrame({"from_address": [recent, "0xnew", "0x0007", recent, "0x0bb8"],
+                          "observed_at": [70.0] * 5})
+    assert probe.height * tx_features._SMALL_LOOKUP < len(stats)  # the filtering path
+    small = stats.lookup(probe)
+    monkeypatch.setattr(tx_features, "_SMALL_LOOKUP", 10**9)  # never filter: the join
+    assert small.equals(stats.lookup(probe))
+    assert small["last_nonce"][1] is None and small["sender_rate"][0] > 0
+
+
 def test_sender_stats_at_their_bound_keep_the_latest_ties_by_address():
     stats = SenderStats(max_senders=3)
     frame = pl.DataFrame({"from_address": ["0xa", "0xe", "0xc", "0xd", "0xb"],
