@@ -394,7 +394,7 @@ def _no_time() -> float | None:
 _HEADER_TIME = re.compile(r'"timestamp"\s*:\s*(\d+)')
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _TxRange:
     """A block's transactions: `count` rows of a chunk's exploded column from `start`.
 
@@ -428,7 +428,7 @@ def _tx_runs(ranges: list[_TxRange]) -> list[pl.DataFrame]:
     return runs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Row:
     """An archive row before decoding: what --from/--to can be decided on."""
 
@@ -621,7 +621,8 @@ class ArchiveSource(Source):
         header alone (no `transactions`); `tx_frame` gives a batch's transactions as the
         detectors' frame. Otherwise every block comes whole.
         """
-        merged = heapq.merge(*(self._stream(s) for s in self.streams), key=lambda kv: kv[0])
+        streams = [self._stream(s) for s in self.streams]
+        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda kv: kv[0])
         screen = self.screen
         for _, row in merged:
             if isinstance(row, _Outside):

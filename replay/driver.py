@@ -328,18 +328,15 @@ class Replayer:
         findings = (self.detector.process(batch) if txs is None
                     else self.detector.process(batch, txs))
         s.batches += 1
-        for record in batch:
-            s.records += 1
-            s.by_type[record.type] += 1
-            if isinstance(record, Block):
-                s.blocks += 1
-                s.transactions += record.tx_count
-                s.first_block = (
-                    record.number if s.first_block is None else min(s.first_block, record.number)
-                )
-                s.last_block = (
-                    record.number if s.last_block is None else max(s.last_block, record.number)
-                )
+        s.records += len(batch)
+        s.by_type.update(record.type for record in batch)
+        numbers = [r.number for r in batch if isinstance(r, Block)]
+        if numbers:
+            s.blocks += len(numbers)
+            s.transactions += sum(r.tx_count for r in batch if isinstance(r, Block))
+            low, high = min(numbers), max(numbers)
+            s.first_block = low if s.first_block is None else min(s.first_block, low)
+            s.last_block = high if s.last_block is None else max(s.last_block, high)
         first = min(r.observed_at for r in batch)
         s.first_observed_at = first if s.first_observed_at is None else s.first_observed_at
         s.last_observed_at = self.clock.now
