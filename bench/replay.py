@@ -131,7 +131,9 @@ STEPS: tuple[tuple[str, str | None, str, str], ...] = (
 )
 
 
-def steps(directory: Path, models: Path | None, to_block: int | None) -> dict[str, object]:
+def steps(
+    directory: Path, models: Path | None, to_block: int | None, batch: int = 500
+) -> dict[str, object]:
     """Where a replay's time goes: wall seconds per detector step (see the docstring)."""
     import functools
     import importlib
@@ -169,7 +171,7 @@ def steps(directory: Path, models: Path | None, to_block: int | None) -> dict[st
     started = time.monotonic()
     stats = app.run_replay(
         load_settings(models=models), str(directory),
-        ReplayOptions(out=None, progress=False,
+        ReplayOptions(out=None, progress=False, batch_records=batch,
                       stop=parse_position(str(to_block), "--to") if to_block is not None
                       else None),
         echo=lambda line: None)
@@ -307,6 +309,7 @@ def main() -> None:
     st.add_argument("--dir", type=Path, required=True)
     st.add_argument("--models", type=Path, default=None)
     st.add_argument("--to", type=int, default=None)
+    st.add_argument("--batch", type=int, default=500, help="records per batch (replay --batch)")
     mf = sub.add_parser("model")
     mf.add_argument("--blocks", type=int, default=800)
     mf.add_argument("--txs-per-block", type=float, default=150)
@@ -322,7 +325,7 @@ def main() -> None:
     if args.mode == "run":
         figures = run(args.dir, args.warmup)
     elif args.mode == "steps":
-        figures = steps(args.dir, args.models, args.to)
+        figures = steps(args.dir, args.models, args.to, args.batch)
     elif args.mode == "model":
         figures = model_floor(args.blocks, args.txs_per_block, args.repeats)
     else:

@@ -316,12 +316,19 @@ def replay(
         typer.Option("--per-block", help="One batch per block, as `chainwatch evaluate` "
                      "replays (exact latency in blocks; slower)"),
     ] = False,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", help="Records per batch (default 500, the live consumer's "
+                     "poll). Findings are stamped at the end of their batch: bigger is "
+                     "faster on thin blocks, coarser in time"),
+    ] = None,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="No progress bar on stderr")
     ] = False,
     log_level: LogLevel = None,
 ) -> None:
     """Replay history through the live detectors; findings and a report, deterministically."""
+    from chainwatch.exceptions import ConfigError
     from replay.app import ReplayOptions, run_replay
     from replay.positions import parse_range
 
@@ -335,7 +342,10 @@ def replay(
         out=out, start=start, stop=stop, speed=speed, labels=labels,
         chain_id=chain_id, node=node, emit=emit, metrics_port=metrics_port,
         progress=not no_progress, per_block=per_block,
+        batch_records=ReplayOptions.batch_records if batch is None else batch,
     )
+    if batch is not None and per_block:
+        raise ConfigError("--batch and --per-block exclude each other: give one")
     run_replay(settings, source, options, echo=typer.echo)
 
 

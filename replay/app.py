@@ -246,6 +246,8 @@ def run_replay(
     check_range(options.start, options.stop)
     if options.speed is not None and options.speed <= 0:
         raise ConfigError("--speed must be > 0 (recorded seconds per wall second)")
+    if options.batch_records < 1:
+        raise ConfigError(f"--batch must be at least 1 record, not {options.batch_records}")
     if options.out is not None:
         options.out.mkdir(parents=True, exist_ok=True)
     clock = ReplayClock()

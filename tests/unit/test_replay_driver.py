@@ -135,6 +135,26 @@ def test_same_input_gives_byte_identical_findings(tmp_path: Path) -> None:
         assert (outs[0] / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_batch_sets_the_records_per_batch(tmp_path: Path) -> None:
+    """`--batch N`: batches of at most N records (and the gap cut); the same reorg found."""
+    source = _history(tmp_path / "history.jsonl")
+    summaries, findings = [], []
+    for batch in ("500", "1"):
+        out = tmp_path / batch
+        result = CliRunner().invoke(app, ["replay", str(source), "--out", str(out), "--batch",
+                                          batch, "--warmup-blocks", "50", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        summaries.append(json.loads((out / "summary.json").read_text()))
+        findings.append([json.loads(line) for line in
+                         (out / "findings.jsonl").read_text().splitlines()])
+    # 500: cut only where the stream is quiet for 20 s (the stall, slow blocks); 1: each
+    # record alone
+    assert 1 < summaries[0]["batches"] < 20 and summaries[1]["batches"] == 321
+    assert summaries[0]["records"] == summaries[1]["records"] == 321
+    reorgs = [[f["event_id"] for f in run if f["detector"] == "reorg_depth"] for run in findings]
+    assert reorgs[0] == reorgs[1] != []
+
+
 def test_from_to_on_block_times_keep_what_happened_between_them() -> None:
     blocks = generate(10, 2, seed=1)
     records: list[AnyRecord] = []
@@ -210,6 +230,9 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         (["replay", str(tmp_path / "h.jsonl"), "--from", "offset:5"],
          "Kafka offsets apply to kafka:// sources only"),
         (["archive", "--out", str(tmp_path / "a")], "give --kafka HOST:PORT"),
+        (["replay", str(tmp_path / "h.jsonl"), "--batch", "0"], "--batch must be at least 1"),
+        (["replay", str(tmp_path / "h.jsonl"), "--batch", "9", "--per-block"],
+         "--batch and --per-block exclude each other"),
     ):
         result = runner.invoke(app, args, standalone_mode=False, catch_exceptions=True)
         # a ChainwatchError is what main() prints as one line, without a traceback
