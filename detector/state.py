@@ -28,7 +28,9 @@ class NodeState:
     chain_id: int
     node: str
     window: int = 4096
-    canonical: dict[int, CanonicalEntry] = field(default_factory=dict)
+    # ascending heights; an OrderedDict because trim drops from the front, where a dict's
+    # next(iter()) scans past every slot deleted since its last resize (10x slower)
+    canonical: OrderedDict[int, CanonicalEntry] = field(default_factory=OrderedDict)
     head_number: int | None = None
     head_timestamp: int | None = None
     head_seen_at: float | None = None
@@ -42,7 +44,7 @@ class NodeState:
     def trim(self) -> None:
         # `canonical` is kept in ascending height order (see apply_block): oldest first
         while len(self.canonical) > self.window:
-            del self.canonical[next(iter(self.canonical))]
+            self.canonical.popitem(last=False)
 
 
 @dataclass(frozen=True, slots=True)
