@@ -207,6 +207,12 @@ class Metrics:
             ["chain_id", "family"],
             registry=r,
         )
+        self.anomalous_rows = Counter(
+            "chainwatch_anomalous_rows",
+            "Rows a family's model flagged (above its threshold or past a feature's cut).",
+            ["chain_id", "family"],
+            registry=r,
+        )
         self.transactions_scored = Counter(
             "chainwatch_transactions_scored",
             "Included transactions scored by the transaction model (each once per chain).",

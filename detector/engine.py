@@ -183,6 +183,10 @@ class Detector:
         # batch-level steps (a model, a family) that raised in the last batch, for the log
         self.step_errors: list[str] = []
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _series
+        # rows each family's model scored and flagged, all chains: against the model's
+        # contamination, how well it fits what it sees (replay reports it)
+        self.scored_rows: Counter[str] = Counter()
+        self.flagged_rows: Counter[str] = Counter()
 
     def _series(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: the per-record metrics took ~3 us per
@@ -589,9 +593,14 @@ class Detector:
         return findings
 
     def _export_scores(self, chain_id: int, family: str, scored: Scored) -> None:
-        """A model's threshold and the distribution of what it scored, per family."""
+        """A model's threshold, the distribution of what it scored and how many rows it
+        flagged, per family."""
+        flagged = int(np.count_nonzero(scored.anomalous))
         self.metrics.anomaly_threshold.labels(str(chain_id), family).set(scored.threshold)
         observe_all(self.metrics.anomaly_score.labels(str(chain_id), family), scored.scores)
+        self.metrics.anomalous_rows.labels(str(chain_id), family).inc(flagged)
+        self.scored_rows[family] += len(scored.scores)
+        self.flagged_rows[family] += flagged
 
     def _block_finding(
         self, block: Block, score: float, threshold: float, row: np.ndarray

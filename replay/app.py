@@ -213,6 +213,38 @@ class _Emitter:
         self.bus.close()
 
 
+FIT_WARN_FACTOR = 5  # a trained model flagging this many times its fitted share is warned of
+FIT_WARN_MIN_FLAGGED = 10  # ... once it flagged at least this many rows (not chance)
+_ROWS = {"block": "blocks", "tx": "transactions"}
+
+
+def model_fit(detector: Detector) -> tuple[dict[str, Any], list[str]]:
+    """summary.json's `models`: per family, the rows its model scored and flagged against
+    the share it was fitted to flag (its contamination); and a warning for each trained
+    model (`--models`) that flags far more than that, as one fitted to another chain or
+    another market does (its findings then say more about the model than the history)."""
+    fitted_share = {"block": detector.config.contamination,
+                    "tx": detector.config.families.tx_contamination}
+    out: dict[str, Any] = {}
+    warnings: list[str] = []
+    for family in sorted(detector.scored_rows):
+        scored, flagged = detector.scored_rows[family], detector.flagged_rows[family]
+        trained = detector.pretrained.get(family)
+        expected = trained.contamination if trained is not None else fitted_share.get(family)
+        share = flagged / scored if scored else 0.0
+        out[family] = {"scored": scored, "flagged": flagged, "flagged_share": round(share, 6),
+                       "fitted_share": expected, "trained": trained is not None,
+                       "version": trained.version if trained is not None else None}
+        if (trained is not None and expected and flagged >= FIT_WARN_MIN_FLAGGED
+                and share > FIT_WARN_FACTOR * expected):
+            warnings.append(
+                f"the trained {family} model ({trained.version}) flagged {share:.2%} of the "
+                f"{scored:,} {_ROWS.get(family, 'rows')} it scored, {share / expected:.0f}x "
+                f"the {expected:.2%} it was fitted to flag: this history does not look like "
+                "its training data; train on it (chainwatch train) or replay without --models")
+    return out, warnings
+
+
 def label_summary(ev: Evaluation, labels: list[Label]) -> dict[str, Any]:
     """summary.json's scores: per labelled family, and each label's outcome."""
     families = sorted({label.family for label in labels})
@@ -308,11 +340,14 @@ def run_replay(
         if server is not None:
             server.shutdown()
     data.add_findings(findings)
+    models, warnings = model_fit(detector)
     summary: dict[str, Any] = {
         **stats.as_dict(),
         "invalid_rows": invalid.count,
         "invalid_by_reason": dict(sorted(invalid.reasons.items())),
         "failed_in_detector": failed,
+        "models": models,
+        "warnings": warnings,
     }
     if recorder is not None and labels is not None:
         summary["labels"] = label_summary(evaluate(recorder.run, labels), labels)
@@ -337,6 +372,8 @@ def run_replay(
         f"{stats.filtered_out} outside --from/--to"
         + (f" -> {options.out}" if options.out else "")
     )
+    for warning in warnings:
+        echo(f"warning: {warning}")
     for row in summary["labels"]["families"] if "labels" in summary else []:
         p = "n/a" if row["precision"] is None else f"{row['precision']:.2f}"
         r = "n/a" if row["recall"] is None else f"{row['recall']:.2f}"

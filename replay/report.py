@@ -209,6 +209,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}
 .summary td:first-child{font-weight:600}
+.warning{background:#fff4e5;border-left:4px solid #e08a00;padding:.5em .8em}
 """
 
 
@@ -249,6 +250,8 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         "<h1>chainwatch replay report</h1>",
         f"<p>Source: <code>{html.escape(source)}</code></p>",
+        *(f'<p class="warning">Warning: {html.escape(w)}</p>'
+          for w in summary.get("warnings", [])),
         f'<h2>Summary</h2><table class="summary">{rows}</table>',
         "<h2>Fork risk</h2>", _img("fork_risk", pngs["fork_risk"], "fork-risk timeline"),
         "<h2>Transaction anomalies</h2>",

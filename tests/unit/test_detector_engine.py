@@ -270,6 +270,11 @@ def test_clearly_abnormal_block_is_flagged_and_explained():
     assert value(d, "chainwatch_findings_total", chain_id="1", detector="block_iforest",
                  severity=f.severity) == 1
     assert value(d, "chainwatch_block_anomaly_score", chain_id="1", node="a") == f.score
+    # flagged rows are counted next to the scored ones (the model's flag share)
+    scored = value(d, "chainwatch_anomaly_score_count", chain_id="1", family="block")
+    flagged_rows = value(d, "chainwatch_anomalous_rows_total", chain_id="1", family="block")
+    # fitted after the second batch: only the abnormal block was scored, and flagged
+    assert d.scored_rows["block"] == scored == 1 and d.flagged_rows["block"] == flagged_rows == 1
 
 
 def test_normal_blocks_after_warmup_are_mostly_not_flagged():

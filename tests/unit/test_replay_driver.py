@@ -258,3 +258,53 @@ def test_per_block_batches_also_cut_at_max_batch_seconds() -> None:
     assert sizes(ReplayConfig(per_block=True)) == [1, 4]
     # block | 0.2 s and 1.0 s (0.8 s apart) | 2.9 s and the next block
     assert sizes(ReplayConfig(per_block=True, max_batch_seconds=1.0)) == [1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Block and tx models trained on mainnet-shaped blocks of 10 txs, as `chainwatch
+    train` saves them."""
+    from detector.training import MODEL_FILES, gather, train_block_model, train_tx_model
+
+    history = gather(generate(2_000, 10, seed=21))
+    directory = tmp_path_factory.mktemp("models")
+    for family, model in (
+        ("block", train_block_model(history, kind="iforest", contamination=0.001, seed=1)),
+        ("tx", train_tx_model(history, kind="iforest", contamination=0.001, seed=1)),
+    ):
+        assert model is not None
+        model.save(directory / MODEL_FILES[family])
+    return directory
+
+
+def _jsonl(path: Path, blocks: list) -> Path:
+    path.write_bytes(b"".join(encode(b) + b"\n" for b in blocks))
+    return path
+
+
+@pytest.mark.parametrize(("txs_per_block", "warned"), [(10, False), (1, True)])
+def test_trained_models_flagging_far_more_than_they_were_fitted_to_are_warned_of(
+        tmp_path: Path, trained_models: Path, txs_per_block: int, warned: bool) -> None:
+    """History like the training data: each model flags about its contamination, no
+    warning. Near-empty blocks (another kind of chain): the block model flags most of
+    them, and the summary, the terminal and the report say so."""
+    source = _jsonl(tmp_path / "h.jsonl", generate(1_500, txs_per_block, seed=22))
+    lines: list[str] = []
+    run_replay(load_settings(models=trained_models), str(source),
+               ReplayOptions(out=tmp_path / "out", progress=False), echo=lines.append)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    block = summary["models"]["block"]
+    assert block["trained"] and block["fitted_share"] == 0.001
+    assert block["scored"] >= 1_400 and block["flagged"] == round(
+        block["flagged_share"] * block["scored"])
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    report = (tmp_path / "out" / "report.html").read_text()
+    if warned:
+        assert block["flagged_share"] > 5 * 0.001
+        assert [w.removeprefix("warning: ") for w in warnings] == summary["warnings"]
+        assert any("trained block model" in w and "x the 0.10%" in w for w in warnings)
+        assert 'class="warning"' in report
+    else:
+        assert block["flagged_share"] < 5 * 0.001
+        assert summary["models"]["tx"]["flagged_share"] < 5 * 0.001
+        assert warnings == [] and summary["warnings"] == [] and 'class="warning"' not in report
