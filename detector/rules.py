@@ -170,10 +170,14 @@ def empty_blocks_rule(
 _BLOCK_KEY = ("chain_id", "node", "block_hash")
 
 
-def _in_index_order(frame: pl.DataFrame) -> pl.DataFrame:
-    """A tx frame's rows with a `run` number per block (the rows of a block are together),
-    each block's txs by transaction index (a stable sort, as collectors send them)."""
-    framed = frame.with_columns(pl.struct(*_BLOCK_KEY).rle_id().alias("run"))
+def _with_runs(frame: pl.DataFrame) -> pl.DataFrame:
+    """A tx frame with a `run` number per block (the rows of a block are together)."""
+    return frame.with_columns(pl.struct(*_BLOCK_KEY).rle_id().alias("run"))
+
+
+def _in_index_order(framed: pl.DataFrame) -> pl.DataFrame:
+    """`_with_runs`' frame with each block's txs by transaction index (a stable sort, as
+    collectors send them)."""
     ordered = framed.select(
         (pl.col("tx_index").diff().fill_null(1) > 0) | (pl.col("run").diff() != 0)
     ).to_series().all()
@@ -181,22 +185,23 @@ def _in_index_order(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def sandwich_rule(frame: pl.DataFrame) -> list[RuleHit]:
-    """`_sandwiches` without the blocks' run numbers."""
-    return [hit for _, hit in _sandwiches(frame)]
-
-
-def _sandwiches(frame: pl.DataFrame) -> list[tuple[int, RuleHit]]:
     """Same sender right before and right after a victim tx, all three to one contract.
 
     `frame`: the included txs of one or more blocks (a tx frame: addresses lower-cased,
     each block's rows together); hits block by block, in index order. Adjacent indices
     only, the victim from another sender. Bots that trade through their own contract
     (to_address differs from the victim's) are not caught: a known-bad pattern, not an
-    MEV classifier. Vectorised over the frame: only the matches become Python objects.
+    MEV classifier.
     """
-    if frame.height < 3:
+    return [hit for _, hit in _sandwiches(_with_runs(frame))]
+
+
+def _sandwiches(framed: pl.DataFrame) -> list[tuple[int, RuleHit]]:
+    """`sandwich_rule` over `_with_runs`' frame, each hit with its block's run number.
+    Vectorised over the frame: only the matches become Python objects."""
+    if framed.height < 3:
         return []
-    f = _in_index_order(frame)
+    f = _in_index_order(framed)
     run, sender = pl.col("run"), pl.col("from_address")
     # candidates at C speed: the same sender two rows later, in the same block
     first = f.select(
@@ -335,32 +340,31 @@ def nonce_replacement_spam_rule(
 def sender_burst_rule(
     frame: pl.DataFrame, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
 ) -> list[RuleHit]:
-    """`_bursts` without the blocks' run numbers."""
-    return [hit for _, hit in _bursts(frame, min_txs, min_share, min_share_txs)]
-
-
-def block_tx_rules(frame: pl.DataFrame) -> list[RuleHit]:
-    """The per-block tx rules over a batch's included txs (`frame` as for
-    `sandwich_rule`): each block's sandwiches, then its spam bursts, block by block."""
-    hits = _sandwiches(frame) + _bursts(frame)
-    return [hit for _, hit in sorted(hits, key=operator.itemgetter(0))]  # stable
-
-
-def _bursts(
-    frame: pl.DataFrame, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
-) -> list[tuple[int, RuleHit]]:
     """One sender filling a block: >= `min_txs` txs, or >= `min_share` of it (and >= 20).
 
     `frame` as for `sandwich_rule`; hits block by block, senders in order. Spam bursts
     crowd out everyone else for a block or two; busy bots on mainnet send a handful per
     block, so the limits sit well above normal traffic.
     """
+    return [hit for _, hit in _bursts(_with_runs(frame), min_txs, min_share, min_share_txs)]
+
+
+def block_tx_rules(frame: pl.DataFrame) -> list[RuleHit]:
+    """The per-block tx rules over a batch's included txs (`frame` as for
+    `sandwich_rule`): each block's sandwiches, then its spam bursts, block by block."""
+    framed = _with_runs(frame)  # the blocks numbered once for both rules
+    hits = _sandwiches(framed) + _bursts(framed)
+    return [hit for _, hit in sorted(hits, key=operator.itemgetter(0))]  # stable
+
+
+def _bursts(
+    framed: pl.DataFrame, min_txs: int = 50, min_share: float = 0.3, min_share_txs: int = 20
+) -> list[tuple[int, RuleHit]]:
+    """`sender_burst_rule` over `_with_runs`' frame, each hit with its block's run number."""
     floor = min(min_txs, min_share_txs)  # a sender with fewer txs meets neither limit
-    if frame.height < floor or frame.height == 0:
+    if framed.height < floor or framed.height == 0:
         return []
-    framed = frame.with_columns(
-        pl.struct(*_BLOCK_KEY).rle_id().alias("run"), pl.col("from_address").hash().alias("h")
-    )
+    framed = framed.with_columns(pl.col("from_address").hash().alias("h"))
     # senders with `floor` txs in a block, counted on hashes at C speed: hash collisions can
     # only add candidates, which the exact count below drops
     heavy = framed.group_by("run", "h").len().filter(pl.col("len") >= floor)
