@@ -85,7 +85,6 @@ class CompiledForest:
         return -np.power(2.0, -depths / self.denominator)
 
 
-
 class TreeWalker:
     """sklearn IsolationForest's `score_samples` for all but small calls, its trees on
     threads for big batches.

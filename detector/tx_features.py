@@ -87,6 +87,7 @@ _IQR_TO_SIGMA = 1.349  # IQR of a normal distribution in standard deviations
 LOG_Z_CLIP = 3.0
 _NO_SELECTOR = ""  # key for txs without a 4-byte selector (plain transfers)
 _ROW_LOOKUP_MAX = 2_048  # rows looked up one by one; a bigger batch per distinct value
+_SMALL_LOOKUP = 16  # senders remembered per looked-up row above which lookup filters first
 
 
 def _opt_float(value: int | None) -> float | None:
@@ -631,9 +632,6 @@ class SenderStats:
             (pl.col("recent").fill_null(0.0) * 60.0 / self.window_seconds).alias("sender_rate"),
             pl.col("last_nonce"),
         )
-
-
-_SMALL_LOOKUP = 16  # senders remembered per looked-up row above which lookup filters first
 
 
 def _frame_now(frame: pl.DataFrame, now: float | None) -> float:

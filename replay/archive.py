@@ -659,8 +659,7 @@ class ArchiveSource(Source):
             return None
         # one chunk per column: a frame of 500 blocks' slices kept them as 500 chunks,
         # which made every later step over it a third slower
-        runs = _tx_runs([t for _, t in parts])
-        txs = (runs[0] if len(runs) == 1 else pl.concat(runs)).rechunk().rename(
+        txs = pl.concat(_tx_runs([t for _, t in parts]), rechunk=True).rename(
             {"transaction_index": "tx_index"})
         return tx_frame_of([h for h, _ in parts], [t.count for _, t in parts], txs)
 

@@ -330,10 +330,11 @@ class Replayer:
         s.batches += 1
         s.records += len(batch)
         s.by_type.update(record.type for record in batch)
-        numbers = [r.number for r in batch if isinstance(r, Block)]
-        if numbers:
-            s.blocks += len(numbers)
-            s.transactions += sum(r.tx_count for r in batch if isinstance(r, Block))
+        blocks = [r for r in batch if isinstance(r, Block)]
+        if blocks:
+            s.blocks += len(blocks)
+            s.transactions += sum(b.tx_count for b in blocks)
+            numbers = [b.number for b in blocks]
             low, high = min(numbers), max(numbers)
             s.first_block = low if s.first_block is None else min(s.first_block, low)
             s.last_block = high if s.last_block is None else max(s.last_block, high)
