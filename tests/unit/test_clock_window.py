@@ -25,19 +25,8 @@ def _drift_reference(
     future_limit: float = 15.0,
     min_blocks: int = 10,
 ) -> RuleHit | None:
-    """The newest block of `window` carries a timestamp its producer made up.
-
-    Ahead: stamped more than `future_limit` seconds further ahead of the moment the node
-    saw it than usual (geth refuses blocks more than 15 s in the future), AND further from
-    its parent than the usual interval: the producer moved the chain's clock forward.
-    Honest successors that can only add 1 s to a clock already ahead are not blamed.
-    Behind: stamped earlier than usual relative to its arrival by more than half the usual
-    interval, AND closer to its parent than half the usual interval: a backdated block.
-    A node that lags sees every block late, but at usual intervals: neither fires.
-    "Usual" is the window's median interval and the median lead of the blocks that arrived
-    live (not a backfill's burst), so a constant clock offset between the node and the
-    collector cancels out.
-    """
+    """The former `timestamp_drift_rule`, one block at a time, kept unchanged as the
+    reference the batch version must agree with (the rule's docstring says what it finds)."""
     if len(window) < min_blocks + 1:
         return None
     block, parent = window[-1], window[-2]
@@ -78,8 +67,6 @@ def _drift_reference(
         details={"excess_seconds": excess, "interval_seconds": interval,
                  "usual_interval_seconds": usual_gap},
     )
-
-
 
 
 def _jump_reference(window: Sequence[Block], block: Block, limit: float) -> tuple | None:
