@@ -54,35 +54,66 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def recycled(
+    base: Block, number: int, parent: str, cycle: int, sent: dict[str, int], t0: int
+) -> Block:
+    """A chunk's block replayed as block `number` of cycle `cycle` (0 for the first pass
+    through the chunks): new height, hash, parent and times. From the second cycle on,
+    its txs get hashes of their own (the cycle in the hash's first 4 hex digits) and
+    each sender's nonces go on from where the sender's previous cycle ended (`sent`: its
+    txs in the chunk), so no tx repeats an earlier one and no nonce goes back."""
+    block_hash = f"0x{number:064x}"
+    ts = t0 + 12 * number
+    update: dict[str, object] = {
+        "number": number, "hash": block_hash, "parent_hash": parent, "timestamp": ts,
+        "observed_at": ts + (base.observed_at - base.timestamp),
+        "event_id": Block.id_for(1, "bench", block_hash),
+    }
+    if cycle and base.transactions:
+        update["transactions"] = tuple(
+            tx.model_copy(update={
+                "hash": f"0x{cycle:04x}{tx.hash[6:]}",
+                "nonce": tx.nonce + cycle * sent[tx.from_address],
+            })
+            for tx in base.transactions
+        )
+    return base.model_copy(update=update)
+
+
+def sent_per_sender(blocks: list[Block]) -> dict[str, int]:
+    """Each sender's txs in a chunk: how far its nonces move per pass through it."""
+    sent: dict[str, int] = {}
+    for block in blocks:
+        for tx in block.transactions or ():
+            sent[tx.from_address] = sent.get(tx.from_address, 0) + 1
+    return sent
+
+
 def make(directory: Path, txs: int, txs_per_block: float) -> None:
     from replay.archive import ArchiveWriter, archive_row
 
     blocks_needed = int(txs / txs_per_block) + 1
-    chunks: list[list[Block]] = []
+    chunks: list[tuple[list[Block], dict[str, int]]] = []
     started = time.monotonic()
     writer = ArchiveWriter(directory)
     parent = "0x" + "00" * 32
     number = 0
     written_txs = 0
-    t0 = 1_700_000_000.0
     while number < blocks_needed:
         index = (number // CHUNK_BLOCKS) % DISTINCT_CHUNKS
+        cycle = number // (CHUNK_BLOCKS * DISTINCT_CHUNKS)
         if index >= len(chunks):
-            chunks.append(generate(CHUNK_BLOCKS, txs_per_block, seed=100 + index))
-        for base in chunks[index]:
+            blocks = generate(CHUNK_BLOCKS, txs_per_block, seed=100 + index)
+            chunks.append((blocks, sent_per_sender(blocks)))
+        bases, sent = chunks[index]
+        for base in bases:
             if number >= blocks_needed:
                 break
-            block_hash = f"0x{number:064x}"
-            ts = int(t0) + 12 * number
-            block = base.model_copy(update={
-                "number": number, "hash": block_hash, "parent_hash": parent, "timestamp": ts,
-                "observed_at": ts + (base.observed_at - base.timestamp),
-                "event_id": Block.id_for(1, "bench", block_hash),
-            })
+            block = recycled(base, number, parent, cycle, sent, 1_700_000_000)
             writer.add(archive_row("chainwatch.blocks", 0, number, "1:bench", encode(block), 0))
             if len(writer.rows) >= 2000:
                 writer.flush()
-            parent = block_hash
+            parent = block.hash
             number += 1
             written_txs += block.tx_count
         print(f"  made {number}/{blocks_needed} blocks", file=sys.stderr)
