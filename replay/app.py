@@ -352,13 +352,19 @@ def run_replay(
     if recorder is not None and labels is not None:
         summary["labels"] = label_summary(evaluate(recorder.run, labels), labels)
     if options.out is not None:
-        from replay.report import write_findings, write_invalid, write_report  # matplotlib
+        from replay.report import (  # matplotlib
+            stamping_note,
+            write_findings,
+            write_invalid,
+            write_report,
+        )
 
         frame = write_findings(findings, options.out)
         write_invalid(invalid, options.out)
         (options.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         write_report(options.out, source=spec, summary=summary, data=data, findings=frame,
-                     invalid=invalid, scores=summary.get("labels"), top_n=options.top_n)
+                     invalid=invalid, scores=summary.get("labels"), top_n=options.top_n,
+                     batching=stamping_note(options.batch_records, options.per_block))
     for where, reason in invalid.samples[:20]:
         echo(f"skipped {where}: {reason}")
     if invalid.count > 20:

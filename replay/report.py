@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,18 +181,75 @@ def write_invalid(invalid: InvalidRows, out: Path) -> None:
     frame.write_csv(out / "invalid_rows.csv")
 
 
+# columns of hashes and free text: wrapped anywhere, so that a 66-character hash does
+# not push the table past the page
+_LONG_COLUMNS = ("subject", "summary", "where", "reason")
+
+
 def _table(frame: pl.DataFrame, columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    opening = ['<td class="long">' if c in _LONG_COLUMNS else "<td>" for c in columns]
     body = []
     for row in frame.select(columns).iter_rows():
         cells = "".join(
-            f"<td>{html.escape(f'{v:.3f}' if isinstance(v, float) else str(v))}</td>"
-            for v in row
+            f"{td}{html.escape(f'{v:.3f}' if isinstance(v, float) else str(v))}</td>"
+            for td, v in zip(opening, row, strict=True)
         )
         body.append(f"<tr>{cells}</tr>")
     if not body:
         body.append(f'<tr><td colspan="{len(columns)}">none</td></tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# shown in their own sections of the report, not in the summary table
+_OWN_SECTIONS = ("labels", "warnings")
+
+
+def _plain(key: str, value: Any) -> str:
+    """One summary value as text: thousands separated, shares as percentages, recorded
+    times as UTC dates (with the unix seconds of summary.json)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if key.endswith("_share"):
+            return f"{value * 100:.3g}%"
+        if key.endswith("_observed_at"):
+            when = datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            return f"{when} ({value:.3f})"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _summary_cell(key: str, value: Any) -> str:
+    """A summary value as HTML: a table for per-family records (`models`), one line per
+    entry for counts by name, plain text otherwise."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        columns = list(dict.fromkeys(k for v in value.values() for k in v))
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *columns])
+        body = "".join(
+            f"<tr><td>{html.escape(str(name))}</td>"
+            + "".join(f"<td>{html.escape(_plain(c, row.get(c)))}</td>" for c in columns)
+            + "</tr>"
+            for name, row in value.items()
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if isinstance(value, dict):
+        lines = [f"{html.escape(str(k))}: {html.escape(_plain(str(k), v))}"
+                 for k, v in value.items()]
+        return "<br>".join(lines) or "none"
+    return html.escape(_plain(key, value))
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{_summary_cell(str(k), v)}</td></tr>"
+        for k, v in summary.items() if k not in _OWN_SECTIONS
+    )
+    return f'<table class="summary">{rows}</table>'
 
 
 def _img(name: str, png: bytes, alt: str) -> str:
@@ -207,10 +263,23 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
+td.long{overflow-wrap:anywhere}
 th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}
-.summary td:first-child{font-weight:600}
+.summary>tbody>tr>td:first-child{font-weight:600}
+.note{color:#555;font-size:.9em}
 .warning{background:#fff4e5;border-left:4px solid #e08a00;padding:.5em .8em}
 """
+
+
+def stamping_note(batch_records: int, per_block: bool) -> str:
+    """What a finding's time means in this replay (docs/replay-format.md)."""
+    if per_block:
+        return ("Times are recorded times (observed_at). One batch per block: each "
+                "finding is stamped with the time of the block that raised it.")
+    return (f"Times are recorded times (observed_at). Batches of up to {batch_records:,} "
+            "records: a finding is stamped with the last time of the batch that raised "
+            f"it, up to {batch_records:,} records after its cause (--per-block stamps "
+            "each at its block).")
 
 
 def write_report(
@@ -223,8 +292,12 @@ def write_report(
     invalid: InvalidRows,
     scores: dict[str, Any] | None,
     top_n: int = 20,
+    batching: str = "",
 ) -> Path:
-    """The PNG plots and report.html (plots embedded), from what the replay gathered."""
+    """The PNG plots and report.html (plots embedded), from what the replay gathered.
+
+    `batching`: how findings were stamped (see `stamping_note`), shown under the summary.
+    """
     pngs = {
         "fork_risk": plot_fork_risk(findings, data, out / "fork_risk.png"),
         "tx_scores": plot_tx_scores(findings, data, out / "tx_scores.png"),
@@ -233,11 +306,6 @@ def write_report(
             findings, data, out / "findings_per_detector.png"
         ),
     }
-    rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v, sort_keys=True))}"
-        "</td></tr>"
-        for k, v in summary.items()
-    )
     cols = ["score", "detector", "block_number", "node", "subject", "summary"]
     flagged = (
         findings.filter(pl.col("subject_kind") == "miner")
@@ -252,7 +320,8 @@ def write_report(
         f"<p>Source: <code>{html.escape(source)}</code></p>",
         *(f'<p class="warning">Warning: {html.escape(w)}</p>'
           for w in summary.get("warnings", [])),
-        f'<h2>Summary</h2><table class="summary">{rows}</table>',
+        "<h2>Summary</h2>", _summary_table(summary),
+        *([f'<p class="note">{html.escape(batching)}</p>'] if batching else []),
         "<h2>Fork risk</h2>", _img("fork_risk", pngs["fork_risk"], "fork-risk timeline"),
         "<h2>Transaction anomalies</h2>",
         _img("tx_scores", pngs["tx_scores"], "transaction anomaly scores"),

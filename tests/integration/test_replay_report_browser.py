@@ -57,8 +57,16 @@ class DevTools:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_report_opens_in_chromium_without_console_errors(tmp_path: Path) -> None:
     history = tmp_path / "history.jsonl"
+    bot, router = "0x" + "b0" * 20, "0x" + "7a" * 20
     with history.open("wb") as handle:
         for b in generate(300, 20, seed=11):
+            if b.number == 250:  # a sandwich: its finding's subject and summary hold hashes
+                front, victim, back, *rest = b.transactions
+                b = b.model_copy(update={"transactions": (
+                    front.model_copy(update={"from_address": bot, "to_address": router}),
+                    victim.model_copy(update={"to_address": router}),
+                    back.model_copy(update={"from_address": bot, "to_address": router}),
+                    *rest)})
             handle.write(encode(b) + b"\n")
             if b.number == 200:
                 reorg = Reorg(chain_id=1, node="bench", event_id="r", observed_at=b.observed_at,
@@ -97,7 +105,11 @@ def test_report_opens_in_chromium_without_console_errors(tmp_path: Path) -> None
             "Runtime.evaluate",
             expression="JSON.stringify({ready: document.readyState, "
             "images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]), "
-            "title: document.title})",
+            "title: document.title, "
+            "sandwiches: Array.from(document.querySelectorAll('td')).filter("
+            "td => td.textContent === 'sandwich_rule').length, "
+            "overflow: document.documentElement.scrollWidth - "
+            "document.documentElement.clientWidth})",
             returnByValue=True,
         )["result"]["value"]
         shot = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
@@ -117,5 +129,7 @@ def test_report_opens_in_chromium_without_console_errors(tmp_path: Path) -> None
     assert errors == []
     info = json.loads(state)
     assert info["ready"] == "complete" and info["title"] == "chainwatch replay report"
+    assert info["overflow"] <= 0  # every table fits the page: long hashes wrap
+    assert info["sandwiches"] == 1
     assert len(info["images"]) == 4
     assert all(complete and width > 0 for complete, width in info["images"])

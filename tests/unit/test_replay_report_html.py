@@ -1,0 +1,61 @@
+"""report.html's summary is read by people: per-family model figures as a table, shares
+as percentages, recorded times as dates, the labels and warnings in their own sections,
+and a line saying what a finding's time means in this replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from replay.report import stamping_note, write_report
+from replay.report_data import ReportData, findings_frame
+from replay.rows import InvalidRows
+
+SUMMARY = {
+    "blocks": 66_667,
+    "first_observed_at": 1_700_000_000.5333393,
+    "findings_by_detector": {"sandwich_rule": 95, "tx_iforest": 7},
+    "invalid_by_reason": {},
+    "models": {
+        "block": {"fitted_share": 0.001, "flagged": 41, "flagged_share": 0.000615,
+                  "scored": 66_666, "trained": True, "version": "block-iforest-n2000"},
+        "tx": {"fitted_share": 0.001, "flagged": 0, "flagged_share": 0.0,
+               "scored": 0, "trained": False, "version": None},
+    },
+    "labels": {"families": [], "outcomes": [{"id": "label-one-of-many"}]},
+    "warnings": ["the trained block model flagged too much"],
+}
+
+
+def _summary_table(page: str) -> str:
+    """From the summary table to the note that follows it."""
+    start, end = page.index('<table class="summary">'), page.index('<p class="note">')
+    return page[start:end]
+
+
+def test_the_summary_is_written_for_people(tmp_path: Path) -> None:
+    write_report(tmp_path, source="archive", summary=SUMMARY, data=ReportData(),
+                 findings=findings_frame([]), invalid=InvalidRows(), scores=None,
+                 batching=stamping_note(5_000, per_block=False))
+    page = (tmp_path / "report.html").read_text()
+    summary = _summary_table(page)
+
+    assert "<td>blocks</td><td>66,667</td>" in summary
+    assert "2023-11-14 22:13:20 UTC (1700000000.533)" in summary
+    assert "sandwich_rule: 95<br>tx_iforest: 7" in summary
+    assert "<td>invalid_by_reason</td><td>none</td>" in summary
+    # the models: one row per family, no JSON
+    assert ("<tr><td>block</td><td>0.1%</td><td>41</td><td>0.0615%</td><td>66,666</td>"
+            "<td>yes</td><td>block-iforest-n2000</td></tr>") in summary
+    assert "<tr><td>tx</td><td>0.1%</td><td>0</td><td>0%</td><td>0</td><td>no</td>" \
+           "<td>n/a</td></tr>" in summary
+    assert "{" not in summary and '"' not in summary.replace('class="summary"', "")
+    # labels and warnings have their own sections
+    assert "label-one-of-many" not in page
+    assert "warnings" not in summary and 'class="warning"' in page
+    assert "Batches of up to 5,000 records" in page
+
+
+def test_the_stamping_note_follows_the_batching() -> None:
+    assert "up to 500 records after its cause" in stamping_note(500, per_block=False)
+    per_block = stamping_note(500, per_block=True)
+    assert "time of the block that raised it" in per_block and "500" not in per_block
