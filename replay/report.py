@@ -183,7 +183,7 @@ def write_invalid(invalid: InvalidRows, out: Path) -> None:
 
 # columns of hashes and free text: wrapped anywhere, so that a 66-character hash does
 # not push the table past the page
-_LONG_COLUMNS = ("subject", "summary", "where", "reason")
+_LONG_COLUMNS = ("subject", "summary", "where", "reason", "label")
 
 
 def _table(frame: pl.DataFrame, columns: Sequence[str]) -> str:
@@ -250,6 +250,35 @@ def _summary_table(summary: dict[str, Any]) -> str:
         for k, v in summary.items() if k not in _OWN_SECTIONS
     )
     return f'<table class="summary">{rows}</table>'
+
+
+SHOWN_LABELS = 100
+
+
+def _label_outcomes(outcomes: list[dict[str, Any]]) -> list[str]:
+    """Each label's outcome, the missed ones first (at most SHOWN_LABELS; all of them
+    are in summary.json)."""
+    if not outcomes:
+        return []
+    ordered = sorted(outcomes, key=lambda o: (bool(o["detected_by"]), o["first_block"],
+                                              str(o["id"])))
+    missed = sum(1 for o in outcomes if not o["detected_by"])
+    rows = pl.DataFrame(
+        [{"label": str(o["id"]), "family": o["family"], "kind": o["kind"],
+          "first_block": o["first_block"],
+          "detected_by": ", ".join(o["detected_by"]) or "missed",
+          "latency_blocks": _plain("", o["latency_blocks"]),
+          "latency_seconds": _plain("", o["latency_seconds"])}
+         for o in ordered[:SHOWN_LABELS]],
+        schema={"label": pl.String, "family": pl.String, "kind": pl.String,
+                "first_block": pl.Int64, "detected_by": pl.String,
+                "latency_blocks": pl.String, "latency_seconds": pl.String},
+    )
+    shown = f"the first {SHOWN_LABELS} of " if len(outcomes) > SHOWN_LABELS else ""
+    return [f"<h3>Labels: {missed} of {len(outcomes)} missed</h3>",
+            f'<p class="note">Missed labels first; {shown}{len(outcomes)} '
+            "(all in summary.json).</p>",
+            _table(rows, rows.columns)]
 
 
 def _img(name: str, png: bytes, alt: str) -> str:
@@ -359,7 +388,8 @@ def write_report(
         parts += ["<h2>Against the labels</h2>",
                   "<p>Matching and scoring as <code>chainwatch evaluate</code> "
                   "(docs/replay-format.md, Labels).</p>",
-                  _table(score_rows, score_rows.columns)]
+                  _table(score_rows, score_rows.columns),
+                  *_label_outcomes(scores.get("outcomes", []))]
     inv = pl.DataFrame(invalid.samples[:50], schema={"where": pl.String, "reason": pl.String},
                        orient="row")
     parts += [

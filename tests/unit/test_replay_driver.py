@@ -203,6 +203,11 @@ def test_replay_labels_score_as_evaluate_does(tmp_path: Path) -> None:
     by_id = {o["id"]: o for o in summary["labels"]["outcomes"]}
     assert "reorg_depth" in by_id["labels.jsonl:1"]["detected_by"]
     assert by_id["labels.jsonl:2"]["detected_by"] == []
+    report = (out / "report.html").read_text()
+    assert "<h3>Labels: 1 of 2 missed</h3>" in report
+    assert '<td class="long">labels.jsonl:2</td><td>fork_risk</td><td>reorg</td><td>100</td>' \
+           "<td>missed</td>" in report
+    assert "One batch per block" in report
 
     records = [decode(line) for line in source.read_bytes().splitlines()[:-1]]
     ev = evaluate(replay(records, make_detector=lambda c: make_detector(settings, c)),

@@ -4,6 +4,7 @@ and a line saying what a finding's time means in this replay."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from replay.report import stamping_note, write_report
@@ -59,3 +60,29 @@ def test_the_stamping_note_follows_the_batching() -> None:
     assert "up to 500 records after its cause" in stamping_note(500, per_block=False)
     per_block = stamping_note(500, per_block=True)
     assert "time of the block that raised it" in per_block and "500" not in per_block
+
+
+def test_each_labels_outcome_is_listed_the_missed_first(tmp_path: Path) -> None:
+    family = {"family": "tx", "labels": 3, "detected": 2, "findings": 2, "true_findings": 2,
+              "false_findings": 0, "excused": 0, "precision": 1.0, "recall": 2 / 3,
+              "f1": 0.8, "latency_blocks_p50": 0, "latency_blocks_max": 1,
+              "latency_seconds_p50": 0.5}
+    outcomes = [
+        {"id": "0xfee", "family": "tx", "kind": "fee_outlier", "first_block": 10,
+         "detected_by": ["tx_iforest"], "latency_blocks": 0, "latency_seconds": 0.5},
+        {"id": "sandwich-40", "family": "tx", "kind": "sandwich", "first_block": 40,
+         "detected_by": [], "latency_blocks": None, "latency_seconds": None},
+        {"id": "burst-20", "family": "tx", "kind": "spam_burst", "first_block": 20,
+         "detected_by": ["sender_burst_rule", "tx_iforest"], "latency_blocks": 1,
+         "latency_seconds": 12.25},
+    ]
+    write_report(tmp_path, source="archive", summary={"blocks": 50}, data=ReportData(),
+                 findings=findings_frame([]), invalid=InvalidRows(),
+                 scores={"families": [family], "outcomes": outcomes})
+    page = (tmp_path / "report.html").read_text()
+
+    assert "<h3>Labels: 1 of 3 missed</h3>" in page
+    rows = re.findall(r'<tr><td class="long">([^<]+)</td><td>tx</td>.*?</tr>', page)
+    assert rows == ["sandwich-40", "0xfee", "burst-20"]  # missed first, then by block
+    assert ("<td>sender_burst_rule, tx_iforest</td><td>1</td><td>12.25</td>") in page
+    assert "<td>missed</td><td>n/a</td><td>n/a</td>" in page
