@@ -274,10 +274,10 @@ def _label_outcomes(outcomes: list[dict[str, Any]]) -> list[str]:
                 "first_block": pl.Int64, "detected_by": pl.String,
                 "latency_blocks": pl.String, "latency_seconds": pl.String},
     )
-    shown = f"the first {SHOWN_LABELS} of " if len(outcomes) > SHOWN_LABELS else ""
+    shown = (f": the first {SHOWN_LABELS} of {len(outcomes):,} (all in summary.json)"
+             if len(outcomes) > SHOWN_LABELS else "")
     return [f"<h3>Labels: {missed} of {len(outcomes)} missed</h3>",
-            f'<p class="note">Missed labels first; {shown}{len(outcomes)} '
-            "(all in summary.json).</p>",
+            f'<p class="note">Missed labels first, then by first block{shown}.</p>',
             _table(rows, rows.columns)]
 
 

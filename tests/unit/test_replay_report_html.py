@@ -86,3 +86,17 @@ def test_each_labels_outcome_is_listed_the_missed_first(tmp_path: Path) -> None:
     assert rows == ["sandwich-40", "0xfee", "burst-20"]  # missed first, then by block
     assert ("<td>sender_burst_rule, tx_iforest</td><td>1</td><td>12.25</td>") in page
     assert "<td>missed</td><td>n/a</td><td>n/a</td>" in page
+
+
+def test_a_long_label_list_is_cut_and_says_so(tmp_path: Path) -> None:
+    outcomes = [{"id": f"l{i}", "family": "block", "kind": "stall", "first_block": i,
+                 "detected_by": ["block_iforest"] if i % 2 else [], "latency_blocks": 1,
+                 "latency_seconds": 12.0} for i in range(250)]
+    write_report(tmp_path, source="archive", summary={"blocks": 50}, data=ReportData(),
+                 findings=findings_frame([]), invalid=InvalidRows(),
+                 scores={"families": [], "outcomes": outcomes})
+    page = (tmp_path / "report.html").read_text()
+    assert "<h3>Labels: 125 of 250 missed</h3>" in page
+    assert "the first 100 of 250 (all in summary.json)" in page
+    shown = re.findall(r'<td class="long">(l\d+)</td>', page)
+    assert len(shown) == 100 and shown[:2] == ["l0", "l2"]  # all missed, by first block
