@@ -50,16 +50,20 @@ def _figure(title: str) -> tuple[Any, Any]:
     return fig, ax
 
 
+def x_limits(start: float, end: float) -> tuple[float, float]:
+    """The plots' time axis: the replay's span and a margin (1.5 %, at least a minute)
+    on both sides, so that a finding stamped at the very end is drawn whole."""
+    margin = max(60.0, (end - start) * 0.015)
+    return start - margin, end + margin
+
+
 def _finish(
     fig: Any, ax: Any, path: Path, *, span: tuple[float, float] | None = None,
     empty: str | None = None,
 ) -> bytes:
     """Common x axis (the replay's time span, UTC), deterministic PNG bytes, written to path."""
     if span is not None:
-        start, end = span
-        if end - start < 120:
-            start, end = start - 60, end + 60
-        ax.set_xlim(*_dt([start, end]))
+        ax.set_xlim(*_dt(x_limits(*span)))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=UTC))
         fig.autofmt_xdate()
     if empty:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from replay.report import stamping_note, write_report
+from replay.report import stamping_note, write_report, x_limits
 from replay.report_data import ReportData, findings_frame
 from replay.rows import InvalidRows
 
@@ -100,3 +100,9 @@ def test_a_long_label_list_is_cut_and_says_so(tmp_path: Path) -> None:
     assert "the first 100 of 250 (all in summary.json)" in page
     shown = re.findall(r'<td class="long">(l\d+)</td>', page)
     assert len(shown) == 100 and shown[:2] == ["l0", "l2"]  # all missed, by first block
+
+
+def test_the_time_axis_leaves_room_at_both_ends() -> None:
+    assert x_limits(1_000.0, 1_030.0) == (940.0, 1_090.0)  # a short replay: a minute
+    start, end = x_limits(0.0, 86_400.0)  # a day: 1.5 %
+    assert (start, end) == (-1_296.0, 87_696.0)
