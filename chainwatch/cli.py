@@ -314,7 +314,7 @@ def replay(
     per_block: Annotated[
         bool,
         typer.Option("--per-block", help="One batch per block, as `chainwatch evaluate` "
-                     "replays (exact latency in blocks; slower)"),
+                     "replays (findings stamped at their block: exact times and latency; slower)"),
     ] = False,
     batch: Annotated[
         int | None,
