@@ -33,6 +33,7 @@ import platform
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,19 +56,22 @@ def _peak_rss_mb() -> float:
 
 
 def recycled(
-    base: Block, number: int, parent: str, cycle: int, sent: dict[str, int], t0: int
+    base: Block, number: int, parent: str, cycle: int, sent: dict[str, int], t0: int,
+    producers: dict[str, str] | None = None,
 ) -> Block:
     """A chunk's block replayed as block `number` of cycle `cycle` (0 for the first pass
-    through the chunks): new height, hash, parent and times. From the second cycle on,
-    its txs get hashes of their own (the cycle in the hash's first 4 hex digits) and
-    each sender's nonces go on from where the sender's previous cycle ended (`sent`: its
-    txs in the chunk), so no tx repeats an earlier one and no nonce goes back."""
+    through the chunks): new height, hash, parent and times, its producer renamed by
+    `producers`. From the second cycle on, its txs get hashes of their own (the cycle in
+    the hash's first 4 hex digits) and each sender's nonces go on from where the
+    sender's previous cycle ended (`sent`: its txs in the chunk), so no tx repeats an
+    earlier one and no nonce goes back."""
     block_hash = f"0x{number:064x}"
     ts = t0 + 12 * number
     update: dict[str, object] = {
         "number": number, "hash": block_hash, "parent_hash": parent, "timestamp": ts,
         "observed_at": ts + (base.observed_at - base.timestamp),
         "event_id": Block.id_for(1, "bench", block_hash),
+        "miner": (producers or {}).get(base.miner, base.miner),
     }
     if cycle and base.transactions:
         update["transactions"] = tuple(
@@ -78,6 +82,19 @@ def recycled(
             for tx in base.transactions
         )
     return base.model_copy(update=update)
+
+
+def producers_by_rank(blocks: list[Block]) -> list[str]:
+    """A chunk's producers, the one with most blocks first (ties by address)."""
+    counts = Counter(b.miner for b in blocks)
+    return sorted(counts, key=lambda miner: (-counts[miner], miner))
+
+
+def shared_producers(blocks: list[Block], first: list[str]) -> dict[str, str]:
+    """Each generated chunk draws its own producers; renamed by rank to the first
+    chunk's, the chunks share them (the n-th busiest producer of every chunk is the
+    first chunk's n-th), so a switch between chunks is not a turnover of producers."""
+    return dict(zip(producers_by_rank(blocks), first, strict=False))
 
 
 def sent_per_sender(blocks: list[Block]) -> dict[str, int]:
@@ -93,7 +110,7 @@ def make(directory: Path, txs: int, txs_per_block: float) -> None:
     from replay.archive import ArchiveWriter, archive_row
 
     blocks_needed = int(txs / txs_per_block) + 1
-    chunks: list[tuple[list[Block], dict[str, int]]] = []
+    chunks: list[tuple[list[Block], dict[str, int], dict[str, str]]] = []
     started = time.monotonic()
     writer = ArchiveWriter(directory)
     parent = "0x" + "00" * 32
@@ -104,12 +121,13 @@ def make(directory: Path, txs: int, txs_per_block: float) -> None:
         cycle = number // (CHUNK_BLOCKS * DISTINCT_CHUNKS)
         if index >= len(chunks):
             blocks = generate(CHUNK_BLOCKS, txs_per_block, seed=100 + index)
-            chunks.append((blocks, sent_per_sender(blocks)))
-        bases, sent = chunks[index]
+            first = producers_by_rank(chunks[0][0] if chunks else blocks)
+            chunks.append((blocks, sent_per_sender(blocks), shared_producers(blocks, first)))
+        bases, sent, producers = chunks[index]
         for base in bases:
             if number >= blocks_needed:
                 break
-            block = recycled(base, number, parent, cycle, sent, 1_700_000_000)
+            block = recycled(base, number, parent, cycle, sent, 1_700_000_000, producers)
             writer.add(archive_row("chainwatch.blocks", 0, number, "1:bench", encode(block), 0))
             if len(writer.rows) >= 2000:
                 writer.flush()
@@ -168,7 +186,6 @@ def steps(
     """Where a replay's time goes: wall seconds per detector step (see the docstring)."""
     import functools
     import importlib
-    from collections import Counter
 
     from chainwatch.settings import load_settings
     from replay.app import ReplayOptions

@@ -47,3 +47,26 @@ def test_cycles_repeat_no_tx_and_continue_every_senders_nonces(
     assert repeated
     for nonces in repeated:  # consecutive, in the order the archive delivers them
         assert nonces == list(range(nonces[0], nonces[0] + len(nonces)))
+
+
+def test_the_chunks_share_their_producers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each generated chunk draws producers of its own; without the renaming every
+    switch between chunks was a turnover of all producers (a surge for the miner rules)."""
+    monkeypatch.setattr(bench.replay, "CHUNK_BLOCKS", 60)
+    monkeypatch.setattr(bench.replay, "DISTINCT_CHUNKS", 3)
+    bench.replay.make(tmp_path, 180, 1)
+    blocks = _read(tmp_path)
+    chunks = [blocks[i:i + 60] for i in range(0, 180, 60)]
+    first = {b.miner for b in chunks[0]}
+    for chunk in chunks[1:]:
+        own = {b.miner for b in chunk}
+        # only a chunk with more producers than the first keeps some of its own
+        assert len(own - first) == max(0, len(own) - len(first))
+        busiest = bench.replay.producers_by_rank(chunk)[0]
+        assert busiest in bench.replay.producers_by_rank(chunks[0])[:2]
+    # the first chunk is left as generated
+    from bench.synthetic import generate
+
+    assert [b.miner for b in chunks[0]] == [b.miner for b in generate(60, 1, seed=100)]
