@@ -232,15 +232,11 @@ def _summary_cell(key: str, value: Any) -> str:
     """A summary value as HTML: a table for per-family records (`models`), one line per
     entry for counts by name, plain text otherwise."""
     if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-        columns = list(dict.fromkeys(k for v in value.values() for k in v))
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *columns])
-        body = "".join(
-            f"<tr><td>{html.escape(str(name))}</td>"
-            + "".join(f"<td>{html.escape(_plain(c, row.get(c)))}</td>" for c in columns)
-            + "</tr>"
-            for name, row in value.items()
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        columns = ["", *dict.fromkeys(k for v in value.values() for k in v)]
+        rows = [[str(name), *(_plain(c, row.get(c)) for c in columns[1:])]
+                for name, row in value.items()]
+        return _table(pl.DataFrame(rows, schema=dict.fromkeys(columns, pl.String),
+                                   orient="row"), columns)
     if isinstance(value, dict):
         lines = [f"{html.escape(str(k))}: {html.escape(_plain(str(k), v))}"
                  for k, v in value.items()]
