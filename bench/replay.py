@@ -56,7 +56,7 @@ def _peak_rss_mb() -> float:
 
 
 def recycled(
-    base: Block, number: int, parent: str, cycle: int, sent: dict[str, int], t0: int,
+    base: Block, number: int, parent: str, cycle: int, sent: Counter[str], t0: int,
     producers: dict[str, str] | None = None,
 ) -> Block:
     """A chunk's block replayed as block `number` of cycle `cycle` (0 for the first pass
@@ -97,20 +97,16 @@ def shared_producers(blocks: list[Block], first: list[str]) -> dict[str, str]:
     return dict(zip(producers_by_rank(blocks), first, strict=False))
 
 
-def sent_per_sender(blocks: list[Block]) -> dict[str, int]:
+def sent_per_sender(blocks: list[Block]) -> Counter[str]:
     """Each sender's txs in a chunk: how far its nonces move per pass through it."""
-    sent: dict[str, int] = {}
-    for block in blocks:
-        for tx in block.transactions or ():
-            sent[tx.from_address] = sent.get(tx.from_address, 0) + 1
-    return sent
+    return Counter(tx.from_address for block in blocks for tx in block.transactions or ())
 
 
 def make(directory: Path, txs: int, txs_per_block: float) -> None:
     from replay.archive import ArchiveWriter, archive_row
 
     blocks_needed = int(txs / txs_per_block) + 1
-    chunks: list[tuple[list[Block], dict[str, int], dict[str, str]]] = []
+    chunks: list[tuple[list[Block], Counter[str], dict[str, str]]] = []
     started = time.monotonic()
     writer = ArchiveWriter(directory)
     parent = "0x" + "00" * 32

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import bench.replay
+from bench.synthetic import generate
 from chainwatch.schema import Block
 from replay.archive import ArchiveSource
 from replay.rows import InvalidRows
@@ -67,6 +68,4 @@ def test_the_chunks_share_their_producers(
         busiest = bench.replay.producers_by_rank(chunk)[0]
         assert busiest in bench.replay.producers_by_rank(chunks[0])[:2]
     # the first chunk is left as generated
-    from bench.synthetic import generate
-
     assert [b.miner for b in chunks[0]] == [b.miner for b in generate(60, 1, seed=100)]
