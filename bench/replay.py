@@ -268,7 +268,8 @@ def detector_only(
     history = generate(blocks, txs_per_block, seed=1)
     clock = ReplayClock()
     detector = Detector(DetectorConfig(), Metrics(), clock=clock,
-                        pretrained=load_models(models) if models is not None else None)
+                        pretrained=load_models(models) if models is not None else None,
+                        clock_follows_records=True)
     started = time.perf_counter()
     findings = _feed(detector, clock, history, batch)
     wall = time.perf_counter() - started

@@ -164,10 +164,17 @@ class Detector:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         pretrained: dict[str, AnomalyDetector] | None = None,
+        clock_follows_records: bool = False,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        # replay: the clock is the records' own time, so a finding caused by a block is
+        # stamped with the clock as it read once that block was in (as when processed
+        # one block at a time), not at the end of a batch of hundreds of records
+        self.clock_follows_records = clock_follows_records
+        self._last_now = float("-inf")  # the clock as last read (process or tick)
+        self._block_now: dict[int, float] = {}  # id(block) -> its time, this batch
         self.state = ChainState()
         self.seen = SeenIds()
         self.models: dict[int, BlockAnomalyModel] = {}
@@ -256,9 +263,12 @@ class Detector:
         self.step_errors = []
         tally = _BlockTally()
         events: Counter[str] = Counter()
+        self._block_now = {}
+        latest = self._last_now
         for record in records:
             if isinstance(record, Finding):
                 continue  # findings are outputs; other detectors' findings are not inputs
+            latest = max(latest, record.observed_at)
             if not self.seen.add(record.event_id):
                 self.metrics.duplicate_events.labels(record.type).inc()
                 continue
@@ -271,8 +281,9 @@ class Detector:
                 if isinstance(record, Block):
                     rows.append(self._on_block(record, tally))
                     block_of_row.append(record)
+                    self._block_now[id(record)] = latest
                 elif isinstance(record, Reorg):
-                    findings.extend(self._on_reorg(record))
+                    findings.extend(self._on_reorg(record, latest))
                 elif isinstance(record, NodeStatus):
                     self.state.apply_status(record)
                 else:
@@ -302,9 +313,37 @@ class Detector:
         if rows:
             findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))
         findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles, txs))
+        now = self.clock()
         if records:
-            self.metrics.last_event_processed.set(self.clock())
-        return self._count(findings)
+            self.metrics.last_event_processed.set(now)
+        self._last_now = now
+        return self._count(self._stamped(findings, block_of_row))
+
+    def block_time(self, block: Block, now: float) -> float:
+        """When a finding about this block of the current batch is stamped: the clock as
+        it read once the block was in (replay), else `now`."""
+        if not self.clock_follows_records:
+            return now
+        return min(self._block_now.get(id(block), now), now)
+
+    def _stamped(self, findings: list[Finding], blocks: list[Block]) -> list[Finding]:
+        """Block and transaction findings about a block of this batch, stamped with that
+        block's time (`block_time`; the first block delivered at a height wins)."""
+        if not self.clock_follows_records or not findings or not blocks:
+            return findings
+        now = self.clock()
+        by_hash = {b.hash: self.block_time(b, now) for b in blocks}
+        by_height: dict[tuple[int, int], float] = {}
+        for b in blocks:
+            by_height.setdefault((b.chain_id, b.number), by_hash[b.hash])
+        out: list[Finding] = []
+        for f in findings:
+            when = (by_hash.get(f.subject) if f.family == "block"
+                    else by_height.get((f.chain_id, f.block_number or -1))
+                    if f.family == "tx" else None)
+            out.append(f if when is None or when == f.observed_at
+                       else f.model_copy(update={"observed_at": when}))
+        return out
 
     def _families(
         self, chains: set[int], blocks: list[Block], pending: dict[int, list[PendingTx]],
@@ -358,8 +397,9 @@ class Detector:
         findings: list[Finding] = []
         for node, node_blocks in by_node.items():
             miners = self.miner_family(chain_id, node)
-            findings.extend(
-                miners.on_blocks(node_blocks, self.tx_family(chain_id), now, tx_frame))
+            findings.extend(miners.on_blocks(
+                node_blocks, self.tx_family(chain_id), now, tx_frame,
+                block_nows=[self.block_time(b, now) for b in node_blocks]))
             self.metrics.miner_top_share.labels(str(chain_id), node).set(miners.top_share)
             self.metrics.miner_window_hhi.labels(str(chain_id), node).set(miners.hhi)
         return findings
@@ -381,7 +421,8 @@ class Detector:
 
     def tick(self) -> list[Finding]:
         """Time-driven checks (a node that stops producing heads sends nothing)."""
-        return self._count(self._on_transitions(self.health.evaluate(self.state, self.clock())))
+        now = self._last_now = self.clock()
+        return self._count(self._on_transitions(self.health.evaluate(self.state, now)))
 
     def _count(self, findings: list[Finding]) -> list[Finding]:
         fresh = [f for f in findings if self.seen.add(f.event_id)]
@@ -515,7 +556,8 @@ class Detector:
         tally.add(block, update.new_head, update.parent_timestamp)
         return block_row(block, update)
 
-    def _on_reorg(self, reorg: Reorg) -> list[Finding]:
+    def _on_reorg(self, reorg: Reorg, latest: float) -> list[Finding]:
+        """`latest`: the clock as it read once the reorg was in (replay), see block_time."""
         self.state.apply_reorg(reorg)
         self.fork_risk_of(reorg.chain_id).add(reorg)
         labels = (str(reorg.chain_id), reorg.node)
@@ -540,7 +582,8 @@ class Detector:
                 chain_id=reorg.chain_id,
                 node=reorg.node,
                 event_id=Finding.id_for(reorg.chain_id, reorg.node, "reorg_depth", reorg.event_id),
-                observed_at=self.clock(),
+                observed_at=(min(latest, self.clock()) if self.clock_follows_records
+                             else self.clock()),
                 detector="reorg_depth",
                 family="fork_risk",
                 severity=severity,

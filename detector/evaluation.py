@@ -125,7 +125,8 @@ def replay(
     detector = (
         make_detector(clock)
         if make_detector is not None
-        else Detector(config or DetectorConfig(), Metrics(), clock=clock)
+        else Detector(config or DetectorConfig(), Metrics(), clock=clock,
+                      clock_follows_records=True)
     )
     recorder = RunRecorder(detector)
     Replayer(detector, clock, replay_config, recorder.sink, before_batch=recorder.before_batch,

@@ -22,8 +22,8 @@ finding when the condition starts, none while it lasts, a new one after it clear
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,6 +50,7 @@ from detector.fork_features import (
 from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
+from detector.rule_heads import RuleHeads, rule_heads
 from detector.rules import (
     ClockWindow,
     Offer,
@@ -150,6 +151,11 @@ class Episodes:
         self.hold = hold
         self._active: dict[Hashable, dict[Hashable, str]] = {}
         self._missed: dict[Hashable, dict[Hashable, int]] = {}
+
+    def has_active(self, scope: Hashable) -> bool:
+        """Whether any key of the scope is active (or held): an update with none then
+        changes nothing."""
+        return bool(self._active.get(scope))
 
     def update(self, scope: Hashable, now_active: Mapping[Hashable, str]) -> dict[Hashable, str]:
         """Set a scope's active keys (key -> episode label); return the newly started ones."""
@@ -516,6 +522,14 @@ class TxFamily:
         return out
 
 
+def _concentration(producers: Sequence[str]) -> tuple[float, float]:
+    """The window's top producer share and HHI: share_frame's figures, without a frame
+    (same summation order, so the same floats)."""
+    counts = Counter(producers)  # in order of first appearance, as share_frame counts
+    shares = [n / len(producers) for n in counts.values()]
+    return max(shares, default=0.0), sum(v * v for v in shares)
+
+
 def _stamp(block: Block) -> Stamp:
     return Stamp(block.number, block.miner.lower(), float(block.timestamp), block.observed_at)
 
@@ -541,11 +555,18 @@ class MinerFamily:
 
     def on_blocks(
         self, blocks: list[Block], txs: TxFamily, now: float,
-        tx_frame: pl.DataFrame | None = None,
+        tx_frame: pl.DataFrame | None = None, block_nows: Sequence[float] | None = None,
     ) -> list[Finding]:
-        """`tx_frame`: as for `TxFamily.on_blocks` (read only while high-fee txs wait)."""
+        """`tx_frame`: as for `TxFamily.on_blocks` (read only while high-fee txs wait).
+
+        The window rules are evaluated after each block, as a live detector polling one
+        block at a time does: a condition that comes and goes inside a batch is still
+        found. `block_nows`: the clock as each block was processed (replay: the recorded
+        time then), to stamp its findings; `now` for all when not given.
+        """
         if not blocks:
             return []
+        nows = block_nows if block_nows is not None else [now] * len(blocks)
         findings: list[Finding | None] = []
         included = self._included_txs(blocks, txs, tx_frame)
         next_nonces = (txs.next_nonce.of(o.sender for o in txs.offers.values())
@@ -553,31 +574,65 @@ class MinerFamily:
         stamps = [*self.stamps, *map(_stamp, blocks)]
         first = len(self.stamps)
         clock = ClockWindow.of(stamps, first, self.config.miner_window)
+        heads = self._rule_heads(blocks)
         for i, b in enumerate(blocks):
-            findings.append(self._clock(b, stamps[first + i], clock, i, now))
+            findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
             self.stamps.append(stamps[first + i])
+            findings.extend(self._window_rules(heads, i, nows[i]))
+        self.top_share, self.hhi = _concentration(self._producers())
+        findings.extend(self._censored(txs, now))
+        return [f for f in findings if f is not None]
+
+    def _rule_heads(self, blocks: list[Block]) -> RuleHeads:
         c = self.config
+        return rule_heads(
+            self.blocks, blocks, self.snapshots, window_size=c.miner_window,
+            share_limit=c.miner_share_limit, share_min_blocks=c.miner_min_blocks,
+            empty_pending=c.empty_pending_threshold, empty_min_count=c.empty_min_count,
+            surge_windows=c.surge_windows, surge_alpha=c.surge_alpha,
+            surge_newcomer_alpha=c.surge_newcomer_alpha)
+
+    def _window_rules(self, heads: RuleHeads, i: int, now: float) -> list[Finding]:
+        """Share, empty-block and surge rules over the window as it stands after block i
+        of the batch; run only where `heads` says one could hold (the others hold nowhere
+        else, so skipping them changes nothing)."""
+        if not heads.any(i) and not self.episodes.has_active("rules"):
+            return []
         head = self.blocks[-1]
-        producers = self._producers()
-        frame = share_frame(producers, chain_id=head.chain_id, node=head.node)
-        self.top_share = float(frame["block_share"].max() or 0.0)
-        self.hhi = float(frame["window_hhi"].max() or 0.0)
-        hits = miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
-        hits += self._empty_blocks()
-        hits += miner_surge_rule(producers, chain_id=head.chain_id, node=head.node,
-                                 head=head.number, windows=c.surge_windows, alpha=c.surge_alpha,
-                                 newcomer_alpha=c.surge_newcomer_alpha)
+        hits = self.window_hits(share=bool(heads.share[i]), empty=bool(heads.empty[i]),
+                                surge=bool(heads.surge[i]))
         active = {(h.rule, h.subject): str(head.number) for h in hits}
         started = self.episodes.update("rules", active)
+        findings: list[Finding] = []
         for h in hits:
             episode = started.get((h.rule, h.subject))
             if episode is not None:  # the same on every node of the chain: counted once
                 findings.append(h.to_finding(now, episode, chain_level=True))
-        findings.extend(self._censored(txs, now))
-        return [f for f in findings if f is not None]
+        return findings
+
+    def window_hits(self, *, share: bool = True, empty: bool = True,
+                    surge: bool = True) -> list[RuleHit]:
+        """The chosen window rules' hits over the window as it stands now."""
+        if not (share or empty or surge):
+            return []
+        c = self.config
+        head = self.blocks[-1]
+        producers = self._producers()
+        hits: list[RuleHit] = []
+        if share:
+            frame = share_frame(producers, chain_id=head.chain_id, node=head.node)
+            hits += miner_share_rule(frame, c.miner_share_limit, c.miner_min_blocks)
+        if empty:
+            hits += self._empty_blocks()
+        if surge:
+            hits += miner_surge_rule(
+                producers, chain_id=head.chain_id, node=head.node, head=head.number,
+                windows=c.surge_windows, alpha=c.surge_alpha,
+                newcomer_alpha=c.surge_newcomer_alpha)
+        return hits
 
     def _empty_blocks(self) -> list[RuleHit]:
         """empty_blocks_rule, re-run only when the window's empty blocks changed, and only

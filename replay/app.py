@@ -51,6 +51,7 @@ def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
         Metrics(),
         clock=clock,
         pretrained=load_models(settings.models) if settings.models else None,
+        clock_follows_records=True,
     )
 
 

@@ -306,9 +306,12 @@ def stamping_note(batch_records: int, per_block: bool) -> str:
         return ("Times are recorded times (observed_at). One batch per block: each "
                 "finding is stamped with the time of the block that raised it.")
     return (f"Times are recorded times (observed_at). Batches of up to {batch_records:,} "
-            "records: a finding is stamped with the last time of the batch that raised "
-            f"it, up to {batch_records:,} records after its cause (--per-block stamps "
-            "each at its block).")
+            "records: findings about a block, its transactions or a reorg are stamped with "
+            "the time that record came in, and the miner window rules are evaluated at "
+            "every block; fork-risk score, node state, chain split, censorship and pending-"
+            f"transaction findings with the last time of their batch, up to "
+            f"{batch_records:,} records after their cause (--per-block stamps each at its "
+            "block).")
 
 
 def write_report(

@@ -338,3 +338,27 @@ def test_canonical_window_is_bounded():
     for b in chain(40):
         state.apply_block(b)
     assert sorted(state.node(1, "a").canonical) == list(range(24, 40))
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_replay_stamps_block_and_reorg_findings_when_their_record_came_in(follows):
+    """On a replayed clock, a batch's findings about a block (or a reorg) carry the time
+    that block was in, not the batch's last time; live, they carry the clock's now."""
+    normal = normal_chain(300)
+    odd = abnormal_after(normal)
+    later = [block_at(301 + i, odd.hash if i == 0 else "0x" + f"{i:064x}", odd.timestamp
+                      + 12 * (i + 1), 0.5, 170, odd.base_fee_per_gas, odd.observed_at + 12 * i)
+             for i in range(1, 30)]
+    turn = reorg(3, old_head=330).model_copy(update={"observed_at": later[9].observed_at + 5})
+    now = [normal[-1].observed_at]
+    d = Detector(DetectorConfig(warmup_blocks=200, seed=42), Metrics(), clock=lambda: now[0],
+                 clock_follows_records=follows)
+    d.process(normal[:150])
+    d.process(normal[150:])
+    end = now[0] = later[-1].observed_at + 50
+    found = {f.detector: f.observed_at for f in d.process([odd, *later[:10], turn, *later[10:]])}
+    if follows:
+        assert found["block_iforest"] == odd.observed_at
+        assert found["reorg_depth"] == turn.observed_at
+    else:
+        assert found["block_iforest"] == found["reorg_depth"] == end

@@ -313,3 +313,26 @@ def test_trained_models_flagging_far_more_than_they_were_fitted_to_are_warned_of
         assert block["flagged_share"] < 5 * 0.001
         assert summary["models"]["tx"]["flagged_share"] < 5 * 0.001
         assert warnings == [] and summary["warnings"] == [] and 'class="warning"' not in report
+
+
+def test_a_takeover_inside_one_batch_is_found_as_one_block_at_a_time_finds_it() -> None:
+    """Six blocks by a newcomer, then back to normal, all inside one 500-record batch:
+    the default batches report the surge, at the same block and time as --per-block."""
+    blocks = generate(400, 2, seed=4)
+    newcomer = "0x" + "7e" * 20
+    blocks = [b.model_copy(update={"miner": newcomer}) if 300 <= b.number < 306 else b
+              for b in blocks]
+
+    def window_findings(config: ReplayConfig) -> list[tuple[str, str, int | None, float]]:
+        clock = ReplayClock()
+        found: list[Finding] = []
+        stats = Replayer(make_detector(load_settings(), clock), clock, config,
+                         found.extend).run(blocks)
+        assert stats.batches == len(blocks) if config.per_block else stats.batches <= 5
+        return [(f.detector, f.subject, f.block_number, f.observed_at) for f in found
+                if f.detector in ("miner_surge_rule", "miner_share_rule", "empty_blocks_rule")]
+
+    batched = window_findings(ReplayConfig())
+    assert batched == window_findings(ReplayConfig(per_block=True))
+    [(_, subject, number, at)] = [f for f in batched if f[1] == newcomer]
+    assert (subject, at) == (newcomer, blocks[number - blocks[0].number].observed_at)

@@ -57,7 +57,7 @@ def test_the_summary_is_written_for_people(tmp_path: Path) -> None:
 
 
 def test_the_stamping_note_follows_the_batching() -> None:
-    assert "up to 500 records after its cause" in stamping_note(500, per_block=False)
+    assert "up to 500 records after their cause" in stamping_note(500, per_block=False)
     per_block = stamping_note(500, per_block=True)
     assert "time of the block that raised it" in per_block and "500" not in per_block
 
