@@ -575,13 +575,16 @@ class MinerFamily:
         first = len(self.stamps)
         clock = ClockWindow.of(stamps, first, self.config.miner_window)
         heads = self._rule_heads(blocks)
+        candidate = heads.any_rule()
         for i, b in enumerate(blocks):
             findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
             self.stamps.append(stamps[first + i])
-            findings.extend(self._window_rules(heads, i, nows[i]))
+            # elsewhere no rule holds: nothing starts, and with none active nothing ends
+            if candidate[i] or self.episodes.has_active("rules"):
+                findings.extend(self._window_rules(heads, i, nows[i]))
         self.top_share, self.hhi = _concentration(self._producers())
         findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]
@@ -599,8 +602,6 @@ class MinerFamily:
         """Share, empty-block and surge rules over the window as it stands after block i
         of the batch; run only where `heads` says one could hold (the others hold nowhere
         else, so skipping them changes nothing)."""
-        if not heads.any(i) and not self.episodes.has_active("rules"):
-            return []
         head = self.blocks[-1]
         hits = self.window_hits(share=bool(heads.share[i]), empty=bool(heads.empty[i]),
                                 surge=bool(heads.surge[i]))

@@ -17,6 +17,7 @@ rules decide at each, as before.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -45,8 +46,9 @@ class RuleHeads:
         every = np.ones(blocks, dtype=bool)
         return RuleHeads(every, every, every)
 
-    def any(self, i: int) -> bool:
-        return bool(self.share[i] or self.empty[i] or self.surge[i])
+    def any_rule(self) -> list[bool]:
+        """Per block: whether any of the rules could hold there."""
+        return (self.share | self.empty | self.surge).tolist()
 
 
 def rule_heads(
@@ -76,10 +78,8 @@ def rule_heads(
         empty = (empty_in_window >= empty_min_count).any(axis=1)
     else:
         empty = np.zeros(len(batch), dtype=bool)
-    surge = np.zeros(len(batch), dtype=bool)
-    for n in surge_windows:
-        surge |= _surge_candidates(counts, heads, start, total, n,
-                                   max(surge_alpha, surge_newcomer_alpha))
+    surge = _surge_candidates(counts, heads, start, total, surge_windows,
+                              max(surge_alpha, surge_newcomer_alpha))
     return RuleHeads(share, empty, surge)
 
 
@@ -108,34 +108,37 @@ def _empty_while_full(
 
 
 def _surge_candidates(
-    counts: np.ndarray, heads: np.ndarray, start: np.ndarray, total: np.ndarray, n: int,
-    alpha: float,
+    counts: np.ndarray, heads: np.ndarray, start: np.ndarray, total: np.ndarray,
+    windows: Sequence[int], alpha: float,
 ) -> np.ndarray:
-    """Heads where a miner's count in the last n blocks could fail miner_surge_rule's
-    test: its beta-binomial tail under `alpha` x SURGE_MARGIN."""
-    prior = total - n
-    usable = prior >= SURGE_MIN_PRIOR
+    """Heads where a miner's count k in one of the last n blocks could fail
+    miner_surge_rule's test: its beta-binomial tail P(X >= k) under `alpha` x
+    SURGE_MARGIN, looked up as the smallest such k for its window and prior."""
     found = np.zeros(len(heads), dtype=bool)
-    if not usable.any():
-        return found
-    rows = np.nonzero(usable)[0]
-    cut = heads[rows] + 1 - n
-    recent = counts[heads[rows] + 1] - counts[cut]
-    before = counts[cut] - counts[start[rows]]
-    seen = before + 0.5
-    unseen = prior[rows, None] - before + 0.5
-    share = seen / (seen + unseen)
-    row, col = np.nonzero((recent >= SURGE_MIN_COUNT) & (recent > n * share - 1e-9))
-    if len(row) == 0:
-        return found
-    k = recent[row, col]
-    a, b = seen[row, col], unseen[row, col]
-    draws = np.arange(n + 1)
-    log_terms = (
-        gammaln(n + 1) - gammaln(draws + 1) - gammaln(n - draws + 1)
-        + betaln(draws[None, :] + a[:, None], n - draws[None, :] + b[:, None])
-        - betaln(a, b)[:, None]
-    )
-    tail = np.where(draws[None, :] >= k[:, None], np.exp(log_terms), 0.0).sum(axis=1)
-    found[rows[row[tail < alpha * SURGE_MARGIN]]] = True
+    for n in windows:
+        prior = total - n
+        for blocks_before in np.unique(prior[prior >= SURGE_MIN_PRIOR]):
+            rows = np.nonzero(prior == blocks_before)[0]
+            cut = heads[rows] + 1 - n
+            recent = counts[heads[rows] + 1] - counts[cut]
+            before = counts[cut] - counts[start[rows]]
+            k_min = _surge_k_min(n, int(blocks_before), alpha * SURGE_MARGIN)
+            found[rows] |= (recent >= k_min[before]).any(axis=1)
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _surge_k_min(n: int, prior: int, alpha: float) -> np.ndarray:
+    """Per count c = 0..prior of a miner in the `prior` blocks before a window of n: the
+    smallest k in the window whose tail P(X >= k) is under `alpha`, under the rule's
+    Beta(c + 1/2, prior - c + 1/2) belief (n + 1 when none is). A table per (n, prior):
+    on a steady chain prior = window - n, so nine of them."""
+    seen = np.arange(prior + 1)[:, None] + 0.5
+    unseen = prior + 1 - seen
+    draws = np.arange(n + 1)[None, :]
+    log_pmf = (gammaln(n + 1) - gammaln(draws + 1) - gammaln(n - draws + 1)
+               + betaln(draws + seen, n - draws + unseen) - betaln(seen, unseen))
+    tail = np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]  # tail[c, k] = P(X >= k)
+    below = tail < alpha
+    k_min = np.where(below.any(axis=1), below.argmax(axis=1), n + 1)
+    return np.maximum(k_min, SURGE_MIN_COUNT)

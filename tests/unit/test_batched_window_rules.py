@@ -13,7 +13,8 @@ import pytest
 
 from chainwatch.schema import Block, Finding, MempoolSnapshot
 from detector.families import FamilyConfig, MinerFamily, TxFamily
-from detector.rule_heads import rule_heads
+from detector.rule_heads import SURGE_MARGIN, _surge_k_min, rule_heads
+from detector.rules import beta_binomial_tail
 from tests.fakes import make_block
 
 HONEST = [f"0x{i:02x}" + "ab" * 19 for i in range(12)]
@@ -120,3 +121,17 @@ def test_batch_candidates_cover_every_block_where_a_rule_holds() -> None:
         for i, b in enumerate(records[100:]):
             family.blocks.append(b)
             assert family.window_hits(empty=False) == [] or bool(marked[i]), (seed, i)
+
+
+@pytest.mark.parametrize(("n", "prior"), [(3, 97), (8, 92), (32, 68), (5, 24)])
+def test_the_surge_table_never_rules_out_a_count_the_rule_would_flag(n: int, prior: int) -> None:
+    """Every count the rule's exact tail flags (at the looser of its two limits) is at or
+    above the table's smallest k; and the table is not vacuous (k_min <= n somewhere)."""
+    c = FamilyConfig()
+    limit = max(c.surge_alpha, c.surge_newcomer_alpha)
+    table = _surge_k_min(n, prior, limit * SURGE_MARGIN)
+    for seen in range(prior + 1):
+        for k in range(n + 1):
+            if beta_binomial_tail(k, n, seen + 0.5, prior - seen + 0.5) < limit:
+                assert k >= table[seen], (n, prior, seen, k)
+    assert (table <= n).any()
