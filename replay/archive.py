@@ -45,6 +45,7 @@ from detector.tx_features import tx_frame_of
 from replay.driver import block_number_of
 from replay.exceptions import ReplayError
 from replay.positions import Position
+from replay.readahead import read_ahead
 from replay.rows import InvalidRows
 from replay.sources import Source
 
@@ -464,6 +465,14 @@ class _Outside:
     numbers: list[int]
 
 
+@dataclass(frozen=True)
+class _Invalid:
+    """A row the archive itself stored as invalid: where, and why."""
+
+    where: str
+    reason: str
+
+
 class ArchiveSource(Source):
     """Replays an archive: each (chain, topic, partition) in offset order, merged by time.
 
@@ -502,7 +511,9 @@ class ArchiveSource(Source):
     def progress(self) -> float | None:
         return self.read / self.total if self.total else None
 
-    def _stream(self, files: list[ArchiveFile]) -> Iterator[tuple[float, _Row | _Outside]]:
+    def _stream(
+        self, files: list[ArchiveFile]
+    ) -> Iterator[tuple[float, _Row | _Outside | _Invalid]]:
         """The rows of one stream in offset order, not decoded yet.
 
         With a `block_window`, the payloads of block rows outside it are not read (a
@@ -510,6 +521,7 @@ class ArchiveSource(Source):
         of a short range): such rows come with payload None, for `screen` to reject.
         """
         wanted = self._payload_wanted()
+        last_time = -math.inf
         for f in files:
             scan = pl.scan_parquet(f.path)
             columnar = "transactions" in scan.collect_schema()
@@ -531,9 +543,10 @@ class ArchiveSource(Source):
                 if kind == "finding" and not self.include_findings:
                     continue
                 row = _Row(kind, payload, number, f, offset, txs)
-                if kind == "invalid":
-                    self.invalid.add(row.where(), error or "invalid record")
+                if kind == "invalid":  # recorded by records(), in order, on its thread
+                    yield last_time, _Invalid(row.where(), error or "invalid record")
                     continue
+                last_time = observed_at
                 yield observed_at, row
 
     def _outside(self, small: pl.DataFrame) -> tuple[float, list[int]] | None:
@@ -621,10 +634,14 @@ class ArchiveSource(Source):
         header alone (no `transactions`); `tx_frame` gives a batch's transactions as the
         detectors' frame. Otherwise every block comes whole.
         """
-        streams = [self._stream(s) for s in self.streams]
+        # each stream is read (parquet decoded, rows cut) ahead on a thread of its own
+        streams = [read_ahead(self._stream(s)) for s in self.streams]
         merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda kv: kv[0])
         screen = self.screen
         for _, row in merged:
+            if isinstance(row, _Invalid):
+                self.invalid.add(row.where, row.reason)
+                continue
             if isinstance(row, _Outside):
                 if screen is None or any([screen("block", n, _no_time) for n in row.numbers]):
                     raise ReplayError("the archive skipped blocks outside --from/--to that "
