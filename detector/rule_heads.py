@@ -29,8 +29,7 @@ from chainwatch.schema import Block
 from detector.miner_features import Snapshot
 
 SURGE_MIN_PRIOR = 24  # miner_surge_rule's min_prior: blocks before a recent window
-SURGE_MIN_COUNT = 3  # below this no beta-binomial tail of <= 32 draws is under 1e-4
-SURGE_MARGIN = 10.0  # numpy's tail may differ from the rule's in the last digits
+SURGE_MARGIN = 10.0  # the table's tails (scipy) may differ from the rule's in the last digits
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,8 @@ def _empty_while_full(
     blocks: Sequence[Block], snapshots: Sequence[Snapshot], pending_threshold: int
 ) -> np.ndarray:
     """Per block: empty while the last snapshot strictly before it showed a full pool
-    (empty_with_mempool's rule, for the few empty blocks only)."""
+    (empty_with_mempool's rule, for the few empty blocks only; of snapshots taken at the
+    same moment the fullest counts, so a tie never hides a candidate)."""
     flagged = np.zeros(len(blocks), dtype=bool)
     if not snapshots or not any(n > pending_threshold for _, n in snapshots):
         return flagged
@@ -140,5 +140,4 @@ def _surge_k_min(n: int, prior: int, alpha: float) -> np.ndarray:
                + betaln(draws + seen, n - draws + unseen) - betaln(seen, unseen))
     tail = np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]  # tail[c, k] = P(X >= k)
     below = tail < alpha
-    k_min = np.where(below.any(axis=1), below.argmax(axis=1), n + 1)
-    return np.maximum(k_min, SURGE_MIN_COUNT)
+    return np.where(below.any(axis=1), below.argmax(axis=1), n + 1)
