@@ -50,7 +50,7 @@ from detector.fork_features import (
 from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
-from detector.rule_heads import RuleHeads, rule_heads
+from detector.rule_heads import RuleHeads, rule_heads, window_candidates
 from detector.rules import (
     ClockWindow,
     Offer,
@@ -575,16 +575,20 @@ class MinerFamily:
         first = len(self.stamps)
         clock = ClockWindow.of(stamps, first, self.config.miner_window)
         heads = self._rule_heads(blocks)
-        candidate = heads.any_rule()
+        empty = heads.empty.tolist()
+        share = heads.share.tolist() if heads.share is not None else None
+        surge = heads.surge.tolist() if heads.surge is not None else None
         for i, b in enumerate(blocks):
             findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
             self.stamps.append(stamps[first + i])
+            may_share, may_surge = ((share[i], surge[i]) if share is not None
+                                    and surge is not None else self._candidates_now())
             # elsewhere no rule holds: nothing starts, and with none active nothing ends
-            if candidate[i] or self.episodes.has_active("rules"):
-                findings.extend(self._window_rules(heads, i, nows[i]))
+            if may_share or empty[i] or may_surge or self.episodes.has_active("rules"):
+                findings.extend(self._window_rules(may_share, empty[i], may_surge, nows[i]))
         self.top_share, self.hhi = _concentration(self._producers())
         findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]
@@ -598,13 +602,22 @@ class MinerFamily:
             surge_windows=c.surge_windows, surge_alpha=c.surge_alpha,
             surge_newcomer_alpha=c.surge_newcomer_alpha)
 
-    def _window_rules(self, heads: RuleHeads, i: int, now: float) -> list[Finding]:
-        """Share, empty-block and surge rules over the window as it stands after block i
-        of the batch; run only where `heads` says one could hold (the others hold nowhere
-        else, so skipping them changes nothing)."""
+    def _candidates_now(self) -> tuple[bool, bool]:
+        """(share, surge) marks for the window as it stands, where rule_heads could not
+        mark the batch (a height twice in the window)."""
+        c = self.config
+        return window_candidates(
+            self._producers(), share_limit=c.miner_share_limit,
+            share_min_blocks=c.miner_min_blocks, surge_windows=c.surge_windows,
+            surge_alpha=c.surge_alpha, surge_newcomer_alpha=c.surge_newcomer_alpha)
+
+    def _window_rules(self, share: bool, empty: bool, surge: bool,
+                      now: float) -> list[Finding]:
+        """Share, empty-block and surge rules over the window as it stands now; each run
+        only where marked as possibly holding (unmarked, it holds nowhere, so skipping
+        it changes nothing)."""
         head = self.blocks[-1]
-        hits = self.window_hits(share=bool(heads.share[i]), empty=bool(heads.empty[i]),
-                                surge=bool(heads.surge[i]))
+        hits = self.window_hits(share=share, empty=empty, surge=surge)
         active = {(h.rule, h.subject): str(head.number) for h in hits}
         started = self.episodes.update("rules", active)
         findings: list[Finding] = []

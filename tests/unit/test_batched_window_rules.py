@@ -13,7 +13,7 @@ import pytest
 
 from chainwatch.schema import Block, Finding, MempoolSnapshot
 from detector.families import FamilyConfig, MinerFamily, TxFamily
-from detector.rule_heads import SURGE_MARGIN, _surge_k_min, rule_heads
+from detector.rule_heads import SURGE_MARGIN, _surge_k_min, rule_heads, window_candidates
 from detector.rules import beta_binomial_tail
 from tests.fakes import make_block
 
@@ -113,6 +113,7 @@ def test_batch_candidates_cover_every_block_where_a_rule_holds() -> None:
             empty_pending=c.empty_pending_threshold, empty_min_count=c.empty_min_count,
             surge_windows=c.surge_windows, surge_alpha=c.surge_alpha,
             surge_newcomer_alpha=c.surge_newcomer_alpha)
+        assert heads.share is not None and heads.surge is not None
         marked = heads.share | heads.surge
         assert 0 < marked.sum() < len(marked)  # neither nothing nor everything
         family = MinerFamily(FamilyConfig())
@@ -135,3 +136,25 @@ def test_the_surge_table_never_rules_out_a_count_the_rule_would_flag(n: int, pri
             if beta_binomial_tail(k, n, seen + 0.5, prior - seen + 0.5) < limit:
                 assert k >= table[seen], (n, prior, seen, k)
     assert (table <= n).any()
+
+
+def test_window_candidates_cover_every_window_where_a_rule_holds_around_reorgs() -> None:
+    """Where a height comes twice (rule_heads leaves such batches to it), the per-block
+    check marks every window the share or surge rule holds over, and not every window."""
+    c = FamilyConfig()
+    marked = held = windows = 0
+    for seed in range(6):
+        family = MinerFamily(c)
+        for b in (r for r in history(seed) if isinstance(r, Block)):
+            family.blocks.append(b)
+            share, surge = window_candidates(
+                family._producers(), share_limit=c.miner_share_limit,
+                share_min_blocks=c.miner_min_blocks, surge_windows=c.surge_windows,
+                surge_alpha=c.surge_alpha, surge_newcomer_alpha=c.surge_newcomer_alpha)
+            hits = {h.rule for h in family.window_hits(empty=False)}
+            assert share or "miner_share_rule" not in hits, seed
+            assert surge or "miner_surge_rule" not in hits, seed
+            windows += 1
+            marked += share or surge
+            held += bool(hits)
+    assert 0 < held <= marked < windows
