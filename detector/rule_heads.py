@@ -8,10 +8,11 @@ batch-end evaluation, so this module first marks, for the whole batch at once an
 numpy, the blocks where one of them could hold: a superset, never missing one. The
 rules themselves then run only at those blocks and decide.
 
-The fast path needs the window plus the batch in strictly increasing heights (one
+The numpy path needs the window plus the batch in strictly increasing heights (one
 block per height: the window's producers are then simply the last `window` blocks).
-Around a reorg the window holds a height twice; then every block is a candidate and the
-rules decide at each, as before.
+Around a reorg the window holds a height twice for the next 100 blocks; there
+`window_candidates` makes the same test for one block's window in plain Python (~66 us
+a block against ~12 us; the rules themselves cost ~1 ms).
 """
 
 from __future__ import annotations
