@@ -607,7 +607,7 @@ class MinerFamily:
         mark the batch (a height twice in the window)."""
         c = self.config
         return window_candidates(
-            self._producers(), share_limit=c.miner_share_limit,
+            self._producers(), window_size=c.miner_window, share_limit=c.miner_share_limit,
             share_min_blocks=c.miner_min_blocks, surge_windows=c.surge_windows,
             surge_alpha=c.surge_alpha, surge_newcomer_alpha=c.surge_newcomer_alpha)
 

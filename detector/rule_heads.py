@@ -80,13 +80,14 @@ def rule_heads(
     share = (total >= share_min_blocks) & (
         (in_window / total[:, None]).max(axis=1) > share_limit - 1e-9)
     surge = _surge_candidates(counts, heads, start, total, surge_windows,
-                              max(surge_alpha, surge_newcomer_alpha))
+                              max(surge_alpha, surge_newcomer_alpha), window_size)
     return RuleHeads(share, empty, surge)
 
 
 def window_candidates(
-    producers: Sequence[str], *, share_limit: float, share_min_blocks: int,
-    surge_windows: Sequence[int], surge_alpha: float, surge_newcomer_alpha: float,
+    producers: Sequence[str], *, window_size: int, share_limit: float,
+    share_min_blocks: int, surge_windows: Sequence[int], surge_alpha: float,
+    surge_newcomer_alpha: float,
 ) -> tuple[bool, bool]:
     """(share, surge): whether those rules could hold over one window's producers (one
     per height, oldest first), in plain Python: `rule_heads`' test for one block, for
@@ -100,7 +101,7 @@ def window_candidates(
     for n in range(1, min(max(sizes), total) + 1):
         recent[producers[-n]] += 1
         if n in sizes and total - n >= SURGE_MIN_PRIOR:
-            k_min = _surge_k_min(n, total - n, limit)
+            k_min = _surge_k_min(n, window_size - n, limit)
             if any(k >= k_min[counts[m] - k] for m, k in recent.items()):
                 return share, True
     return share, False
@@ -133,21 +134,21 @@ def _empty_while_full(
 
 def _surge_candidates(
     counts: np.ndarray, heads: np.ndarray, start: np.ndarray, total: np.ndarray,
-    windows: Sequence[int], alpha: float,
+    windows: Sequence[int], alpha: float, window_size: int,
 ) -> np.ndarray:
     """Heads where a miner's count k in one of the last n blocks could fail
     miner_surge_rule's test: its beta-binomial tail P(X >= k) under `alpha` x
-    SURGE_MARGIN, looked up as the smallest such k for its window and prior."""
+    SURGE_MARGIN, looked up in `_surge_k_min`'s table for that window."""
     found = np.zeros(len(heads), dtype=bool)
     for n in windows:
-        prior = total - n
-        for blocks_before in np.unique(prior[prior >= SURGE_MIN_PRIOR]):
-            rows = np.nonzero(prior == blocks_before)[0]
-            cut = heads[rows] + 1 - n
-            recent = counts[heads[rows] + 1] - counts[cut]
-            before = counts[cut] - counts[start[rows]]
-            k_min = _surge_k_min(n, int(blocks_before), alpha * SURGE_MARGIN)
-            found[rows] |= (recent >= k_min[before]).any(axis=1)
+        rows = np.nonzero(total - n >= SURGE_MIN_PRIOR)[0]
+        if len(rows) == 0:
+            continue
+        cut = heads[rows] + 1 - n
+        recent = counts[heads[rows] + 1] - counts[cut]
+        before = counts[cut] - counts[start[rows]]
+        k_min = _surge_k_min(n, window_size - n, alpha * SURGE_MARGIN)
+        found[rows] |= (recent >= k_min[before]).any(axis=1)
     return found
 
 
@@ -155,8 +156,12 @@ def _surge_candidates(
 def _surge_k_min(n: int, prior: int, alpha: float) -> np.ndarray:
     """Per count c = 0..prior of a miner in the `prior` blocks before a window of n: the
     smallest k in the window whose tail P(X >= k) is under `alpha`, under the rule's
-    Beta(c + 1/2, prior - c + 1/2) belief (n + 1 when none is). A table per (n, prior):
-    on a steady chain prior = window - n, so nine of them."""
+    Beta(c + 1/2, prior - c + 1/2) belief (n + 1 when none is).
+
+    Made for the fullest prior (window - n) and used for shorter ones too (a filling
+    window): the same count out of fewer blocks is a larger share, so a larger tail and
+    a smallest k at least as big. Marking from this table marks more, never less.
+    """
     seen = np.arange(prior + 1)[:, None] + 0.5
     unseen = prior + 1 - seen
     draws = np.arange(n + 1)[None, :]
