@@ -19,7 +19,7 @@ def test_demo_shows_the_reorg_and_the_stall_as_findings_and_stops_by_itself(tmp_
     result = subprocess.run(
         [sys.executable, "-m", "chainwatch.cli", "demo", "--duration", "45",
          "--metrics-port", str(port)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
     )
     out = result.stdout
     assert result.returncode == 0, result.stderr[-2000:]
