@@ -317,21 +317,25 @@ class Detector:
         if records:
             self.metrics.last_event_processed.set(now)
         self._last_now = now
-        return self._count(self._stamped(findings, block_of_row))
+        return self._count(self._stamped(findings, block_of_row, now))
 
     def block_time(self, block: Block, now: float) -> float:
-        """When a finding about this block of the current batch is stamped: the clock as
-        it read once the block was in (replay), else `now`."""
-        if not self.clock_follows_records:
-            return now
-        return min(self._block_now.get(id(block), now), now)
+        """When a finding about this block of the current batch is stamped (see
+        `_record_time`)."""
+        return self._record_time(self._block_now.get(id(block), now), now)
 
-    def _stamped(self, findings: list[Finding], blocks: list[Block]) -> list[Finding]:
+    def _record_time(self, latest: float, now: float) -> float:
+        """A finding caused by a record: stamped with the clock as it read once that record
+        was in (`latest`) when the clock follows the records (replay), else with `now`."""
+        return min(latest, now) if self.clock_follows_records else now
+
+    def _stamped(
+        self, findings: list[Finding], blocks: list[Block], now: float
+    ) -> list[Finding]:
         """Block and transaction findings about a block of this batch, stamped with that
         block's time (`block_time`; the first block delivered at a height wins)."""
         if not self.clock_follows_records or not findings or not blocks:
             return findings
-        now = self.clock()
         by_hash = {b.hash: self.block_time(b, now) for b in blocks}
         by_height: dict[tuple[int, int], float] = {}
         for b in blocks:
@@ -582,8 +586,7 @@ class Detector:
                 chain_id=reorg.chain_id,
                 node=reorg.node,
                 event_id=Finding.id_for(reorg.chain_id, reorg.node, "reorg_depth", reorg.event_id),
-                observed_at=(min(latest, self.clock()) if self.clock_follows_records
-                             else self.clock()),
+                observed_at=self._record_time(latest, self.clock()),
                 detector="reorg_depth",
                 family="fork_risk",
                 severity=severity,

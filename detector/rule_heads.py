@@ -29,8 +29,8 @@ from scipy.special import betaln, gammaln
 
 from chainwatch.schema import Block
 from detector.miner_features import Snapshot
+from detector.rules import SURGE_MIN_PRIOR
 
-SURGE_MIN_PRIOR = 24  # miner_surge_rule's min_prior: blocks before a recent window
 SURGE_MARGIN = 10.0  # the table's tails (scipy) may differ from the rule's in the last digits
 
 

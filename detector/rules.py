@@ -23,6 +23,7 @@ from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_
 from detector.tx_features import BlockTxs
 
 RULE_THRESHOLD = 0.5
+SURGE_MIN_PRIOR = 24  # miner_surge_rule: blocks before a recent window it needs
 
 
 SubjectKind = Literal["node", "block", "tx", "miner"]
@@ -435,7 +436,7 @@ def miner_surge_rule(
     windows: Sequence[int] = (3, 4, 5, 6, 8, 12, 16, 24, 32),
     alpha: float = 1e-6,
     newcomer_alpha: float = 1e-5,
-    min_prior: int = 24,
+    min_prior: int = SURGE_MIN_PRIOR,
 ) -> list[RuleHit]:
     """Producers that suddenly make far more of the recent blocks than their history allows.
 
