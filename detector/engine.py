@@ -343,8 +343,8 @@ class Detector:
         out: list[Finding] = []
         for f in findings:
             when = (by_hash.get(f.subject) if f.family == "block"
-                    else by_height.get((f.chain_id, f.block_number or -1))
-                    if f.family == "tx" else None)
+                    else by_height.get((f.chain_id, f.block_number))
+                    if f.family == "tx" and f.block_number is not None else None)
             out.append(f if when is None or when == f.observed_at
                        else f.model_copy(update={"observed_at": when}))
         return out

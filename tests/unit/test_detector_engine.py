@@ -5,7 +5,7 @@ import random
 import pytest
 
 from chainwatch.metrics import Metrics
-from chainwatch.schema import Block, Reorg
+from chainwatch.schema import Block, Finding, Reorg
 from detector.engine import Detector, DetectorConfig
 from detector.state import ChainState
 from tests.fakes import make_block
@@ -362,3 +362,17 @@ def test_replay_stamps_block_and_reorg_findings_when_their_record_came_in(follow
         assert found["reorg_depth"] == turn.observed_at
     else:
         assert found["block_iforest"] == found["reorg_depth"] == end
+
+
+def test_a_transaction_finding_in_block_zero_is_stamped_at_that_block():
+    """Block 0 is a height like any other (`block_number or -1` once took it for none)."""
+    genesis = make_block(0, GENESIS_PARENT, observed_at=CLOCK - 100.0)
+    later = make_block(1, genesis.hash, observed_at=CLOCK - 50.0)
+    d = Detector(DetectorConfig(), Metrics(), clock=lambda: CLOCK, clock_follows_records=True)
+    d.process([genesis, later])
+    found = Finding(chain_id=1, node="a", event_id="f0", observed_at=CLOCK, detector="tx_iforest",
+                    family="tx", severity="info", score=1.0, threshold=0.5, subject_kind="tx",
+                    subject="0x" + "ab" * 32, block_number=0, summary="in block 0")
+    d._block_now = {id(genesis): genesis.observed_at, id(later): later.observed_at}
+    [stamped] = d._stamped([found], [genesis, later], CLOCK)
+    assert stamped.observed_at == genesis.observed_at
