@@ -31,7 +31,8 @@ RUN groupadd --system --gid 10001 chainwatch \
       --shell /usr/sbin/nologin chainwatch \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/chainwatch
 COPY --from=build /opt/chainwatch /opt/chainwatch
-# NUMBA_CACHE_DIR / MPLCONFIGDIR: PyOD's numba and matplotlib write caches; keep them in /tmp
+# NUMBA_CACHE_DIR / MPLCONFIGDIR: numba (PyOD's and our forest walk, compiled on first use)
+# and matplotlib write caches; keep them in /tmp
 ENV PATH=/opt/chainwatch/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,24 +1,33 @@
-"""A fitted isolation forest as flat arrays, scored for all trees at once with numpy.
+"""A fitted isolation forest as flat arrays, scored by a compiled (numba) walk.
 
-scikit-learn scores an isolation forest one tree at a time through joblib: about 100
-Python-level calls per `decision_function`, ~10-15 ms before the first row is scored.
-On the live path (one block of ~200 txs per call) that overhead was most of the
-detector's latency. Here every tree's nodes live in shared arrays (children, feature,
-threshold, leaf value) and all (row, tree) pairs walk down together, one numpy step per
-level (an isolation tree is at most ceil(log2(max_samples)) = 8 levels deep).
+scikit-learn scores an isolation forest one tree at a time: through joblib (about 100
+Python-level calls, ~10-15 ms before the first row is scored) and, inside each tree, one
+row after the other down a branch the CPU cannot predict (~45 ns per row and tree here).
+That walk was most of replay's cost: 4.6 CPU-us per transaction.
 
-The result equals sklearn's `score_samples` (tests compare them): inputs are rounded to
-float32 first, as sklearn's input validation does before comparing with the thresholds.
-Pure computation, no I/O.
+Here every tree's nodes live in shared arrays, renumbered breadth first so that a
+node's two children sit side by side (`child[node] + went_right`: no branch). A block of
+rows goes down one tree together, so the CPU overlaps their independent walks. Every walk
+takes the same number of steps (the deepest tree's); a leaf points at itself and tests
+the "leaf column" (0.0, appended to the rows) against +inf, so it stays put.
+About 2 us per transaction on one core; threads take row ranges (the walk holds no GIL).
+
+The scores equal sklearn's `score_samples` bit for bit (tests compare): rows are rounded
+to float32 first and compared with the float64 thresholds as sklearn does, NaN goes
+right as in sklearn (`not x <= threshold`), and each row's leaf values are added tree 0,
+1, 2 ... into 0.0, sklearn's order. Pure computation, no I/O.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+from itertools import pairwise
 from typing import Any
 
+import numba
 import numpy as np
 
-_CHUNK_CELLS = 1 << 16  # rows x trees walked at once: ~8 MB per index array
+_ROWS_TOGETHER = 32  # rows walked down a tree side by side (16-64 measured alike)
 
 
 def _average_path_length(n: np.ndarray) -> np.ndarray:
@@ -31,104 +40,118 @@ def _average_path_length(n: np.ndarray) -> np.ndarray:
     return out
 
 
+def _compile(function: Any) -> Any:
+    """`function` compiled on first use, and cached on disk (in __pycache__, or numba's
+    user-wide cache, or NUMBA_CACHE_DIR) when some directory can be written: compiling
+    takes ~3 s, loading ~0.2 s. Without one, each process compiles it again."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # numba found no directory to cache in
+        return numba.njit(nogil=True)(function)
+
+
+@_compile
+def _walk(  # pragma: no cover - compiled; the tests compare its results with sklearn's
+    x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, child: np.ndarray,
+    value: np.ndarray, roots: np.ndarray, steps: int, nan_right: np.ndarray,
+    has_nan: bool, out: np.ndarray,
+) -> None:
+    """out[i] = sum over trees (in order) of the value of the leaf row i reaches.
+
+    NaN goes where the tree sends missing values (`nan_right`), tested only when the
+    rows hold some (`has_nan`)."""
+    rows = x.shape[0]
+    nodes = np.empty(_ROWS_TOGETHER, np.int64)
+    total = np.empty(_ROWS_TOGETHER)
+    for start in range(0, rows, _ROWS_TOGETHER):
+        m = min(_ROWS_TOGETHER, rows - start)
+        total[:m] = 0.0
+        for root in roots:
+            nodes[:m] = root
+            for _ in range(steps):
+                for r in range(m):
+                    node = nodes[r]
+                    v = np.float64(x[start + r, feature[node]])
+                    if has_nan and v != v:
+                        nodes[r] = child[node] + nan_right[node]
+                    else:
+                        nodes[r] = child[node] + (not v <= threshold[node])
+            for r in range(m):
+                total[r] += value[nodes[r]]
+        out[start:start + m] = total[:m]
+
+
 class CompiledForest:
-    """sklearn IsolationForest's `score_samples`, vectorised over trees."""
+    """sklearn IsolationForest's `score_samples`, walked by `_walk`."""
 
     def __init__(self, forest: Any) -> None:
-        trees = forest.estimators_
-        features = forest.estimators_features_
-        left, right, feature, threshold, value = [], [], [], [], []
+        trees = self.source = forest.estimators_  # what it was built from (a refit replaces it)
+        leaf_column = forest.n_features_in_  # the zero column `score_samples` appends
+        feature, threshold, child, value, roots, nan_right = [], [], [], [], [], []
         offset = 0
-        self.depth = 0
-        for tree, cols in zip(trees, features, strict=True):
+        self.steps = 0
+        for tree, columns in zip(trees, forest.estimators_features_, strict=True):
             t = tree.tree_
-            n = t.node_count
-            leaf = t.children_left == -1
-            idx = np.arange(n)
-            # a leaf points at itself, tests feature 0 against +inf, so it stays put
-            left.append(np.where(leaf, idx, t.children_left) + offset)
-            right.append(np.where(leaf, idx, t.children_right) + offset)
-            feature.append(np.where(leaf, 0, np.asarray(cols)[np.maximum(t.feature, 0)]))
-            threshold.append(np.where(leaf, np.inf, t.threshold))
-            depth = np.asarray(t.compute_node_depths(), dtype=np.float64)  # root = 1
+            order = _breadth_first(t.children_left, t.children_right)
+            position = np.empty(len(order), dtype=np.int64)
+            position[order] = np.arange(len(order))
+            left = t.children_left[order]
+            leaf = left == -1
+            depth = np.asarray(t.compute_node_depths(), dtype=np.float64)[order]  # root = 1
+            roots.append(offset)
+            feature.append(np.where(leaf, leaf_column,
+                                    np.asarray(columns)[np.maximum(t.feature[order], 0)]))
+            threshold.append(np.where(leaf, np.inf, t.threshold[order]))
+            nan_right.append(np.where(leaf, 0, 1 - t.missing_go_to_left[order]))
+            # breadth first: the right child is the left one's neighbour; a leaf stays put
+            child.append(np.where(leaf, np.arange(len(order)), position[np.maximum(left, 0)])
+                         + offset)
             # what sklearn adds per tree: depth of the leaf + c(samples in it) - 1
-            value.append(np.where(leaf, depth + _average_path_length(t.n_node_samples) - 1.0,
-                                  0.0))
-            self.depth = max(self.depth, int(depth.max()) - 1)  # steps from root to leaf
-            offset += n
-        self.left = np.concatenate(left).astype(np.int64)
-        self.right = np.concatenate(right).astype(np.int64)
+            samples = t.n_node_samples[order]
+            value.append(np.where(leaf, depth + _average_path_length(samples) - 1.0, 0.0))
+            self.steps = max(self.steps, int(depth.max()) - 1)  # steps from root to leaf
+            offset += len(order)
         self.feature = np.concatenate(feature).astype(np.int64)
         self.threshold = np.concatenate(threshold).astype(np.float64)
+        self.child = np.concatenate(child).astype(np.int64)
         self.value = np.concatenate(value).astype(np.float64)
-        self.roots = np.cumsum([0] + [t.tree_.node_count for t in trees[:-1]]).astype(np.int64)
+        self.roots = np.asarray(roots, dtype=np.int64)
+        self.nan_right = np.concatenate(nan_right).astype(np.int64)
+        self.n_features = leaf_column
         self.denominator = len(trees) * float(_average_path_length(
             np.array([forest._max_samples]))[0])
 
-    def score_samples(self, x: np.ndarray) -> np.ndarray:
-        """sklearn's score_samples: -2^(-mean depth / c(max_samples)); lower = more abnormal."""
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32), dtype=np.float64)
-        n_rows, n_cols = x.shape
-        depths = np.empty(n_rows)
-        step = max(1, _CHUNK_CELLS // len(self.roots))
-        for start in range(0, n_rows, step):
-            part = x[start:start + step]
-            flat = part.ravel()
-            base = (np.arange(len(part)) * n_cols)[:, None]
-            node = np.broadcast_to(self.roots, (len(part), len(self.roots))).copy()
-            for _ in range(self.depth):
-                go_left = flat[base + self.feature[node]] <= self.threshold[node]
-                node = np.where(go_left, self.left[node], self.right[node])
-            depths[start:start + step] = self.value[node].sum(axis=1)
-        if self.denominator == 0:
-            return -np.ones(n_rows)
-        return -np.power(2.0, -depths / self.denominator)
+    def score_samples(
+        self, x: np.ndarray, pool: Executor | None = None, threads: int = 1
+    ) -> np.ndarray:
+        """sklearn's score_samples: -2^(-mean depth / c(max_samples)); lower = more abnormal.
 
+        Rows split over `threads` threads of `pool`; all on this thread without one."""
+        rows = np.zeros((len(x), self.n_features + 1), dtype=np.float32)
+        rows[:, :self.n_features] = x  # float32, as sklearn's input validation rounds
+        has_nan = bool(np.isnan(rows).any())
+        depths = np.empty(len(rows))
 
-class TreeWalker:
-    """sklearn IsolationForest's `score_samples` for all but small calls, its trees on
-    threads for big batches.
+        def walk(part: slice) -> None:
+            _walk(rows[part], self.feature, self.threshold, self.child, self.value,
+                  self.roots, self.steps, self.nan_right, has_nan, depths[part])
 
-    Each tree is walked by sklearn's own `tree_.apply` (compiled, and it releases the GIL,
-    so threads walk different trees side by side) and its leaves' values are looked up
-    in the same thread; the main thread then adds the trees up in sklearn's order (tree
-    0, 1, 2 ... into a zero), so the scores are sklearn's bit for bit (tests compare).
-    sklearn's own threading is per tree with a lock and splitting rows over threads ran
-    their Python parts one at a time: 0.15 s per 75k rows and 100 trees on two cores,
-    here 0.09 s. One call at a time per walker (it keeps its buffer between calls).
-    """
-
-    def __init__(self, forest: Any) -> None:
-        compiled = CompiledForest(forest)
-        self.source = forest.estimators_  # what it was built from (a refit replaces it)
-        ends = [*compiled.roots[1:], len(compiled.value)]
-        self.trees = [tree.tree_ for tree in forest.estimators_]
-        self.values = [compiled.value[a:b] for a, b in zip(compiled.roots, ends, strict=True)]
-        subsample = forest._max_features != forest.n_features_in_
-        self.features = ([np.asarray(f) for f in forest.estimators_features_]
-                         if subsample else None)
-        self.denominator = compiled.denominator
-        self._buffer: np.ndarray | None = None
-
-    def score_samples(self, x: np.ndarray, pool: Any | None, threads: int) -> np.ndarray:
-        """Trees split over `threads` threads of `pool`; all on this thread without one."""
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-        if self._buffer is None or self._buffer.shape[1] < len(x32):
-            # kept between calls: a fresh 60 MB array per replay batch cost page faults
-            self._buffer = np.empty((len(self.trees), len(x32)))
-        leaf_values = self._buffer[:, :len(x32)]
-
-        def walk(trees: range) -> None:
-            for t in trees:
-                rows = x32 if self.features is None else np.ascontiguousarray(
-                    x32[:, self.features[t]])
-                np.take(self.values[t], self.trees[t].apply(rows), out=leaf_values[t])
-
-        if pool is None or threads < 2:
-            walk(range(len(self.trees)))
+        if pool is None or threads < 2 or len(rows) < 2 * _ROWS_TOGETHER:
+            walk(slice(0, len(rows)))
         else:
-            list(pool.map(walk, [range(k, len(self.trees), threads) for k in range(threads)]))
-        depths = leaf_values.sum(axis=0)  # axis 0: one tree after the other, as sklearn adds
+            cuts = np.linspace(0, len(rows), threads + 1).astype(int)
+            list(pool.map(walk, [slice(a, b) for a, b in pairwise(cuts)]))
         if self.denominator == 0:
-            return -np.ones(len(x32))
+            return -np.ones(len(rows))
         return -np.power(2.0, -depths / self.denominator)
+
+
+def _breadth_first(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """A tree's node ids in breadth-first order: each node's two children come out
+    together (left, right). One numpy step per level."""
+    levels = [np.zeros(1, dtype=np.int64)]
+    while True:
+        inner = levels[-1][left[levels[-1]] != -1]
+        if not len(inner):
+            return np.concatenate(levels)
+        levels.append(np.column_stack([left[inner], right[inner]]).ravel().astype(np.int64))

@@ -7,7 +7,6 @@ import pytest
 from pyod.models.iforest import IForest
 
 from detector.models import (
-    COMPILED_MAX_ROWS,
     PARALLEL_MIN_ROWS,
     AnomalyDetector,
     _fit_pyod_iforest,
@@ -43,8 +42,9 @@ def test_threaded_scoring_matches_sklearn():
                           model.detector_.score_samples(x))
 
 
-def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
-    """Trees on feature subsets, NaN, a constant column, and a refit of the same object."""
+def test_rows_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
+    """Trees on feature subsets, NaN (each tree sends it its own way), a constant column,
+    infinities, and a refit of the same object."""
     from sklearn.ensemble import IsolationForest
 
     from detector import models
@@ -53,6 +53,8 @@ def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
     x = _data(PARALLEL_MIN_ROWS + 3_001, seed=9)
     x[:, 2] = 1.0
     x[7, 1] = np.nan
+    x[8:40, 3] = np.nan  # many rows with a missing value: both of a node's ways are taken
+    x[41, 0], x[42, 4] = np.inf, -np.inf
     for max_features in (1.0, 0.5):
         forest = IsolationForest(max_features=max_features, random_state=4).fit(x[:3_000])
         assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
@@ -60,16 +62,14 @@ def test_trees_walked_on_threads_score_as_sklearn_bit_for_bit(monkeypatch):
         assert np.array_equal(forest_score_samples(forest, part), forest.score_samples(part))
         forest.set_params(random_state=5).fit(x[3_000:6_000])  # new trees, same object
         assert np.array_equal(forest_score_samples(forest, x), forest.score_samples(x))
-    assert len(models._walkers) >= 1  # the threaded walk was taken
+    assert len(models._compiled) >= 1  # the compiled walk was taken
 
 
 @pytest.mark.parametrize("kind", ["iforest", "sk_iforest"])
-@pytest.mark.parametrize("rows", [COMPILED_MAX_ROWS + 1, PARALLEL_MIN_ROWS - 1,
-                                  PARALLEL_MIN_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 31, 33, 257, PARALLEL_MIN_ROWS - 1, PARALLEL_MIN_ROWS + 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_models_scores_past_the_compiled_path_are_its_estimators(
-        kind, rows, threads, monkeypatch):
-    """Above COMPILED_MAX_ROWS the trees are walked one by one (on this thread below
+def test_a_models_scores_are_its_estimators_bit_for_bit(kind, rows, threads, monkeypatch):
+    """Any batch size (below and above the rows walked together, on this thread below
     PARALLEL_MIN_ROWS or with one CPU): the estimator's decision_function, bit for bit."""
     from detector import models
 
@@ -78,7 +78,51 @@ def test_a_models_scores_past_the_compiled_path_are_its_estimators(
     model = AnomalyDetector("block", tuple("abcdef"), kind=kind, contamination=0.01)
     model.fit(x[:2_000])
     probe = _data(rows, seed=13)
-    models._walkers.clear()  # a fit may have walked its training rows
+    models._compiled.clear()  # a fit may have walked its training rows
     assert np.array_equal(model._raw(probe),
                           np.asarray(model._estimator.decision_function(probe)))
-    assert list(models._walkers) == [model._forest()[0]]  # the walker was taken
+    assert list(models._compiled) == [model._forest()[0]]  # the compiled walk was taken
+
+
+def test_children_sit_side_by_side_and_leaves_stay_put():
+    """The layout `_walk` relies on: an inner node's right child is its left child's
+    neighbour, a leaf points at itself and tests the zero column against +inf."""
+    from sklearn.ensemble import IsolationForest
+
+    from detector.forest import CompiledForest
+
+    x = _data(2_000, seed=3)
+    forest = IsolationForest(n_estimators=5, random_state=1).fit(x)
+    compiled = CompiledForest(forest)
+    ends = [*compiled.roots[1:], len(compiled.value)]
+    for t, (start, end) in enumerate(zip(compiled.roots, ends, strict=True)):
+        tree = forest.estimators_[t].tree_
+        assert end - start == tree.node_count
+        nodes = np.arange(start, end)
+        leaf = compiled.threshold[nodes] == np.inf
+        assert leaf.sum() == (tree.children_left == -1).sum()
+        assert np.array_equal(compiled.child[nodes[leaf]], nodes[leaf])
+        assert (compiled.feature[nodes[leaf]] == x.shape[1]).all()
+        inner = nodes[~leaf]
+        kids = np.concatenate([compiled.child[inner], compiled.child[inner] + 1])
+        assert len(set(kids.tolist())) == 2 * len(inner)  # every node has one parent
+        assert ((kids >= start) & (kids < end)).all()
+
+
+def test_the_walk_compiles_where_no_cache_directory_can_be_written(monkeypatch):
+    """A read-only install without a writable home (numba finds no cache locator) still
+    imports and scores: the walk is compiled in the process instead of cached."""
+    import numba
+    from numba.core.caching import CacheImpl
+
+    from detector.forest import _compile
+
+    def double(x: float) -> float:
+        return 2.0 * x
+
+    monkeypatch.setattr(CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator"):  # what numba itself does
+        numba.njit(cache=True)(double)
+    compiled = _compile(double)
+    assert compiled(2.5) == 5.0
+    assert compiled._cache.__class__.__name__ == "NullCache"
