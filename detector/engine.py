@@ -385,7 +385,8 @@ class Detector:
         txs = self.tx_family(chain_id)
         findings = txs.on_pending(pending, now)
         findings.extend(txs.on_lifecycles(lifecycles, now))
-        findings.extend(txs.on_blocks(blocks, now, tx_frame))
+        findings.extend(txs.on_blocks(blocks, now, tx_frame,
+                                      block_nows=[self.block_time(b, now) for b in blocks]))
         if txs.last_scored is not None:
             self._export_scores(chain_id, "tx", txs.last_scored)
             self.metrics.transactions_scored.labels(str(chain_id)).inc(len(txs.last_scored.scores))

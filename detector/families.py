@@ -71,6 +71,7 @@ from detector.tx_features import (
     TX_FEATURE_MIN_SCALE,
     TX_FEATURES,
     TX_FEE_FEATURES,
+    AsOf,
     BlockTxs,
     FeeMarket,
     SelectorStats,
@@ -386,12 +387,16 @@ class TxFamily:
         return [h.to_finding(now) for h in hits]
 
     def on_blocks(
-        self, blocks: list[Block], now: float, txs: pl.DataFrame | None = None
+        self, blocks: list[Block], now: float, txs: pl.DataFrame | None = None,
+        block_nows: Sequence[float] | None = None,
     ) -> list[Finding]:
         """Score the transactions of blocks not seen before, then learn from them.
 
         `txs`: the batch's included txs as a tx frame when replay read them in columns
-        (`included_tx_frame`); without it, the blocks' own `transactions`.
+        (`included_tx_frame`); without it, the blocks' own `transactions`. `block_nows`:
+        the clock as each block was processed (default `now`). A tx's features read the
+        fee market and its sender's rate as they were when its block came (`AsOf`), so a
+        batch of many blocks scores its txs as one block at a time would.
         """
         self.last_scored = None  # what this call scored, for the metrics: nothing yet
         first: dict[str, Block] = {}  # several nodes deliver a block: the first one wins
@@ -404,13 +409,15 @@ class TxFamily:
         for b in fresh:
             self._seen_blocks.put(b.hash, 0.0)
         frame, counts = included_tx_frame(fresh, txs)
-        x, ok = self._matrix(frame, now) if frame.height else (None, None)
+        nows = dict(zip((b.hash for b in blocks), block_nows or [], strict=False))
+        as_of = AsOf.of(counts, [nows.get(b.hash, now) for b in fresh])
+        x, ok = self._matrix(frame, now, as_of) if frame.height else (None, None)
         # a big batch is scored on other threads meanwhile: the bookkeeping below changes
         # only what the features read, and they are computed
         scoring = self._start_scoring(x)
         findings = [h.to_finding(now) for h in block_tx_rules(frame)]
         if frame.height:
-            self.selectors.update(frame)
+            self.selectors.update(frame, counts)
             self.senders.update(frame, now)
         self.market.update(fresh, frame, counts)
         self._learn_included(frame)
@@ -444,12 +451,14 @@ class TxFamily:
         self.next_nonce.learn(cols["from_address"], cols["nonce"])
         self._included.add_many(hashes)
 
-    def _matrix(self, frame: pl.DataFrame, now: float) -> tuple[np.ndarray, np.ndarray]:
+    def _matrix(
+        self, frame: pl.DataFrame, now: float, as_of: AsOf | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The model's rows of a tx frame (those with every feature known), and which
         rows of the frame they are (a boolean mask)."""
         features = tx_features(
             frame, self.market, self.selectors, self.senders, self.replacements,
-            self.pending_since, now=now,
+            self.pending_since, now=now, as_of=as_of,
         ).with_columns(
             # unknown gap: first tx of a sender we never saw; never pending: mined at once
             pl.col("nonce_gap").fill_null(0.0),

@@ -24,8 +24,9 @@ from concurrent.futures import Executor
 from itertools import pairwise
 from typing import Any
 
-import numba
 import numpy as np
+
+from detector.compiled import compiled
 
 _ROWS_TOGETHER = 32  # rows walked down a tree side by side (16-64 measured alike)
 
@@ -40,17 +41,7 @@ def _average_path_length(n: np.ndarray) -> np.ndarray:
     return out
 
 
-def _compile(function: Any) -> Any:
-    """`function` compiled on first use, and cached on disk (in __pycache__, or numba's
-    user-wide cache, or NUMBA_CACHE_DIR) when some directory can be written: compiling
-    takes ~3 s, loading ~0.2 s. Without one, each process compiles it again."""
-    try:
-        return numba.njit(nogil=True, cache=True)(function)
-    except RuntimeError:  # numba found no directory to cache in
-        return numba.njit(nogil=True)(function)
-
-
-@_compile
+@compiled
 def _walk(  # pragma: no cover - compiled; the tests compare its results with sklearn's
     x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, child: np.ndarray,
     value: np.ndarray, roots: np.ndarray, steps: int, nan_right: np.ndarray,

@@ -20,12 +20,15 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import polars as pl
 
 from chainwatch.schema import Block, PendingTx, TxSummary
+from detector.compiled import compiled
 
 TX_FEATURES: tuple[str, ...] = (
     "priority_fee_percentile",
@@ -352,6 +355,176 @@ def fee_cap_expr() -> pl.Expr:
     return pl.coalesce(pl.col("max_fee_per_gas"), pl.col("gas_price")).alias("fee_cap")
 
 
+@dataclass(frozen=True)
+class AsOf:
+    """Where each row of a batch's tx frame stands, so that its features read the state
+    as it was when its own block came (what one block at a time gives): `block`, the
+    row's block (0, 1, ... in the frame's order of blocks, row-aligned, non-decreasing),
+    and `nows`, the clock as each block was processed."""
+
+    block: np.ndarray
+    nows: np.ndarray
+
+    @staticmethod
+    def of(counts: Sequence[int], nows: Sequence[float]) -> AsOf:
+        return AsOf(np.repeat(np.arange(len(counts)), counts), np.asarray(nows, dtype=np.float64))
+
+
+@compiled
+def _windows_as_of(  # pragma: no cover - compiled; tests compare it with _BatchWindow
+    prior: np.ndarray, prior_ends: np.ndarray, values: np.ndarray, row_starts: np.ndarray,
+    capacity: int, percentile: np.ndarray, quartiles: np.ndarray,
+) -> None:
+    """For each block k of a batch, the window of the `capacity` blocks before it: the
+    mid-rank percentile of each of block k's values, and the window's quartiles.
+
+    `prior`: the window's values before the batch (NaN-free), block after block, ending
+    at `prior_ends`. `values`: the batch's values (NaN: unknown, not learnt), block k's
+    at rows row_starts[k]:row_starts[k + 1]. After block k is scored its values join
+    the window and the oldest block leaves once there are more than `capacity`: as
+    `_BatchWindow.push` block by block.
+
+    The window stays sorted. One pass per block merges the block's sorted values in,
+    drops the leaving block's, and reads each new value's rank on the way (the window
+    elements below it, and those equal to it: the run just passed). Quartiles: numpy's
+    "linear" quantile, its arithmetic step for step.
+    """
+    n_prior = len(prior_ends)
+    n_blocks = len(row_starts) - 1
+    prior_sorted = prior.copy()  # each prior block's values sorted, to drop them later
+    for b in range(n_prior):
+        prior_sorted[(prior_ends[b - 1] if b > 0 else 0):prior_ends[b]].sort()
+    window = np.empty(len(prior) + len(values))
+    spare = np.empty_like(window)
+    n = len(prior)
+    window[:n] = np.sort(prior)
+    batch_sorted = np.empty(len(values))  # each batch block's values sorted
+    batch_ends = np.zeros(n_blocks, dtype=np.int64)
+    first = 0  # the oldest block in the window: prior ones first, then the batch's
+    for k in range(n_blocks):
+        rows = np.arange(row_starts[k], row_starts[k + 1])
+        known = rows[~np.isnan(values[rows])]
+        percentile[rows] = np.nan
+        known = known[np.argsort(values[known])]
+        start = batch_ends[k - 1] if k > 0 else 0
+        m = len(known)
+        block = batch_sorted[start:start + m]
+        block[:] = values[known]
+        batch_ends[k] = start + m
+        for j, q in enumerate((0.25, 0.5, 0.75)):
+            if n == 0:
+                quartiles[k, j] = np.nan
+                continue
+            virtual = (n - 1) * q
+            previous = int(np.floor(virtual))
+            following = min(previous + 1, n - 1)
+            gamma = virtual - previous
+            low, high = window[previous], window[following]
+            diff = high - low
+            quartiles[k, j] = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
+        leaving = prior_sorted
+        g = g_end = 0
+        if n_prior + k + 1 - first > capacity:
+            if first < n_prior:
+                g, g_end = (prior_ends[first - 1] if first > 0 else 0), prior_ends[first]
+            else:
+                leaving = batch_sorted
+                b = first - n_prior
+                g, g_end = (batch_ends[b - 1] if b > 0 else 0), batch_ends[b]
+            first += 1
+        a = out = run = 0  # run: where the run of values equal to window[i - 1] starts
+        for i in range(n):
+            v = window[i]
+            while a < m and block[a] < v:
+                below = run if i > 0 and window[i - 1] == block[a] else i
+                percentile[known[a]] = (below + i) / (2.0 * n)
+                spare[out] = block[a]
+                out += 1
+                a += 1
+            if i > 0 and v != window[i - 1]:
+                run = i
+            if g < g_end and v == leaving[g]:
+                g += 1
+            else:
+                spare[out] = v
+                out += 1
+        while a < m:
+            if n > 0:
+                below = run if window[n - 1] == block[a] else n
+                percentile[known[a]] = (below + n) / (2.0 * n)
+            spare[out] = block[a]
+            out += 1
+            a += 1
+        window, spare, n = spare, window, out
+
+
+@compiled
+def _groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """Indices of `ids` grouped by id (a stable counting sort: within a group, in their
+    order), and where each group starts (ids are small non-negative numbers)."""
+    starts = np.zeros(ids.max() + 2 if len(ids) else 1, dtype=np.int64)
+    for i in ids:
+        starts[i + 1] += 1
+    starts = np.cumsum(starts)
+    filled = starts[:-1].copy()
+    order = np.empty(len(ids), dtype=np.int64)
+    for j in range(len(ids)):
+        order[filled[ids[j]]] = j
+        filled[ids[j]] += 1
+    return order, starts
+
+
+@compiled
+def _sender_counts(  # pragma: no cover - compiled; tests compare with SenderStats.lookup
+    ids: np.ndarray, begins: np.ndarray, ends: np.ndarray, n_prior: int, out: np.ndarray,
+) -> None:
+    """For each batch row (record n_prior + i, of block begins - 1), how many of its
+    sender's records (events) count in its block: begin <= block < end. Records come
+    with begins in order (the prior ones, 0, then the rows block after block)."""
+    order, starts = _groups(ids)
+    for g in range(len(starts) - 1):
+        members = order[starts[g]:starts[g + 1]]
+        ended = np.sort(ends[members])
+        begun = gone = 0
+        for j in members:
+            if j < n_prior:
+                continue
+            block = begins[j] - 1
+            while begun < len(members) and begins[members[begun]] <= block:
+                begun += 1
+            while gone < len(members) and ended[gone] <= block:
+                gone += 1
+            out[j - n_prior] = begun - gone
+
+
+@compiled
+def _selector_counts(  # pragma: no cover - compiled; tests compare with SelectorStats
+    ids: np.ndarray, entries: np.ndarray, weights: np.ndarray, n_prior: int,
+    window_starts: np.ndarray, out: np.ndarray,
+) -> None:
+    """For each batch row (record n_prior + i, its block's entry `entries`), the weight of
+    its selector's records in the entries [window_starts[i], its own entry). Records come
+    in entry order (the window's kept batches, then the rows block after block)."""
+    order, starts = _groups(ids)
+    for g in range(len(starts) - 1):
+        members = order[starts[g]:starts[g + 1]]
+        seen = 0.0  # weight of the records passed
+        before_entry = 0.0  # weight of the records before the current entry
+        entry = -1
+        left = 0  # the first record not before the window's start, and the weight before it
+        left_weight = 0.0
+        for j in members:
+            if entries[j] != entry:
+                entry = entries[j]
+                before_entry = seen
+            if j >= n_prior:
+                while entries[members[left]] < window_starts[j - n_prior]:
+                    left_weight += weights[members[left]]
+                    left += 1
+                out[j - n_prior] = before_entry - left_weight
+            seen += weights[j]
+
+
 class _BatchWindow:
     """Values of the last `capacity` batches, with a sorted copy for rank queries."""
 
@@ -383,6 +556,22 @@ class _BatchWindow:
         at_or_below = np.searchsorted(window, x, side="right")
         out = (below + at_or_below) / (2.0 * len(window))
         return np.where(np.isnan(x), np.nan, out)
+
+    def as_of(self, x: np.ndarray, as_of: AsOf) -> tuple[np.ndarray, np.ndarray]:
+        """`percentile` of each row's value and the quartiles of each block's window (one
+        row per block), the window being what it was when the row's block came: the
+        batch's earlier blocks are in it (`_windows_as_of`). x's rows join the window,
+        block by block, as they would be pushed."""
+        blocks = list(self._batches)
+        prior = np.concatenate(blocks) if blocks else np.empty(0)
+        prior_ends = np.cumsum([len(b) for b in blocks], dtype=np.int64)
+        row_starts = np.searchsorted(as_of.block, np.arange(len(as_of.nows) + 1))
+        percentile = np.empty(len(x))
+        quartiles = np.empty((len(as_of.nows), 3))
+        _windows_as_of(prior, prior_ends, np.ascontiguousarray(x, dtype=np.float64),
+                       row_starts.astype(np.int64), self._batches.maxlen or 0, percentile,
+                       quartiles)
+        return percentile, quartiles
 
     def log_robust_z(self, x: np.ndarray, floor: float, min_scale: float) -> np.ndarray:
         """Robust z of log(x + floor) against the window's: (log x' - median) / max(IQR/1.349,
@@ -496,6 +685,30 @@ class FeeMarket:
         """Robust z-score of each log fee cap against the window's (NaN while empty)."""
         return self._caps.log_robust_z(caps, self.fee_cap_floor, self.log_min_scale)
 
+    def as_of(
+        self, tips: np.ndarray, caps: np.ndarray, as_of: AsOf
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`percentile_of(tips)`, `tip_log_z(tips)` and `fee_cap_log_z(caps)` of a batch's
+        included txs, each against the window as it was when the tx's block came (the
+        batch's blocks learnt one after the other, as `update` would)."""
+        percentile, tip_quartiles = self._tips.as_of(tips, as_of)
+        _, cap_quartiles = self._caps.as_of(caps, as_of)
+        return (
+            percentile,
+            _log_z(tips, tip_quartiles, as_of.block, self.tip_floor, self.log_min_scale),
+            _log_z(caps, cap_quartiles, as_of.block, self.fee_cap_floor, self.log_min_scale),
+        )
+
+
+def _log_z(
+    x: np.ndarray, quartiles: np.ndarray, block: np.ndarray, floor: float, min_scale: float
+) -> np.ndarray:
+    """`_BatchWindow.log_robust_z` with each row's own window's quartiles (one row each)."""
+    logs = np.log(quartiles + floor)
+    scale = np.maximum((logs[:, 2] - logs[:, 0]) / _IQR_TO_SIGMA, min_scale)
+    z = (np.log(np.maximum(x, 0.0) + floor) - logs[block, 1]) / scale[block]
+    return np.maximum(z, -LOG_Z_CLIP)
+
 
 class SelectorStats:
     """Counts of 4-byte selectors over about the last `capacity` transactions.
@@ -517,13 +730,47 @@ class SelectorStats:
     def count(self, selector: str | None) -> int:
         return self._counts.get((selector or _NO_SELECTOR).lower(), 0)
 
-    def update(self, frame: pl.DataFrame) -> None:
-        """Learn the selectors of a tx frame (`method_id` column)."""
+    def update(self, frame: pl.DataFrame, counts: Sequence[int] | None = None) -> None:
+        """Learn the selectors of a tx frame (`method_id` column). With `counts` (rows per
+        block, in order) block after block, as one block at a time would: the window then
+        ends at a block's edge (`rarity_as_of` relies on it)."""
+        if counts is not None and len(counts) > 1:
+            keys = frame.select(
+                pl.Series("block", np.repeat(np.arange(len(counts)), counts)),
+                pl.col("method_id").fill_null(_NO_SELECTOR),
+            )
+            per_block = keys.group_by("block", "method_id").len("n").sort("block")
+            blocks = per_block["block"].to_numpy()
+            selectors, ns = per_block["method_id"].to_list(), per_block["n"].to_list()
+            cuts = np.searchsorted(blocks, np.arange(len(counts) + 1)).tolist()
+            self._learn_blocks([(selectors[a:b], ns[a:b]) for a, b in pairwise(cuts)])
+            return
         keys = frame["method_id"].fill_null(_NO_SELECTOR).tail(self.capacity)
         if keys.len() == 0:
             return
-        counts = keys.value_counts(name="n")
-        batch = (counts["method_id"].to_list(), counts["n"].to_list())
+        counted = keys.value_counts(name="n")
+        self._learn((counted["method_id"].to_list(), counted["n"].to_list()))
+
+    def _learn_blocks(self, blocks: list[tuple[list[str], list[int]]]) -> None:
+        """`_learn` each block in turn, in bulk: the window's entries move as they would,
+        and the counts are made again from the entries that stay (one pass, instead of
+        adding and taking out every block's selectors one by one)."""
+        for batch in blocks:
+            if batch[0]:
+                self._batches.append(batch)
+                self.total += sum(batch[1])
+        while self.total > self.capacity:
+            self.total -= sum(self._batches.popleft()[1])
+        kept = pl.DataFrame(
+            {"key": [k for ks, _ in self._batches for k in ks],
+             "n": [n for _, ns in self._batches for n in ns]},
+            schema={"key": pl.Utf8, "n": pl.Int64},
+        ).group_by("key").agg(pl.col("n").sum())
+        self._counts = dict(zip(kept["key"].to_list(), kept["n"].to_list(), strict=True))
+
+    def _learn(self, batch: tuple[list[str], list[int]]) -> None:
+        if not batch[0]:
+            return
         self._batches.append(batch)
         self._add(batch, +1)
         while self.total > self.capacity:
@@ -550,6 +797,39 @@ class SelectorStats:
             seen = {k: float(get(k, 0)) for k in lowered.unique().to_list()}
             counts = lowered.replace_strict(seen, return_dtype=pl.Float64).to_numpy()
         return -np.log((counts + 1.0) / (self.total + 1.0))
+
+    def rarity_as_of(self, method_ids: pl.Series, as_of: AsOf) -> np.ndarray:
+        """`rarity` of each row's selector against the window as it was when the row's
+        block came: the batch's earlier blocks learnt one by one (`update` with counts),
+        the oldest batches leaving whole while the window holds more than `capacity`.
+
+        A row's count: its selector's occurrences in the window's entries (the kept
+        batches, then the batch's blocks) from the window's first entry at the row's
+        block up to that block, in one pass over each selector's occurrences.
+        """
+        blocks = len(as_of.nows)
+        if blocks == 1:
+            return self.rarity(method_ids)
+        keys = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
+        kept = list(self._batches)
+        prior_keys = [k for ks, _ in kept for k in ks]
+        entries = np.concatenate([
+            np.repeat(np.arange(len(kept)), [len(ks) for ks, _ in kept]),
+            len(kept) + as_of.block,
+        ])
+        weights = np.concatenate([[float(c) for _, ns in kept for c in ns],
+                                  np.ones(len(keys))])
+        sizes = np.concatenate([[sum(ns) for _, ns in kept],
+                                np.bincount(as_of.block, minlength=blocks)])
+        before = np.concatenate([[0], np.cumsum(sizes)])  # txs before each entry
+        ends = len(kept) + np.arange(blocks)  # the window before block k ends at entry ends[k]
+        starts = np.searchsorted(before, before[ends] - self.capacity, side="left")
+        counts = np.empty(len(keys))
+        _selector_counts(_ids(pl.concat([pl.Series(prior_keys, dtype=pl.Utf8), keys])),
+                         entries.astype(np.int64), weights, len(prior_keys),
+                         starts[as_of.block].astype(np.int64), counts)
+        total = (before[ends] - before[starts]).astype(np.float64)
+        return -np.log((counts + 1.0) / (total[as_of.block] + 1.0))
 
 
 _EVENTS_SCHEMA = {"sender": pl.Utf8, "at": pl.Float64}
@@ -610,20 +890,26 @@ class SenderStats:
             last = last.top_k(self.max_senders, by=["last_seen", "sender"])
         self._last = last
 
-    def lookup(self, frame: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
-        """Row-aligned `sender_rate` (txs per minute in the window) and `last_nonce` (or null)."""
+    def lookup(
+        self, frame: pl.DataFrame, now: float | None = None, *, rate: bool = True
+    ) -> pl.DataFrame:
+        """Row-aligned `sender_rate` (txs per minute in the window; left out without
+        `rate`) and `last_nonce` (or null)."""
         now = _frame_now(frame, now)
-        recent = (
-            self._events.filter(pl.col("at") > now - self.window_seconds, pl.col("at") <= now)
-            .group_by("sender")
-            .agg(pl.len().cast(pl.Float64).alias("recent"))
-        )
         senders = frame.select(pl.col("from_address").alias("sender"))
         last = self._last
         if senders.height * _SMALL_LOOKUP < last.height:
             # a few hundred txs against ~100k senders: hashing the few is 3x faster than
             # the join's table of all (and 2x slower for a replay batch of 75k)
             last = last.filter(pl.col("sender").is_in(senders["sender"].implode()))
+        if not rate:
+            return senders.join(last, on="sender", how="left", maintain_order="left").select(
+                "last_nonce")
+        recent = (
+            self._events.filter(pl.col("at") > now - self.window_seconds, pl.col("at") <= now)
+            .group_by("sender")
+            .agg(pl.len().cast(pl.Float64).alias("recent"))
+        )
         joined = (
             senders.join(recent, on="sender", how="left", maintain_order="left")
             .join(last, on="sender", how="left", maintain_order="left")
@@ -632,6 +918,46 @@ class SenderStats:
             (pl.col("recent").fill_null(0.0) * 60.0 / self.window_seconds).alias("sender_rate"),
             pl.col("last_nonce"),
         )
+
+    def rate_as_of(self, frame: pl.DataFrame, as_of: AsOf) -> np.ndarray:
+        """Each row's `sender_rate` as of its block: its sender's txs learnt before the
+        batch and in the batch's earlier blocks, within the window that ends at the
+        block's clock. What `lookup` then `update`, block after block, gives.
+
+        An event (a tx at time `at`, of batch block j; j = -1 before the batch) counts for
+        the blocks k > j whose window still holds it, `at` > nows[k] - window. With the
+        clock never going back that is a range of blocks, [j + 1, end): a row's count is
+        how many of its sender's ranges have begun by its block less how many have ended.
+        """
+        senders = frame["from_address"].fill_null("")
+        cutoffs = np.maximum.accumulate(as_of.nows - self.window_seconds)
+        prior = self._events.filter(
+            pl.col("at") > cutoffs[0], pl.col("sender").is_in(senders.implode()))
+        at = np.concatenate([prior["at"].to_numpy(), frame["observed_at"].to_numpy()])
+        begins = np.concatenate([np.zeros(prior.height, dtype=np.int64), as_of.block + 1])
+        ends = np.maximum(np.searchsorted(cutoffs, at, side="left"), begins)
+        counts = np.empty(frame.height, dtype=np.int64)
+        _sender_counts(_ids(pl.concat([prior["sender"], senders])), begins, ends,
+                       prior.height, counts)
+        return counts * 60.0 / self.window_seconds
+
+
+def _ids(strings: pl.Series) -> np.ndarray:
+    """A number per distinct string (equal strings, equal numbers), at hashing speed: a
+    categorical of its own (sorting the strings for a rank took 4x longer)."""
+    codes = strings.cast(pl.Categorical(pl.Categories.random())).to_physical()
+    return codes.to_numpy().astype(np.int64)
+
+
+_SIDE_THREAD_MIN_ROWS = 4_096  # a smaller batch's fee windows cost less than a hand-over
+_side: ThreadPoolExecutor | None = None
+
+
+def _side_thread() -> ThreadPoolExecutor:
+    global _side
+    if _side is None:
+        _side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tx-features")
+    return _side
 
 
 def _frame_now(frame: pl.DataFrame, now: float | None) -> float:
@@ -665,6 +991,7 @@ def tx_features(
     pending_since: dict[str, float] | None = None,
     *,
     now: float | None = None,
+    as_of: AsOf | None = None,
 ) -> pl.DataFrame:
     """`hash` and TX_FEATURES for each row of a tx frame, in the frame's order.
 
@@ -673,25 +1000,41 @@ def tx_features(
     remembered nor earlier in the frame, `time_pending_seconds` for an included tx never
     seen pending (no `pending_since` entry). `replacement_count` of an unknown hash is 0.
     Pending txs are priced against the latest block's base fee. `now` (default: the
-    frame's latest `observed_at`) ends the sender-rate window.
+    frame's latest `observed_at`) ends the sender-rate window. With `as_of` (a batch of
+    included txs) the fee features and the sender rate read the fee market and the
+    senders as they were when each row's block came, not as at the batch's start.
     """
     now = _frame_now(frame, now)
     base = pl.coalesce(pl.col("base_fee_per_gas"), pl.lit(market.base_fee, pl.Float64))
     prices = frame.select(effective_tip_expr(base), fee_cap_expr())
     tips = prices["effective_tip"].fill_null(np.nan).to_numpy()
     caps = prices["fee_cap"].fill_null(np.nan).to_numpy()
-    sender = senders.lookup(frame, now)
+    if as_of is None:
+        sender = senders.lookup(frame, now)
+        fees = (market.percentile_of(tips), market.tip_log_z(tips), market.fee_cap_log_z(caps))
+        rate = sender["sender_rate"]
+        rarity = selectors.rarity(frame["method_id"])
+    else:
+        # a big batch's fee windows are walked on another thread meanwhile (compiled, no
+        # GIL held): the second core is otherwise idle until the model scores the batch
+        fees_later = (_side_thread().submit(market.as_of, tips, caps, as_of)
+                      if frame.height >= _SIDE_THREAD_MIN_ROWS else None)
+        sender = senders.lookup(frame, now, rate=False)
+        rate = pl.Series("sender_rate", senders.rate_as_of(frame, as_of), pl.Float64)
+        rarity = selectors.rarity_as_of(frame["method_id"], as_of)
+        fees = (fees_later.result() if fees_later is not None
+                else market.as_of(tips, caps, as_of))
     # a sender's earlier tx in the same batch is the better reference than the stats
     previous_nonce = pl.coalesce(
         pl.col("nonce").shift(1).over("from_address", order_by="nonce"), pl.col("last_nonce")
     )
     since = pl.coalesce(_mapped(frame, "hash", pending_since), pl.col("first_seen_at"))
     out = frame.with_columns(
-        pl.Series("priority_fee_percentile", market.percentile_of(tips), pl.Float64),
-        pl.Series("priority_fee_log_z", market.tip_log_z(tips), pl.Float64),
-        pl.Series("gas_price_log_z", market.fee_cap_log_z(caps), pl.Float64),
-        pl.Series("selector_rarity", selectors.rarity(frame["method_id"]), pl.Float64),
-        sender["sender_rate"],
+        pl.Series("priority_fee_percentile", fees[0], pl.Float64),
+        pl.Series("priority_fee_log_z", fees[1], pl.Float64),
+        pl.Series("gas_price_log_z", fees[2], pl.Float64),
+        pl.Series("selector_rarity", rarity, pl.Float64),
+        rate,
         sender["last_nonce"],
     ).select(
         pl.col("hash"),

@@ -115,7 +115,7 @@ def test_the_walk_compiles_where_no_cache_directory_can_be_written(monkeypatch):
     import numba
     from numba.core.caching import CacheImpl
 
-    from detector.forest import _compile
+    from detector.compiled import compiled as _compile
 
     def double(x: float) -> float:
         return 2.0 * x
