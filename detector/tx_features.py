@@ -500,14 +500,24 @@ def _sender_counts(  # pragma: no cover - compiled; tests compare with SenderSta
 @compiled
 def _selector_counts(  # pragma: no cover - compiled; tests compare with SelectorStats
     ids: np.ndarray, entries: np.ndarray, weights: np.ndarray, n_prior: int,
-    window_starts: np.ndarray, out: np.ndarray,
+    window_starts: np.ndarray, window_counts: np.ndarray, unread_from: int, out: np.ndarray,
 ) -> None:
-    """For each batch row (record n_prior + i, its block's entry `entries`), the weight of
-    its selector's records in the entries [window_starts[i], its own entry). Records come
-    in entry order (the window's kept batches, then the rows block after block)."""
+    """For each batch row (record n_prior + i, of entry entries[n_prior + i]), its
+    selector's weight in the entries [window_starts[i], its own entry).
+
+    Records come in entry order: the window's entries read one by one (0 ..
+    unread_from - 1, the n_prior first records), then the batch's rows block after block.
+    The window's later entries (unread_from up to the batch's) are not read: their
+    weight is the selector's count in the window (`window_counts`) less the read ones',
+    and is added where the row's window starts at or before them.
+    """
     order, starts = _groups(ids)
     for g in range(len(starts) - 1):
         members = order[starts[g]:starts[g + 1]]
+        read = 0.0  # the selector's weight in the entries read one by one
+        for j in members:
+            if j < n_prior:
+                read += weights[j]
         seen = 0.0  # weight of the records passed
         before_entry = 0.0  # weight of the records before the current entry
         entry = -1
@@ -518,10 +528,13 @@ def _selector_counts(  # pragma: no cover - compiled; tests compare with Selecto
                 entry = entries[j]
                 before_entry = seen
             if j >= n_prior:
-                while entries[members[left]] < window_starts[j - n_prior]:
+                row = j - n_prior
+                while entries[members[left]] < window_starts[row]:
                     left_weight += weights[members[left]]
                     left += 1
-                out[j - n_prior] = before_entry - left_weight
+                out[row] = before_entry - left_weight
+                if window_starts[row] <= unread_from:
+                    out[row] += window_counts[row] - read
             seen += weights[j]
 
 
@@ -720,6 +733,7 @@ class SelectorStats:
     def __init__(self, capacity: int = 50_000) -> None:
         self.capacity = capacity
         self._batches: deque[tuple[list[str], list[int]]] = deque()
+        self._sizes: deque[int] = deque()  # txs in each of _batches
         self._counts: dict[str, int] = {}
         self.total = 0
 
@@ -743,59 +757,60 @@ class SelectorStats:
             blocks = per_block["block"].to_numpy()
             selectors, ns = per_block["method_id"].to_list(), per_block["n"].to_list()
             cuts = np.searchsorted(blocks, np.arange(len(counts) + 1)).tolist()
-            self._learn_blocks([(selectors[a:b], ns[a:b]) for a, b in pairwise(cuts)])
+            self._learn([(selectors[a:b], ns[a:b]) for a, b in pairwise(cuts)])
             return
         keys = frame["method_id"].fill_null(_NO_SELECTOR).tail(self.capacity)
         if keys.len() == 0:
             return
         counted = keys.value_counts(name="n")
-        self._learn((counted["method_id"].to_list(), counted["n"].to_list()))
+        self._learn([(counted["method_id"].to_list(), counted["n"].to_list())])
 
-    def _learn_blocks(self, blocks: list[tuple[list[str], list[int]]]) -> None:
-        """`_learn` each block in turn, in bulk: the window's entries move as they would,
-        and the counts are made again from the entries that stay (one pass, instead of
-        adding and taking out every block's selectors one by one)."""
-        for batch in blocks:
-            if batch[0]:
-                self._batches.append(batch)
-                self.total += sum(batch[1])
-        while self.total > self.capacity:
-            self.total -= sum(self._batches.popleft()[1])
-        kept = pl.DataFrame(
-            {"key": [k for ks, _ in self._batches for k in ks],
-             "n": [n for _, ns in self._batches for n in ns]},
-            schema={"key": pl.Utf8, "n": pl.Int64},
-        ).group_by("key").agg(pl.col("n").sum())
-        self._counts = dict(zip(kept["key"].to_list(), kept["n"].to_list(), strict=True))
+    def _learn(self, batches: list[tuple[list[str], list[int]]]) -> None:
+        """Learn batches in order, as one at a time would (add it, then drop the oldest
+        while the window holds more than `capacity`): the window ends up the newest
+        batches that fit, so only those are counted in, and only counted ones taken out.
+        (A block of more than `capacity` txs learnt with others is left out whole.)"""
+        batches = [b for b in batches if b[0]]
+        sizes = [sum(ns) for _, ns in batches]
+        fit, room = 0, self.capacity
+        for size in reversed(sizes):
+            if size > room:
+                break
+            room -= size
+            fit += 1
+        incoming = self.capacity - room
+        while self._batches and (fit < len(batches) or self.total + incoming > self.capacity):
+            self._count(self._batches.popleft(), -1)
+            self.total -= self._sizes.popleft()
+        for batch, size in zip(batches[len(batches) - fit:], sizes[len(sizes) - fit:],
+                               strict=True):
+            self._batches.append(batch)
+            self._sizes.append(size)
+            self._count(batch, +1)
+            self.total += size
 
-    def _learn(self, batch: tuple[list[str], list[int]]) -> None:
-        if not batch[0]:
-            return
-        self._batches.append(batch)
-        self._add(batch, +1)
-        while self.total > self.capacity:
-            self._add(self._batches.popleft(), -1)
-
-    def _add(self, batch: tuple[list[str], list[int]], sign: int) -> None:
+    def _count(self, batch: tuple[list[str], list[int]], sign: int) -> None:
+        counts = self._counts
         for key, n in zip(*batch, strict=True):  # one step per distinct selector of a batch
-            left = self._counts.get(key, 0) + sign * n
+            left = counts.get(key, 0) + sign * n
             if left:
-                self._counts[key] = left
+                counts[key] = left
             else:
-                del self._counts[key]
-            self.total += sign * n
+                del counts[key]
 
-    def rarity(self, method_ids: pl.Series) -> np.ndarray:
-        """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
+    def _window_counts(self, lowered: pl.Series) -> np.ndarray:
+        """Each row's selector's count in the window (lower-cased selectors)."""
         # looked up per distinct selector: handing polars every known selector on each call
         # cost more, and a replay batch of 75k txs has a few thousand distinct ones
         get = self._counts.get
-        lowered = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
         if len(lowered) <= _ROW_LOOKUP_MAX:
-            counts = np.array([get(k, 0) for k in lowered], dtype=np.float64)
-        else:
-            seen = {k: float(get(k, 0)) for k in lowered.unique().to_list()}
-            counts = lowered.replace_strict(seen, return_dtype=pl.Float64).to_numpy()
+            return np.array([get(k, 0) for k in lowered], dtype=np.float64)
+        seen = {k: float(get(k, 0)) for k in lowered.unique().to_list()}
+        return lowered.replace_strict(seen, return_dtype=pl.Float64).to_numpy()
+
+    def rarity(self, method_ids: pl.Series) -> np.ndarray:
+        """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
+        counts = self._window_counts(method_ids.fill_null(_NO_SELECTOR).str.to_lowercase())
         return -np.log((counts + 1.0) / (self.total + 1.0))
 
     def rarity_as_of(self, method_ids: pl.Series, as_of: AsOf) -> np.ndarray:
@@ -803,32 +818,49 @@ class SelectorStats:
         block came: the batch's earlier blocks learnt one by one (`update` with counts),
         the oldest batches leaving whole while the window holds more than `capacity`.
 
-        A row's count: its selector's occurrences in the window's entries (the kept
-        batches, then the batch's blocks) from the window's first entry at the row's
-        block up to that block, in one pass over each selector's occurrences.
+        A row's count: the window's count now, less its selector's occurrences in the
+        kept batches that have left by the row's block, plus those in the batch's blocks
+        from the window's first one up to the row's (one pass over each selector's
+        occurrences, `_selector_counts`). Only the kept batches that leave during this
+        batch are read one by one.
         """
         blocks = len(as_of.nows)
         if blocks == 1:
             return self.rarity(method_ids)
         keys = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
-        kept = list(self._batches)
-        prior_keys = [k for ks, _ in kept for k in ks]
+        rows_before = np.concatenate([[0], np.cumsum(np.bincount(as_of.block,
+                                                                 minlength=blocks))])
+        # the window before block k holds the kept batches and rows_before[k] rows, less
+        # the oldest whole entries that make up `excess[k]`
+        excess = self.total + rows_before[:-1] - self.capacity
+        leaving: list[tuple[list[str], list[int]]] = []
+        left_before = [0]  # txs of the kept batches before each leaving one
+        for batch, size in zip(self._batches, self._sizes, strict=True):
+            if left_before[-1] >= excess.max():
+                break
+            leaving.append(batch)
+            left_before.append(left_before[-1] + size)
+        kept = len(self._batches)  # batch block k is entry kept + k; leaving ones 0, 1 ...
+        from_kept = np.searchsorted(left_before, np.maximum(excess, 0), side="left")
+        from_batch = kept + np.searchsorted(rows_before, excess - self.total, side="left")
+        starts = np.where(excess <= left_before[-1], from_kept, from_batch)
+        total = np.where(
+            starts <= len(leaving),
+            self.total - np.asarray(left_before)[np.minimum(starts, len(leaving))]
+            + rows_before[:-1],
+            rows_before[:-1] - rows_before[np.maximum(starts - kept, 0)],
+        ).astype(np.float64)
+        leaving_keys = [k for ks, _ in leaving for k in ks]
         entries = np.concatenate([
-            np.repeat(np.arange(len(kept)), [len(ks) for ks, _ in kept]),
-            len(kept) + as_of.block,
-        ])
-        weights = np.concatenate([[float(c) for _, ns in kept for c in ns],
+            np.repeat(np.arange(len(leaving)), [len(ks) for ks, _ in leaving]),
+            kept + as_of.block,
+        ]).astype(np.int64)
+        weights = np.concatenate([[float(n) for _, ns in leaving for n in ns],
                                   np.ones(len(keys))])
-        sizes = np.concatenate([[sum(ns) for _, ns in kept],
-                                np.bincount(as_of.block, minlength=blocks)])
-        before = np.concatenate([[0], np.cumsum(sizes)])  # txs before each entry
-        ends = len(kept) + np.arange(blocks)  # the window before block k ends at entry ends[k]
-        starts = np.searchsorted(before, before[ends] - self.capacity, side="left")
         counts = np.empty(len(keys))
-        _selector_counts(_ids(pl.concat([pl.Series(prior_keys, dtype=pl.Utf8), keys])),
-                         entries.astype(np.int64), weights, len(prior_keys),
-                         starts[as_of.block].astype(np.int64), counts)
-        total = (before[ends] - before[starts]).astype(np.float64)
+        _selector_counts(_ids(pl.concat([pl.Series(leaving_keys, dtype=pl.Utf8), keys])),
+                         entries, weights, len(leaving_keys), starts[as_of.block].astype(
+                             np.int64), self._window_counts(keys), len(leaving), counts)
         return -np.log((counts + 1.0) / (total[as_of.block] + 1.0))
 
 

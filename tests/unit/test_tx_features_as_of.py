@@ -93,8 +93,12 @@ def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block():
 
 
 @pytest.mark.parametrize("capacity", [12, 40, 1_000])
-def test_selector_rarity_as_of_each_block_is_rarity_then_update_block_by_block(capacity):
-    rng = np.random.default_rng(capacity)
+@pytest.mark.parametrize("batch_blocks", [2, 5, 30])
+def test_selector_rarity_as_of_each_block_is_rarity_then_update_block_by_block(
+        capacity, batch_blocks):
+    """Small batches let only the oldest kept entries leave (thin blocks), big ones all of
+    them and then their own first blocks (mainnet blocks), a big capacity none."""
+    rng = np.random.default_rng(capacity + batch_blocks)
     names = [None, "0xaa", *(f"0x{i:08x}" for i in range(20))]  # as tx frames hold them
 
     def frame(blocks: int) -> tuple[pl.DataFrame, list[int]]:
@@ -104,11 +108,11 @@ def test_selector_rarity_as_of_each_block_is_rarity_then_update_block_by_block(c
 
     one_by_one, batched = SelectorStats(capacity), SelectorStats(capacity)
     whole, _ = frame(3)
-    earlier, earlier_counts = frame(10)
+    earlier, earlier_counts = frame(20)
     for stats in (one_by_one, batched):
         stats.update(whole)  # a batch learnt whole (one entry)
         stats.update(earlier, earlier_counts)  # and one learnt block by block
-    batch, counts = frame(30)
+    batch, counts = frame(batch_blocks)
     wanted, start = [], 0
     for n in counts:
         part = batch.slice(start, n)
