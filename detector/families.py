@@ -409,7 +409,9 @@ class TxFamily:
         for b in fresh:
             self._seen_blocks.put(b.hash, 0.0)
         frame, counts = included_tx_frame(fresh, txs)
-        nows = dict(zip((b.hash for b in blocks), block_nows or [], strict=False))
+        nows: dict[str, float] = {}  # a block's clock at its first delivery, as `first`
+        for b, block_now in zip(blocks, block_nows or [], strict=False):
+            nows.setdefault(b.hash, block_now)
         as_of = AsOf.of(counts, [nows.get(b.hash, now) for b in fresh])
         x, ok = self._matrix(frame, now, as_of) if frame.height else (None, None)
         # a big batch is scored on other threads meanwhile: the bookkeeping below changes

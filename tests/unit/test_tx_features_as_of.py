@@ -162,3 +162,25 @@ def test_a_detector_scores_a_batch_of_blocks_as_it_scores_them_one_at_a_time(mon
     one_by_one = np.array(list(rows[1].values()))
     assert np.array_equal(batched, one_by_one)
     assert one_by_one[:, 7].max() > 0  # sender_rate: busy senders in the window
+
+
+def test_a_block_delivered_twice_in_a_batch_is_scored_at_its_first_delivery(monkeypatch):
+    """Two nodes deliver the same block in one batch: its txs read the state at the clock
+    of the first delivery (the one the family keeps), not the second's."""
+    from bench.synthetic import generate
+    from detector import families
+    from detector.families import FamilyConfig, TxFamily
+
+    block = generate(1, 20, seed=3)[0]
+    again = block.model_copy(update={"node": "second"})
+    seen: list[np.ndarray] = []
+    features = families.tx_features
+
+    def spy(*args, as_of=None, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(as_of.nows)
+        return features(*args, as_of=as_of, **kwargs)
+
+    monkeypatch.setattr(families, "tx_features", spy)
+    family = TxFamily(FamilyConfig(), kind="iforest", seed=1)
+    family.on_blocks([block, again], 5_000.0, block_nows=[1_000.0, 4_000.0])
+    assert [list(n) for n in seen] == [[1_000.0]]
