@@ -395,8 +395,9 @@ class TxFamily:
         `txs`: the batch's included txs as a tx frame when replay read them in columns
         (`included_tx_frame`); without it, the blocks' own `transactions`. `block_nows`:
         the clock as each block was processed (default `now`). A tx's features read the
-        fee market and its sender's rate as they were when its block came (`AsOf`), so a
-        batch of many blocks scores its txs as one block at a time would.
+        fee market, its sender's rate and its selector's count as they were when its
+        block came (`AsOf`), so a batch of many blocks scores its txs as one block at a
+        time would.
         """
         self.last_scored = None  # what this call scored, for the metrics: nothing yet
         first: dict[str, Block] = {}  # several nodes deliver a block: the first one wins

@@ -14,8 +14,9 @@ About 2 us per transaction on one core; threads take row ranges (the walk holds 
 
 The scores equal sklearn's `score_samples` bit for bit (tests compare): rows are rounded
 to float32 first and compared with the float64 thresholds as sklearn does, NaN goes
-right as in sklearn (`not x <= threshold`), and each row's leaf values are added tree 0,
-1, 2 ... into 0.0, sklearn's order. Pure computation, no I/O.
+where each tree sends missing values (sklearn's `missing_go_to_left`), and each row's
+leaf values are added tree 0, 1, 2 ... into 0.0, sklearn's order. Pure computation, no
+I/O.
 """
 
 from __future__ import annotations

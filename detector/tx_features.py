@@ -597,10 +597,8 @@ class _BatchWindow:
         x = np.asarray(x, dtype=np.float64)
         if len(window) == 0:
             return np.full(x.shape, np.nan)
-        q1, median, q3 = np.log(np.quantile(window, [0.25, 0.5, 0.75]) + floor)
-        scale = max((q3 - q1) / _IQR_TO_SIGMA, min_scale)
-        z = (np.log(np.maximum(x, 0.0) + floor) - median) / scale
-        return np.maximum(z, -LOG_Z_CLIP)
+        quartiles = np.quantile(window, [0.25, 0.5, 0.75])[None, :]
+        return _log_z(x, quartiles, np.zeros(len(x), dtype=np.int64), floor, min_scale)
 
 
 class FeeMarket:
@@ -716,7 +714,8 @@ class FeeMarket:
 def _log_z(
     x: np.ndarray, quartiles: np.ndarray, block: np.ndarray, floor: float, min_scale: float
 ) -> np.ndarray:
-    """`_BatchWindow.log_robust_z` with each row's own window's quartiles (one row each)."""
+    """Robust z of log(x + floor) against its window's (`_BatchWindow.log_robust_z`), each
+    row against the quartiles of window `block[row]` (one row of `quartiles` each)."""
     logs = np.log(quartiles + floor)
     scale = np.maximum((logs[:, 2] - logs[:, 0]) / _IQR_TO_SIGMA, min_scale)
     z = (np.log(np.maximum(x, 0.0) + floor) - logs[block, 1]) / scale[block]
@@ -833,10 +832,11 @@ class SelectorStats:
         # the window before block k holds the kept batches and rows_before[k] rows, less
         # the oldest whole entries that make up `excess[k]`
         excess = self.total + rows_before[:-1] - self.capacity
+        most = excess.max()
         leaving: list[tuple[list[str], list[int]]] = []
         left_before = [0]  # txs of the kept batches before each leaving one
         for batch, size in zip(self._batches, self._sizes, strict=True):
-            if left_before[-1] >= excess.max():
+            if left_before[-1] >= most:
                 break
             leaving.append(batch)
             left_before.append(left_before[-1] + size)
@@ -1033,8 +1033,9 @@ def tx_features(
     seen pending (no `pending_since` entry). `replacement_count` of an unknown hash is 0.
     Pending txs are priced against the latest block's base fee. `now` (default: the
     frame's latest `observed_at`) ends the sender-rate window. With `as_of` (a batch of
-    included txs) the fee features and the sender rate read the fee market and the
-    senders as they were when each row's block came, not as at the batch's start.
+    included txs) the fee features, the sender rate and the selector rarity read the fee
+    market, senders and selectors as they were when each row's block came, not as at
+    the batch's start.
     """
     now = _frame_now(frame, now)
     base = pl.coalesce(pl.col("base_fee_per_gas"), pl.lit(market.base_fee, pl.Float64))
