@@ -41,6 +41,7 @@ from detector.training import (
     train_block_model,
     train_tx_model,
 )
+from detector.warm_up import compile_in_background
 
 log = logging.getLogger("chainwatch")
 
@@ -115,6 +116,7 @@ def make_detector_service(rt: Runtime, sinks: list[Callable[[Finding], None]]) -
             ),
         ]
     pretrained = load_models(s.models) if s.models else None
+    compile_in_background()  # meanwhile: the first batch would wait ~10 s for it otherwise
     rt.detector = Detector(DetectorConfig.from_settings(s), rt.metrics, pretrained=pretrained)
     return DetectorService(rt.bus, rt.topics, rt.detector, rt.health, group=s.group, sinks=sinks)
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numba
 
+KERNELS: list[Any] = []  # every kernel compiled() made, for `detector.warm_up`'s checks
+
 
 def compiled(function: Callable[..., Any]) -> Any:
     """`function` compiled on first use (no GIL held while it runs), and cached on disk (in
@@ -14,6 +16,8 @@ def compiled(function: Callable[..., Any]) -> Any:
     written: compiling takes seconds, loading a fraction of one. Without one, each
     process compiles it again."""
     try:
-        return numba.njit(nogil=True, cache=True)(function)
+        kernel = numba.njit(nogil=True, cache=True)(function)
     except RuntimeError:  # numba found no directory to cache in
-        return numba.njit(nogil=True)(function)
+        kernel = numba.njit(nogil=True)(function)
+    KERNELS.append(kernel)
+    return kernel
