@@ -64,6 +64,9 @@ class DetectorConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     split_critical_blocks: int = 3
     families: FamilyConfig = field(default_factory=FamilyConfig)
+    # refit live models in a worker process while the next batch goes on (replay; see
+    # detector.fit_ahead): the same findings, less waiting
+    fit_ahead: bool = False
 
     @classmethod
     def from_settings(cls, s: Settings) -> DetectorConfig:
@@ -220,6 +223,7 @@ class Detector:
                 z_limit=c.z_limit,
                 kind=c.model_kind,
                 pretrained=self.pretrained.get("block"),
+                fit_ahead=c.fit_ahead,
             )
         return model
 
@@ -228,7 +232,7 @@ class Detector:
         if family is None:
             family = self.tx[chain_id] = TxFamily(
                 self.config.families, kind=self.config.model_kind, seed=self.config.seed,
-                pretrained=self.pretrained.get("tx"),
+                pretrained=self.pretrained.get("tx"), fit_ahead=self.config.fit_ahead,
             )
         return family
 
@@ -633,7 +637,7 @@ class Detector:
                 for node, score in last_score.items():
                     self.metrics.block_anomaly_score.labels(str(chain_id), node).set(score)
             if model.learn(x):
-                self.metrics.model_info.labels("block", model.detector.kind,
+                self.metrics.model_info.labels("block", model.kind,
                                                model.version or "unknown").set(1)
                 self.metrics.model_fits.labels(str(chain_id)).inc()
                 self.metrics.model_last_fit.labels(str(chain_id)).set(self.clock())

@@ -299,7 +299,7 @@ class TxFamily:
 
     def __init__(
         self, config: FamilyConfig, *, kind: str, seed: int,
-        pretrained: AnomalyDetector | None = None,
+        pretrained: AnomalyDetector | None = None, fit_ahead: bool = False,
     ) -> None:
         c = self.config = config
         self.market = FeeMarket()
@@ -310,7 +310,7 @@ class TxFamily:
             history=c.tx_history, contamination=c.tx_contamination, seed=seed,
             min_scale=TX_FEATURE_MIN_SCALE, z_limit=c.tx_min_deviation,
             tail_factor=c.tx_tail_factor, feature_cuts=c.tx_feature_cuts(), kind=kind,
-            family="tx", pretrained=pretrained,
+            family="tx", pretrained=pretrained, fit_ahead=fit_ahead,
         )
         self.pending_since = _Bounded(200_000)  # hash -> first seen, of txs pending now
         self.tip_percentile = _Bounded(200_000)  # hash -> fee percentile on arrival

@@ -12,9 +12,12 @@ what was evaluated is what runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from chainwatch.schema import FeatureDeviation
+from detector.fit_ahead import start_fit
 from detector.models import AnomalyDetector, Scored
 
 __all__ = ["BlockAnomalyModel", "Scored", "fits_within", "refit_interval"]
@@ -54,12 +57,17 @@ class BlockAnomalyModel:
         kind: str = "iforest",
         family: str = "block",
         pretrained: AnomalyDetector | None = None,
+        fit_ahead: bool = False,
     ) -> None:
         self.feature_names = feature_names
         self.warmup = warmup
         self.refit_every = refit_every
         self.frozen = pretrained is not None
-        self.detector = pretrained or AnomalyDetector(
+        self.fit_ahead = fit_ahead  # refits in a worker process (`detector.fit_ahead`)
+        # a refit under way (fit_ahead): called, it gives the refitted model
+        self._refit: Callable[[], AnomalyDetector] | None = None
+        self._refit_version: str | None = None
+        self._detector = pretrained or AnomalyDetector(
             family, feature_names, kind=kind, contamination=contamination, seed=seed,
             n_estimators=n_estimators, min_scale=min_scale, z_limit=z_limit,
             tail_factor=tail_factor, median_scale=median_scale, feature_cuts=feature_cuts,
@@ -105,16 +113,28 @@ class BlockAnomalyModel:
         self._count = min(self._count + n, self._capacity)
 
     @property
+    def detector(self) -> AnomalyDetector:
+        """The model as of the last fit (waiting for a refit under way)."""
+        if self._refit is not None:
+            self._detector, self._refit = self._refit(), None
+        return self._detector
+
+    @property
     def fitted(self) -> bool:
-        return self.detector.fitted
+        return self._refit is not None or self._detector.fitted
 
     @property
     def version(self) -> str | None:
-        return self.detector.version
+        """The version of the last fit (known before a refit under way ends)."""
+        return self._refit_version if self._refit is not None else self._detector.version
+
+    @property
+    def kind(self) -> str:
+        return self._detector.kind
 
     def score(self, x: np.ndarray) -> Scored | None:
         """Score rows with the current model (None while warming up)."""
-        if not self.detector.fitted or len(x) == 0:
+        if len(x) == 0 or not self.fitted:
             return None
         return self.detector.score(x)
 
@@ -125,11 +145,17 @@ class BlockAnomalyModel:
         self._remember(x)
         self._since_fit += len(x)
         self._seen += len(x)
-        due = (not self.detector.fitted and self._count >= self.warmup) or (
-            self.detector.fitted and self._since_fit >= self._next_fit
+        due = (not self.fitted and self._count >= self.warmup) or (
+            self.fitted and self._since_fit >= self._next_fit
         )
         if due:
-            self.detector.fit(self._window(), {"source": "live", "rows": self._count})
+            window = {"source": "live", "rows": self._count}
+            if self.fit_ahead:  # (a refit still under way is superseded: same config)
+                train = self._window()
+                self._refit = start_fit(self._detector, train, window)
+                self._refit_version = self._detector.version_of(train)
+            else:
+                self.detector.fit(self._window(), window)
             self._since_fit = 0
             self._next_fit = refit_interval(self._seen, self.warmup, self.refit_every)
             self.fits += 1

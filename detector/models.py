@@ -249,6 +249,15 @@ class AnomalyDetector:
     def fitted(self) -> bool:
         return self._estimator is not None
 
+    def blank(self) -> AnomalyDetector:
+        """An unfitted model configured as this one (what a refit starts from)."""
+        return AnomalyDetector(
+            self.family, self.feature_names, kind=self.kind, contamination=self.contamination,
+            seed=self.seed, n_estimators=self.n_estimators, min_scale=tuple(self._min_scale),
+            z_limit=self.z_limit, tail_factor=self.tail_factor,
+            median_scale=tuple(self._median_scale), feature_cuts=tuple(self._own_cuts()),
+        )
+
     def fit(self, train: np.ndarray, training_window: dict[str, Any] | None = None) -> None:
         estimator = make_estimator(self.kind, self.contamination, self.seed, self.n_estimators)
         with warnings.catch_warnings():
@@ -271,8 +280,12 @@ class AnomalyDetector:
         self._estimator = estimator
         self.trained_rows = len(train)
         self.training_window = dict(training_window or {})
+        self.version = self.version_of(train)
+
+    def version_of(self, train: np.ndarray) -> str:
+        """The version a fit on `train` gets: family, kind, rows, seed and the rows' hash."""
         digest = hashlib.sha256(train.tobytes()).hexdigest()[:8]
-        self.version = f"{self.family}-{self.kind}-n{len(train)}-s{self.seed}-{digest}"
+        return f"{self.family}-{self.kind}-n{len(train)}-s{self.seed}-{digest}"
 
     def _raw(self, x: np.ndarray) -> np.ndarray:
         """The estimator's decision_function (higher = more abnormal).

@@ -13,7 +13,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ log = logging.getLogger("chainwatch.replay")
 
 
 def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
-    """The live detector, configured as `chainwatch detect` would be, on the replayed clock."""
+    """The live detector, configured as `chainwatch detect` would be, on the replayed clock;
+    live models refit in a worker process while the replay goes on (the same findings)."""
     return Detector(
-        DetectorConfig.from_settings(settings),
+        replace(DetectorConfig.from_settings(settings), fit_ahead=True),
         Metrics(),
         clock=clock,
         pretrained=load_models(settings.models) if settings.models else None,

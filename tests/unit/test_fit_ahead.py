@@ -1,0 +1,103 @@
+"""Refits in a worker process give the models, scores and findings that fitting inline
+gives; a worker that dies costs its fit nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from bench.synthetic import generate
+from chainwatch.metrics import Metrics
+from detector import fit_ahead
+from detector.engine import Detector, DetectorConfig
+from detector.model import BlockAnomalyModel
+
+
+@pytest.fixture
+def small_fits_ahead(monkeypatch):
+    """Hand even the tests' small fits to the worker process."""
+    monkeypatch.setattr(fit_ahead, "FIT_AHEAD_MIN_ROWS", 50)
+
+
+def _stream(seed: int, batches: int, rows: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = [rng.normal(size=(rows, 3)) for _ in range(batches)]
+    for i, batch in enumerate(out):  # a few clear outliers along the way
+        batch[i % rows] += 40.0
+    return out
+
+
+def _run(model: BlockAnomalyModel, stream: list[np.ndarray]) -> list[tuple]:
+    """Score then learn each batch, as the detector does; what each step saw."""
+    seen = []
+    for x in stream:
+        scored = model.score(x)
+        seen.append((None if scored is None else (scored.scores.tolist(),
+                                                  scored.anomalous.tolist()),
+                     model.version, model.fitted))
+        model.learn(x)
+    return seen
+
+
+def _model(fit_in_worker: bool) -> BlockAnomalyModel:
+    return BlockAnomalyModel(("a", "b", "c"), warmup=60, refit_every=150, history=200,
+                             fit_ahead=fit_in_worker)
+
+
+def test_a_model_refitted_in_the_worker_scores_as_one_refitted_inline(small_fits_ahead):
+    stream = _stream(1, 30, 40)
+    inline, ahead = _model(False), _model(True)
+    assert _run(ahead, stream) == _run(inline, stream)
+    assert ahead.fits == inline.fits >= 5
+    assert ahead.detector.version == inline.detector.version
+    assert fit_ahead._pool is not None  # the worker really fitted
+
+
+def test_the_version_of_a_refit_under_way_is_known_before_it_ends(small_fits_ahead):
+    model = _model(True)
+    for x in _stream(2, 2, 40):
+        model.learn(x)
+    assert model._refit is not None  # under way
+    version = model.version
+    assert model._refit is not None  # asking did not wait
+    assert model.detector.version == version
+
+
+def test_a_worker_that_dies_costs_its_fit_nothing(small_fits_ahead):
+    stream = _stream(3, 12, 40)
+    inline = _model(False)
+    wanted = _run(inline, stream)
+    model = _model(True)
+    got = _run(model, stream[:4])
+    assert model._refit is not None or model.fits >= 1
+    model.detector  # noqa: B018 - the worker is up and idle
+    for pid in list(fit_ahead._worker_pool()._processes):
+        os.kill(pid, signal.SIGKILL)
+    got += _run(model, stream[4:])
+    assert got == wanted
+    assert model.fits == inline.fits
+
+
+def test_a_detector_fitting_ahead_finds_what_one_fitting_inline_finds(small_fits_ahead):
+    blocks = generate(90, 30, seed=5)
+    for n in (80, 86):  # a fee far outside the market, once the tx model is fitted
+        txs = list(blocks[n].transactions)
+        txs[3] = txs[3].model_copy(update={"max_fee_per_gas": 10**15, "tx_type": 2,
+                                           "max_priority_fee_per_gas": 10**15 - 10**9})
+        blocks[n] = blocks[n].model_copy(update={"transactions": tuple(txs)})
+    findings = {}
+    for ahead in (False, True):
+        detector = Detector(DetectorConfig(warmup_blocks=20, refit_every_blocks=25,
+                                           fit_ahead=ahead), Metrics(),
+                            clock=lambda: 1_700_002_000.0)
+        found = []
+        for start in range(0, len(blocks), 9):
+            found += detector.process(blocks[start:start + 9])
+        findings[ahead] = [f.model_dump_json() for f in found]
+        fits = (detector.models[1].fits, detector.tx[1].model.fits)
+        assert fits[0] >= 3 and fits[1] >= 1, fits
+    assert findings[True] == findings[False]
+    assert sum('"tx_iforest"' in f for f in findings[False]) == 2
