@@ -12,8 +12,9 @@ blocks from bench/synthetic.py: 10 seeded chunks of 1,000 blocks are generated o
 cycled with new heights, hashes and times (generation costs ~5 ms per block). `run`
 replays it exactly as `chainwatch replay DIR` does (archive source -> decode -> the live
 Detector -> findings), without writing a report, and prints figures plus VmHWM (peak RSS)
-of its own process. `detector` feeds pre-decoded blocks to the Detector only, to separate
-decoding from detection. `decode` and `detector` run under the garbage-collector setting
+of its own process and the peak PSS of it and its fit-ahead worker together (sampled).
+`detector` feeds pre-decoded blocks to the Detector only, to separate decoding from
+detection. `decode` and `detector` run under the garbage-collector setting
 replay uses (`replay.driver.fewer_collections`; `--default-gc` for CPython's own).
 `steps` replays like `run` and reports the wall seconds spent in each step of the
 detector (timers around the methods, on the thread that runs them), and how long the
@@ -53,6 +54,47 @@ def _peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tree_pss_mb() -> float:
+    """Proportional set size of this process and its children, added up: what they hold
+    in memory together, pages they share (the libraries a fit-ahead worker maps too)
+    counted once. (Their RSS figures, added, would count those twice.)"""
+    pids = ["self"] + [pid for children in Path("/proc/self/task").glob("*/children")
+                       for pid in children.read_text().split()]
+    total = 0.0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # gone meanwhile, or no smaps_rollup (not Linux 4.14+)
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in rollup.splitlines()
+                     if line.startswith("Pss:"))
+    return total
+
+
+class _PeakSampler:
+    """Samples `_tree_pss_mb` on a thread every `every` seconds and keeps the highest."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        import threading
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, _tree_pss_mb())
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = max(self.peak, _tree_pss_mb())
+        self._stop.set()
+        self._thread.join()
 
 
 def recycled(
@@ -141,8 +183,9 @@ def run(directory: Path, warmup: int) -> dict[str, object]:
     from replay.app import ReplayOptions, run_replay
 
     started = time.monotonic()
-    stats = run_replay(load_settings(warmup_blocks=warmup), str(directory),
-                       ReplayOptions(out=None, progress=True), echo=lambda line: None)
+    with _PeakSampler() as memory:
+        stats = run_replay(load_settings(warmup_blocks=warmup), str(directory),
+                           ReplayOptions(out=None, progress=True), echo=lambda line: None)
     wall = time.monotonic() - started
     figures = {
         "records": stats.records,
@@ -154,6 +197,8 @@ def run(directory: Path, warmup: int) -> dict[str, object]:
         "blocks_per_s": round(stats.blocks / wall),
         "txs_per_s": round(stats.transactions / wall),
         "peak_rss_mb": round(_peak_rss_mb()),
+        # with its fit-ahead worker (live models), sampled every 0.25 s
+        "peak_pss_with_workers_mb": round(memory.peak),
     }
     return figures
 
