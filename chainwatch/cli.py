@@ -6,8 +6,12 @@ non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -346,7 +350,27 @@ def replay(
     )
     if batch is not None and per_block:
         raise ConfigError("--batch and --per-block exclude each other: give one")
-    run_replay(settings, source, options, echo=typer.echo)
+    with _sigterm_exits():
+        run_replay(settings, source, options, echo=typer.echo)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends the command as Ctrl-C does, through its clean-up (a replay's fit-ahead
+    worker shut down, its resource tracker told) instead of killing the process where
+    it stands; exit status 143 (128 + SIGTERM), as the default action gives."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @app.command()
@@ -398,7 +422,8 @@ def version() -> None:
 def main() -> None:
     """Entry point: one-line errors instead of tracebacks for problems users can fix."""
     try:
-        app(standalone_mode=False)
+        # typer, not standalone, turns Ctrl-C (and `typer.Exit(n)`) into a returned code
+        code = app(standalone_mode=False)
     except ChainwatchError as exc:
         typer.echo(f"chainwatch: error: {exc}", err=True)
         sys.exit(2)
@@ -413,6 +438,8 @@ def main() -> None:
             raise
         typer.echo(f"chainwatch: error: {format_message()}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

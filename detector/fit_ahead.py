@@ -11,12 +11,20 @@ for batch: only the waiting moves.
 
 A live service refits every few hours and does not need this: it keeps fitting inline,
 without a worker process and the ~200 MB it would hold.
+
+The worker leaves Ctrl-C to the replay (which shuts it down as it exits) and exits by
+itself when the replay's process is gone, however it ended. As with any spawned worker,
+a script that runs a replay needs the `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -41,13 +49,29 @@ def _fitted(blank: AnomalyDetector, train: np.ndarray,
     return blank
 
 
+def _start_worker(parent: int) -> None:
+    """In the worker, first: Ctrl-C reaches the whole foreground process group, and it is
+    the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
+    wait for work forever (it holds its queue's both ends)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent",
+                     daemon=True).start()
+
+
+def _exit_with(parent: int, every: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
+
+
 def _worker_pool() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         # spawned, not forked: the detector's process runs thread pools (polars, the
         # forest walk) whose locks a fork could copy held
         _pool = ProcessPoolExecutor(max_workers=1,
-                                    mp_context=multiprocessing.get_context("spawn"))
+                                    mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_start_worker, initargs=(os.getpid(),))
     return _pool
 
 

@@ -1,0 +1,109 @@
+"""A replay with live models stopped midway (Ctrl-C, SIGTERM, SIGKILL) ends cleanly:
+the exit status says so, no traceback reaches the user, and its fit-ahead worker
+process does not outlive it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.synthetic import generate
+from chainwatch.schema import encode
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory) -> Path:
+    """400 blocks of ~40 txs over ~80 recorded minutes: the tx model's first fit (2,000
+    rows) goes to the worker; at --speed 400 the replay lasts ~12 s."""
+    path = tmp_path_factory.mktemp("interrupt") / "history.jsonl"
+    path.write_bytes(b"\n".join(encode(b) for b in generate(400, 40, seed=3)) + b"\n")
+    return path
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def _worker_of(pid: int) -> int | None:
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except OSError:
+                continue
+    return None
+
+
+def _replay_until_its_worker_runs(history: Path, out: Path) -> subprocess.Popen[str]:
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "chainwatch.cli", "replay", str(history), "--speed", "400",
+         "--no-progress", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while _worker_of(replay.pid) is None:
+        if replay.poll() is not None or time.monotonic() > deadline:
+            replay.kill()
+            pytest.fail(f"no fit-ahead worker started: {replay.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+    time.sleep(0.5)  # a batch or two on
+    return replay
+
+
+def _ended(replay: subprocess.Popen[str]) -> tuple[int, str]:
+    """Exit status and stderr; every process of the replay's group gone within 10 s."""
+    try:
+        _, err = replay.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while _group(replay.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _group(replay.pid)
+        assert not left, f"processes left behind: {left}"
+        return replay.returncode, err
+    finally:
+        for pid in [replay.pid, *_group(replay.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_ends_a_replay_with_status_130_and_no_traceback(history, tmp_path):
+    replay = _replay_until_its_worker_runs(history, tmp_path / "out")
+    os.killpg(replay.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
+    status, err = _ended(replay)
+    assert status == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_sigterm_ends_a_replay_through_its_clean_up(history, tmp_path):
+    replay = _replay_until_its_worker_runs(history, tmp_path / "out")
+    replay.terminate()  # the replay's process alone
+    status, err = _ended(replay)
+    assert status == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    assert "leaked" not in err  # the resource tracker was told
+
+
+def test_the_worker_of_a_killed_replay_exits_too(history, tmp_path):
+    replay = _replay_until_its_worker_runs(history, tmp_path / "out")
+    replay.kill()
+    status, _ = _ended(replay)  # asserts the worker is gone
+    assert status == -signal.SIGKILL
