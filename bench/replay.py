@@ -256,6 +256,13 @@ def steps(
         return timed(start_scoring(self, x), "waiting for the scoring thread")
 
     families.TxFamily._start_scoring = start
+    model = importlib.import_module("detector.model")
+    start_fit = model.start_fit
+
+    def fit(*args: Any, **kwargs: Any) -> Callable[[], Any]:
+        return timed(start_fit(*args, **kwargs), "waiting for a refit (fit-ahead)")
+
+    model.start_fit = fit
     app = importlib.import_module("replay.app")  # make_detector is looked up there
     started = time.monotonic()
     stats = app.run_replay(

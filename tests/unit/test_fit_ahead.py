@@ -13,6 +13,7 @@ from bench.synthetic import generate
 from chainwatch.metrics import Metrics
 from detector import fit_ahead
 from detector.engine import Detector, DetectorConfig
+from detector.families import FamilyConfig
 from detector.model import BlockAnomalyModel
 
 
@@ -101,3 +102,37 @@ def test_a_detector_fitting_ahead_finds_what_one_fitting_inline_finds(small_fits
         assert fits[0] >= 3 and fits[1] >= 1, fits
     assert findings[True] == findings[False]
     assert sum('"tx_iforest"' in f for f in findings[False]) == 2
+
+
+def _outlying_fees(blocks: list, numbers: tuple[int, ...]) -> list:
+    """Blocks with one tx each paying a fee far outside the market."""
+    blocks = list(blocks)
+    for n in numbers:
+        txs = list(blocks[n].transactions)
+        txs[3] = txs[3].model_copy(update={"max_fee_per_gas": 10**15, "tx_type": 2,
+                                           "max_priority_fee_per_gas": 10**15 - 10**9})
+        blocks[n] = blocks[n].model_copy(update={"transactions": tuple(txs)})
+    return blocks
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_batch_is_scored_by_the_model_before_the_refit_it_sets_off(small_fits_ahead, ahead):
+    """A batch's findings come from the model as it was before the batch, also when the
+    batch makes a refit due (in a worker or inline): refitting every batch here, each
+    finding names the version that scored it."""
+    blocks = _outlying_fees(generate(60, 30, seed=5), (30, 41, 52))
+    families = FamilyConfig(tx_warmup=200, tx_refit_every=200)
+    detector = Detector(DetectorConfig(families=families, fit_ahead=ahead), Metrics(),
+                        clock=lambda: 1_700_002_000.0)
+    flagged = 0
+    for start in range(0, len(blocks), 9):
+        model = detector.tx[1].model if 1 in detector.tx else None
+        before = model.version if model is not None else None
+        found = [f for f in detector.process(blocks[start:start + 9])
+                 if f.detector == "tx_iforest"]
+        after = detector.tx[1].model.version
+        for finding in found:
+            assert finding.model_version == before != after
+        flagged += len(found)
+    assert flagged >= 2
+
