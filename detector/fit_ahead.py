@@ -40,6 +40,7 @@ log = logging.getLogger("chainwatch.detector")
 FIT_AHEAD_MIN_ROWS = 1_000
 
 _pool: ProcessPoolExecutor | None = None
+_up: Future[None] | None = None  # done once the worker has its libraries loaded
 
 
 def _fitted(blank: AnomalyDetector, train: np.ndarray,
@@ -64,6 +65,37 @@ def _exit_with(parent: int, every: float = 0.5) -> None:
     os._exit(0)
 
 
+def _load() -> None:
+    """In the worker: a tiny fit, so that its libraries (sklearn, PyOD, the compiled
+    forest walk) are loaded before its first real fit."""
+    rows = np.random.default_rng(0).normal(size=(64, 2))
+    AnomalyDetector("warm-up", ("a", "b"), kind="iforest", n_estimators=2).fit(rows)
+
+
+def start_worker() -> Future[None]:
+    """Start the worker process in the background (if not started); the result is done
+    once it is up. Until then refits run inline, so a replay never waits for the worker's
+    ~1.5 s of start-up, which a short replay would not win back."""
+    global _up
+    if _up is None:
+        _up = _worker_pool().submit(_load)
+    return _up
+
+
+def _worker_up() -> bool:
+    global _pool, _up
+    try:
+        up = start_worker()
+        if up.done():
+            up.result()  # raises if the worker died starting
+            return True
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        _pool = _up = None
+        log.warning("starting the fitting worker process failed; fitting inline",
+                    extra={"error": f"{type(exc).__name__}: {exc}"})
+    return False
+
+
 def _worker_pool() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
@@ -80,27 +112,28 @@ def start_fit(
 ) -> Callable[[], AnomalyDetector]:
     """Begin fitting a model configured as `model` on `train`; call the result for it.
 
-    Small fits run here at once. A worker that died (killed, out of memory) costs its
-    fit nothing: that fit runs inline, and the next one starts a new worker."""
+    Small fits, and fits while the worker is starting (`start_worker`), run here at
+    once. A worker that died (killed, out of memory) costs its fit nothing: that fit runs
+    inline, and a new worker starts."""
     blank = model.blank()
-    if len(train) < FIT_AHEAD_MIN_ROWS:
+    if len(train) < FIT_AHEAD_MIN_ROWS or not _worker_up():
         fitted = _fitted(blank, train, window)
         return lambda: fitted
-    global _pool
+    global _pool, _up
     try:
         future: Future[AnomalyDetector] = _worker_pool().submit(_fitted, blank, train, window)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        _pool = None
+        _pool = _up = None
         log.warning("fitting in a worker process failed; fitting inline",
                     extra={"error": f"{type(exc).__name__}: {exc}"})
         return lambda: _fitted(blank, train, window)
 
     def result() -> AnomalyDetector:
-        global _pool
+        global _pool, _up
         try:
             return future.result()
         except BrokenProcessPool as exc:
-            _pool = None
+            _pool = _up = None
             log.warning("the fitting worker process died; fitting inline",
                         extra={"error": f"{type(exc).__name__}: {exc}"})
             return _fitted(blank, train, window)

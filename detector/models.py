@@ -107,13 +107,17 @@ _pool: ThreadPoolExecutor | None = None
 _compiled: weakref.WeakKeyDictionary[Any, CompiledForest] = weakref.WeakKeyDictionary()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity: a container's cpuset, `taskset`)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
 def scoring_threads() -> int:
     """Threads for scoring big batches: the CPUs this process may use, at most 4."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 4))
+    return min(usable_cpus(), 4)
 
 
 def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:

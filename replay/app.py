@@ -25,6 +25,8 @@ from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
 from detector.engine import Detector, DetectorConfig
 from detector.evaluation import Evaluation, RunRecorder, evaluate
+from detector.fit_ahead import start_worker
+from detector.models import usable_cpus
 from detector.training import load_models
 from replay.archive import (
     ArchiveConfig,
@@ -45,10 +47,15 @@ log = logging.getLogger("chainwatch.replay")
 
 
 def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
-    """The live detector, configured as `chainwatch detect` would be, on the replayed clock;
-    live models refit in a worker process while the replay goes on (the same findings)."""
+    """The live detector, configured as `chainwatch detect` would be, on the replayed clock.
+    With two CPUs or more, live models refit in a worker process while the replay goes
+    on (the same findings); on one, the worker would only take turns with the replay.
+    Trained models (--models) never refit: no worker then."""
+    fit_ahead = usable_cpus() >= 2 and not settings.models
+    if fit_ahead:
+        start_worker()  # boots while the replay opens its source and warms up
     return Detector(
-        replace(DetectorConfig.from_settings(settings), fit_ahead=True),
+        replace(DetectorConfig.from_settings(settings), fit_ahead=fit_ahead),
         Metrics(),
         clock=clock,
         pretrained=load_models(settings.models) if settings.models else None,

@@ -19,8 +19,9 @@ from detector.model import BlockAnomalyModel
 
 @pytest.fixture
 def small_fits_ahead(monkeypatch):
-    """Hand even the tests' small fits to the worker process."""
+    """Hand even the tests' small fits to the worker process, once it is up."""
     monkeypatch.setattr(fit_ahead, "FIT_AHEAD_MIN_ROWS", 50)
+    fit_ahead.start_worker().result(timeout=120)
 
 
 def _stream(seed: int, batches: int, rows: int) -> list[np.ndarray]:
@@ -136,3 +137,34 @@ def test_a_batch_is_scored_by_the_model_before_the_refit_it_sets_off(small_fits_
         flagged += len(found)
     assert flagged >= 2
 
+
+
+@pytest.mark.parametrize(("cpus", "ahead"), [({0}, False), ({0, 1}, True), ({0, 3, 5}, True)])
+def test_replay_fits_ahead_only_with_a_second_cpu_to_fit_on(monkeypatch, cpus, ahead):
+    from chainwatch.settings import load_settings
+    from replay.app import make_detector
+    from replay.driver import ReplayClock
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    monkeypatch.setattr(fit_ahead, "_pool", None)  # (the module's worker, put back after)
+    monkeypatch.setattr(fit_ahead, "_up", None)
+    detector = make_detector(load_settings(), ReplayClock())
+    assert detector.config.fit_ahead is ahead
+    assert (fit_ahead._up is not None) is ahead  # the worker is started only to be used
+    if fit_ahead._pool is not None:
+        fit_ahead._pool.shutdown()
+
+
+def test_fits_while_the_worker_starts_run_inline_without_waiting(monkeypatch):
+    from concurrent.futures import Future
+
+    def no_pool():
+        raise AssertionError("handed to a worker that is not up")
+
+    monkeypatch.setattr(fit_ahead, "start_worker", Future)  # never done: still starting
+    monkeypatch.setattr(fit_ahead, "_worker_pool", no_pool)
+    train = np.random.default_rng(6).normal(size=(2_000, 3))
+    inline = _model(False).detector.blank()
+    inline.fit(train)
+    got = fit_ahead.start_fit(inline.blank(), train)()
+    assert got.version == inline.version and got.fitted
