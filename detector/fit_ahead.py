@@ -10,7 +10,7 @@ it. The model is the same, fitted on the same rows, so the findings are the same
 for batch: only the waiting moves.
 
 A live service refits every few hours and does not need this: it keeps fitting inline,
-without a worker process and the ~200 MB it would hold.
+without a worker process and the ~130 MB of its own it would hold.
 
 The worker leaves Ctrl-C to the replay (which shuts it down as it exits) and exits by
 itself when the replay's process is gone, however it ended. As with any spawned worker,
@@ -41,6 +41,7 @@ FIT_AHEAD_MIN_ROWS = 1_000
 
 _pool: ProcessPoolExecutor | None = None
 _up: Future[None] | None = None  # done once the worker has its libraries loaded
+_gave_up = False  # a worker could not start here: every fit inline from then on
 
 
 def _fitted(blank: AnomalyDetector, train: np.ndarray,
@@ -72,28 +73,39 @@ def _load() -> None:
     AnomalyDetector("warm-up", ("a", "b"), kind="iforest", n_estimators=2).fit(rows)
 
 
-def start_worker() -> Future[None]:
+def start_worker() -> Future[None] | None:
     """Start the worker process in the background (if not started); the result is done
-    once it is up. Until then refits run inline, so a replay never waits for the worker's
-    ~1.5 s of start-up, which a short replay would not win back."""
+    once it is up, None if no worker can start here. Until it is up refits run inline,
+    so a replay never waits for the worker's ~1.5 s of start-up, which a short replay
+    would not win back."""
     global _up
-    if _up is None:
-        _up = _worker_pool().submit(_load)
+    if _up is None and not _gave_up:
+        try:
+            _up = _worker_pool().submit(_load)
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            _give_up(exc)
     return _up
 
 
+def _give_up(exc: BaseException) -> None:
+    """No second try: a worker that cannot start (no memory for it, a script without the
+    main guard) would fail again on every refit."""
+    global _pool, _up, _gave_up
+    _pool, _up, _gave_up = None, None, True
+    log.warning("the fitting worker process could not start; fitting inline from now on",
+                extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
 def _worker_up() -> bool:
-    global _pool, _up
+    up = start_worker()
+    if up is None or not up.done():
+        return False
     try:
-        up = start_worker()
-        if up.done():
-            up.result()  # raises if the worker died starting
-            return True
+        up.result()
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        _pool = _up = None
-        log.warning("starting the fitting worker process failed; fitting inline",
-                    extra={"error": f"{type(exc).__name__}: {exc}"})
-    return False
+        _give_up(exc)
+        return False
+    return True
 
 
 def _worker_pool() -> ProcessPoolExecutor:
@@ -113,8 +125,8 @@ def start_fit(
     """Begin fitting a model configured as `model` on `train`; call the result for it.
 
     Small fits, and fits while the worker is starting (`start_worker`), run here at
-    once. A worker that died (killed, out of memory) costs its fit nothing: that fit runs
-    inline, and a new worker starts."""
+    once. A worker that died after it was up (killed, out of memory) costs its fit
+    nothing: that fit runs inline, and a new worker starts."""
     blank = model.blank()
     if len(train) < FIT_AHEAD_MIN_ROWS or not _worker_up():
         fitted = _fitted(blank, train, window)

@@ -168,3 +168,23 @@ def test_fits_while_the_worker_starts_run_inline_without_waiting(monkeypatch):
     inline.fit(train)
     got = fit_ahead.start_fit(inline.blank(), train)()
     assert got.version == inline.version and got.fitted
+
+
+def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, caplog):
+    starts = []
+
+    def cannot_start():
+        starts.append(1)
+        raise RuntimeError("no process can be started here")
+
+    monkeypatch.setattr(fit_ahead, "_pool", None)
+    monkeypatch.setattr(fit_ahead, "_up", None)
+    monkeypatch.setattr(fit_ahead, "_gave_up", False)
+    monkeypatch.setattr(fit_ahead, "_worker_pool", cannot_start)
+    train = np.random.default_rng(7).normal(size=(2_000, 3))
+    inline = _model(False).detector.blank()
+    inline.fit(train)
+    for _ in range(3):
+        assert fit_ahead.start_fit(inline.blank(), train)().version == inline.version
+    assert starts == [1]
+    assert sum("could not start" in r.getMessage() for r in caplog.records) == 1
