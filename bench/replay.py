@@ -33,6 +33,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -77,8 +78,6 @@ class _PeakSampler:
     """Samples `_tree_pss_mb` on a thread every `every` seconds and keeps the highest."""
 
     def __init__(self, every: float = 0.25) -> None:
-        import threading
-
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)

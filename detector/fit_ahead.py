@@ -42,6 +42,7 @@ FIT_AHEAD_MIN_ROWS = 1_000
 _pool: ProcessPoolExecutor | None = None
 _up: Future[None] | None = None  # done once the worker has its libraries loaded
 _gave_up = False  # a worker could not start here: every fit inline from then on
+_CANNOT_START = "the fitting worker process could not start; fitting inline from now on"
 
 
 def _fitted(blank: AnomalyDetector, train: np.ndarray,
@@ -83,17 +84,18 @@ def start_worker() -> Future[None] | None:
         try:
             _up = _worker_pool().submit(_load)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            _give_up(exc)
+            _forget_worker(exc, _CANNOT_START, for_good=True)
     return _up
 
 
-def _give_up(exc: BaseException) -> None:
-    """No second try: a worker that cannot start (no memory for it, a script without the
-    main guard) would fail again on every refit."""
+def _forget_worker(exc: BaseException, what: str, *, for_good: bool = False) -> None:
+    """Drop the worker: the next fit starts a new one, or, `for_good`, none again (a
+    worker that cannot start, for want of memory or in a script without the main guard,
+    would fail again on every refit)."""
     global _pool, _up, _gave_up
-    _pool, _up, _gave_up = None, None, True
-    log.warning("the fitting worker process could not start; fitting inline from now on",
-                extra={"error": f"{type(exc).__name__}: {exc}"})
+    _pool, _up = None, None
+    _gave_up = _gave_up or for_good
+    log.warning(what, extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _worker_up() -> bool:
@@ -103,7 +105,7 @@ def _worker_up() -> bool:
     try:
         up.result()
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        _give_up(exc)
+        _forget_worker(exc, _CANNOT_START, for_good=True)
         return False
     return True
 
@@ -131,23 +133,17 @@ def start_fit(
     if len(train) < FIT_AHEAD_MIN_ROWS or not _worker_up():
         fitted = _fitted(blank, train, window)
         return lambda: fitted
-    global _pool, _up
     try:
         future: Future[AnomalyDetector] = _worker_pool().submit(_fitted, blank, train, window)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        _pool = _up = None
-        log.warning("fitting in a worker process failed; fitting inline",
-                    extra={"error": f"{type(exc).__name__}: {exc}"})
+        _forget_worker(exc, "fitting in a worker process failed; fitting inline")
         return lambda: _fitted(blank, train, window)
 
     def result() -> AnomalyDetector:
-        global _pool, _up
         try:
             return future.result()
         except BrokenProcessPool as exc:
-            _pool = _up = None
-            log.warning("the fitting worker process died; fitting inline",
-                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            _forget_worker(exc, "the fitting worker process died; fitting inline")
             return _fitted(blank, train, window)
 
     return result

@@ -15,6 +15,7 @@ from detector import fit_ahead
 from detector.engine import Detector, DetectorConfig
 from detector.families import FamilyConfig
 from detector.model import BlockAnomalyModel
+from detector.models import AnomalyDetector
 
 
 @pytest.fixture
@@ -22,6 +23,14 @@ def small_fits_ahead(monkeypatch):
     """Hand even the tests' small fits to the worker process, once it is up."""
     monkeypatch.setattr(fit_ahead, "FIT_AHEAD_MIN_ROWS", 50)
     fit_ahead.start_worker().result(timeout=120)
+
+
+@pytest.fixture
+def no_worker_yet(monkeypatch):
+    """The module as in a fresh process (its own worker put back after the test)."""
+    monkeypatch.setattr(fit_ahead, "_pool", None)
+    monkeypatch.setattr(fit_ahead, "_up", None)
+    monkeypatch.setattr(fit_ahead, "_gave_up", False)
 
 
 def _stream(seed: int, batches: int, rows: int) -> list[np.ndarray]:
@@ -47,6 +56,12 @@ def _run(model: BlockAnomalyModel, stream: list[np.ndarray]) -> list[tuple]:
 def _model(fit_in_worker: bool) -> BlockAnomalyModel:
     return BlockAnomalyModel(("a", "b", "c"), warmup=60, refit_every=150, history=200,
                              fit_ahead=fit_in_worker)
+
+
+def _fitted_inline(train: np.ndarray) -> AnomalyDetector:
+    detector = _model(False).detector.blank()
+    detector.fit(train)
+    return detector
 
 
 def test_a_model_refitted_in_the_worker_scores_as_one_refitted_inline(small_fits_ahead):
@@ -83,13 +98,19 @@ def test_a_worker_that_dies_costs_its_fit_nothing(small_fits_ahead):
     assert model.fits == inline.fits
 
 
-def test_a_detector_fitting_ahead_finds_what_one_fitting_inline_finds(small_fits_ahead):
-    blocks = generate(90, 30, seed=5)
-    for n in (80, 86):  # a fee far outside the market, once the tx model is fitted
+def _outlying_fees(blocks: list, numbers: tuple[int, ...]) -> list:
+    """Blocks with one tx each paying a fee far outside the market."""
+    blocks = list(blocks)
+    for n in numbers:
         txs = list(blocks[n].transactions)
         txs[3] = txs[3].model_copy(update={"max_fee_per_gas": 10**15, "tx_type": 2,
                                            "max_priority_fee_per_gas": 10**15 - 10**9})
         blocks[n] = blocks[n].model_copy(update={"transactions": tuple(txs)})
+    return blocks
+
+
+def test_a_detector_fitting_ahead_finds_what_one_fitting_inline_finds(small_fits_ahead):
+    blocks = _outlying_fees(generate(90, 30, seed=5), (80, 86))  # once the model is fitted
     findings = {}
     for ahead in (False, True):
         detector = Detector(DetectorConfig(warmup_blocks=20, refit_every_blocks=25,
@@ -103,17 +124,6 @@ def test_a_detector_fitting_ahead_finds_what_one_fitting_inline_finds(small_fits
         assert fits[0] >= 3 and fits[1] >= 1, fits
     assert findings[True] == findings[False]
     assert sum('"tx_iforest"' in f for f in findings[False]) == 2
-
-
-def _outlying_fees(blocks: list, numbers: tuple[int, ...]) -> list:
-    """Blocks with one tx each paying a fee far outside the market."""
-    blocks = list(blocks)
-    for n in numbers:
-        txs = list(blocks[n].transactions)
-        txs[3] = txs[3].model_copy(update={"max_fee_per_gas": 10**15, "tx_type": 2,
-                                           "max_priority_fee_per_gas": 10**15 - 10**9})
-        blocks[n] = blocks[n].model_copy(update={"transactions": tuple(txs)})
-    return blocks
 
 
 @pytest.mark.parametrize("ahead", [False, True])
@@ -138,16 +148,14 @@ def test_a_batch_is_scored_by_the_model_before_the_refit_it_sets_off(small_fits_
     assert flagged >= 2
 
 
-
 @pytest.mark.parametrize(("cpus", "ahead"), [({0}, False), ({0, 1}, True), ({0, 3, 5}, True)])
-def test_replay_fits_ahead_only_with_a_second_cpu_to_fit_on(monkeypatch, cpus, ahead):
+def test_replay_fits_ahead_only_with_a_second_cpu_to_fit_on(monkeypatch, no_worker_yet,
+                                                            cpus, ahead):
     from chainwatch.settings import load_settings
     from replay.app import make_detector
     from replay.driver import ReplayClock
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
-    monkeypatch.setattr(fit_ahead, "_pool", None)  # (the module's worker, put back after)
-    monkeypatch.setattr(fit_ahead, "_up", None)
     detector = make_detector(load_settings(), ReplayClock())
     assert detector.config.fit_ahead is ahead
     assert (fit_ahead._up is not None) is ahead  # the worker is started only to be used
@@ -164,26 +172,21 @@ def test_fits_while_the_worker_starts_run_inline_without_waiting(monkeypatch):
     monkeypatch.setattr(fit_ahead, "start_worker", Future)  # never done: still starting
     monkeypatch.setattr(fit_ahead, "_worker_pool", no_pool)
     train = np.random.default_rng(6).normal(size=(2_000, 3))
-    inline = _model(False).detector.blank()
-    inline.fit(train)
+    inline = _fitted_inline(train)
     got = fit_ahead.start_fit(inline.blank(), train)()
     assert got.version == inline.version and got.fitted
 
 
-def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, caplog):
+def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, no_worker_yet, caplog):
     starts = []
 
     def cannot_start():
         starts.append(1)
         raise RuntimeError("no process can be started here")
 
-    monkeypatch.setattr(fit_ahead, "_pool", None)
-    monkeypatch.setattr(fit_ahead, "_up", None)
-    monkeypatch.setattr(fit_ahead, "_gave_up", False)
     monkeypatch.setattr(fit_ahead, "_worker_pool", cannot_start)
     train = np.random.default_rng(7).normal(size=(2_000, 3))
-    inline = _model(False).detector.blank()
-    inline.fit(train)
+    inline = _fitted_inline(train)
     for _ in range(3):
         assert fit_ahead.start_fit(inline.blank(), train)().version == inline.version
     assert starts == [1]
