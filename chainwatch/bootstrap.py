@@ -24,6 +24,7 @@ from chainwatch.httpserver import Health, serve
 from chainwatch.logs import redact_url
 from chainwatch.metrics import Metrics
 from chainwatch.nodes import NodeConfig, load_nodes
+from chainwatch.paths import output_directory, written
 from chainwatch.schema import AnyRecord, Finding
 from chainwatch.settings import Settings
 from collector.checkpoint import FileCheckpointStore
@@ -358,6 +359,7 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
     An input is anything `chainwatch replay` reads: a JSONL file of records, a
     `chainwatch archive` directory, ethereum-etl tables (blocks.csv + transactions.csv).
     """
+    output_directory(out)
     history = History()
     if inputs:
         gather(_history_records(settings, inputs, history), history)
@@ -369,13 +371,16 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
     model = train_block_model(
         history, kind=settings.model_kind, contamination=settings.contamination, seed=42
     )
-    path = out / "block.joblib"
-    model.save(path)
     tx_model = train_tx_model(
         history, kind=settings.model_kind, contamination=settings.contamination, seed=42
     )
+    try:
+        model.save(out / "block.joblib")
+        if tx_model is not None:
+            tx_model.save(out / "tx.joblib")
+    except OSError as exc:
+        raise written(out, exc) from None
     if tx_model is not None:
-        tx_model.save(out / "tx.joblib")
         tx_note = f"; {tx_model.version} on {tx_model.trained_rows} transactions"
     else:
         tx_note = "; too few transactions for a tx model (it will warm up live)"

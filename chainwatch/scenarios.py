@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chainwatch.bus import EmbeddedBus, Topics
-from chainwatch.exceptions import ChainwatchError, InvalidRecord
+from chainwatch.exceptions import ChainwatchError, ConfigError, InvalidRecord
 from chainwatch.labels import KIND_FAMILY, Label, read_labels
+from chainwatch.paths import output_directory
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
 
 if TYPE_CHECKING:
@@ -1164,6 +1165,11 @@ def run_evaluate(*, out: Path, record: Path | None, quick: bool, from_recording:
     from detector.evaluation import render_markdown
 
     say = progress or (lambda _m: None)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: give the report's file name")
+    output_directory(out.parent, "--out")
+    if record is not None and from_recording is None:
+        output_directory(record, "--record")
     if from_recording is not None:
         directory = from_recording
     else:

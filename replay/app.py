@@ -21,6 +21,7 @@ from chainwatch.bus import Topics
 from chainwatch.exceptions import ConfigError
 from chainwatch.labels import Label, read_labels
 from chainwatch.metrics import Metrics
+from chainwatch.paths import output_directory, written
 from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
 from detector.engine import Detector, DetectorConfig
@@ -110,7 +111,7 @@ def run_archive(
     """Archive the chainwatch topics into `out` until stopped (SIGINT/SIGTERM) or the end."""
     topics = Topics(settings.topic_prefix)
     names = [topics.blocks, topics.mempool, topics.peers, topics.findings]
-    writer = ArchiveWriter(out)
+    writer = ArchiveWriter(output_directory(out))
     consumer = archive_consumer(settings, bootstrap)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -290,7 +291,7 @@ def run_replay(
     if options.batch_records < 1:
         raise ConfigError(f"--batch must be at least 1 record, not {options.batch_records}")
     if options.out is not None:
-        options.out.mkdir(parents=True, exist_ok=True)
+        output_directory(options.out)
     clock = ReplayClock()
     detector = make_detector(settings, clock)
     data = ReportData()
@@ -368,12 +369,16 @@ def run_replay(
             write_report,
         )
 
-        frame = write_findings(findings, options.out)
-        write_invalid(invalid, options.out)
-        (options.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        write_report(options.out, source=spec, summary=summary, data=data, findings=frame,
-                     invalid=invalid, scores=summary.get("labels"), top_n=options.top_n,
-                     batching=stamping_note(options.batch_records, options.per_block))
+        try:
+            frame = write_findings(findings, options.out)
+            write_invalid(invalid, options.out)
+            (options.out / "summary.json").write_text(
+                json.dumps(summary, indent=2, sort_keys=True))
+            write_report(options.out, source=spec, summary=summary, data=data, findings=frame,
+                         invalid=invalid, scores=summary.get("labels"), top_n=options.top_n,
+                         batching=stamping_note(options.batch_records, options.per_block))
+        except OSError as exc:
+            raise written(options.out, exc) from None
     for where, reason in invalid.samples[:20]:
         echo(f"skipped {where}: {reason}")
     if invalid.count > 20:

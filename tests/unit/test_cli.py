@@ -43,6 +43,12 @@ def cases(state_dir: Path) -> dict[str, list[str]]:
                               "--metrics-port", "0"],
         "bad nodes file": ["run", "--nodes", str(state_dir / "missing.yaml")],
         "bad env value": ["run", "--rpc", "http://127.0.0.1:1"],  # with a bad env var below
+        # output paths (relative to the fixture's directory, where `afile` is a file)
+        "replay out is a file": ["replay", "records.jsonl", "--out", "afile"],
+        "train out under a file": ["train", "--input", "records.jsonl", "--out", "afile/models"],
+        "archive out is a file": ["archive", "--kafka", f"127.0.0.1:{closed_port()}",
+                                  "--out", "afile"],
+        "evaluate out is a directory": ["evaluate", "--from-recording", ".", "--out", "."],
     }
 
 
@@ -52,6 +58,8 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAINWATCH_")}
     env["XDG_STATE_HOME"] = str(tmp / "xdg")
     special = {"bad env value": {"CHAINWATCH_METRICS_PORT": "not-a-port"}}
+    (tmp / "afile").write_text("a file, not a directory\n")
+    (tmp / "records.jsonl").write_text("")
     procs = {
         name: (args, subprocess.Popen(
             [sys.executable, "-m", "chainwatch.cli", *args],
@@ -118,3 +126,14 @@ def test_unreachable_kafka_names_the_servers(outcomes):
 def test_bad_env_value_names_the_variable(outcomes):
     [line] = outcomes["bad env value"].error_lines()
     assert "CHAINWATCH_METRICS_PORT" in line
+
+
+@pytest.mark.parametrize("name", ["replay out is a file", "train out under a file",
+                                  "archive out is a file"])
+def test_an_output_directory_that_cannot_be_one_is_named_before_any_work(outcomes, name):
+    line = outcomes[name].error_lines()[0]
+    assert "--out afile" in line and "directory" in line, line
+
+
+def test_evaluate_wants_a_report_file_not_a_directory(outcomes):
+    assert "is a directory" in outcomes["evaluate out is a directory"].error_lines()[0]

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 
+from chainwatch.exceptions import ConfigError
 from chainwatch.schema import Block, PeerSnapshot, Reorg, encode
 from chainwatch.settings import load_settings
 from replay.app import ReplayOptions, run_replay
@@ -167,3 +169,28 @@ def test_time_bounds_filter_an_export_on_block_timestamps(tmp_path: Path) -> Non
     source = TableSource(find_tables(export), invalid, Defaults(), to_time=1700000108)
     read = [r.number for r in source.records() if isinstance(r, Block)]
     assert read[-1] == 9 + STOP_MARGIN_SECONDS // 12 and invalid.count == 0
+
+
+def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A full disk while the report is written: a ConfigError (one line in the CLI) that
+    names the file, not a traceback after the whole replay."""
+    import errno
+
+    import replay.report
+
+    export = tmp_path / "export"
+    export.mkdir()
+    _write(export / "blocks.csv", BLOCK_HEADER + "".join(_block_line(n) for n in range(1, 30)))
+    _write(export / "transactions.csv", TX_HEADER + "".join(_tx_line(n, 0) for n in range(1, 30)))
+
+    def disk_full(out: Path, **_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "report.html"))
+
+    monkeypatch.setattr(replay.report, "write_report", disk_full)
+    with pytest.raises(ConfigError) as raised:
+        run_replay(load_settings(warmup_blocks=50), str(export),
+                   ReplayOptions(out=tmp_path / "report", progress=False), echo=lambda _: None)
+    assert str(raised.value) == (
+        f"cannot write {tmp_path / 'report' / 'report.html'}: No space left on device")
