@@ -92,12 +92,7 @@ def make_runtime(settings: Settings, bus: Bus | None = None) -> Runtime:
 
 def start_http(rt: Runtime, chain_view: Callable[[], object] | None = None) -> None:
     s = rt.settings
-    try:
-        server = serve(s.metrics_host, s.metrics_port, rt.metrics.registry, rt.health, chain_view)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc.strerror}"
-        ) from None
+    server = serve(s.metrics_host, s.metrics_port, rt.metrics.registry, rt.health, chain_view)
     host = "127.0.0.1" if s.metrics_host in ("0.0.0.0", "") else s.metrics_host
     rt.metrics_address = f"{host}:{server.server_address[1]}"
     rt.metrics_url = f"http://{rt.metrics_address}/metrics"

@@ -9,6 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from chainwatch.exceptions import ConfigError
+
 
 class Health:
     """Liveness = the loops still beat; readiness = connected and past start-up."""
@@ -76,7 +78,10 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:
             return  # scrapes every few seconds would drown the logs
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # a port in use, a host not on this machine: the user's to fix
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

@@ -49,6 +49,8 @@ def cases(state_dir: Path) -> dict[str, list[str]]:
         "archive out is a file": ["archive", "--kafka", f"127.0.0.1:{closed_port()}",
                                   "--out", "afile"],
         "evaluate out is a directory": ["evaluate", "--from-recording", ".", "--out", "."],
+        # BUSY_PORT: a port the fixture listens on meanwhile
+        "replay metrics port in use": ["replay", "records.jsonl", "--metrics-port", "BUSY_PORT"],
     }
 
 
@@ -60,9 +62,14 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     special = {"bad env value": {"CHAINWATCH_METRICS_PORT": "not-a-port"}}
     (tmp / "afile").write_text("a file, not a directory\n")
     (tmp / "records.jsonl").write_text("")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
     procs = {
         name: (args, subprocess.Popen(
-            [sys.executable, "-m", "chainwatch.cli", *args],
+            [sys.executable, "-m", "chainwatch.cli",
+             *(port if a == "BUSY_PORT" else a for a in args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**env, **special.get(name, {})}, cwd=tmp,
         ))
@@ -78,6 +85,7 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+        busy.close()
     return done
 
 
@@ -137,3 +145,8 @@ def test_an_output_directory_that_cannot_be_one_is_named_before_any_work(outcome
 
 def test_evaluate_wants_a_report_file_not_a_directory(outcomes):
     assert "is a directory" in outcomes["evaluate out is a directory"].error_lines()[0]
+
+
+def test_a_metrics_port_in_use_is_named(outcomes):
+    line = outcomes["replay metrics port in use"].error_lines()[0]
+    assert "cannot serve metrics" in line and "Address already in use" in line, line
