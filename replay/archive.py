@@ -372,6 +372,14 @@ class ArchiveFile:
     first: int
 
 
+def _file_where(f: ArchiveFile) -> str:
+    return f"{f.path.parent.parent.name}/{f.path.parent.name}/{f.path.name}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def list_archive(root: Path) -> list[ArchiveFile]:
     files: list[ArchiveFile] = []
     for path in root.glob("chain_id=*/day=*/*.parquet"):
@@ -488,9 +496,17 @@ class ArchiveSource(Source):
         files = list_archive(root)
         if not files:
             raise ReplayError(f"no archive files under {root}")
+        self.total = 0
         streams: dict[tuple[str, str, int], list[ArchiveFile]] = defaultdict(list)
         for f in files:
+            try:  # reads the footer: a truncated or foreign file fails here
+                self.total += int(pl.scan_parquet(f.path).select(pl.len()).collect().item())
+            except (pl.exceptions.PolarsError, OSError) as exc:
+                invalid.add(_file_where(f), f"unreadable Parquet file, skipped: {_first_line(exc)}")
+                continue
             streams[(f.chain, f.topic, f.partition)].append(f)
+        if not streams:
+            raise ReplayError(f"no readable archive files under {root}")
         for stream in streams.values():
             stream.sort(key=lambda f: f.first)
 
@@ -499,9 +515,6 @@ class ArchiveSource(Source):
             return (key[0], TOPIC_RANK.get(suffix, 9), key[1], key[2])
 
         self.streams = [streams[k] for k in sorted(streams, key=rank)]
-        self.total = sum(
-            int(pl.scan_parquet(f.path).select(pl.len()).collect().item()) for f in files
-        )
         self.read = 0
         self.payloads_skipped = 0
         self.columnar = False  # blocks as headers + tx_frame (replay), or whole
@@ -520,34 +533,50 @@ class ArchiveSource(Source):
         block's payload is ~64 KB at mainnet size; reading them cost more than the replay
         of a short range): such rows come with payload None, for `screen` to reject.
         """
-        wanted = self._payload_wanted()
         last_time = -math.inf
         for f in files:
-            scan = pl.scan_parquet(f.path)
-            columnar = "transactions" in scan.collect_schema()
-            if wanted is None:
-                rows = self._rows(scan, columnar)
-            else:
-                small = scan.select("type", "offset", "error", "observed_at", "block_number",
-                                    wanted.alias("wanted")).collect()
-                outside = self._outside(small)
-                if outside is not None:
-                    first_time, numbers = outside
-                    self.read += len(numbers)
-                    self.payloads_skipped += len(numbers)
-                    yield first_time, _Outside(numbers)
-                    continue
-                rows = self._rows_in_window(scan, small, wanted, columnar)
-            for kind, offset, payload, error, observed_at, number, txs in rows:
-                self.read += 1
-                if kind == "finding" and not self.include_findings:
-                    continue
-                row = _Row(kind, payload, number, f, offset, txs)
-                if kind == "invalid":  # recorded by records(), in order, on its thread
-                    yield last_time, _Invalid(row.where(), error or "invalid record")
-                    continue
-                last_time = observed_at
-                yield observed_at, row
+            rows = 0
+            try:
+                for item in self._file_rows(f, last_time):
+                    if isinstance(item[1], _Row):
+                        last_time = item[0]
+                        rows += 1
+                    yield item
+            except (pl.exceptions.PolarsError, OSError) as exc:  # a damaged page or column
+                yield last_time, _Invalid(
+                    _file_where(f), "unreadable Parquet file, the rest skipped: "
+                    f"{_first_line(exc)} (after {rows} rows)")
+
+    def _file_rows(
+        self, f: ArchiveFile, last_time: float
+    ) -> Iterator[tuple[float, _Row | _Outside | _Invalid]]:
+        """One file's rows for `_stream` (`last_time`: the stream's last row time)."""
+        wanted = self._payload_wanted()
+        scan = pl.scan_parquet(f.path)
+        columnar = "transactions" in scan.collect_schema()
+        if wanted is None:
+            rows = self._rows(scan, columnar)
+        else:
+            small = scan.select("type", "offset", "error", "observed_at", "block_number",
+                                wanted.alias("wanted")).collect()
+            outside = self._outside(small)
+            if outside is not None:
+                first_time, numbers = outside
+                self.read += len(numbers)
+                self.payloads_skipped += len(numbers)
+                yield first_time, _Outside(numbers)
+                return
+            rows = self._rows_in_window(scan, small, wanted, columnar)
+        for kind, offset, payload, error, observed_at, number, txs in rows:
+            self.read += 1
+            if kind == "finding" and not self.include_findings:
+                continue
+            row = _Row(kind, payload, number, f, offset, txs)
+            if kind == "invalid":  # recorded by records(), in order, on its thread
+                yield last_time, _Invalid(row.where(), error or "invalid record")
+                continue
+            last_time = observed_at
+            yield observed_at, row
 
     def _outside(self, small: pl.DataFrame) -> tuple[float, list[int]] | None:
         """(first row's time, heights) of a file (`small`: its rows' small columns) whose

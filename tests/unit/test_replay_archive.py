@@ -201,3 +201,45 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
         assert kept_peers and all(
             (config.from_block or 0) <= int(e[1:]) <= (config.to_block or 10**9)
             for e in kept_peers), config
+
+
+def _three_files(root: Path) -> tuple[list, list[Path]]:
+    """An archive of one stream in three files of 40 blocks each."""
+    blocks = generate(120, 1, seed=8)
+    writer = ArchiveWriter(root)
+    for start in (0, 40, 80):
+        for row in _rows(0, start, blocks[start:start + 40]):
+            writer.add(row)
+        writer.flush()
+    return blocks, sorted(root.glob("chain_id=1/day=*/*.parquet"))
+
+
+def test_a_file_without_its_footer_is_reported_and_the_others_replayed(tmp_path: Path) -> None:
+    blocks, files = _three_files(tmp_path)
+    files[1].write_bytes(files[1].read_bytes()[:300])  # a copy cut short
+    invalid = InvalidRows()
+    source = ArchiveSource(tmp_path, invalid)
+    numbers = [r.number for r in source.records()]
+    assert numbers == [b.number for b in blocks[:40] + blocks[80:]]
+    assert invalid.count == 1
+    where, reason = invalid.samples[0]
+    assert where.endswith(files[1].name) and reason.startswith("unreadable Parquet file, skipped: ")
+    assert source.total == 80
+
+
+def test_a_file_damaged_inside_keeps_the_rows_before_and_reports_the_rest(
+    tmp_path: Path,
+) -> None:
+    blocks, files = _three_files(tmp_path)
+    data = bytearray(files[1].read_bytes())
+    data[4:len(data) // 2] = bytes(len(data) // 2 - 4)  # the pages zeroed, the footer intact
+    files[1].write_bytes(bytes(data))
+    invalid = InvalidRows()
+    numbers = [r.number for r in ArchiveSource(tmp_path, invalid).records()]
+    assert numbers[:40] == [b.number for b in blocks[:40]]
+    assert numbers[-40:] == [b.number for b in blocks[80:]]
+    assert invalid.count == 1
+    where, reason = invalid.samples[0]
+    assert where.endswith(files[1].name)
+    assert reason.startswith("unreadable Parquet file, the rest skipped: ")
+    assert reason.endswith(f"(after {len(numbers) - 80} rows)")
