@@ -94,20 +94,25 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise ReplayError(f"cannot read {path}: {exc.strerror}") from None
         with handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                return
-            width = len(header)
-            line = reader.line_num
-            for values in reader:
-                where = f"{path.name}:{line + 1}"
+            try:
+                header = next(reader, None)
+                if header is None:
+                    return
+                width = len(header)
                 line = reader.line_num
-                if not values:
-                    continue
-                if len(values) != width:
-                    yield where, {"__error__": f"{len(values)} fields, the header has {width}"}
-                    continue
-                yield where, dict(zip(header, values, strict=True))
+                for values in reader:
+                    where = f"{path.name}:{line + 1}"
+                    line = reader.line_num
+                    if not values:
+                        continue
+                    if len(values) != width:
+                        yield where, {"__error__": f"{len(values)} fields, the header has {width}"}
+                        continue
+                    yield where, dict(zip(header, values, strict=True))
+            except UnicodeDecodeError:  # a binary file, or text in another encoding
+                raise ReplayError(
+                    f"cannot read {path}: line {_first_non_utf8_line(path)} is not UTF-8 text"
+                ) from None
         return
     try:
         batches = pl.scan_parquet(path).collect_batches(chunk_size=PARQUET_CHUNK_ROWS)
@@ -121,11 +126,27 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ReplayError(f"cannot read {path}: {reason}") from None
 
 
+def _first_non_utf8_line(path: Path) -> int:
+    """The number of the first line that is not UTF-8 (the text reader decodes ahead, in
+    chunks, so its position does not say)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 def table_rows(path: Path) -> int:
     """Data rows in a table, for the progress bar (fast: metadata or a newline count)."""
     if path.suffix == ".csv":
         return max(_count_lines(path) - 1, 0)
-    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    try:
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    except (pl.exceptions.PolarsError, OSError) as exc:  # cut short, or not Parquet
+        reason = " ".join(str(exc).split())[:200]
+        raise ReplayError(f"cannot read {path}: {reason}") from None
 
 
 def find_tables(source: Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from chainwatch.exceptions import ConfigError
 from chainwatch.schema import Block, PeerSnapshot, Reorg, encode
 from chainwatch.settings import load_settings
 from replay.app import ReplayOptions, run_replay
+from replay.exceptions import ReplayError
 from replay.positions import parse_range
 from replay.rows import Defaults, InvalidRows
 from replay.sources import STOP_MARGIN_SECONDS, JsonlSource, TableSource, find_tables
@@ -194,3 +195,24 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(
                    ReplayOptions(out=tmp_path / "report", progress=False), echo=lambda _: None)
     assert str(raised.value) == (
         f"cannot write {tmp_path / 'report' / 'report.html'}: No space left on device")
+
+
+def test_an_export_that_is_not_text_or_not_parquet_is_one_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Latin-1 bytes on line 3 of blocks.csv; a blocks.parquet cut short."""
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "blocks.csv").write_bytes(
+        (BLOCK_HEADER + _block_line(1)).encode() + _block_line(2).replace(",", ",\xe9", 1)
+        .encode("latin-1"))
+    with pytest.raises(ReplayError, match=r"blocks\.csv: line 3 is not UTF-8 text$"):
+        run_replay(load_settings(), str(latin), ReplayOptions(progress=False),
+                   echo=lambda _: None)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    pl.DataFrame({"number": list(range(50))}).write_parquet(cut / "blocks.parquet")
+    (cut / "blocks.parquet").write_bytes((cut / "blocks.parquet").read_bytes()[:100])
+    with pytest.raises(ReplayError, match=r"cannot read .*blocks\.parquet: "):
+        run_replay(load_settings(), str(cut), ReplayOptions(progress=False),
+                   echo=lambda _: None)
