@@ -201,7 +201,7 @@ def read_labels(
     """Labels of a JSONL file. A bad line raises LabelError (`file:line: reason`), or, with
     `on_error(where, reason)`, is reported there and skipped."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as exc:
         raise LabelError(f"cannot read labels {path}: {exc.strerror}") from None
     labels: list[Label] = []
@@ -210,7 +210,11 @@ def read_labels(
             continue
         where = f"{path.name}:{number}"
         try:
-            raw = json.loads(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LabelError("not UTF-8 text") from None
+            raw = json.loads(text)
             if not isinstance(raw, dict):
                 raise LabelError("expected a JSON object")
             labels.append(Label.from_dict(raw, default_id=where))

@@ -109,3 +109,15 @@ def test_an_address_matches_inside_the_incident_a_hash_anywhere() -> None:
     assert matches(finding("tx", TX.upper(), None, kind="tx"), tx)  # seen pending
     assert matches(finding("tx", TX, 12, kind="tx"), tx)
     assert not matches(finding("tx", "0x" + "99" * 32, 10, kind="tx"), tx)  # names another
+
+
+def test_a_line_that_is_not_utf8_is_reported_with_its_number(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    line = '{{"family": "fork_risk", "kind": "reorg", "first_block": {}}}\n'
+    path.write_bytes(line.format(7).encode() + b"\xff\xfe garbage\n" + line.format(9).encode())
+    skipped: list[tuple[str, str]] = []
+    labels = read_labels(path, on_error=lambda where, reason: skipped.append((where, reason)))
+    assert [label.first_block for label in labels] == [7, 9]
+    assert skipped == [("labels.jsonl:2", "label: not UTF-8 text")]
+    with pytest.raises(LabelError, match=r"^labels\.jsonl:2: not UTF-8 text$"):
+        read_labels(path)
