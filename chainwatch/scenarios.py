@@ -1155,6 +1155,7 @@ def evaluate_recording(directory: Path) -> tuple[Evaluation, dict[str, Any]]:
         with contextlib.suppress(ValueError):
             session = json.loads(session_path.read_text())
     session["invalid_lines"] = history.invalid_count
+    session["invalid_samples"] = history.invalid[:20]
     return evaluate(run, labels), session
 
 
@@ -1181,6 +1182,8 @@ def run_evaluate(*, out: Path, record: Path | None, quick: bool, from_recording:
         say(result.summary())
     say(f"replaying {directory / RECORDS_FILE} through the detector")
     evaluation, session = evaluate_recording(directory)
+    for line in session["invalid_samples"]:
+        say(f"skipped {line}")
     flags = " --quick" if session.get("config", {}).get("name") == "quick" else ""
     seed_flag = f" --seed {session['seed']}" if "seed" in session else ""
     command = (
@@ -1200,5 +1203,8 @@ def run_evaluate(*, out: Path, record: Path | None, quick: bool, from_recording:
     return (
         f"evaluated {evaluation.blocks} blocks ({evaluation.normal_blocks} normal), "
         f"{len(evaluation.outcomes)} labels: {overall.detected} detected (recall {recall}), "
-        f"{overall.false_findings} false findings -> {out}"
+        f"{overall.false_findings} false findings"
+        + (f", {session['invalid_lines']} invalid record lines skipped"
+           if session["invalid_lines"] else "")
+        + f" -> {out}"
     )

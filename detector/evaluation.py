@@ -439,7 +439,8 @@ def render_markdown(ev: Evaluation, *, command: str, session: Mapping[str, Any],
         f"- transactions: {session.get('transactions', '-')}; reorgs recorded: "
         f"{session.get('reorgs_recorded', '-')}; recording time: "
         f"{session.get('seconds', '-')} s; seed {session.get('seed', '-')}",
-        f"- findings: {ev.findings}; records the detector failed on: {ev.failed_records}",
+        f"- findings: {ev.findings}; records the detector failed on: {ev.failed_records}; "
+        f"invalid record lines skipped: {session.get('invalid_lines', 0)}",
         "",
         "## Targets (issue 4)",
         "",

@@ -159,3 +159,25 @@ def test_a_finding_about_a_labelled_actor_in_another_family_is_excused_not_false
     assert miner is not None
     assert (miner.findings, miner.true_findings, miner.excused, miner.false_findings) == (
         3, 0, 1, 2)
+
+
+def test_a_recording_with_lines_that_are_not_records_says_how_many_were_skipped(tmp_path):
+    """`chainwatch evaluate --from-recording`: a damaged line is skipped, printed with its
+    number, and counted in the summary and the report (it was dropped silently)."""
+    from bench.synthetic import generate
+    from chainwatch.scenarios import run_evaluate
+    from chainwatch.schema import encode
+
+    blocks = generate(3, 1, seed=1)
+    lines = [encode(b) for b in blocks]
+    lines.insert(1, b"\xffnot a record")
+    (tmp_path / "records.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "labels.jsonl").write_text(
+        '{"family": "fork_risk", "kind": "reorg", "first_block": 1}\n')
+    said: list[str] = []
+    summary = run_evaluate(out=tmp_path / "quality.md", record=None, quick=False,
+                           from_recording=tmp_path, progress=said.append)
+    assert "evaluated 3 blocks" in summary and "1 invalid record lines skipped" in summary
+    skipped = [line for line in said if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped records.jsonl:2: "), said
+    assert "invalid record lines skipped: 1" in (tmp_path / "quality.md").read_text()
