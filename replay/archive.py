@@ -43,7 +43,7 @@ from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, Block, TxSummary, decode, encode
 from detector.tx_features import tx_frame_of
 from replay.driver import block_number_of
-from replay.exceptions import ReplayError
+from replay.exceptions import UNREADABLE, ReplayError
 from replay.positions import Position
 from replay.readahead import read_ahead
 from replay.rows import InvalidRows
@@ -501,7 +501,7 @@ class ArchiveSource(Source):
         for f in files:
             try:  # reads the footer: a truncated or foreign file fails here
                 self.total += int(pl.scan_parquet(f.path).select(pl.len()).collect().item())
-            except (pl.exceptions.PolarsError, OSError) as exc:
+            except UNREADABLE as exc:
                 invalid.add(_file_where(f), f"unreadable Parquet file, skipped: {_first_line(exc)}")
                 continue
             streams[(f.chain, f.topic, f.partition)].append(f)
@@ -542,7 +542,7 @@ class ArchiveSource(Source):
                         last_time = item[0]
                         rows += 1
                     yield item
-            except (pl.exceptions.PolarsError, OSError) as exc:  # a damaged page or column
+            except UNREADABLE as exc:  # a damaged page or column
                 yield last_time, _Invalid(
                     _file_where(f), "unreadable Parquet file, the rest skipped: "
                     f"{_first_line(exc)} (after {rows} rows)")

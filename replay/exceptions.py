@@ -1,6 +1,13 @@
 """Errors of the replay package; each carries a one-line message the CLI prints as is."""
 
+import polars as pl
+
 from chainwatch.exceptions import ChainwatchError
+
+# what reading a damaged Parquet file raises: polars' errors, the OS's, and a panic of its
+# reader (a BaseException, which `except Exception` would let through)
+UNREADABLE: tuple[type[BaseException], ...] = (
+    pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
 
 
 class ReplayError(ChainwatchError):

@@ -21,7 +21,7 @@ import polars as pl
 
 from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, TxSummary, decode
-from replay.exceptions import ReplayError, RowError
+from replay.exceptions import UNREADABLE, ReplayError, RowError
 from replay.rows import (
     Defaults,
     InvalidRows,
@@ -121,7 +121,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for row in chunk.iter_rows(named=True):
                 index += 1
                 yield f"{path.name} row {index}", row
-    except (pl.exceptions.PolarsError, OSError) as exc:
+    except UNREADABLE as exc:
         reason = " ".join(str(exc).split())[:200]
         raise ReplayError(f"cannot read {path}: {reason}") from None
 
@@ -144,7 +144,7 @@ def table_rows(path: Path) -> int:
         return max(_count_lines(path) - 1, 0)
     try:
         return int(pl.scan_parquet(path).select(pl.len()).collect().item())
-    except (pl.exceptions.PolarsError, OSError) as exc:  # cut short, or not Parquet
+    except UNREADABLE as exc:  # cut short, or not Parquet
         reason = " ".join(str(exc).split())[:200]
         raise ReplayError(f"cannot read {path}: {reason}") from None
 

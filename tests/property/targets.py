@@ -200,7 +200,9 @@ class Target:
         except _Typed:
             self.rejected += 1
             return
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a Rust panic (polars, pydantic) is a BaseException
             self.crashes.append(f"{type(exc).__name__}: {str(exc)[:200]}")
             raise Crash(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         self.accepted += 1
@@ -430,6 +432,144 @@ def _typed_or_ok(call: Callable[[], Any]) -> None:
         _typed(call, ConfigError)
 
 
+# --- replay inputs: files an analyst hands to `chainwatch replay` ---------------------------
+
+ETL_BLOCKS = (
+    "number,hash,parent_hash,timestamp,miner,gas_used,gas_limit,transaction_count,"
+    "base_fee_per_gas\n"
+    + "".join(f"{n},0x{n:064x},0x{n - 1:064x},{1700000000 + 12 * n},0x{'44' * 20},"
+              f"21000,30000000,1,7\n" for n in range(1, 4))
+)
+ETL_TXS = (
+    "hash,block_number,block_hash,transaction_index,from_address,to_address,value,gas,"
+    "gas_price,nonce,input,transaction_type,max_fee_per_gas,max_priority_fee_per_gas\n"
+    + "".join(f"0x{1000 + n:064x},{n},0x{n:064x},0,0x{'11' * 20},0x{'22' * 20},"
+              f"{10**18 * n},21000,20,{n},0xa9059cbb{'00' * 8},2,30,2\n" for n in range(1, 4))
+)
+LABELS_JSONL = (
+    '{"family": "fork_risk", "kind": "reorg", "node": "geth-1", "first_block": 100}\n'
+    f'{{"family": "tx", "tx_hashes": ["0x{"cd" * 32}"]}}\n'
+)
+
+
+def _mutated(original: bytes, at: int, insert: bytes, drop: int) -> bytes:
+    """`original` with `drop` bytes at `at` replaced by `insert` (at is clamped)."""
+    at = min(at, len(original))
+    return original[:at] + insert + original[at + drop:]
+
+
+def check_table_source(case: tuple[str, str, bytes]) -> None:
+    """An ethereum-etl export (blocks + transactions, CSV or Parquet) with one file
+    damaged: ReplayError, or records that can go on the bus (bad rows are reported)."""
+    from replay.exceptions import ReplayError
+    from replay.rows import Defaults, InvalidRows
+    from replay.sources import TableSource, find_tables
+
+    damaged, suffix, content = case
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, text in (("blocks", ETL_BLOCKS), ("transactions", ETL_TXS)):
+            path = root / f"{name}{suffix}"
+            if name == damaged:
+                path.write_bytes(content)
+            elif suffix == ".csv":
+                path.write_text(text)
+            else:
+                _parquet_of(text, path)
+
+        def read() -> list[Any]:
+            source = TableSource(find_tables(root), InvalidRows(), Defaults())
+            return list(source.records())
+
+        for record in _typed(read, ReplayError):
+            _publishable(record)
+
+
+def _parquet_of(csv_text: str, path: Path) -> None:
+    import io
+
+    import polars as pl
+
+    pl.read_csv(io.StringIO(csv_text), infer_schema=False).write_parquet(path)
+
+
+def _parquet_bytes(csv_text: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.parquet"
+        _parquet_of(csv_text, path)
+        return path.read_bytes()
+
+
+_ARCHIVE: dict[str, Any] = {}
+
+
+def _archive_file() -> tuple[str, bytes]:
+    """One valid archive file (blocks of two nodes, with transactions): its path under
+    the archive root and its bytes. Made once."""
+    if not _ARCHIVE:
+        from bench.synthetic import generate
+        from replay.archive import ArchiveWriter, archive_row
+
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = ArchiveWriter(Path(tmp))
+            for i, block in enumerate(generate(6, 3, seed=5)):
+                writer.add(archive_row("cw.blocks", 0, i, "1:n", encode(block), 0))
+            writer.flush()
+            path = next(Path(tmp).glob("chain_id=*/day=*/*.parquet"))
+            _ARCHIVE["file"] = (str(path.relative_to(tmp)), path.read_bytes())
+    return _ARCHIVE["file"]
+
+
+def check_archive_source(content: bytes) -> None:
+    """An archive whose one file is damaged: ReplayError (no readable file at all), or
+    the rows that can be read, reported damage counted as invalid."""
+    from replay.archive import ArchiveSource
+    from replay.exceptions import ReplayError
+    from replay.rows import InvalidRows
+
+    where, _ = _archive_file()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / where
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+        for record in _typed(lambda: list(ArchiveSource(Path(tmp), InvalidRows()).records()),
+                             ReplayError):
+            _publishable(record)
+
+
+def check_jsonl_source(content: bytes) -> None:
+    """A JSONL file of records: bad lines reported and skipped, the rest publishable."""
+    from replay.rows import InvalidRows
+    from replay.sources import JsonlSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "history.jsonl"
+        path.write_bytes(content)
+        invalid = InvalidRows()
+        records = list(JsonlSource(path, invalid).records())
+    for record in records:
+        _publishable(record)
+    lines = [line for line in content.split(b"\n") if line.strip()]
+    if len(records) + invalid.count != len(lines):  # nothing dropped without a report
+        raise Crash(f"{len(lines)} lines, {len(records)} records, {invalid.count} reported")
+
+
+def check_labels_file(content: bytes) -> None:
+    """--labels FILE: each bad line reported with on_error; without it, LabelError."""
+    from chainwatch.labels import LabelError, read_labels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "labels.jsonl"
+        path.write_bytes(content)
+        skipped: list[tuple[str, str]] = []
+        kept = read_labels(path, on_error=lambda where, why: skipped.append((where, why)))
+        for where, why in skipped:
+            if "\n" in why or not why:
+                raise Crash(f"a skipped label line without a one-line reason: {where} {why!r}")
+        whole = _typed(lambda: read_labels(path), LabelError)
+        assert whole == kept and not skipped
+
+
 # --- strategies ---------------------------------------------------------------------------
 
 _RECORD_DICTS = [json.loads(encode(r)) for r in RECORDS]
@@ -467,6 +607,45 @@ NODES_INPUTS = st.one_of(
 )
 
 
+_BYTES_IN = st.binary(min_size=0, max_size=12)
+TABLE_INPUTS = st.one_of(
+    st.tuples(st.sampled_from(["blocks", "transactions"]), st.just(".csv"),
+              st.tuples(st.sampled_from([ETL_BLOCKS, ETL_TXS]), st.integers(0, 700), _BYTES_IN,
+                        st.integers(0, 40))
+              .map(lambda m: _mutated(m[0].encode(), m[1], m[2], m[3]))),
+    st.tuples(st.sampled_from(["blocks", "transactions"]), st.just(".csv"),
+              st.text(ANY_CHAR, max_size=300).map(
+                  lambda t: t.encode("utf-8", "surrogatepass"))),
+    st.tuples(st.sampled_from(["blocks", "transactions"]), st.just(".parquet"),
+              st.tuples(st.sampled_from([ETL_BLOCKS, ETL_TXS]), st.integers(0, 3000),
+                        _BYTES_IN, st.integers(0, 40))
+              .map(lambda m: _mutated(_parquet_bytes(m[0]), m[1], m[2], m[3]))),
+)
+ARCHIVE_INPUTS = st.one_of(
+    st.tuples(st.integers(0, 40_000), _BYTES_IN, st.integers(0, 64)).map(
+        lambda m: _mutated(_archive_file()[1], m[0], m[1], m[2])),
+    st.integers(0, 40_000).map(lambda cut: _archive_file()[1][:cut]),
+    st.binary(max_size=200),
+)
+JSONL_INPUTS = st.one_of(
+    st.binary(max_size=300),
+    st.lists(DECODE_INPUTS.map(lambda v: v if isinstance(v, bytes)
+                               else v.encode("utf-8", "surrogatepass")), max_size=4)
+    .map(b"\n".join),
+    st.tuples(st.integers(0, 2000), _BYTES_IN, st.integers(0, 20)).map(
+        lambda m: _mutated(b"\n".join(encode(r) for r in RECORDS), m[0], m[1], m[2])),
+)
+LABEL_INPUTS = st.one_of(
+    st.binary(max_size=200),
+    st.text(ANY_CHAR, max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.tuples(st.integers(0, len(LABELS_JSONL)), _BYTES_IN, st.integers(0, 10)).map(
+        lambda m: _mutated(LABELS_JSONL.encode(), m[0], m[1], m[2])),
+    garbled({"family": "tx", "kind": "sandwich", "first_block": 3, "last_block": 4,
+             "tx_hashes": ["0x" + "cd" * 32], "node": "n", "chain_id": 1}, JSON_VALUES)
+    .map(lambda d: json.dumps(d).encode()),
+)
+
+
 def all_targets() -> list[Target]:
     """Fresh targets (counters at zero), in a stable order."""
     return [
@@ -479,4 +658,8 @@ def all_targets() -> list[Target]:
         Target("nodes.load_nodes", NODES_INPUTS, check_nodes_file),
         Target("rpc.check_url", URL_INPUTS, check_url_parsing),
         Target("cli flags and CHAINWATCH_* env", CLI_INPUTS, check_cli),
+        Target("replay: ethereum-etl tables", TABLE_INPUTS, check_table_source),
+        Target("replay: archive file", ARCHIVE_INPUTS, check_archive_source),
+        Target("replay: JSONL records", JSONL_INPUTS, check_jsonl_source),
+        Target("replay --labels", LABEL_INPUTS, check_labels_file),
     ]

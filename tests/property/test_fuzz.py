@@ -50,6 +50,10 @@ def _fuzz(name: str, examples: int) -> None:
         ("nodes.load_nodes", 300),
         ("rpc.check_url", 400),
         ("cli flags and CHAINWATCH_* env", 150),
+        ("replay: ethereum-etl tables", 200),
+        ("replay: archive file", 150),
+        ("replay: JSONL records", 200),
+        ("replay --labels", 300),
     ],
 )
 def test_garbled_input_gives_a_typed_error_or_a_good_result(name: str, examples: int) -> None:
