@@ -209,18 +209,23 @@ class ArchiveWriter:
         for row in self.rows:
             groups[(partition_dir(row), row["topic"], row["partition"])].append(row)
         written: list[str] = []
-        for (directory, topic, partition), rows in sorted(groups.items()):
-            first, last = rows[0]["offset"], rows[-1]["offset"]
-            rel = f"{directory}/{topic}-{partition}-{first:020d}-{last:020d}.parquet"
-            final = self.root / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(final.name + ".tmp")
-            pl.DataFrame(rows, schema=ARCHIVE_SCHEMA).write_parquet(
-                tmp, compression="zstd", row_group_size=READ_CHUNK_ROWS
-            )
-            with tmp.open("rb") as handle:
-                os.fsync(handle.fileno())
-            written.append(rel)
+        try:
+            for (directory, topic, partition), rows in sorted(groups.items()):
+                first, last = rows[0]["offset"], rows[-1]["offset"]
+                rel = f"{directory}/{topic}-{partition}-{first:020d}-{last:020d}.parquet"
+                final = self.root / rel
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(final.name + ".tmp")
+                pl.DataFrame(rows, schema=ARCHIVE_SCHEMA).write_parquet(
+                    tmp, compression="zstd", row_group_size=READ_CHUNK_ROWS
+                )
+                with tmp.open("rb") as handle:
+                    os.fsync(handle.fileno())
+                written.append(rel)
+        except (pl.exceptions.PolarsError, OSError) as exc:  # a full disk, say
+            # nothing checkpointed: a restart rolls the .tmp files back and re-reads these
+            raise ReplayError(f"cannot write the archive under {self.root}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
         self.checkpoint = Checkpoint(dict(self.next_offsets), written)
         self.checkpoint.save(self.root)
         for rel in written:

@@ -4,12 +4,17 @@ completed; reading keeps each partition's order and merges partitions by time.""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import polars as pl
+import pytest
 
 from bench.synthetic import generate
 from chainwatch.schema import Reorg, encode
 from replay.archive import ArchiveSource, ArchiveWriter, archive_row
+from replay.exceptions import ReplayError
 from replay.rows import InvalidRows
 
 
@@ -243,3 +248,29 @@ def test_a_file_damaged_inside_keeps_the_rows_before_and_reports_the_rest(
     assert where.endswith(files[1].name)
     assert reason.startswith("unreadable Parquet file, the rest skipped: ")
     assert reason.endswith(f"(after {len(numbers) - 80} rows)")
+
+
+def test_a_flush_that_cannot_write_is_one_error_and_a_restart_reads_those_rows_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    blocks = generate(6, 1, seed=9)
+    writer = ArchiveWriter(tmp_path)
+    for row in _rows(0, 0, blocks[:3]):
+        writer.add(row)
+    writer.flush()
+    for row in _rows(0, 3, blocks[3:]):
+        writer.add(row)
+
+    def disk_full(self, file, **_):
+        Path(file).write_bytes(b"PAR1 half")  # part of a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", disk_full)
+    with pytest.raises(ReplayError, match=r"^cannot write the archive under .*: .*No space left"):
+        writer.flush()
+    monkeypatch.undo()
+    resumed = ArchiveWriter(tmp_path)
+    assert resumed.next_offsets == {"cw.blocks:0": 3}  # the lost flush is read again
+    assert not list(tmp_path.rglob("*.tmp"))
+    records = list(ArchiveSource(tmp_path, InvalidRows()).records())
+    assert [r.event_id for r in records] == [b.event_id for b in blocks[:3]]

@@ -4,6 +4,7 @@ bounds cut an export on its block timestamps."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import polars as pl
@@ -177,10 +178,6 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(
 ) -> None:
     """A full disk while the report is written: a ConfigError (one line in the CLI) that
     names the file, not a traceback after the whole replay."""
-    import errno
-
-    import replay.report
-
     export = tmp_path / "export"
     export.mkdir()
     _write(export / "blocks.csv", BLOCK_HEADER + "".join(_block_line(n) for n in range(1, 30)))
@@ -189,7 +186,7 @@ def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(
     def disk_full(out: Path, **_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "report.html"))
 
-    monkeypatch.setattr(replay.report, "write_report", disk_full)
+    monkeypatch.setattr("replay.report.write_report", disk_full)
     with pytest.raises(ConfigError) as raised:
         run_replay(load_settings(warmup_blocks=50), str(export),
                    ReplayOptions(out=tmp_path / "report", progress=False), echo=lambda _: None)
