@@ -17,6 +17,13 @@ from chainwatch.exceptions import InvalidRecord
 
 SCHEMA_VERSION = 1
 
+INT64_MAX = 2**63 - 1
+# chain ids, heights, times, counts: the detectors and the archive keep them in signed
+# 64-bit columns, so a larger one is an invalid record (dead-lettered, counted), never a
+# value that fails the detector's steps for its chain batch after batch. Wei amounts and
+# a transaction's gas are read as floats, its nonce clamped: those stay unbounded.
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
 
 def make_event_id(*parts: object) -> str:
     """A stable id from the parts that identify an observation (32 hex chars)."""
@@ -29,7 +36,7 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    chain_id: int = Field(ge=0)
+    chain_id: Count
     node: str = Field(min_length=1, max_length=128)
     event_id: str = Field(min_length=1, max_length=128)
     observed_at: float = Field(ge=0)
@@ -45,7 +52,7 @@ class TxSummary(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     hash: str
-    transaction_index: int = Field(ge=0)
+    transaction_index: Count
     from_address: str
     to_address: str | None
     value: int = Field(ge=0)
@@ -53,25 +60,25 @@ class TxSummary(BaseModel):
     gas_price: int | None = Field(default=None, ge=0)
     max_fee_per_gas: int | None = Field(default=None, ge=0)
     max_priority_fee_per_gas: int | None = Field(default=None, ge=0)
-    nonce: int = Field(ge=0)
-    tx_type: int = Field(default=0, ge=0)
-    input_size: int = Field(ge=0)
+    nonce: int = Field(ge=0)  # EIP-2681: up to 2^64 - 1 (the tx frame clamps)
+    tx_type: Count = 0
+    input_size: Count
     method_id: str | None
     is_contract_creation: bool
 
 
 class Block(_Record):
     type: Literal["block"] = "block"
-    number: int = Field(ge=0)
+    number: Count
     hash: str
     parent_hash: str
-    timestamp: int = Field(ge=0)
+    timestamp: Count
     miner: str
-    gas_used: int = Field(ge=0)
-    gas_limit: int = Field(ge=0)
+    gas_used: Count
+    gas_limit: Count
     base_fee_per_gas: int | None = Field(default=None, ge=0)
-    tx_count: int = Field(ge=0)
-    size: int | None = Field(default=None, ge=0)
+    tx_count: Count
+    size: Count | None = None
     transactions: tuple[TxSummary, ...] = ()
     # true when the summaries were cut to keep the message under the bus's size limit;
     # tx_count still holds the real number
@@ -92,13 +99,13 @@ class Reorg(_Record):
     """
 
     type: Literal["reorg"] = "reorg"
-    old_head_number: int = Field(ge=0)
+    old_head_number: Count
     old_head_hash: str
-    new_head_number: int = Field(ge=0)
+    new_head_number: Count
     new_head_hash: str
-    common_ancestor_number: int | None = Field(default=None, ge=0)
+    common_ancestor_number: Count | None = None
     common_ancestor_hash: str | None = None
-    depth: int = Field(ge=1)
+    depth: Annotated[int, Field(ge=1, le=INT64_MAX)]
     dropped_block_hashes: tuple[str, ...] = ()
     ancestor_found: bool = True
 
@@ -132,7 +139,7 @@ class Finding(_Record):
     threshold: float = Field(ge=0, le=1)
     subject_kind: Literal["node", "block", "tx", "miner"]
     subject: str
-    block_number: int | None = Field(default=None, ge=0)
+    block_number: Count | None = None
     explanation: tuple[FeatureDeviation, ...] = ()
     summary: str = ""
     model_version: str | None = None
@@ -152,7 +159,7 @@ class NodeStatus(_Record):
 
     type: Literal["node_status"] = "node_status"
     reachable: bool
-    head_number: int | None = Field(default=None, ge=0)
+    head_number: Count | None = None
     expected_block_time_seconds: float = Field(gt=0)
     error_kind: str | None = None  # rpc, malformed, ... when not reachable
 
@@ -169,14 +176,14 @@ class PendingTx(_Record):
     hash: str
     from_address: str
     to_address: str | None
-    nonce: int = Field(ge=0)
+    nonce: int = Field(ge=0)  # EIP-2681: up to 2^64 - 1 (the tx frame clamps)
     value: int = Field(ge=0)
     gas: int = Field(ge=0)
     gas_price: int | None = Field(default=None, ge=0)
     max_fee_per_gas: int | None = Field(default=None, ge=0)
     max_priority_fee_per_gas: int | None = Field(default=None, ge=0)
-    tx_type: int = Field(default=0, ge=0)
-    input_size: int = Field(ge=0)
+    tx_type: Count = 0
+    input_size: Count
     method_id: str | None
     is_contract_creation: bool
 
@@ -189,10 +196,10 @@ class MempoolSnapshot(_Record):
     """Periodic summary of the node's mempool."""
 
     type: Literal["mempool_snapshot"] = "mempool_snapshot"
-    pending_count: int = Field(ge=0)
-    queued_count: int | None = Field(default=None, ge=0)
-    tracked_count: int = Field(ge=0)  # pending txs chainwatch follows to their fate
-    sender_count: int = Field(ge=0)
+    pending_count: Count
+    queued_count: Count | None = None
+    tracked_count: Count  # pending txs chainwatch follows to their fate
+    sender_count: Count
     priority_fee_p50: int | None = Field(default=None, ge=0)
     priority_fee_p90: int | None = Field(default=None, ge=0)
     priority_fee_p99: int | None = Field(default=None, ge=0)
@@ -220,8 +227,8 @@ class TxLifecycle(_Record):
     hash: str
     fate: TxFate
     from_address: str
-    nonce: int = Field(ge=0)
-    block_number: int | None = Field(default=None, ge=0)
+    nonce: int = Field(ge=0)  # EIP-2681: up to 2^64 - 1 (the tx frame clamps)
+    block_number: Count | None = None
     block_hash: str | None = None
     inclusion_delay_seconds: float | None = None
     replaced_by: str | None = None
@@ -236,12 +243,12 @@ class PeerSnapshot(_Record):
     """The node's peer set. Peer ids appear only hashed (sha256, 16 hex chars)."""
 
     type: Literal["peer_snapshot"] = "peer_snapshot"
-    peer_count: int = Field(ge=0)  # net_peerCount
+    peer_count: Count  # net_peerCount
     detailed: bool  # admin_peers answered; the fields below are filled
-    inbound: int | None = Field(default=None, ge=0)
-    outbound: int | None = Field(default=None, ge=0)
-    clients: dict[str, int] = Field(default_factory=dict)  # client name -> peers
-    client_versions: dict[str, int] = Field(default_factory=dict)  # "Geth/v1.17.10" -> peers
+    inbound: Count | None = None
+    outbound: Count | None = None
+    clients: dict[str, Count] = Field(default_factory=dict)  # client name -> peers
+    client_versions: dict[str, Count] = Field(default_factory=dict)  # "Geth/v1.17.10" -> peers
     connected: tuple[str, ...] = ()  # hashed ids of peers new since the last snapshot
     disconnected: tuple[str, ...] = ()  # hashed ids of peers gone since the last snapshot
 

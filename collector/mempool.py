@@ -26,7 +26,15 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from chainwatch.exceptions import MalformedRpcPayload
-from chainwatch.schema import Block, MempoolSnapshot, PendingTx, Reorg, TxFate, TxLifecycle
+from chainwatch.schema import (
+    INT64_MAX,
+    Block,
+    MempoolSnapshot,
+    PendingTx,
+    Reorg,
+    TxFate,
+    TxLifecycle,
+)
 from collector.mappers import hex_to_int
 
 _HEX = re.compile(r"0x(?:[0-9a-f]{2})*")
@@ -112,7 +120,10 @@ def parse_txpool_status(raw: Any) -> tuple[int, int]:
     """txpool_status -> (pending, queued)."""
     if not isinstance(raw, Mapping):
         raise MalformedRpcPayload(f"txpool_status: expected an object, got {_short(raw)}")
-    return hex_to_int(raw.get("pending"), "pending"), hex_to_int(raw.get("queued"), "queued")
+    counts = hex_to_int(raw.get("pending"), "pending"), hex_to_int(raw.get("queued"), "queued")
+    if max(counts) > INT64_MAX:  # a count no record (or pool) can hold
+        raise MalformedRpcPayload(f"txpool_status: {max(counts)} is not a pool size")
+    return counts
 
 
 def parse_txpool_content(raw: Any) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:

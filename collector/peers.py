@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from chainwatch.exceptions import MalformedRpcPayload
-from chainwatch.schema import PeerSnapshot
+from chainwatch.schema import INT64_MAX, PeerSnapshot
 from collector.mappers import hex_to_int
 
 KNOWN_CLIENTS: dict[str, str] = {
@@ -71,6 +71,8 @@ class PeerTracker:
         against the last good detailed one.
         """
         peer_count = hex_to_int(peer_count_raw, "net_peerCount")
+        if peer_count > INT64_MAX:  # found by tests/property: invalid in the record
+            raise MalformedRpcPayload(f"net_peerCount: {peer_count} is not a peer count")
         fields: dict[str, Any] = {"detailed": False}
         if admin_peers_raw is not None:
             current, fields = self._detailed(admin_peers_raw)

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import collector.rpc  # noqa: F401
 from chainwatch.exceptions import ConfigError, InvalidRecord, MalformedRpcPayload
 from chainwatch.schema import (
+    INT64_MAX,
     Block,
     Finding,
     MempoolSnapshot,
@@ -33,6 +34,7 @@ from chainwatch.schema import (
     PendingTx,
     Reorg,
     TxLifecycle,
+    TxSummary,
     decode,
     encode,
 )
@@ -277,8 +279,8 @@ def check_txpool(raw: Any) -> None:
         except _Typed:
             results.append(None)
     content, counts = results
-    if counts is not None:
-        assert all(isinstance(c, int) and c >= 0 for c in counts)
+    if counts is not None:  # what goes into a MempoolSnapshot
+        assert all(isinstance(c, int) and 0 <= c <= INT64_MAX for c in counts)
     for tx in [*content[0], *content[1]] if content is not None else []:
         with contextlib.suppress(_Typed):  # each tx is its own skip, as in the collector
             _publishable(_typed(
@@ -570,6 +572,41 @@ def check_labels_file(content: bytes) -> None:
         assert whole == kept and not skipped
 
 
+def _history_blocks() -> list[Any]:
+    """30 linked blocks of one node, 3 txs each: what the garbled records arrive after."""
+    if "history" not in _ARCHIVE:
+        from bench.synthetic import generate
+
+        _ARCHIVE["history"] = generate(30, 3, seed=11)
+    return _ARCHIVE["history"]
+
+
+def check_detector(payloads: list[bytes]) -> None:
+    """Records that pass `decode` (the schema's checks), however odd their values, after a
+    short normal history: the detector takes every one without a record failing or a
+    batch step raising (either would be a bug its guards only contain)."""
+    from chainwatch.metrics import Metrics
+    from detector.engine import Detector, DetectorConfig
+
+    records = []
+    for payload in payloads:
+        with contextlib.suppress(InvalidRecord):
+            records.append(decode(payload))
+    history = _history_blocks()
+    now = [history[-1].observed_at]
+    detector = Detector(DetectorConfig(warmup_blocks=10), Metrics(), clock=lambda: now[0])
+    detector.process(list(history))
+    for record in records:
+        now[0] = max(now[0], record.observed_at) if record.observed_at == record.observed_at \
+            else now[0]
+        detector.process([record])
+        if detector.failed or detector.step_errors:
+            raise Crash(f"{type(record).__name__} made the detector fail: "
+                        f"{[why for _, why in detector.failed] + detector.step_errors}")
+    if not records:
+        raise _Typed
+
+
 # --- strategies ---------------------------------------------------------------------------
 
 _RECORD_DICTS = [json.loads(encode(r)) for r in RECORDS]
@@ -646,6 +683,59 @@ LABEL_INPUTS = st.one_of(
 )
 
 
+_DETECTOR_TEMPLATES = [*_RECORD_DICTS, json.loads(encode(
+    Block(**{**_COMMON, "event_id": "f" * 32}, number=31, hash="0x" + "ab" * 32,
+          parent_hash="0x" + "aa" * 32, timestamp=1_700_000_400, miner="0x" + "44" * 20,
+          gas_used=63_000, gas_limit=30_000_000, base_fee_per_gas=7, tx_count=2,
+          transactions=tuple(TxSummary(
+              hash=f"0x{i:064x}", transaction_index=i, from_address="0x" + "11" * 20,
+              to_address="0x" + "22" * 20, value=10**18, gas=21_000, gas_price=None,
+              max_fee_per_gas=30, max_priority_fee_per_gas=2, nonce=i, tx_type=2,
+              input_size=68, method_id="0xa9059cbb", is_contract_creation=False)
+              for i in range(2)))))]
+ODD_INTS = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 2**256 - 1]),
+)
+ODD_FLOATS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -0.0, 1e-300, 1e18, 4e9, -1.0]),
+)
+
+
+@st.composite
+def odd_values(draw: st.DrawFn, template: Any) -> Any:
+    """A deep copy of ``template`` with 1-4 values replaced by others of the same JSON
+    type (huge, zero, negative numbers; odd strings): most still pass the schema."""
+    root = [copy.deepcopy(template)]
+    for _ in range(draw(st.integers(1, 4))):
+        parent: Any = root
+        key: Any = 0
+        while isinstance(parent[key], dict | list) and parent[key]:
+            parent = parent[key]
+            key = draw(st.sampled_from(sorted(parent, key=repr) if isinstance(parent, dict)
+                                       else range(len(parent))))
+        old = parent[key]
+        if isinstance(old, bool):
+            parent[key] = draw(st.booleans())
+        elif isinstance(old, int):
+            parent[key] = draw(ODD_INTS)
+        elif isinstance(old, float):
+            parent[key] = draw(ODD_FLOATS)
+        elif isinstance(old, str):
+            parent[key] = draw(st.one_of(HEXISH, ANY_TEXT, st.just(old + old)))
+        elif old is None:
+            parent[key] = draw(st.one_of(st.none(), ODD_INTS))
+    return root[0]
+
+
+DETECTOR_INPUTS = st.lists(
+    st.sampled_from(_DETECTOR_TEMPLATES).flatmap(odd_values).map(
+        lambda d: json.dumps(d).encode()),
+    min_size=1, max_size=4,
+)
+
+
 def all_targets() -> list[Target]:
     """Fresh targets (counters at zero), in a stable order."""
     return [
@@ -662,4 +752,5 @@ def all_targets() -> list[Target]:
         Target("replay: archive file", ARCHIVE_INPUTS, check_archive_source),
         Target("replay: JSONL records", JSONL_INPUTS, check_jsonl_source),
         Target("replay --labels", LABEL_INPUTS, check_labels_file),
+        Target("detector: decoded records", DETECTOR_INPUTS, check_detector),
     ]

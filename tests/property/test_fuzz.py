@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from chainwatch.schema import encode
 from tests.property import targets
 from tests.property.targets import Target, all_targets
 
@@ -54,6 +55,7 @@ def _fuzz(name: str, examples: int) -> None:
         ("replay: archive file", 150),
         ("replay: JSONL records", 200),
         ("replay --labels", 300),
+        ("detector: decoded records", 150),
     ],
 )
 def test_garbled_input_gives_a_typed_error_or_a_good_result(name: str, examples: int) -> None:
@@ -98,6 +100,21 @@ LAUGHS = "a0: &a0 [" + ",".join(['"lol"'] * 10) + "]\n" + "".join(
         ("nodes.load_nodes", b'"a\\nb": 1\nnodes: [{name: x, rpc: "http://h:1"}]\n'),
         # ... and a self-referencing alias recursed without end
         ("nodes.load_nodes", b'a: &a [*a]\nnodes: [{name: x, rpc: "http://h:1"}]\n'),
+        # replay/sources.py: a transactions.csv that is not UTF-8 gave a traceback
+        ("replay: ethereum-etl tables", ("transactions", ".csv", b"hash\n\x80\n")),
+        # replay/archive.py: an archive file cut short gave a traceback
+        ("replay: archive file", b"PAR1"),
+        # chainwatch/labels.py: a --labels line that is not UTF-8 gave a traceback
+        ("replay --labels", b"\x80\n"),
+        # chainwatch/schema.py: a chain id or height past 2^63 - 1 passed the schema and
+        # failed the detector's fork-risk and tx steps of that chain, batch after batch
+        ("detector: decoded records", [encode(targets.RECORDS[0]).replace(
+            b'"chain_id":31337', b'"chain_id":9223372036854775808')]),
+        ("detector: decoded records", [encode(targets.RECORDS[3]).replace(
+            b'"head_number":5', b'"head_number":9223372036854775808')]),
+        # collector/peers.py, mempool.py: so a node's count past 2^63 - 1 is malformed
+        ("peers.PeerTracker.observe", ("0x8000000000000000", None)),
+        ("mempool.txpool_content/status", {"pending": "0x8000000000000000", "queued": "0x0"}),
     ],
 )
 def test_inputs_that_once_crashed_are_typed_errors_now(name: str, value: Any) -> None:
