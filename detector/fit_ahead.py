@@ -67,6 +67,13 @@ def _exit_with(parent: int, every: float = 0.5) -> None:
     os._exit(0)
 
 
+def load_model_libraries() -> None:
+    """Import what fitting an isolation forest needs (sklearn, PyOD: ~1 s) now rather
+    than in the middle of the first batch, where it ran before the worker was up."""
+    import pyod.models.iforest  # noqa: F401
+    import sklearn.ensemble  # noqa: F401
+
+
 def _load() -> None:
     """In the worker: a tiny fit, so that its libraries (sklearn, PyOD, the compiled
     forest walk) are loaded before its first real fit."""
@@ -110,13 +117,36 @@ def _worker_up() -> bool:
     return True
 
 
+class _SpawnIgnoringCtrlC(multiprocessing.context.SpawnProcess):
+    """A spawned process that starts with Ctrl-C ignored, from its first instruction: a
+    process started with SIGINT ignored keeps it so (Python then installs no
+    KeyboardInterrupt handler), so a Ctrl-C during the worker's ~1.5 s of imports, before
+    `_start_worker` runs, prints no traceback there. The replay ignores Ctrl-C only for
+    the few milliseconds of the spawn itself."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
+        spawn = multiprocessing.context.SpawnProcess._Popen
+        if threading.current_thread() is not threading.main_thread():
+            return spawn(process_obj)  # signals are the main thread's to set
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return spawn(process_obj)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnIgnoringCtrlC
+
+
 def _worker_pool() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         # spawned, not forked: the detector's process runs thread pools (polars, the
         # forest walk) whose locks a fork could copy held
         _pool = ProcessPoolExecutor(max_workers=1,
-                                    mp_context=multiprocessing.get_context("spawn"),
+                                    mp_context=_SpawnContext(),
                                     initializer=_start_worker, initargs=(os.getpid(),))
     return _pool
 

@@ -26,7 +26,7 @@ from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
 from detector.engine import Detector, DetectorConfig
 from detector.evaluation import Evaluation, RunRecorder, evaluate
-from detector.fit_ahead import start_worker
+from detector.fit_ahead import load_model_libraries, start_worker
 from detector.models import usable_cpus
 from detector.training import load_models
 from replay.archive import (
@@ -54,6 +54,7 @@ def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
     Trained models (--models) never refit: no worker then."""
     fit_ahead = usable_cpus() >= 2 and not settings.models
     if fit_ahead:
+        load_model_libraries()  # what the first (inline) fit would import, ~1 s
         start_worker()  # boots while the replay opens its source and warms up
     return Detector(
         replace(DetectorConfig.from_settings(settings), fit_ahead=fit_ahead),

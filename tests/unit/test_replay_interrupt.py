@@ -53,11 +53,21 @@ def _worker_of(pid: int) -> int | None:
     return None
 
 
-def _replay_until_its_worker_runs(history: Path, out: Path) -> subprocess.Popen[str]:
+def _as_from_a_terminal() -> None:
+    """Ctrl-C at its default, as in a shell's foreground job, whatever this test run
+    inherited: a background job (`cmd &` in a script, as CI may start the suite)
+    starts with SIGINT ignored, and a replay started so keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _replay_until_its_worker_runs(
+    history: Path, out: Path, *, settle: float = 0.5
+) -> subprocess.Popen[str]:
     replay = subprocess.Popen(
         [sys.executable, "-m", "chainwatch.cli", "replay", str(history), "--speed", "400",
          "--no-progress", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     deadline = time.monotonic() + 60
     while _worker_of(replay.pid) is None:
@@ -65,7 +75,7 @@ def _replay_until_its_worker_runs(history: Path, out: Path) -> subprocess.Popen[
             replay.kill()
             pytest.fail(f"no fit-ahead worker started: {replay.communicate()[1][-2000:]}")
         time.sleep(0.1)
-    time.sleep(0.5)  # a batch or two on
+    time.sleep(settle)  # a batch or two on
     return replay
 
 
@@ -91,6 +101,18 @@ def test_ctrl_c_ends_a_replay_with_status_130_and_no_traceback(history, tmp_path
     status, err = _ended(replay)
     assert status == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_ctrl_c_while_the_worker_is_starting_prints_no_traceback(history, tmp_path):
+    """The worker's first ~1.5 s go to imports, before its own code can ignore SIGINT:
+    it is started with SIGINT ignored already."""
+    # 0.3 s: past the spawn itself (the replay ignores a Ctrl-C within it), well inside
+    # the worker's imports
+    replay = _replay_until_its_worker_runs(history, tmp_path / "out", settle=0.3)
+    os.killpg(replay.pid, signal.SIGINT)
+    status, err = _ended(replay)
+    assert status == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
 
 
 def test_sigterm_ends_a_replay_through_its_clean_up(history, tmp_path):
