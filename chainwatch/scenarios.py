@@ -40,7 +40,7 @@ import numpy as np
 from chainwatch.bus import EmbeddedBus, Topics
 from chainwatch.exceptions import ChainwatchError, ConfigError, InvalidRecord
 from chainwatch.labels import KIND_FAMILY, Label, read_labels
-from chainwatch.paths import output_directory
+from chainwatch.paths import output_directory, written
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
 
 if TYPE_CHECKING:
@@ -1194,10 +1194,9 @@ def run_evaluate(*, out: Path, record: Path | None, quick: bool, from_recording:
     text = render_markdown(evaluation, command=command, session=session,
                            notes=session.get("notes", SIMULATION_NOTES))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        out.write_text(text)  # its directory was made (and checked) before the run
     except OSError as exc:
-        raise ChainwatchError(f"cannot write {out}: {exc.strerror}") from None
+        raise written(out, exc) from None
     overall = evaluation.overall
     recall = "-" if overall.recall is None else f"{overall.recall:.2f}"
     return (

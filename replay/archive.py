@@ -43,7 +43,7 @@ from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, Block, TxSummary, decode, encode
 from detector.tx_features import tx_frame_of
 from replay.driver import block_number_of
-from replay.exceptions import UNREADABLE, ReplayError
+from replay.exceptions import UNREADABLE, ReplayError, one_line
 from replay.positions import Position
 from replay.readahead import read_ahead
 from replay.rows import InvalidRows
@@ -224,8 +224,8 @@ class ArchiveWriter:
                 written.append(rel)
         except (pl.exceptions.PolarsError, OSError) as exc:  # a full disk, say
             # nothing checkpointed: a restart rolls the .tmp files back and re-reads these
-            raise ReplayError(f"cannot write the archive under {self.root}: "
-                              f"{' '.join(str(exc).split())[:200]}") from None
+            raise ReplayError(
+                f"cannot write the archive under {self.root}: {one_line(exc)}") from None
         self.checkpoint = Checkpoint(dict(self.next_offsets), written)
         self.checkpoint.save(self.root)
         for rel in written:
@@ -454,8 +454,7 @@ class _Row:
     txs: _TxRange | None = None  # a block's transactions, when stored in columns
 
     def where(self) -> str:
-        p = self.file.path
-        return f"{p.parent.parent.name}/{p.parent.name}/{p.name} offset {self.offset}"
+        return f"{_file_where(self.file)} offset {self.offset}"
 
     def header_time(self) -> float | None:
         """A block's header timestamp without decoding it: its first "timestamp" field

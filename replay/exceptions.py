@@ -10,6 +10,11 @@ UNREADABLE: tuple[type[BaseException], ...] = (
     pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An error's message as one line (polars' span several), cut at `limit` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class ReplayError(ChainwatchError):
     """A replay or archive cannot run (missing file, unknown source, bad flag)."""
 

@@ -21,7 +21,7 @@ import polars as pl
 
 from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, TxSummary, decode
-from replay.exceptions import UNREADABLE, ReplayError, RowError
+from replay.exceptions import UNREADABLE, ReplayError, RowError, one_line
 from replay.rows import (
     Defaults,
     InvalidRows,
@@ -122,8 +122,11 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 index += 1
                 yield f"{path.name} row {index}", row
     except UNREADABLE as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ReplayError(f"cannot read {path}: {reason}") from None
+        raise _cannot_read(path, exc) from None
+
+
+def _cannot_read(path: Path, exc: BaseException) -> ReplayError:
+    return ReplayError(f"cannot read {path}: {one_line(exc)}")
 
 
 def _first_non_utf8_line(path: Path) -> int:
@@ -145,8 +148,7 @@ def table_rows(path: Path) -> int:
     try:
         return int(pl.scan_parquet(path).select(pl.len()).collect().item())
     except UNREADABLE as exc:  # cut short, or not Parquet
-        reason = " ".join(str(exc).split())[:200]
-        raise ReplayError(f"cannot read {path}: {reason}") from None
+        raise _cannot_read(path, exc) from None
 
 
 def find_tables(source: Path) -> dict[str, Path]:
