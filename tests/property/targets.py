@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -495,6 +496,7 @@ def _parquet_of(csv_text: str, path: Path) -> None:
     pl.read_csv(io.StringIO(csv_text), infer_schema=False).write_parquet(path)
 
 
+@functools.cache
 def _parquet_bytes(csv_text: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.parquet"
@@ -502,24 +504,20 @@ def _parquet_bytes(csv_text: str) -> bytes:
         return path.read_bytes()
 
 
-_ARCHIVE: dict[str, Any] = {}
-
-
+@functools.cache
 def _archive_file() -> tuple[str, bytes]:
     """One valid archive file (blocks of two nodes, with transactions): its path under
     the archive root and its bytes. Made once."""
-    if not _ARCHIVE:
-        from bench.synthetic import generate
-        from replay.archive import ArchiveWriter, archive_row
+    from bench.synthetic import generate
+    from replay.archive import ArchiveWriter, archive_row
 
-        with tempfile.TemporaryDirectory() as tmp:
-            writer = ArchiveWriter(Path(tmp))
-            for i, block in enumerate(generate(6, 3, seed=5)):
-                writer.add(archive_row("cw.blocks", 0, i, "1:n", encode(block), 0))
-            writer.flush()
-            path = next(Path(tmp).glob("chain_id=*/day=*/*.parquet"))
-            _ARCHIVE["file"] = (str(path.relative_to(tmp)), path.read_bytes())
-    return _ARCHIVE["file"]
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ArchiveWriter(Path(tmp))
+        for i, block in enumerate(generate(6, 3, seed=5)):
+            writer.add(archive_row("cw.blocks", 0, i, "1:n", encode(block), 0))
+        writer.flush()
+        path = next(Path(tmp).glob("chain_id=*/day=*/*.parquet"))
+        return str(path.relative_to(tmp)), path.read_bytes()
 
 
 def check_archive_source(content: bytes) -> None:
@@ -572,13 +570,12 @@ def check_labels_file(content: bytes) -> None:
         assert whole == kept and not skipped
 
 
+@functools.cache
 def _history_blocks() -> list[Any]:
     """30 linked blocks of one node, 3 txs each: what the garbled records arrive after."""
-    if "history" not in _ARCHIVE:
-        from bench.synthetic import generate
+    from bench.synthetic import generate
 
-        _ARCHIVE["history"] = generate(30, 3, seed=11)
-    return _ARCHIVE["history"]
+    return generate(30, 3, seed=11)
 
 
 def check_detector(payloads: list[bytes]) -> None:
