@@ -40,6 +40,7 @@ from chainwatch import __version__
 from chainwatch.exceptions import ChainwatchError
 from chainwatch.schema import FeatureDeviation
 from detector.forest import CompiledForest
+from detector.forest_fit import fit_isolation_forest
 
 MODEL_KINDS: tuple[str, ...] = ("iforest", "hbos", "ecod", "copod", "sk_iforest")
 
@@ -69,7 +70,7 @@ class _SkIsolationForest:
         )
 
     def fit(self, x: np.ndarray) -> _SkIsolationForest:
-        self._model.fit(x)
+        fit_isolation_forest(self._model, x)
         self.decision_scores_ = self.decision_function(x)
         quantile = 100 * (1 - self.contamination)
         self.threshold_ = float(np.percentile(self.decision_scores_, quantile))
@@ -151,9 +152,10 @@ def _fit_pyod_iforest(estimator: Any, train: np.ndarray) -> bool:
     training row for `offset_`, then PyOD scores them all again for `decision_scores_`:
     two full passes of 100 trees over up to 50k rows on every refit. Here the forest is
     grown with contamination "auto" (which only skips that scoring: trees and random
-    draws are the same), the rows are scored once, and `offset_` and the decision scores
-    are derived from that one pass exactly as sklearn and PyOD compute them: the fitted
-    estimator is the same, attribute for attribute and bit for bit. False (nothing done)
+    draws are the same; `fit_isolation_forest` grows it), the rows are scored once, and
+    `offset_` and the decision scores are derived from that one pass exactly as sklearn
+    and PyOD compute them: the fitted estimator is the same, attribute for attribute and
+    bit for bit. False (nothing done)
     for any other estimator, which the caller then fits the usual way.
     """
     try:
@@ -172,7 +174,7 @@ def _fit_pyod_iforest(estimator: Any, train: np.ndarray) -> bool:
         bootstrap=estimator.bootstrap, n_jobs=estimator.n_jobs,
         random_state=estimator.random_state, verbose=estimator.verbose,
     )
-    forest.fit(X=x, y=None, sample_weight=None)
+    fit_isolation_forest(forest, x)
     samples = forest_score_samples(forest, x)
     forest.set_params(contamination=estimator.contamination)
     forest.offset_ = np.percentile(samples, 100.0 * estimator.contamination)
