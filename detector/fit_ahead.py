@@ -52,6 +52,15 @@ def _fitted(blank: AnomalyDetector, train: np.ndarray,
     return blank
 
 
+def _fitted_with_walk(blank: AnomalyDetector, train: np.ndarray,
+                      window: dict[str, Any] | None) -> tuple[AnomalyDetector, Any]:
+    """In the worker: the fit, and the forest's compiled walk it built to score the
+    training rows, pickled together (so the walk still points at the same trees): the
+    replay then does not compile it again on its critical path (~13 ms per refit)."""
+    blank.fit(train, window)
+    return blank, blank.compiled_walk()
+
+
 def _start_worker(parent: int) -> None:
     """In the worker, first: Ctrl-C reaches the whole foreground process group, and it is
     the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
@@ -164,16 +173,19 @@ def start_fit(
         fitted = _fitted(blank, train, window)
         return lambda: fitted
     try:
-        future: Future[AnomalyDetector] = _worker_pool().submit(_fitted, blank, train, window)
+        future: Future[tuple[AnomalyDetector, Any]] = _worker_pool().submit(
+            _fitted_with_walk, blank, train, window)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         _forget_worker(exc, "fitting in a worker process failed; fitting inline")
         return lambda: _fitted(blank, train, window)
 
     def result() -> AnomalyDetector:
         try:
-            return future.result()
+            fitted, walk = future.result()
         except BrokenProcessPool as exc:
             _forget_worker(exc, "the fitting worker process died; fitting inline")
             return _fitted(blank, train, window)
+        fitted.adopt_compiled_walk(walk)
+        return fitted
 
     return result

@@ -323,6 +323,18 @@ class AnomalyDetector:
     def robust_z(self, x: np.ndarray) -> np.ndarray:
         return (x - self._median) / self._scale
 
+    def compiled_walk(self) -> CompiledForest | None:
+        """The compiled walk of this model's forest, if one was built (scoring builds it)."""
+        found = self._forest()
+        return None if found is None else _compiled.get(found[0])
+
+    def adopt_compiled_walk(self, compiled: CompiledForest | None) -> None:
+        """Use a walk compiled elsewhere (a fit-ahead worker) for this model's forest: it
+        must have been built from these very trees (unpickled with them)."""
+        found = self._forest()
+        if compiled is not None and found is not None and compiled.source is found[0].estimators_:
+            _compiled[found[0]] = compiled
+
     @property
     def z_cut(self) -> float:
         """The shared deviation beyond which a row is anomalous whatever the model says."""

@@ -963,8 +963,9 @@ class SenderStats:
         """
         senders = frame["from_address"].fill_null("")
         cutoffs = np.maximum.accumulate(as_of.nows - self.window_seconds)
-        prior = self._events.filter(
-            pl.col("at") > cutoffs[0], pl.col("sender").is_in(senders.implode()))
+        prior = self._events.filter(pl.col("at") > cutoffs[0])
+        if prior.height > 4 * frame.height:  # the batch's senders' events only: fewer ids
+            prior = prior.filter(pl.col("sender").is_in(senders.implode()))
         at = np.concatenate([prior["at"].to_numpy(), frame["observed_at"].to_numpy()])
         begins = np.concatenate([np.zeros(prior.height, dtype=np.int64), as_of.block + 1])
         ends = np.maximum(np.searchsorted(cutoffs, at, side="left"), begins)

@@ -83,6 +83,27 @@ def test_the_version_of_a_refit_under_way_is_known_before_it_ends(small_fits_ahe
     assert model.detector.version == version
 
 
+def test_a_refit_in_the_worker_brings_its_compiled_walk_along(small_fits_ahead, monkeypatch):
+    """The walk the worker compiled to score the training rows is used here as it is."""
+    from detector import models
+
+    model = _model(True)
+    for x in _stream(3, 2, 40):
+        model.learn(x)
+    assert model._refit is not None  # fitted in the worker
+    refitted = model.detector
+    walk = refitted.compiled_walk()
+    assert walk is not None and walk.source is refitted._forest()[0].estimators_
+
+    def compile_again(forest: object) -> None:
+        raise AssertionError("compiled again in the replay's process")
+
+    probe = _stream(4, 1, 40)[0]
+    expected = _fitted_inline(model._window())._raw(probe)
+    monkeypatch.setattr(models, "CompiledForest", compile_again)
+    assert np.array_equal(refitted._raw(probe), expected)
+
+
 def test_a_worker_that_dies_costs_its_fit_nothing(small_fits_ahead):
     stream = _stream(3, 12, 40)
     inline = _model(False)

@@ -71,25 +71,29 @@ def _sender_frame(rng: np.random.Generator, blocks: int, start: float) -> pl.Dat
         nonce=pl.int_range(pl.len()))
 
 
-def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block():
-    rng = np.random.default_rng(7)
-    one_by_one, batched = SenderStats(window_seconds=60.0), SenderStats(window_seconds=60.0)
+@pytest.mark.parametrize("batch_blocks", [25, 1])  # a big batch; one block (events filtered)
+def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block(batch_blocks):
+    rng = np.random.default_rng(7 + batch_blocks)
+    window = 60.0 if batch_blocks > 1 else 600.0  # one block: all earlier events in it
+    one_by_one, batched = SenderStats(window_seconds=window), SenderStats(window_seconds=window)
     before = _sender_frame(rng, 8, 900.0)
     for stats in (one_by_one, batched):
         for k in range(8):
             part = before.filter(pl.col("block") == k)
             stats.update(part, now=900.0 + 12.0 * k)
-    batch = _sender_frame(rng, 25, 996.0)
-    nows = 996.0 + 12.0 * np.arange(25) + 0.5
+    batch = _sender_frame(rng, batch_blocks, 996.0)
+    nows = 996.0 + 12.0 * np.arange(batch_blocks) + 0.5
     wanted = []
-    for k in range(25):
+    for k in range(batch_blocks):
         part = batch.filter(pl.col("block") == k)
         wanted.extend(one_by_one.lookup(part, now=nows[k])["sender_rate"].to_list())
         one_by_one.update(part, now=nows[k])
     as_of = AsOf(batch["block"].to_numpy(), nows)
     got = batched.rate_as_of(batch, as_of)
     assert got.tolist() == wanted
-    assert max(wanted) > 1.0  # busy senders were in the window
+    assert max(wanted) * window / 60.0 >= 2  # busy senders were in the window
+    if batch_blocks == 1:  # the one-block batch takes the filtered path
+        assert batched._events.filter(pl.col("at") > nows[0] - window).height > 4 * batch.height
 
 
 @pytest.mark.parametrize("capacity", [12, 40, 1_000])
