@@ -82,7 +82,10 @@ class CompiledForest:
         feature, threshold, child, value, roots, nan_right = [], [], [], [], [], []
         offset = 0
         self.steps = 0
-        for tree, columns in zip(trees, forest.estimators_features_, strict=True):
+        # c(samples) of every node, per tree, as fitted (sklearn keeps them since 1.3)
+        lengths = getattr(forest, "_average_path_length_per_tree", None) or [
+            _average_path_length(tree.tree_.n_node_samples) for tree in trees]
+        for tree, columns, c in zip(trees, forest.estimators_features_, lengths, strict=True):
             t = tree.tree_
             order = _breadth_first(t.children_left, t.children_right)
             position = np.empty(len(order), dtype=np.int64)
@@ -99,8 +102,7 @@ class CompiledForest:
             child.append(np.where(leaf, np.arange(len(order)), position[np.maximum(left, 0)])
                          + offset)
             # what sklearn adds per tree: depth of the leaf + c(samples in it) - 1
-            samples = t.n_node_samples[order]
-            value.append(np.where(leaf, depth + _average_path_length(samples) - 1.0, 0.0))
+            value.append(np.where(leaf, depth + np.asarray(c)[order] - 1.0, 0.0))
             self.steps = max(self.steps, int(depth.max()) - 1)  # steps from root to leaf
             offset += len(order)
         self.feature = np.concatenate(feature).astype(np.int64)

@@ -87,8 +87,11 @@ def fit_isolation_forest(forest: Any, x: np.ndarray) -> Any:
     forest.estimators_features_ = features_drawn
 
     # the rest of IsolationForest.fit (contamination "auto": no scoring)
+    # sklearn's per-tree call, made once over all trees' nodes (the same values, elementwise)
+    counts = [t.tree_.n_node_samples for t in estimators]
+    lengths = _average_path_length(np.concatenate(counts))
     forest._average_path_length_per_tree = tuple(
-        _average_path_length(t.tree_.n_node_samples) for t in estimators
+        np.split(lengths, np.cumsum([len(c) for c in counts])[:-1])
     )
     forest._decision_path_lengths = tuple(t.tree_.compute_node_depths() for t in estimators)
     forest.offset_ = -0.5
@@ -144,13 +147,9 @@ def _tracking_selection(
     n_population: int, n_samples: int, rng: np.random.RandomState
 ) -> np.ndarray:
     """The first `n_samples` distinct values of `rng.randint(n_population)`'s stream."""
-    kept: list[int] = []
-    seen: set[int] = set()
-    while len(kept) < n_samples:
-        for value in rng.randint(n_population, size=n_samples - len(kept) + 8).tolist():
-            if value not in seen:
-                seen.add(value)
-                kept.append(value)
-                if len(kept) == n_samples:
-                    break
-    return np.asarray(kept, dtype=int)
+    drawn = np.empty(0, dtype=int)
+    while True:
+        drawn = np.concatenate([drawn, rng.randint(n_population, size=n_samples + 8)])
+        _, first = np.unique(drawn, return_index=True)  # each value's first draw
+        if len(first) >= n_samples:
+            return drawn[np.sort(first)[:n_samples]]

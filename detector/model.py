@@ -5,7 +5,7 @@ Without a trained model the detector learns from the stream: the first fit after
 new rows as the last fit had seen in all, at most `refit_every` (warm-up 200: fits at
 200, 400, 800, 1,600, then every 1,000). A young model improves fast, and a model that
 has seen much changes little from one refit to the next, so refitting it as often costs
-time for little (a transaction model's refit is ~0.4 CPU-s).
+time for little (a transaction model's refit is ~0.2 CPU-s).
 A model trained with `chainwatch train` and loaded at start is used as it is (frozen):
 what was evaluated is what runs.
 """
