@@ -45,19 +45,20 @@ _gave_up = False  # a worker could not start here: every fit inline from then on
 _CANNOT_START = "the fitting worker process could not start; fitting inline from now on"
 
 
-def _fitted(blank: AnomalyDetector, train: np.ndarray,
-            window: dict[str, Any] | None) -> AnomalyDetector:
-    """What the worker runs: the same fit as inline."""
-    blank.fit(train, window)
+def _fitted(blank: AnomalyDetector, train: np.ndarray, window: dict[str, Any] | None,
+            version: str | None = None) -> AnomalyDetector:
+    """The same fit as inline."""
+    blank.fit(train, window, version=version)
     return blank
 
 
 def _fitted_with_walk(blank: AnomalyDetector, train: np.ndarray,
-                      window: dict[str, Any] | None) -> tuple[AnomalyDetector, Any]:
+                      window: dict[str, Any] | None,
+                      version: str | None) -> tuple[AnomalyDetector, Any]:
     """In the worker: the fit, and the forest's compiled walk it built to score the
     training rows, pickled together (so the walk still points at the same trees): the
     replay then does not compile it again on its critical path (~13 ms per refit)."""
-    blank.fit(train, window)
+    blank.fit(train, window, version=version)
     return blank, blank.compiled_walk()
 
 
@@ -162,29 +163,31 @@ def _worker_pool() -> ProcessPoolExecutor:
 
 def start_fit(
     model: AnomalyDetector, train: np.ndarray, window: dict[str, Any] | None = None,
+    version: str | None = None,
 ) -> Callable[[], AnomalyDetector]:
     """Begin fitting a model configured as `model` on `train`; call the result for it.
 
     Small fits, and fits while the worker is starting (`start_worker`), run here at
     once. A worker that died after it was up (killed, out of memory) costs its fit
-    nothing: that fit runs inline, and a new worker starts."""
+    nothing: that fit runs inline, and a new worker starts. `version`: the caller's
+    `model.version_of(train)`, so that it is not computed again."""
     blank = model.blank()
     if len(train) < FIT_AHEAD_MIN_ROWS or not _worker_up():
-        fitted = _fitted(blank, train, window)
+        fitted = _fitted(blank, train, window, version)
         return lambda: fitted
     try:
         future: Future[tuple[AnomalyDetector, Any]] = _worker_pool().submit(
-            _fitted_with_walk, blank, train, window)
+            _fitted_with_walk, blank, train, window, version)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         _forget_worker(exc, "fitting in a worker process failed; fitting inline")
-        return lambda: _fitted(blank, train, window)
+        return lambda: _fitted(blank, train, window, version)
 
     def result() -> AnomalyDetector:
         try:
             fitted, walk = future.result()
         except BrokenProcessPool as exc:
             _forget_worker(exc, "the fitting worker process died; fitting inline")
-            return _fitted(blank, train, window)
+            return _fitted(blank, train, window, version)
         fitted.adopt_compiled_walk(walk)
         return fitted
 

@@ -152,8 +152,8 @@ class BlockAnomalyModel:
             window = {"source": "live", "rows": self._count}
             if self.fit_ahead:  # (a refit still under way is superseded: same config)
                 train = self._window()
-                self._refit = start_fit(self._detector, train, window)
                 self._refit_version = self._detector.version_of(train)
+                self._refit = start_fit(self._detector, train, window, self._refit_version)
             else:
                 self.detector.fit(self._window(), window)
             self._since_fit = 0

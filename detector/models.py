@@ -264,7 +264,11 @@ class AnomalyDetector:
             median_scale=tuple(self._median_scale), feature_cuts=tuple(self._own_cuts()),
         )
 
-    def fit(self, train: np.ndarray, training_window: dict[str, Any] | None = None) -> None:
+    def fit(
+        self, train: np.ndarray, training_window: dict[str, Any] | None = None,
+        *, version: str | None = None,
+    ) -> None:
+        """Fit on `train`. `version`: `version_of(train)`, when the caller has it already."""
         estimator = make_estimator(self.kind, self.contamination, self.seed, self.n_estimators)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant features are fine for our guard
@@ -286,7 +290,7 @@ class AnomalyDetector:
         self._estimator = estimator
         self.trained_rows = len(train)
         self.training_window = dict(training_window or {})
-        self.version = self.version_of(train)
+        self.version = version or self.version_of(train)
 
     def version_of(self, train: np.ndarray) -> str:
         """The version a fit on `train` gets: family, kind, rows, seed and the rows' hash."""
