@@ -1000,6 +1000,24 @@ def _frame_now(frame: pl.DataFrame, now: float | None) -> float:
     return float(latest) if isinstance(latest, int | float) else 0.0
 
 
+def _previous_nonce(frame: pl.DataFrame) -> pl.Expr:
+    """Each row's nonce of its sender's tx just below it in the frame (null for the
+    sender's lowest): `nonce.shift(1).over("from_address", order_by="nonce")`, which took
+    ~40 ms per replay batch of 75k txs; two stable sorts give the same in ~18 ms (ties in
+    the frame's order, as polars keeps them)."""
+    senders, nonces = frame["from_address"], frame["nonce"]
+    if frame.height < 2 or senders.null_count() or nonces.null_count():
+        return pl.col("nonce").shift(1).over("from_address", order_by="nonce")
+    ids, values = _ids(senders), nonces.to_numpy()
+    by_nonce = np.argsort(values, kind="stable")
+    order = by_nonce[np.argsort(ids[by_nonce], kind="stable")]  # by sender, then nonce
+    has_previous = np.zeros(frame.height, dtype=bool)
+    previous = np.zeros(frame.height, dtype=np.int64)
+    has_previous[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    previous[order[1:]] = values[order[:-1]]
+    return pl.when(pl.Series(has_previous)).then(pl.Series(previous))
+
+
 def _mapped(
     frame: pl.DataFrame, column: str, mapping: dict[str, int] | dict[str, float] | None
 ) -> pl.Series | pl.Expr:
@@ -1059,9 +1077,7 @@ def tx_features(
         fees = (fees_later.result() if fees_later is not None
                 else market.as_of(tips, caps, as_of))
     # a sender's earlier tx in the same batch is the better reference than the stats
-    previous_nonce = pl.coalesce(
-        pl.col("nonce").shift(1).over("from_address", order_by="nonce"), pl.col("last_nonce")
-    )
+    previous_nonce = pl.coalesce(_previous_nonce(frame), pl.col("last_nonce"))
     since = pl.coalesce(_mapped(frame, "hash", pending_since), pl.col("first_seen_at"))
     out = frame.with_columns(
         pl.Series("priority_fee_percentile", fees[0], pl.Float64),

@@ -14,6 +14,7 @@ from detector.tx_features import (
     FeeMarket,
     SelectorStats,
     SenderStats,
+    _previous_nonce,
     blocks_to_tx_frame,
     complete_tx_rows,
     effective_tip,
@@ -362,3 +363,24 @@ def test_sender_stats_at_their_bound_keep_the_latest_ties_by_address():
     stats.update(pl.DataFrame({"from_address": ["0xa"], "nonce": [9], "observed_at": [11.0]}),
                  now=11.0)
     assert sorted(stats._last["sender"]) == ["0xa", "0xd", "0xe"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_previous_nonce_in_the_frame_is_polars_window_with_ties_in_frame_order(seed):
+    """Few senders and nonces (many ties: a tx in two blocks of a batch), many senders,
+    nonces at the int64 edge; frames with a null sender or nonce take polars' own path."""
+    rng = np.random.default_rng(seed)
+    rows = 400
+    senders = rng.integers(0, 6 if seed % 2 else 300, rows)
+    top = 2**63 - 1 if seed == 4 else 8
+    nonces = top - rng.integers(0, 8, rows) if seed == 4 else rng.integers(0, top, rows)
+    frame = pl.DataFrame({"from_address": [f"0x{s:040x}" for s in senders], "nonce": nonces},
+                         schema={"from_address": pl.Utf8, "nonce": pl.Int64})
+    if seed == 5:
+        frame = frame.with_columns(pl.when(pl.int_range(rows) % 7 == 0).then(None)
+                                   .otherwise(pl.col("from_address")).alias("from_address"))
+    polars_window = pl.col("nonce").shift(1).over("from_address", order_by="nonce")
+    wanted = frame.select(polars_window.alias("p"))["p"]
+    got = frame.select(_previous_nonce(frame).alias("p"))["p"]
+    assert got.dtype == pl.Int64 and got.to_list() == wanted.to_list()
+    assert wanted.is_not_null().sum() > rows // 4  # many rows have an earlier tx
