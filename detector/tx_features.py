@@ -919,7 +919,7 @@ class SenderStats:
             pl.max_horizontal("last_seen", "new_seen").alias("last_seen"),
         )
         if last.height > self.max_senders:  # the most recent; ties (one block) by sender
-            last = last.top_k(self.max_senders, by=["last_seen", "sender"])
+            last = _latest_senders(last, self.max_senders)
         self._last = last
 
     def lookup(
@@ -973,6 +973,20 @@ class SenderStats:
         _sender_counts(_ids(pl.concat([prior["sender"], senders])), begins, ends,
                        prior.height, counts)
         return counts * 60.0 / self.window_seconds
+
+
+def _latest_senders(last: pl.DataFrame, keep: int) -> pl.DataFrame:
+    """The `keep` senders seen last, ties (senders of one block) broken by the higher
+    address: `top_k(keep, by=["last_seen", "sender"])`'s rows (in another order). The
+    two-key top-k sorted the addresses of all ~130k rows (~17 ms per replay batch); this
+    cuts at the keep-th latest time and sorts only the senders seen at that time (~2 ms)."""
+    seen = last["last_seen"]
+    if seen.null_count() or seen.is_nan().any():  # polars' own order for those
+        return last.top_k(keep, by=["last_seen", "sender"])
+    cut = seen.top_k(keep).min()
+    later = last.filter(pl.col("last_seen") > cut)
+    at_cut = last.filter(pl.col("last_seen") == cut).top_k(keep - later.height, by="sender")
+    return pl.concat([later, at_cut])
 
 
 def _ids(strings: pl.Series) -> np.ndarray:

@@ -14,6 +14,7 @@ from detector.tx_features import (
     FeeMarket,
     SelectorStats,
     SenderStats,
+    _latest_senders,
     _previous_nonce,
     blocks_to_tx_frame,
     complete_tx_rows,
@@ -384,3 +385,23 @@ def test_previous_nonce_in_the_frame_is_polars_window_with_ties_in_frame_order(s
     got = frame.select(_previous_nonce(frame).alias("p"))["p"]
     assert got.dtype == pl.Int64 and got.to_list() == wanted.to_list()
     assert wanted.is_not_null().sum() > rows // 4  # many rows have an earlier tx
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_latest_senders_are_the_two_key_top_k(seed):
+    """Many senders per block time (the cut falls inside a block's senders), a cut at the
+    oldest time, and a NaN time (polars' own top-k then)."""
+    rng = np.random.default_rng(seed)
+    rows = 2_000
+    last = pl.DataFrame({
+        "sender": [f"0x{int(i):040x}" for i in rng.permutation(10**6)[:rows]],
+        "last_nonce": rng.integers(0, 100, rows),
+        "last_seen": np.round(rng.uniform(0, 600, rows) / 12) * 12.0,
+    })
+    if seed == 4:
+        last = last.with_columns(pl.when(pl.int_range(rows) == 5).then(float("nan"))
+                                 .otherwise(pl.col("last_seen")).alias("last_seen"))
+    for keep in (1, 999, 1_500, rows - 1):
+        wanted = last.top_k(keep, by=["last_seen", "sender"]).sort("sender")
+        got = _latest_senders(last, keep).sort("sender")
+        assert got.height == keep and got.equals(wanted), keep
