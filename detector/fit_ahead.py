@@ -58,8 +58,8 @@ def _fitted_with_walk(blank: AnomalyDetector, train: np.ndarray,
     """In the worker: the fit, and the forest's compiled walk it built to score the
     training rows, pickled together (so the walk still points at the same trees): the
     replay then does not compile it again on its critical path (~13 ms per refit)."""
-    blank.fit(train, window, version=version)
-    return blank, blank.compiled_walk()
+    fitted = _fitted(blank, train, window, version)
+    return fitted, fitted.compiled_walk()
 
 
 def _start_worker(parent: int) -> None:

@@ -155,8 +155,8 @@ def _fit_pyod_iforest(estimator: Any, train: np.ndarray) -> bool:
     draws are the same; `fit_isolation_forest` grows it), the rows are scored once, and
     `offset_` and the decision scores are derived from that one pass exactly as sklearn
     and PyOD compute them: the fitted estimator is the same, attribute for attribute and
-    bit for bit. False (nothing done)
-    for any other estimator, which the caller then fits the usual way.
+    bit for bit. False (nothing done) for any other estimator, which the caller then
+    fits the usual way.
     """
     try:
         from pyod.utils.utility import invert_order
