@@ -190,32 +190,60 @@ class _Bounded(OrderedDict[str, float]):
 
 
 class RecentKeys:
-    """Keys added lately, for membership: every one of the last `limit` keys added is
-    in; keys added more than two generations ago are forgotten.
+    """Keys added lately, for membership: every one of the last `limit` keys added
+    (counted with repeats) is in; older ones are forgotten in time.
 
     Two generations of plain sets (the current one is retired once it holds `limit`
     keys): adding a replay batch's 75k hashes is one set update at C speed, where an
-    exact bound kept in insertion order cost ~20 ms per batch.
+    exact bound kept in insertion order cost ~20 ms per batch. Keys added as a column
+    (`add_column`) stay a column until membership is next asked: a replay of mined
+    blocks alone never asks, and turning a batch's 75k hashes into Python strings and
+    adding them cost ~13 ms per batch. Unread columns older than the last `limit` keys
+    are dropped unread, so memory stays bounded either way.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._current: set[str] = set()
         self._previous: set[str] = set()
+        self._unread: deque[pl.Series] = deque()  # oldest first, all newer than the sets
+        self._unread_keys = 0
 
     def __contains__(self, key: object) -> bool:
+        self._read()
         return key in self._current or key in self._previous
 
     def __len__(self) -> int:
+        self._read()
         return len(self._current | self._previous)
 
     def add_many(self, keys: Iterable[str]) -> None:
-        self._current.update(keys)
-        if len(self._current) >= self.limit:
-            self._previous, self._current = self._current, set()
+        self._read()
+        self._add(keys)
 
     def add(self, key: str) -> None:
         self.add_many((key,))
+
+    def add_column(self, keys: pl.Series) -> None:
+        """Add a column of keys (strings), read only when membership is next asked."""
+        if not len(keys):
+            return
+        self._unread.append(keys)
+        self._unread_keys += len(keys)
+        while len(self._unread) > 1 and self._unread_keys - len(self._unread[0]) >= self.limit:
+            self._unread_keys -= len(self._unread.popleft())
+        if self._unread_keys >= self.limit:  # the sets hold only older keys
+            self._current, self._previous = set(), set()
+
+    def _read(self) -> None:
+        while self._unread:
+            self._add(self._unread.popleft().to_list())
+        self._unread_keys = 0
+
+    def _add(self, keys: Iterable[str]) -> None:
+        self._current.update(keys)
+        if len(self._current) >= self.limit:
+            self._previous, self._current = self._current, set()
 
 
 class NextNonces:
@@ -446,13 +474,13 @@ class TxFamily:
         """The batch's mined txs left the pool, are remembered as mined (`_included`), and
         raise their senders' next nonce."""
         cols = frame.select("hash", "from_address", "nonce")
-        hashes = cols["hash"].to_list()
-        for pool in (self.pending_since, self.offers):
-            if pool:
+        if self.pending_since or self.offers:
+            hashes = cols["hash"].to_list()
+            for pool in (self.pending_since, self.offers):
                 for tx_hash in pool.keys() & hashes:
                     del pool[tx_hash]
         self.next_nonce.learn(cols["from_address"], cols["nonce"])
-        self._included.add_many(hashes)
+        self._included.add_column(cols["hash"])
 
     def _matrix(
         self, frame: pl.DataFrame, now: float, as_of: AsOf | None = None

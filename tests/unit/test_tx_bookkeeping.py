@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict, namedtuple
 
+import polars as pl
 import pytest
 
 from bench.synthetic import generate
@@ -164,6 +165,47 @@ def test_recent_keys_hold_the_last_limit_keys_and_forget_old_ones():
         assert all(k in keys for k in recent), step
         assert len(keys) <= 2 * max(50, 70) + 70
     assert "never" not in keys
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_recent_keys_added_as_columns_hold_the_last_limit_keys(seed):
+    """Columns stay unread until membership is asked; then every one of the last `limit`
+    keys added (counted with repeats) is in, whether added as columns or one by one."""
+    rng = random.Random(seed)
+    limit = rng.choice([1, 7, 50])
+    keys = families.RecentKeys(limit=limit)
+    added: list[str] = []
+    for step in range(200):
+        batch = [f"k{rng.randrange(300)}" for _ in range(rng.choice([0, 1, 5, 30, 120]))]
+        if rng.random() < 0.7:
+            keys.add_column(pl.Series(batch, dtype=pl.Utf8))
+        else:
+            keys.add_many(batch)
+        added.extend(batch)
+        # unread columns are bounded: those before the last `limit` keys are dropped
+        unread = keys._unread
+        assert len(unread) <= 1 or sum(len(c) for c in unread) - len(unread[0]) < limit
+        if rng.random() < 0.3:
+            assert all(k in keys for k in added[-limit:]), step
+            assert "never" not in keys
+
+
+def test_unread_columns_beyond_the_limit_are_dropped_without_being_read(monkeypatch):
+    """A replay of mined blocks never asks: its batches' hashes are never made strings,
+    and only the columns that still hold the last `limit` keys are kept."""
+    keys = families.RecentKeys(limit=100)
+    keys.add_many(["old"])
+    read = []
+    monkeypatch.setattr(families.RecentKeys, "_add",
+                        lambda self, k: read.append(list(k)))
+    for i in range(50):
+        keys.add_column(pl.Series([f"{i}-{j}" for j in range(40)]))
+    assert read == []
+    assert [len(c) for c in keys._unread] == [40, 40, 40]  # 80 would miss 20 of the last 100
+    assert not keys._current and not keys._previous  # "old" is forgotten
+    monkeypatch.undo()
+    assert all(f"{i}-{j}" in keys for i in range(47, 50) for j in range(40))
+    assert "old" not in keys and "46-39" not in keys
 
 
 def test_a_sender_forgotten_at_the_bound_starts_again_from_its_next_fold(monkeypatch):
