@@ -186,7 +186,8 @@ _BLOCK_COLUMNS: tuple[str, ...] = (
 
 
 def tx_frame_of(
-    blocks: Sequence[Block], counts: Sequence[int], tx_cols: pl.DataFrame
+    blocks: Sequence[Block], counts: Sequence[int], tx_cols: pl.DataFrame,
+    *, lowercase: bool = False,
 ) -> pl.DataFrame:
     """A tx frame (`TX_FRAME_SCHEMA`) from the blocks' headers and their txs' own columns.
 
@@ -194,6 +195,8 @@ def tx_frame_of(
     under the frame's names (`tx_index`, `hash` ... `is_contract_creation`), in any type
     that casts to the frame's: replay reads them so from a columnar archive, wei amounts
     as decimal strings, which polars parses to the same Float64 as float(int) gives.
+    `lowercase`: the addresses and selectors of `tx_cols` are lower-cased already (an
+    archive's files say so), so they are not lower-cased again.
     """
     per_block = pl.DataFrame(
         {
@@ -215,7 +218,8 @@ def tx_frame_of(
         pl.lit("block", pl.Utf8).alias("source"),
         pl.lit(None, pl.Float64).alias("first_seen_at"),
     )
-    return _normalise(frame.select(TX_FRAME_SCHEMA.keys()))
+    frame = frame.select(TX_FRAME_SCHEMA.keys())
+    return frame if lowercase else _normalise(frame)
 
 
 def included_tx_frame(

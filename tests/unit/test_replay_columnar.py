@@ -66,6 +66,43 @@ def test_the_archive_gives_back_every_block_written(tmp_path: Path) -> None:
     assert list(ArchiveSource(tmp_path, InvalidRows()).records()) == blocks
 
 
+def _tx_frame_of_all(root: Path) -> pl.DataFrame | None:
+    source = ArchiveSource(root, InvalidRows())
+    source.columnar = True
+    return source.tx_frame(list(source.records()))
+
+
+def test_lowercase_files_say_so_and_their_txs_are_not_lowercased_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The collectors' lower-case addresses and selectors are marked in the file's
+    metadata and read as they are; a file with a mixed-case one is lower-cased on read."""
+    import detector.tx_features as tx_features
+    from replay.archive import LOWERCASE, LOWERCASE_KEY
+
+    lower, mixed = tmp_path / "lower", tmp_path / "mixed"
+    blocks = generate(3, 20, seed=9)
+    _write(lower, blocks)
+    _write(mixed, [blocks[0], _awkward(blocks[1])])
+    marks = {root.name: [pl.read_parquet_metadata(f).get(LOWERCASE_KEY)
+                         for f in root.rglob("*.parquet")] for root in (lower, mixed)}
+    assert marks == {"lower": [LOWERCASE], "mixed": [None]}
+    normalise = tx_features._normalise
+
+    def not_again(frame: pl.DataFrame) -> pl.DataFrame:
+        raise AssertionError("lower-cased again")
+
+    monkeypatch.setattr(tx_features, "_normalise", not_again)
+    read = _tx_frame_of_all(lower)
+    assert read is not None and read.height == sum(b.tx_count for b in blocks)
+    assert read.equals(normalise(read))  # what lower-casing would have given
+    with pytest.raises(AssertionError, match="lower-cased again"):
+        _tx_frame_of_all(mixed)
+    monkeypatch.undo()
+    frame = _tx_frame_of_all(mixed)
+    assert frame is not None and "0xabcd" + "ef" * 18 in frame["from_address"].to_list()
+
+
 def test_archives_written_before_the_columns_still_read(tmp_path: Path) -> None:
     blocks = generate(4, 10, seed=8)
     old_schema = {k: v for k, v in ARCHIVE_SCHEMA.items() if k != "transactions"}
