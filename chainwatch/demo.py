@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 from chainwatch.bootstrap import Runtime, run_all
-from chainwatch.exceptions import ChainwatchError
+from chainwatch.exceptions import ChainwatchError, first_line
 from chainwatch.local.anvil import Anvil
 from chainwatch.local.procs import ServerStartError, free_port, port_open
 from chainwatch.schema import Finding
@@ -97,7 +97,7 @@ def run_demo(duration: float = 60.0, metrics_port: int | None = None) -> None:
     try:
         node.start(block_time=1)
     except (FileNotFoundError, ServerStartError) as exc:
-        raise ChainwatchError(f"cannot start anvil: {str(exc).splitlines()[0]}") from None
+        raise ChainwatchError(f"cannot start anvil: {first_line(exc)}") from None
     stop = threading.Event()
     scenario = Scenario(node.http_url, duration, say, stop)
     try:

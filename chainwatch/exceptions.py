@@ -1,6 +1,12 @@
 """Errors chainwatch raises on purpose; each carries a one-line message for users."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (polars and subprocess errors add hint lines after it); its
+    type's name when the message is empty, which `str(exc).splitlines()[0]` fails on."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class ChainwatchError(Exception):
     """Base class: anything the CLI may print as one line instead of a traceback."""
 

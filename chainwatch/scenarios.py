@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chainwatch.bus import EmbeddedBus, Topics
-from chainwatch.exceptions import ChainwatchError, ConfigError, InvalidRecord
+from chainwatch.exceptions import ChainwatchError, ConfigError, InvalidRecord, first_line
 from chainwatch.labels import KIND_FAMILY, Label, read_labels
 from chainwatch.paths import output_directory, written
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
@@ -487,7 +487,7 @@ class ScenarioRunner:
                 "--order", "fifo", "--balance", "100000",
             ])
         except (FileNotFoundError, ServerStartError) as exc:
-            raise ChainwatchError(f"cannot start anvil: {str(exc).splitlines()[0]}") from None
+            raise ChainwatchError(f"cannot start anvil: {first_line(exc)}") from None
         bus = EmbeddedBus(max_queued=200_000)
         topics = Topics()
         self.recorder = Recorder(bus, topics, self.out_dir / RECORDS_FILE)

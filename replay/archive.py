@@ -42,7 +42,7 @@ from typing import Any
 
 import polars as pl
 
-from chainwatch.exceptions import InvalidRecord
+from chainwatch.exceptions import InvalidRecord, first_line
 from chainwatch.schema import AnyRecord, Block, TxSummary, decode, encode
 from detector.tx_features import tx_frame_of
 from replay.driver import block_number_of
@@ -398,10 +398,6 @@ def _file_where(f: ArchiveFile) -> str:
     return f"{f.path.parent.parent.name}/{f.path.parent.name}/{f.path.name}"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def list_archive(root: Path) -> list[ArchiveFile]:
     files: list[ArchiveFile] = []
     for path in root.glob("chain_id=*/day=*/*.parquet"):
@@ -524,7 +520,7 @@ class ArchiveSource(Source):
             try:  # reads the footer: a truncated or foreign file fails here
                 self.total += int(pl.scan_parquet(f.path).select(pl.len()).collect().item())
             except UNREADABLE as exc:
-                invalid.add(_file_where(f), f"unreadable Parquet file, skipped: {_first_line(exc)}")
+                invalid.add(_file_where(f), f"unreadable Parquet file, skipped: {first_line(exc)}")
                 continue
             streams[(f.chain, f.topic, f.partition)].append(f)
         if not streams:
@@ -567,7 +563,7 @@ class ArchiveSource(Source):
             except UNREADABLE as exc:  # a damaged page or column
                 yield last_time, _Invalid(
                     _file_where(f), "unreadable Parquet file, the rest skipped: "
-                    f"{_first_line(exc)} (after {rows} rows)")
+                    f"{first_line(exc)} (after {rows} rows)")
 
     def _file_rows(
         self, f: ArchiveFile, last_time: float
@@ -716,7 +712,7 @@ class ArchiveSource(Source):
                     else:
                         record = with_transactions(record, row.txs.frame())
             except (InvalidRecord, ValueError) as exc:
-                self.invalid.add(row.where(), str(exc).splitlines()[0])
+                self.invalid.add(row.where(), first_line(exc))
                 continue
             yield record
 

@@ -274,3 +274,38 @@ def test_a_flush_that_cannot_write_is_one_error_and_a_restart_reads_those_rows_a
     assert not list(tmp_path.rglob("*.tmp"))
     records = list(ArchiveSource(tmp_path, InvalidRows()).records())
     assert [r.event_id for r in records] == [b.event_id for b in blocks[:3]]
+
+
+def test_a_row_failing_without_a_message_is_counted_not_a_crash(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An error with an empty message (a bare ValueError) is reported by its type: the
+    reader took its message's first line, which an empty message does not have."""
+    import replay.archive as archive
+
+    blocks = generate(3, 1, seed=5)
+    writer = ArchiveWriter(tmp_path)
+    for row in _rows(0, 0, blocks):
+        writer.add(row)
+    writer.flush()
+    decode = archive.decode
+
+    def failing_on_the_second(payload: str):
+        record = decode(payload)
+        if record.event_id == blocks[1].event_id:
+            raise ValueError()
+        return record
+
+    monkeypatch.setattr(archive, "decode", failing_on_the_second)
+    invalid = InvalidRows()
+    records = list(ArchiveSource(tmp_path, invalid).records())
+    assert [r.event_id for r in records] == [blocks[0].event_id, blocks[2].event_id]
+    assert invalid.count == 1 and invalid.samples[0][1] == "ValueError"
+
+
+def test_first_line_of_an_error() -> None:
+    from chainwatch.exceptions import first_line
+
+    assert first_line(OSError("cannot read\n  hint: check the path")) == "cannot read"
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(RuntimeError("  \n")) == "RuntimeError"
