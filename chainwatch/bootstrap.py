@@ -401,7 +401,7 @@ def _history_records(settings: Settings, inputs: list[Path], history: History):
         with open_source(str(path), settings, invalid, ReplayOptions(progress=False)) as source:
             yield from source.records()
         history.invalid.extend(f"{where}: {reason}" for where, reason in invalid.samples)
-        history.invalid_unlisted += invalid.count - len(invalid.samples)
+        history.invalid_unlisted += invalid.entries - len(invalid.samples)
 
 
 def _read_topic_to_end(settings: Settings, timeout: float):

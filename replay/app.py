@@ -355,6 +355,7 @@ def run_replay(
     summary: dict[str, Any] = {
         **stats.as_dict(),
         "invalid_rows": invalid.count,
+        "unreadable_files": invalid.files,
         "invalid_by_reason": dict(sorted(invalid.reasons.items())),
         "failed_in_detector": failed,
         "models": models,
@@ -382,15 +383,17 @@ def run_replay(
             raise written(options.out, exc) from None
     for where, reason in invalid.samples[:20]:
         echo(f"skipped {where}: {reason}")
-    if invalid.count > 20:
-        echo(f"... {invalid.count - 20} more skipped rows" +
+    if invalid.entries > 20:
+        echo(f"... {invalid.entries - 20} more skipped" +
              (f" (first {len(invalid.samples)} in invalid_rows.csv)" if options.out else ""))
     rate = stats.transactions / stats.wall_seconds if stats.wall_seconds > 0 else 0.0
     echo(
         f"replayed {stats.records} records ({stats.blocks} blocks, {stats.transactions} txs) "
         f"from {description} in {stats.wall_seconds:.1f}s ({rate:,.0f} tx/s): "
         f"{stats.findings} findings, {invalid.count} invalid rows skipped, "
-        f"{stats.filtered_out} outside --from/--to"
+        + (f"{invalid.files} unreadable archive files skipped (rows unknown), "
+           if invalid.files else "")
+        + f"{stats.filtered_out} outside --from/--to"
         + (f" -> {options.out}" if options.out else "")
     )
     for warning in warnings:

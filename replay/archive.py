@@ -493,10 +493,12 @@ class _Outside:
 
 @dataclass(frozen=True)
 class _Invalid:
-    """A row the archive itself stored as invalid: where, and why."""
+    """A row the archive itself stored as invalid, or the unreadable rest of a file:
+    where, and why."""
 
     where: str
     reason: str
+    whole_rest: bool = False  # the rest of a file, rows unknown
 
 
 class ArchiveSource(Source):
@@ -520,7 +522,8 @@ class ArchiveSource(Source):
             try:  # reads the footer: a truncated or foreign file fails here
                 self.total += int(pl.scan_parquet(f.path).select(pl.len()).collect().item())
             except UNREADABLE as exc:
-                invalid.add(_file_where(f), f"unreadable Parquet file, skipped: {first_line(exc)}")
+                invalid.add_file(_file_where(f),
+                                 f"unreadable Parquet file, skipped: {first_line(exc)}")
                 continue
             streams[(f.chain, f.topic, f.partition)].append(f)
         if not streams:
@@ -563,7 +566,7 @@ class ArchiveSource(Source):
             except UNREADABLE as exc:  # a damaged page or column
                 yield last_time, _Invalid(
                     _file_where(f), "unreadable Parquet file, the rest skipped: "
-                    f"{first_line(exc)} (after {rows} rows)")
+                    f"{first_line(exc)} (after {rows} rows)", whole_rest=True)
 
     def _file_rows(
         self, f: ArchiveFile, last_time: float
@@ -693,7 +696,8 @@ class ArchiveSource(Source):
         screen = self.screen
         for _, row in merged:
             if isinstance(row, _Invalid):
-                self.invalid.add(row.where, row.reason)
+                record_skip = self.invalid.add_file if row.whole_rest else self.invalid.add
+                record_skip(row.where, row.reason)
                 continue
             if isinstance(row, _Outside):
                 if screen is None or any([screen("block", n, _no_time) for n in row.numbers]):

@@ -396,7 +396,8 @@ def write_report(
     inv = pl.DataFrame(invalid.samples[:50], schema={"where": pl.String, "reason": pl.String},
                        orient="row")
     parts += [
-        f"<h2>Invalid rows ({invalid.count} skipped)</h2>",
+        f"<h2>Invalid rows ({invalid.count} skipped"
+        + (f"; {invalid.files} unreadable archive files" if invalid.files else "") + ")</h2>",
         _table(inv, ["where", "reason"]),
         "</body></html>",
     ]

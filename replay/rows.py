@@ -306,15 +306,32 @@ def map_peers(row: Row, defaults: Defaults) -> PeerSnapshot:
 
 @dataclass
 class InvalidRows:
-    """Rows that were skipped, with where and why; keeps a bounded sample and the counts."""
+    """Rows that were skipped, with where and why; keeps a bounded sample and the counts.
+
+    An archive file that cannot be read (wholly, or from some row on) is an entry too,
+    counted apart (`files`): how many rows it held is not known, so it is not one row.
+    """
 
     sample_limit: int = 1000
-    count: int = 0
+    count: int = 0  # rows
+    files: int = 0  # unreadable files, or unreadable rests of files
     samples: list[tuple[str, str]] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def entries(self) -> int:
+        """Rows and unreadable files: what `samples` lists (up to `sample_limit`)."""
+        return self.count + self.files
+
     def add(self, where: str, reason: str) -> None:
         self.count += 1
+        self._note(where, reason)
+
+    def add_file(self, where: str, reason: str) -> None:
+        self.files += 1
+        self._note(where, reason)
+
+    def _note(self, where: str, reason: str) -> None:
         self.reasons[reason.split(":")[0]] += 1
         if len(self.samples) < self.sample_limit:
             self.samples.append((where, reason))

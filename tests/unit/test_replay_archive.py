@@ -226,7 +226,7 @@ def test_a_file_without_its_footer_is_reported_and_the_others_replayed(tmp_path:
     source = ArchiveSource(tmp_path, invalid)
     numbers = [r.number for r in source.records()]
     assert numbers == [b.number for b in blocks[:40] + blocks[80:]]
-    assert invalid.count == 1
+    assert (invalid.count, invalid.files) == (0, 1)  # its rows are not known: not one row
     where, reason = invalid.samples[0]
     assert where.endswith(files[1].name) and reason.startswith("unreadable Parquet file, skipped: ")
     assert source.total == 80
@@ -243,7 +243,7 @@ def test_a_file_damaged_inside_keeps_the_rows_before_and_reports_the_rest(
     numbers = [r.number for r in ArchiveSource(tmp_path, invalid).records()]
     assert numbers[:40] == [b.number for b in blocks[:40]]
     assert numbers[-40:] == [b.number for b in blocks[80:]]
-    assert invalid.count == 1
+    assert (invalid.count, invalid.files) == (0, 1)
     where, reason = invalid.samples[0]
     assert where.endswith(files[1].name)
     assert reason.startswith("unreadable Parquet file, the rest skipped: ")
@@ -309,3 +309,25 @@ def test_first_line_of_an_error() -> None:
     assert first_line(OSError("cannot read\n  hint: check the path")) == "cannot read"
     assert first_line(ValueError()) == "ValueError"
     assert first_line(RuntimeError("  \n")) == "RuntimeError"
+
+
+def test_the_summary_counts_an_unreadable_file_apart_from_invalid_rows(tmp_path: Path) -> None:
+    """What the user reads: the file is listed with its reason, and counted as a file
+    whose rows are unknown, not as one invalid row."""
+    import json
+
+    from chainwatch.settings import load_settings
+    from replay.app import ReplayOptions, run_replay
+
+    _, files = _three_files(tmp_path / "archive")
+    files[1].write_bytes(files[1].read_bytes()[:300])
+    lines: list[str] = []
+    out = tmp_path / "out"
+    run_replay(load_settings(warmup_blocks=50), str(tmp_path / "archive"),
+               ReplayOptions(out=out, progress=False), echo=lines.append)
+    assert any(line.startswith("skipped ") and files[1].name in line for line in lines)
+    (done,) = [line for line in lines if line.startswith("replayed ")]
+    assert "0 invalid rows skipped, 1 unreadable archive files skipped (rows unknown)" in done
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["invalid_rows"], summary["unreadable_files"]) == (0, 1)
+    assert "1 unreadable archive files" in (out / "report.html").read_text()
