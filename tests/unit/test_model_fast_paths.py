@@ -126,3 +126,29 @@ def test_the_walk_compiles_where_no_cache_directory_can_be_written(monkeypatch):
     compiled = _compile(double)
     assert compiled(2.5) == 5.0
     assert compiled._cache.__class__.__name__ == "NullCache"
+
+
+def test_float32_cuts_split_every_float32_as_the_float64_threshold_does():
+    """The walk compares float32 rows with float32 cuts: each cut must send every float32
+    the way its float64 threshold does, at and around the threshold (where rounding to
+    the nearest float32 would send the rounded-up value wrong), at the float32 range's
+    ends and beyond it."""
+    from detector.forest import float32_cuts
+
+    rng = np.random.default_rng(21)
+    thresholds = np.concatenate([
+        rng.standard_normal(20_000) * 10.0 ** rng.integers(-30, 30, 20_000),
+        rng.standard_normal(1_000).astype(np.float32).astype(np.float64),  # exact ones
+        [0.0, -0.0, 1e-45, -1e-45, 3.5e38, -3.5e38, 1e300, -1e300, np.inf],
+    ])
+    cuts = float32_cuts(thresholds)
+    assert cuts.dtype == np.float32
+    with np.errstate(over="ignore"):
+        nearest = thresholds.astype(np.float32)
+        probes = [nearest, np.nextafter(nearest, np.float32(np.inf)),
+                  np.nextafter(nearest, np.float32(-np.inf)), cuts,
+                  np.nextafter(cuts, np.float32(np.inf)),
+                  np.full_like(cuts, np.inf), np.full_like(cuts, -np.inf)]
+    for v in probes:
+        assert np.array_equal(v <= cuts, v.astype(np.float64) <= thresholds)
+    assert (nearest.astype(np.float64) > thresholds).any()  # rounding up happens: tested
