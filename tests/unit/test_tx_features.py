@@ -14,6 +14,7 @@ from detector.tx_features import (
     FeeMarket,
     SelectorStats,
     SenderStats,
+    _ids,
     _latest_senders,
     _previous_nonce,
     blocks_to_tx_frame,
@@ -384,6 +385,9 @@ def test_previous_nonce_in_the_frame_is_polars_window_with_ties_in_frame_order(s
     wanted = frame.select(polars_window.alias("p"))["p"]
     got = frame.select(_previous_nonce(frame).alias("p"))["p"]
     assert got.dtype == pl.Int64 and got.to_list() == wanted.to_list()
+    ids = _ids(frame["from_address"].fill_null(""))  # as SenderStats.rate_as_of gives them
+    given = frame.select(_previous_nonce(frame, ids).alias("p"))["p"]
+    assert given.to_list() == wanted.to_list()
     assert wanted.is_not_null().sum() > rows // 4  # many rows have an earlier tx
 
 

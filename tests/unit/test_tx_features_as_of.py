@@ -89,8 +89,11 @@ def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block(batch
         wanted.extend(one_by_one.lookup(part, now=nows[k])["sender_rate"].to_list())
         one_by_one.update(part, now=nows[k])
     as_of = AsOf(batch["block"].to_numpy(), nows)
-    got = batched.rate_as_of(batch, as_of)
+    got, ids = batched.rate_as_of(batch, as_of)
     assert got.tolist() == wanted
+    senders = batch["from_address"].to_list()  # equal senders, equal ids; others differ
+    assert len(set(zip(senders, ids.tolist(), strict=True))) == len(set(senders))
+    assert len(set(ids.tolist())) == len(set(senders))
     assert max(wanted) * window / 60.0 >= 2  # busy senders were in the window
     if batch_blocks == 1:  # the one-block batch takes the filtered path
         assert batched._events.filter(pl.col("at") > nows[0] - window).height > 4 * batch.height
