@@ -39,6 +39,7 @@ import numpy as np
 from chainwatch import __version__
 from chainwatch.exceptions import ChainwatchError
 from chainwatch.schema import FeatureDeviation
+from detector.compiled import compiled
 from detector.forest import CompiledForest
 from detector.forest_fit import fit_isolation_forest
 
@@ -135,6 +136,31 @@ def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
     return compiled.score_samples(x, _pool, threads)
+
+
+@compiled
+def _deviations_of(  # pragma: no cover - compiled; tests compare it with numpy's steps
+    x: np.ndarray, median: np.ndarray, scale: np.ndarray, cuts: np.ndarray,
+    largest: np.ndarray, past: np.ndarray,
+) -> None:
+    """largest[i] = max_j |(x[i,j] - median[j]) / scale[j]|, past[i] = the same of each
+    |z| / cuts[j]: numpy's arithmetic, in its order, NaN when a row holds NaN as
+    `max` gives. Scale and cuts are positive and finite (the caller checks)."""
+    rows, columns = x.shape
+    for i in range(rows):
+        top_z = top_past = 0.0
+        missing = False
+        for j in range(columns):
+            z = abs((x[i, j] - median[j]) / scale[j])
+            if z != z:
+                missing = True
+            ratio = z / cuts[j]
+            if j == 0 or z > top_z:
+                top_z = z
+            if j == 0 or ratio > top_past:
+                top_past = ratio
+        largest[i] = np.nan if missing else top_z
+        past[i] = np.nan if missing else top_past
 
 
 def _is_pyod_iforest(estimator: Any) -> bool:
@@ -362,13 +388,27 @@ class AnomalyDetector:
         raw = self._raw(x)
         scores = np.clip((raw - self._lo) / self._span, 0.0, 1.0)
         threshold = float(np.clip((self._estimator.threshold_ - self._lo) / self._span, 0, 1))
-        z = np.abs(self.robust_z(x))
-        past = (z / self.cuts).max(axis=1)  # > 1: beyond a cut
+        largest, past = self._deviations(x)  # past > 1: beyond a cut
         beyond = past > 1.0
         guard = threshold + (1.0 - threshold) * (1.0 - 1.0 / np.maximum(past, 1e-12))
         scores = np.where(beyond, np.maximum(scores, guard), scores)
         anomalous = (raw > self._estimator.threshold_) | beyond
-        return Scored(scores, anomalous, threshold, z.max(axis=1), beyond)
+        return Scored(scores, anomalous, threshold, largest, beyond)
+
+    def _deviations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's largest |robust z| and largest |robust z| / cut: `_deviations_of`
+        in one pass (numpy's five passes over a 75k-row batch took ~10 ms, this ~1 ms);
+        numpy's own steps where a zero or non-finite scale or cut would divide by zero."""
+        cuts = self.cuts
+        rows = np.asarray(x, dtype=np.float64)
+        if (rows.ndim != 2 or not (np.isfinite(self._scale).all() and (self._scale > 0).all()
+                                   and np.isfinite(cuts).all() and (cuts > 0).all())):
+            z = np.abs(self.robust_z(rows))
+            return z.max(axis=1), (z / cuts).max(axis=1)
+        largest, past = np.empty(len(rows)), np.empty(len(rows))
+        _deviations_of(np.ascontiguousarray(rows), self._median.astype(np.float64),
+                       self._scale.astype(np.float64), cuts.astype(np.float64), largest, past)
+        return largest, past
 
     def explain(self, row: np.ndarray, top: int = 3) -> tuple[FeatureDeviation, ...]:
         z = self.robust_z(row)

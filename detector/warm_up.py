@@ -19,6 +19,7 @@ from sklearn.ensemble import IsolationForest
 from chainwatch.schema import Block, TxSummary
 from detector.families import FamilyConfig, TxFamily
 from detector.forest import CompiledForest
+from detector.models import _deviations_of
 
 log = logging.getLogger("chainwatch.detector")
 
@@ -65,6 +66,8 @@ def compile_kernels() -> float:
     x = np.random.default_rng(0).random((64, 4))
     forest = IsolationForest(n_estimators=2, max_samples=32, random_state=0).fit(x)
     CompiledForest(forest).score_samples(x)
+    ones, largest, past = np.ones(4), np.empty(64), np.empty(64)
+    _deviations_of(x, np.zeros(4), ones, ones, largest, past)  # a model's score
     return time.perf_counter() - started
 
 

@@ -283,3 +283,25 @@ def test_the_live_model_refits_at_growing_intervals_up_to_refit_every():
     assert model.fits == 10 and model.detector.trained_rows == 40  # the last `history` rows
     frozen = BlockAnomalyModel(("a", "b"), warmup=10, pretrained=model.detector)
     assert not frozen.learn(rows[:50]) and frozen.fits == 0
+
+
+def test_deviations_in_one_pass_are_numpys_bit_for_bit():
+    """Score's largest |z| and |z| / cut per row: the compiled pass equals numpy's steps,
+    NaN and infinities included; a zero scale takes numpy's path (no division error)."""
+    rng = np.random.default_rng(8)
+    model = AnomalyDetector("tx", ("a", "b", "c", "d"), contamination=0.01, seed=1)
+    model.fit(rng.lognormal(0.0, 2.0, size=(3_000, 4)))
+    x = rng.lognormal(0.0, 3.0, size=(5_000, 4)) * rng.choice([-1.0, 1.0], size=(5_000, 4))
+    x[3, 1], x[4, 0], x[5, 3], x[6, 2] = np.nan, np.inf, -np.inf, 0.0
+
+    def numpys(m: AnomalyDetector) -> tuple[np.ndarray, np.ndarray]:
+        z = np.abs(m.robust_z(x))
+        return z.max(axis=1), (z / m.cuts).max(axis=1)
+
+    for got, wanted in zip(model._deviations(x), numpys(model), strict=True):
+        assert np.array_equal(got, wanted, equal_nan=True)
+    assert np.isnan(model._deviations(x)[0][3]) and np.isinf(model._deviations(x)[0][4])
+    model._scale = np.array([1.0, 0.0, 1.0, 1.0])  # what a constant feature could give
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for got, wanted in zip(model._deviations(x), numpys(model), strict=True):
+            assert np.array_equal(got, wanted, equal_nan=True)
