@@ -67,8 +67,10 @@ class PeerTracker:
     def observe(self, peer_count_raw: Any, admin_peers_raw: Any | None, now: float) -> PeerSnapshot:
         """One poll: net_peerCount, and admin_peers when the node allows it (else None).
 
-        Malformed input raises before any state changes, so the next poll diffs
-        against the last good detailed one.
+        With admin_peers the count is the list's: the two calls are not one instant, and
+        a peer that left between them gave a snapshot of 2 peers that listed 1 and its
+        disconnect (CI, 2026-12-01). Malformed input raises before any state changes, so
+        the next poll diffs against the last good detailed one.
         """
         peer_count = hex_to_int(peer_count_raw, "net_peerCount")
         if peer_count > INT64_MAX:  # found by tests/property: invalid in the record
@@ -80,6 +82,7 @@ class PeerTracker:
             connected, disconnected = sorted(current - previous), sorted(previous - current)
             fields |= {"connected": tuple(connected), "disconnected": tuple(disconnected)}
             self._previous = current
+            peer_count = len(current)
             self.connects_total += len(connected)
             self.disconnects_total += len(disconnected)
         return PeerSnapshot(

@@ -98,6 +98,16 @@ def test_a_peer_listed_twice_counts_once():
     assert (snap.outbound, snap.clients, len(snap.connected)) == (1, {"Geth": 1}, 1)
 
 
+def test_the_count_is_the_lists_when_a_peer_leaves_between_the_two_calls():
+    """net_peerCount said 2, then admin_peers listed 1: the snapshot says 1 peer, as its
+    list, directions, clients and disconnect do; counts only, net_peerCount's."""
+    tracker = PeerTracker(1, "n")
+    tracker.observe("0x2", [peer("p1"), peer("p2")], now=1.0)
+    snap = tracker.observe("0x2", [peer("p1")], now=2.0)
+    assert (snap.peer_count, snap.outbound, snap.disconnected) == (1, 1, (hash_peer_id("p2"),))
+    assert tracker.observe("0x2", None, now=3.0).peer_count == 2
+
+
 def test_directions_are_unknown_when_a_peer_does_not_say():
     snap = PeerTracker(1, "n").observe("0x2", [peer("p1", True), peer("p2", None)], now=1.0)
     assert snap.inbound is None and snap.outbound is None
