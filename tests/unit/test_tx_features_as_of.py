@@ -71,12 +71,17 @@ def _sender_frame(rng: np.random.Generator, blocks: int, start: float) -> pl.Dat
         nonce=pl.int_range(pl.len()))
 
 
-@pytest.mark.parametrize("batch_blocks", [25, 1])  # a big batch; one block (events filtered)
-def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block(batch_blocks):
+@pytest.mark.parametrize(("batch_blocks", "window"), [
+    (25, 60.0),  # a big batch; a busy sender (more than 32 events) among others
+    (1, 600.0),  # one block: all earlier events in the window, which are filtered
+    (40, 900.0),  # a long window: every event counts; a sender seen only before the batch
+])
+def test_sender_rate_as_of_each_block_is_lookup_then_update_block_by_block(batch_blocks, window):
     rng = np.random.default_rng(7 + batch_blocks)
-    window = 60.0 if batch_blocks > 1 else 600.0  # one block: all earlier events in it
     one_by_one, batched = SenderStats(window_seconds=window), SenderStats(window_seconds=window)
-    before = _sender_frame(rng, 8, 900.0)
+    before = pl.concat([_sender_frame(rng, 8, 900.0), pl.DataFrame(
+        {"from_address": ["0xonly-before"], "block": [3], "observed_at": [936.0],
+         "nonce": [0]})]).sort("block", maintain_order=True)
     for stats in (one_by_one, batched):
         for k in range(8):
             part = before.filter(pl.col("block") == k)
@@ -130,6 +135,9 @@ def test_selector_rarity_as_of_each_block_is_rarity_then_update_block_by_block(
     assert np.array_equal(got, np.concatenate(wanted))
     batched.update(batch, counts)  # and the batch learnt block by block: the same window
     assert batched.total == one_by_one.total and batched._counts == one_by_one._counts
+    assert list(batched._sizes) == list(one_by_one._sizes)  # the same entries, to leave later
+    assert [dict(zip(*b, strict=True)) for b in batched._batches] == [
+        dict(zip(*b, strict=True)) for b in one_by_one._batches]
 
 
 def test_a_detector_scores_a_batch_of_blocks_as_it_scores_them_one_at_a_time(monkeypatch):
