@@ -1044,10 +1044,51 @@ def _latest_senders(last: pl.DataFrame, keep: int) -> pl.DataFrame:
 
 
 def _ids(strings: pl.Series) -> np.ndarray:
-    """A number per distinct string (equal strings, equal numbers), at hashing speed: a
-    categorical of its own (sorting the strings for a rank took 4x longer)."""
+    """A number per distinct string (equal strings, equal numbers; 0, 1, ... in order of
+    first appearance), at hashing speed. From the strings' 64-bit hashes, checked: each
+    string is compared with the first string of its number, and should two strings share
+    a hash, a categorical of their own numbers them instead. ~2.5 ms per 75k senders,
+    against 5-7 ms for the categorical alone (sorting the strings for a rank took 4x
+    longer than that). No nulls: the callers fill them."""
+    ids, first = _dense_ids(_hashes(strings))
+    if (strings == strings.gather(first[ids])).all():
+        return ids
     codes = strings.cast(pl.Categorical(pl.Categories.random())).to_physical()
     return codes.to_numpy().astype(np.int64)
+
+
+def _hashes(strings: pl.Series) -> np.ndarray:
+    return strings.hash(0).to_numpy()
+
+
+@compiled
+def _dense_ids(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """Each hash's number (0, 1, ... in order of first appearance; an open-addressing
+    table at most half full), and the row where each number first appears."""
+    size = 16
+    while size < 2 * len(hashes):
+        size <<= 1
+    mask = np.uint64(size - 1)
+    number_at = np.full(size, -1, dtype=np.int64)
+    first = np.empty(len(hashes), dtype=np.int64)
+    ids = np.empty(len(hashes), dtype=np.int64)
+    numbers = 0
+    for i in range(len(hashes)):
+        h = hashes[i]
+        slot = h & mask
+        while True:
+            number = number_at[slot]
+            if number < 0:
+                number_at[slot] = numbers
+                first[numbers] = i
+                ids[i] = numbers
+                numbers += 1
+                break
+            if hashes[first[number]] == h:
+                ids[i] = number
+                break
+            slot = (slot + np.uint64(1)) & mask
+    return ids, first[:numbers]
 
 
 _SIDE_THREAD_MIN_ROWS = 4_096  # a smaller batch's fee windows cost less than a hand-over

@@ -391,6 +391,24 @@ def test_previous_nonce_in_the_frame_is_polars_window_with_ties_in_frame_order(s
     assert wanted.is_not_null().sum() > rows // 4  # many rows have an earlier tx
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_ids_number_equal_strings_alike_and_different_ones_apart(monkeypatch, collide):
+    """Numbered from their hashes, checked against the strings: when two strings share a
+    hash (forced here: every string hashes to one of two values), still apart."""
+    import detector.tx_features as tx_features
+
+    if collide:
+        monkeypatch.setattr(tx_features, "_hashes",
+                            lambda s: (s.str.len_bytes() % 2).cast(pl.UInt64).to_numpy())
+    rng = np.random.default_rng(3)
+    strings = [f"0x{int(i):x}" for i in rng.zipf(1.3, 5_000) % 3_000] + ["", ""]
+    ids = _ids(pl.Series(strings, dtype=pl.Utf8))
+    assert ids.dtype == np.int64 and ids.min() == 0
+    pairs = set(zip(strings, ids.tolist(), strict=True))
+    assert len(pairs) == len(set(strings)) == len(set(ids.tolist()))
+    assert ids.max() == len(set(strings)) - 1  # dense: 0 .. distinct - 1
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_latest_senders_are_the_two_key_top_k(seed):
     """Many senders per block time (the cut falls inside a block's senders), a cut at the
