@@ -446,7 +446,7 @@ class TxFamily:
         # a big batch is scored on other threads meanwhile: the bookkeeping below changes
         # only what the features read, and they are computed
         scoring = self._start_scoring(x)
-        findings = [h.to_finding(now) for h in block_tx_rules(frame)]
+        findings = [h.to_finding(now) for h in block_tx_rules(frame, as_of.block)]
         if frame.height:
             self.selectors.update(frame, counts)
             self.senders.update(frame, now)

@@ -171,8 +171,12 @@ def empty_blocks_rule(
 _BLOCK_KEY = ("chain_id", "node", "block_hash")
 
 
-def _with_runs(frame: pl.DataFrame) -> pl.DataFrame:
-    """A tx frame with a `run` number per block (the rows of a block are together)."""
+def _with_runs(frame: pl.DataFrame, blocks: np.ndarray | None = None) -> pl.DataFrame:
+    """A tx frame with a `run` number per block (the rows of a block are together):
+    `blocks` when the caller has them (each row's block, non-decreasing, a new number
+    for each block: numbering the struct of block keys took ~13 ms per 75k rows)."""
+    if blocks is not None:
+        return frame.with_columns(pl.Series("run", blocks))
     return frame.with_columns(pl.struct(*_BLOCK_KEY).rle_id().alias("run"))
 
 
@@ -350,10 +354,11 @@ def sender_burst_rule(
     return [hit for _, hit in _bursts(_with_runs(frame), min_txs, min_share, min_share_txs)]
 
 
-def block_tx_rules(frame: pl.DataFrame) -> list[RuleHit]:
+def block_tx_rules(frame: pl.DataFrame, blocks: np.ndarray | None = None) -> list[RuleHit]:
     """The per-block tx rules over a batch's included txs (`frame` as for
-    `sandwich_rule`): each block's sandwiches, then its spam bursts, block by block."""
-    framed = _with_runs(frame)  # the blocks numbered once for both rules
+    `sandwich_rule`): each block's sandwiches, then its spam bursts, block by block.
+    `blocks`: each row's block number in the batch if known (`AsOf.block`)."""
+    framed = _with_runs(frame, blocks)  # the blocks numbered once for both rules
     hits = _sandwiches(framed) + _bursts(framed)
     return [hit for _, hit in sorted(hits, key=operator.itemgetter(0))]  # stable
 

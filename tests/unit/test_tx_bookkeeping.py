@@ -29,6 +29,7 @@ from detector.rules import (
 from detector.tx_features import (
     _CHUNK,
     _INCLUDED_COLUMNS,
+    AsOf,
     _attribute_columns,
     blocks_to_tx_frame,
     included_tx_frame,
@@ -320,6 +321,13 @@ def test_the_block_rules_of_a_batch_come_block_by_block(rule_blocks):
     hits = block_tx_rules(frame)
     assert hits == expected
     assert {h.rule for h in hits} == {"sandwich_rule", "sender_burst_rule"}
+    # numbered by the caller as a detector does (`AsOf.block`), an empty block among them
+    with_empty = [*rule_blocks[:3], rule_blocks[3].model_copy(update={"transactions": []}),
+                  *rule_blocks[4:]]
+    frame, counts = included_tx_frame(with_empty)
+    assert block_tx_rules(frame, AsOf.of(counts, [0.0] * len(counts)).block) == [
+        h for b in with_empty
+        for h in (*_sandwich_reference(b), *_burst_reference(b, 50, 0.3, 20))]
 
 
 def test_sender_burst_rule_equals_counting_every_sender(rule_blocks):
