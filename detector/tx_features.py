@@ -909,7 +909,8 @@ class SelectorStats:
         weights = np.concatenate([[float(n) for _, ns in leaving for n in ns],
                                   np.ones(len(keys))])
         counts = np.empty(len(keys))
-        _selector_counts(_ids(pl.concat([pl.Series(leaving_keys, dtype=pl.Utf8), keys])),
+        _selector_counts(_category_ids(pl.concat([pl.Series(leaving_keys, dtype=pl.Utf8),
+                                                  keys])),
                          entries, weights, len(leaving_keys), starts[as_of.block].astype(
                              np.int64), self._window_counts(keys), len(leaving), counts)
         return -np.log((counts + 1.0) / (total[as_of.block] + 1.0))
@@ -1053,6 +1054,12 @@ def _ids(strings: pl.Series) -> np.ndarray:
     ids, first = _dense_ids(_hashes(strings))
     if (strings == strings.gather(first[ids])).all():
         return ids
+    return _category_ids(strings)
+
+
+def _category_ids(strings: pl.Series) -> np.ndarray:
+    """A number per distinct string from a categorical of its own: faster than `_ids`
+    for a few distinct strings repeated (selectors: 3.8 ms per 125k against 6.5 ms)."""
     codes = strings.cast(pl.Categorical(pl.Categories.random())).to_physical()
     return codes.to_numpy().astype(np.int64)
 
