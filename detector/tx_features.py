@@ -785,10 +785,13 @@ class SelectorStats:
             blocks = per_block["block"].to_numpy()
             selectors, ns = per_block["method_id"].to_list(), per_block["n"].to_list()
             cuts = np.searchsorted(blocks, np.arange(first, len(sizes) + 1)).tolist()
-            totals = keys["method_id"].value_counts(name="n")
+
+            def totals() -> tuple[list[str], list[int]]:
+                counted = keys["method_id"].value_counts(name="n")
+                return counted["method_id"].to_list(), counted["n"].to_list()
+
             self._learn([(selectors[a:b], ns[a:b]) for a, b in pairwise(cuts)],
-                        left_out=bool(sizes[:first].any()),
-                        totals=(totals["method_id"].to_list(), totals["n"].to_list()))
+                        left_out=bool(sizes[:first].any()), totals=totals)
             return
         keys = frame["method_id"].fill_null(_NO_SELECTOR).tail(self.capacity)
         if keys.len() == 0:
@@ -798,15 +801,15 @@ class SelectorStats:
 
     def _learn(
         self, batches: list[tuple[list[str], list[int]]], *, left_out: bool = False,
-        totals: tuple[list[str], list[int]] | None = None,
+        totals: Callable[[], tuple[list[str], list[int]]] | None = None,
     ) -> None:
         """Learn batches in order, as one at a time would (add it, then drop the oldest
         while the window holds more than `capacity`): the window ends up the newest
         batches that fit, so only those are counted in, and only counted ones taken out.
         (A block of more than `capacity` txs learnt with others is left out whole.)
         `left_out`: older batches of the same call did not fit (the caller left them
-        out). `totals`: the batches' counts summed, used when the window is emptied
-        (counting their entries one by one is slower)."""
+        out). `totals`: the batches' counts summed, asked for when the window was
+        emptied (faster than counting their entries one by one)."""
         batches = [b for b in batches if b[0]]
         sizes = [sum(ns) for _, ns in batches]
         fit, room = 0, self.capacity
@@ -827,7 +830,7 @@ class SelectorStats:
             self._count(self._batches.popleft(), -1)
             self.total -= self._sizes.popleft()
         if not self._batches and totals is not None and fit == len(batches):
-            self._counts = dict(zip(*totals, strict=True))
+            self._counts = dict(zip(*totals(), strict=True))
             self._batches.extend(batches)
             self._sizes.extend(sizes)
             self.total = incoming
