@@ -62,6 +62,10 @@ GENESIS: dict[str, Any] = {
 }
 
 
+_START_TRIES = 3
+_PORT_TAKEN = "address already in use"
+
+
 def geth_binary() -> Path:
     override = os.environ.get(ENV_BIN)
     candidates = [Path(override)] if override else []
@@ -85,12 +89,16 @@ class GethNode:
         self.startup_timeout = startup_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix=f"chainwatch-{name}-"))
         self.datadir = self.workdir / "data"
+        self._pick_ports()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._initialised = False
+        self._started = False  # once started, its ports are known to others: kept
+
+    def _pick_ports(self) -> None:
         self.p2p_port = free_port()
         self.http_port = free_port()
         self.ws_port = free_port()
         self.authrpc_port = free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._initialised = False
 
     @property
     def http_url(self) -> str:
@@ -124,10 +132,41 @@ class GethNode:
         self._initialised = True
 
     def start(self) -> GethNode:
+        """Start geth; on its first start, again on other ports if one was taken.
+
+        `free_port` only finds a port free at that moment: until geth binds it, any
+        connection's local end may take it (CI saw geth stop with "bind: address already
+        in use"). Before the first start nobody knows the ports, so others are picked; a
+        restart keeps its ports, which collectors and peers know by then.
+        """
         binary = geth_binary()
         if not self._initialised:
             self._init(binary)
-        log = (self.workdir / "geth.log").open("ab")
+        for attempt in range(1, _START_TRIES + 1):
+            log_size = self._log.stat().st_size if self._log.exists() else 0
+            try:
+                self._start_once(binary)
+            except ServerStartError:
+                taken = _PORT_TAKEN in self._log_since(log_size).lower()
+                if self._started or not taken or attempt == _START_TRIES:
+                    raise
+                self._pick_ports()
+                continue
+            self._started = True
+            break
+        return self
+
+    @property
+    def _log(self) -> Path:
+        return self.workdir / "geth.log"
+
+    def _log_since(self, offset: int) -> str:
+        with self._log.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def _start_once(self, binary: Path) -> None:
+        log = self._log.open("ab")
         self._proc = spawn(
             [
                 binary,
@@ -183,7 +222,6 @@ class GethNode:
             raise ServerStartError(
                 f"geth {self.name} did not start: {exc}\n{self.tail()}"
             ) from None
-        return self
 
     def stop(self) -> None:
         if self._proc is not None:
