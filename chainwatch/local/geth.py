@@ -20,9 +20,12 @@ from typing import Any
 
 from chainwatch.local.procs import (
     LOCALHOST,
+    START_TRIES,
     ServerStartError,
     cache_dir,
     free_port,
+    log_size,
+    port_taken,
     spawn,
     stop_pid,
     wait_for_port,
@@ -60,10 +63,6 @@ GENESIS: dict[str, Any] = {
     "timestamp": "0x0",
     "alloc": {},
 }
-
-
-_START_TRIES = 3
-_PORT_TAKEN = "address already in use"
 
 
 def geth_binary() -> Path:
@@ -134,21 +133,20 @@ class GethNode:
     def start(self) -> GethNode:
         """Start geth; on its first start, again on other ports if one was taken.
 
-        `free_port` only finds a port free at that moment: until geth binds it, any
-        connection's local end may take it (CI saw geth stop with "bind: address already
-        in use"). Before the first start nobody knows the ports, so others are picked; a
-        restart keeps its ports, which collectors and peers know by then.
+        `free_port` only finds a port free at that moment (CI saw geth stop with "bind:
+        address already in use"). Before the first start nobody knows the ports, so
+        others are picked; a restart keeps its ports, which collectors and peers know by
+        then.
         """
         binary = geth_binary()
         if not self._initialised:
             self._init(binary)
-        for attempt in range(1, _START_TRIES + 1):
-            log_size = self._log.stat().st_size if self._log.exists() else 0
+        for attempt in range(1, START_TRIES + 1):
+            since = log_size(self._log)
             try:
                 self._start_once(binary)
             except ServerStartError:
-                taken = _PORT_TAKEN in self._log_since(log_size).lower()
-                if self._started or not taken or attempt == _START_TRIES:
+                if self._started or attempt == START_TRIES or not port_taken(self._log, since):
                     raise
                 self._pick_ports()
                 continue
@@ -159,11 +157,6 @@ class GethNode:
     @property
     def _log(self) -> Path:
         return self.workdir / "geth.log"
-
-    def _log_since(self, offset: int) -> str:
-        with self._log.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")
 
     def _start_once(self, binary: Path) -> None:
         log = self._log.open("ab")

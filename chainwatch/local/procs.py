@@ -29,10 +29,29 @@ class ServerStartError(RuntimeError):
 
 
 def free_port() -> int:
-    """Ask the kernel for a free loopback TCP port (racy, but fine for local tests)."""
+    """Ask the kernel for a free loopback TCP port. Racy: until the server binds it, any
+    connection's local end may take it, so servers started on one retry on another when
+    their log says so (`port_taken`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         return int(sock.getsockname()[1])
+
+
+START_TRIES = 3  # starts of a server whose port was taken meanwhile, each on a new port
+
+
+def log_size(path: Path) -> int:
+    """Where a server's log ends now: what a start writes comes after it."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def port_taken(path: Path, since: int) -> bool:
+    """Whether the server's log, from `since` on, says its port was in use."""
+    if not path.exists():
+        return False
+    with path.open("rb") as log:
+        log.seek(since)
+        return "address already in use" in log.read().decode(errors="replace").lower()
 
 
 def repo_root() -> Path:

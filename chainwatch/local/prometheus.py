@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ import yaml
 
 from chainwatch.local.procs import (
     LOCALHOST,
+    START_TRIES,
     ServerStartError,
     free_port,
+    log_size,
+    port_taken,
     spawn,
     stop_pid,
     wait_for_port,
@@ -50,7 +54,22 @@ class _Server:
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.port}"
 
-    def _start(self, args: list[str], ready_path: str) -> None:
+    def _start(self, args: Callable[[], list[str]], ready_path: str) -> None:
+        """Start the server (`args` for its current port) and wait until it is ready; on
+        another port if its port was taken since `free_port` found it free."""
+        log = self.workdir / "server.log"
+        for attempt in range(1, START_TRIES + 1):
+            since = log_size(log)
+            try:
+                self._start_once(args(), ready_path)
+                return
+            except ServerStartError:
+                if attempt == START_TRIES or not port_taken(log, since):
+                    self.close()
+                    raise
+                self.port = free_port()
+
+    def _start_once(self, args: list[str], ready_path: str) -> None:
         log = (self.workdir / "server.log").open("ab")
         self._proc = spawn(args, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -67,7 +86,8 @@ class _Server:
                     raise TimeoutError(f"{self.name} not ready")
                 time.sleep(0.2)
         except (TimeoutError, ServerStartError) as exc:
-            self.close()
+            stop_pid(self._proc.pid, timeout=10)
+            self._proc = None
             raise ServerStartError(f"{self.name} did not start: {exc}\n{self.tail()}") from None
 
     def tail(self, lines: int = 30) -> str:
@@ -105,7 +125,7 @@ class AlertmanagerServer(_Server):
         path = self.workdir / "alertmanager.yml"
         path.write_text(yaml.safe_dump(config))
         self._start(
-            [
+            lambda: [
                 _binary("prometheus-alertmanager", "alertmanager"),
                 f"--config.file={path}",
                 f"--storage.path={self.workdir / 'data'}",
@@ -145,7 +165,7 @@ class PrometheusServer(_Server):
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         self._start(
-            [
+            lambda: [
                 _binary("prometheus"),
                 f"--config.file={path}",
                 f"--storage.tsdb.path={self.workdir / 'data'}",

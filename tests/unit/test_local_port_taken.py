@@ -1,16 +1,19 @@
-"""GethNode's start when a port it picked was taken meanwhile, with a stand-in for geth
-(the real one runs in the integration tests): the start outcomes come from a plan."""
+"""Local servers whose port, picked free, was taken before they bound it: geth and
+Prometheus stand-ins (the real ones run in the integration tests) fail or start as a
+plan says."""
 
 from __future__ import annotations
 
 import os
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from chainwatch.local.geth import GethNode
 from chainwatch.local.procs import ServerStartError
+from chainwatch.local.prometheus import PrometheusServer
 
 _FAKE_GETH = """#!{python}
 import http.server, json, os, pathlib, sys
@@ -105,3 +108,55 @@ def test_a_restart_keeps_its_ports_even_when_one_is_taken(fake_geth):
     finally:
         node.close()
         assert not os.path.exists(node.workdir)
+
+
+_FAKE_PROMETHEUS = """#!{python}
+import http.server, os, pathlib, sys
+args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+tries = pathlib.Path(args["config.file"]).parent / "tries"
+n = int(tries.read_text()) if tries.exists() else 0
+tries.write_text(str(n + 1))
+plan = os.environ["FAKE_PROMETHEUS_PLAN"].split(",")
+if plan[min(n, len(plan) - 1)] == "taken":
+    print("err=\\"listen tcp 127.0.0.1:9090: bind: address already in use\\"")
+    sys.exit(1)
+host, port = args["web.listen-address"].rsplit(":", 1)
+
+
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.HTTPServer((host, int(port)), Ready).serve_forever()
+"""
+
+
+@pytest.mark.parametrize(("plan", "starts"), [("taken,ok", True), ("taken", False)])
+def test_prometheus_starts_on_another_port_when_its_own_was_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: str, starts: bool):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "prometheus").write_text(_FAKE_PROMETHEUS.format(python=sys.executable))
+    (bin_dir / "prometheus").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_PROMETHEUS_PLAN", plan)
+    server = PrometheusServer()
+    picked, tries = server.port, server.workdir / "tries"
+    try:
+        if starts:
+            server.start(["127.0.0.1:1"], "groups: []\n")
+            assert int(tries.read_text()) == 2 and server.port != picked
+            with urllib.request.urlopen(server.url + "/-/ready", timeout=5) as ready:
+                assert ready.status == 200  # answering on the port it now says
+        else:
+            with pytest.raises(ServerStartError, match="address already in use"):
+                server.start(["127.0.0.1:1"], "groups: []\n")
+            assert not server.workdir.exists()  # cleaned up after the last try
+    finally:
+        server.close()
