@@ -20,13 +20,11 @@ from typing import Any
 
 from chainwatch.local.procs import (
     LOCALHOST,
-    START_TRIES,
     ServerStartError,
     cache_dir,
     free_port,
-    log_size,
-    port_taken,
     spawn,
+    start_on_free_ports,
     stop_pid,
     wait_for_port,
 )
@@ -141,17 +139,9 @@ class GethNode:
         binary = geth_binary()
         if not self._initialised:
             self._init(binary)
-        for attempt in range(1, START_TRIES + 1):
-            since = log_size(self._log)
-            try:
-                self._start_once(binary)
-            except ServerStartError:
-                if self._started or attempt == START_TRIES or not port_taken(self._log, since):
-                    raise
-                self._pick_ports()
-                continue
-            self._started = True
-            break
+        start_on_free_ports(lambda: self._start_once(binary), self._log,
+                            None if self._started else self._pick_ports)
+        self._started = True
         return self
 
     @property
@@ -241,10 +231,9 @@ class GethNode:
         self.close()
 
     def tail(self, lines: int = 30) -> str:
-        path = self.workdir / "geth.log"
-        if not path.exists():
+        if not self._log.exists():
             return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
 
     def rpc(self, method: str, params: list[Any] | None = None, timeout: float = 10.0) -> Any:
         body = json.dumps(

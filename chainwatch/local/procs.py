@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +31,39 @@ class ServerStartError(RuntimeError):
 def free_port() -> int:
     """Ask the kernel for a free loopback TCP port. Racy: until the server binds it, any
     connection's local end may take it, so servers started on one retry on another when
-    their log says so (`port_taken`)."""
+    their log says so (`start_on_free_ports`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         return int(sock.getsockname()[1])
 
 
-START_TRIES = 3  # starts of a server whose port was taken meanwhile, each on a new port
+_START_TRIES = 3  # starts of a server whose port was taken meanwhile, each on new ports
 
 
-def log_size(path: Path) -> int:
-    """Where a server's log ends now: what a start writes comes after it."""
-    return path.stat().st_size if path.exists() else 0
+def start_on_free_ports(
+    start: Callable[[], None], log: Path, new_ports: Callable[[], None] | None
+) -> None:
+    """`start()` a server; should it fail with its log (`log`, what this start wrote)
+    saying its port was in use, `new_ports()` and start again, up to 3 starts in all.
+    `new_ports` None: the ports are known to others by now (a restart), so no retry."""
+    for attempt in range(1, _START_TRIES + 1):
+        since = log.stat().st_size if log.exists() else 0
+        try:
+            start()
+            return
+        except ServerStartError:
+            if new_ports is None or attempt == _START_TRIES or not _port_taken(log, since):
+                raise
+            new_ports()
 
 
-def port_taken(path: Path, since: int) -> bool:
+def _port_taken(log: Path, since: int) -> bool:
     """Whether the server's log, from `since` on, says its port was in use."""
-    if not path.exists():
+    if not log.exists():
         return False
-    with path.open("rb") as log:
-        log.seek(since)
-        return "address already in use" in log.read().decode(errors="replace").lower()
+    with log.open("rb") as lines:
+        lines.seek(since)
+        return "address already in use" in lines.read().decode(errors="replace").lower()
 
 
 def repo_root() -> Path:

@@ -21,12 +21,10 @@ import yaml
 
 from chainwatch.local.procs import (
     LOCALHOST,
-    START_TRIES,
     ServerStartError,
     free_port,
-    log_size,
-    port_taken,
     spawn,
+    start_on_free_ports,
     stop_pid,
     wait_for_port,
 )
@@ -57,20 +55,22 @@ class _Server:
     def _start(self, args: Callable[[], list[str]], ready_path: str) -> None:
         """Start the server (`args` for its current port) and wait until it is ready; on
         another port if its port was taken since `free_port` found it free."""
-        log = self.workdir / "server.log"
-        for attempt in range(1, START_TRIES + 1):
-            since = log_size(log)
-            try:
-                self._start_once(args(), ready_path)
-                return
-            except ServerStartError:
-                if attempt == START_TRIES or not port_taken(log, since):
-                    self.close()
-                    raise
-                self.port = free_port()
+        try:
+            start_on_free_ports(lambda: self._start_once(args(), ready_path), self._log,
+                                self._new_port)
+        except ServerStartError:
+            self.close()
+            raise
+
+    @property
+    def _log(self) -> Path:
+        return self.workdir / "server.log"
+
+    def _new_port(self) -> None:
+        self.port = free_port()
 
     def _start_once(self, args: list[str], ready_path: str) -> None:
-        log = (self.workdir / "server.log").open("ab")
+        log = self._log.open("ab")
         self._proc = spawn(args, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(LOCALHOST, self.port, 30, proc=self._proc)
@@ -91,8 +91,7 @@ class _Server:
             raise ServerStartError(f"{self.name} did not start: {exc}\n{self.tail()}") from None
 
     def tail(self, lines: int = 30) -> str:
-        path = self.workdir / "server.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
+        text = self._log.read_text(errors="replace") if self._log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
     def get(self, path: str, **params: str) -> Any:
