@@ -773,11 +773,10 @@ class SelectorStats:
             sizes = np.asarray(counts, dtype=np.int64)
             # only the newest blocks that fit are learnt (`_learn`): the others are not
             # even listed (a replay batch of 75k txs against a window of 50k)
-            tail = np.cumsum(sizes[::-1])[::-1]
-            first = int(np.argmax(tail <= self.capacity)) if tail[-1] <= self.capacity \
-                else len(sizes)
-            keys = frame.slice(int(tail[0] - tail[first]) if first < len(sizes)
-                               else frame.height).select(
+            # rows from each block on to the end; 0 after the last, so one always fits
+            tail = np.append(np.cumsum(sizes[::-1])[::-1], 0)
+            first = int(np.argmax(tail <= self.capacity))
+            keys = frame.slice(int(tail[0] - tail[first])).select(
                 pl.Series("block", np.repeat(np.arange(first, len(sizes)), sizes[first:])),
                 pl.col("method_id").fill_null(_NO_SELECTOR),
             )
