@@ -36,6 +36,7 @@ from chainwatch.local.procs import (
     cache_dir,
     free_port,
     spawn,
+    start_on_free_ports,
     stop_pid,
     wait_for_port,
 )
@@ -391,21 +392,34 @@ class KafkaBroker:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> KafkaBroker:
-        """Start the broker and wait until it serves metadata; returns self for chaining."""
+        """Start the broker and wait until it serves metadata; returns self for chaining.
+
+        A first start whose port was taken between `free_port` and the JVM binding it
+        (another socket's local end) starts again on new ports (the storage it formatted
+        serves them as well: tested); a restart keeps its ports, known to clients by then.
+        """
         if self.running:
             raise RuntimeError(f"broker already running (pid {self.pid})")
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="chainwatch-kafka-"))
             # Removes the dir even when close() is never called (a crashed test run).
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
-        if self._port is None:
-            self._port = free_port()
+        first = self._port is None
+        if first:
+            self._pick_ports()
+        start_on_free_ports(self._start_once, self.log_file,
+                            self._pick_ports if first else None)
+        return self
+
+    def _pick_ports(self) -> None:
+        self._port = free_port()
+        self._controller_port = free_port()
+        while self._controller_port == self._port:
             self._controller_port = free_port()
-            while self._controller_port == self._port:
-                self._controller_port = free_port()
+
+    def _start_once(self) -> None:
         config = self._write_config()
         self._format(config)
-
         with open(self.workdir / "stdout.log", "ab") as out:
             self._proc = spawn(
                 self._java("kafka.Kafka", str(config), heap=self._heap),
@@ -415,14 +429,13 @@ class KafkaBroker:
             )
         started = time.monotonic()
         try:
-            wait_for_port(LOCALHOST, self._port, self._startup_timeout, proc=self._proc)
+            wait_for_port(LOCALHOST, self.port, self._startup_timeout, proc=self._proc)
             remaining = self._startup_timeout - (time.monotonic() - started)
             self._wait_ready(max(remaining, 5.0))
         except (TimeoutError, ServerStartError) as exc:
             tail = self.tail()
             self.stop()
             raise ServerStartError(f"kafka broker did not start: {exc}\n{tail}") from exc
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
         """An open port is not a ready broker: wait until it answers a metadata request."""

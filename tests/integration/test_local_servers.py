@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 import uuid
 
 import pytest
 
+from chainwatch.local import kafka as local_kafka
 from chainwatch.local.anvil import Anvil
 from chainwatch.local.kafka import KafkaBroker
 from chainwatch.local.procs import pid_alive
@@ -106,3 +108,39 @@ def test_kafka_broker_keeps_acknowledged_data_across_a_restart() -> None:
         finally:
             consumer.close()
         assert (record.key, record.value) == (b"k", b"kept")
+
+
+@pytest.mark.parametrize("taken", ["client", "controller"])
+def test_kafka_broker_whose_port_was_taken_before_it_bound_starts_on_new_ports(
+    monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """`free_port` found a port free, then another socket's local end took it (bound,
+    not listening, as a connection's is): the broker starts again on new ports, with its
+    storage formatted for the new controller address, and serves."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    held = holder.getsockname()[1]
+    real_free_port = local_kafka.free_port
+    first_picks = iter([held] if taken == "client" else [real_free_port(), held])
+    monkeypatch.setattr(local_kafka, "free_port", lambda: next(first_picks, 0) or real_free_port())
+    topic = f"local-servers-{uuid.uuid4().hex}"
+    try:
+        with KafkaBroker() as broker:
+            assert held not in (broker.port, broker._controller_port)
+            assert "address already in use" in broker.log_file.read_text().lower()
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+            try:
+                producer.send(topic, key=b"k", value=b"after a taken port").get(timeout=30)
+            finally:
+                producer.close()
+            consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
+                                     auto_offset_reset="earliest", consumer_timeout_ms=20000)
+            try:
+                record = next(consumer)
+            finally:
+                consumer.close()
+            assert record.value == b"after a taken port"
+    finally:
+        holder.close()
