@@ -335,25 +335,77 @@ def test_sender_stats_remember_each_senders_highest_nonce_and_latest_time():
                     strict=True)) == expected
 
 
-def test_sender_lookup_of_a_few_rows_against_many_senders_is_the_joins(monkeypatch):
-    """A small frame filters the remembered senders first: the same rows as the join."""
+def _sender_batches(seed: int) -> list[pl.DataFrame]:
+    """Batches of txs from a few thousand senders (repeats within a batch, new ones and
+    returning ones), one with a null sender, over ~2 minutes."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for step in range(8):
+        n = int(rng.integers(1, 2_000))
+        senders: list[str | None] = [f"0x{i:04x}" for i in rng.integers(0, 3_000, n)]
+        if step == 5:
+            senders[0] = None
+        batches.append(pl.DataFrame({
+            "from_address": senders, "nonce": rng.integers(0, 500, n).tolist(),
+            "observed_at": (step * 15.0 + rng.random(n)).tolist()},
+            schema={"from_address": pl.Utf8, "nonce": pl.Int64, "observed_at": pl.Float64}))
+    return batches
+
+
+def _by_sender(stats: SenderStats) -> list[tuple]:
+    return sorted(stats._last.iter_rows(), key=lambda row: (row[0] is None, row[0] or ""))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sender_stats_by_their_index_are_the_joins(monkeypatch, seed):
+    """Last nonces found through the hash index, and updates made through it, equal what
+    the joins give (the index left out), batch after batch, at the bound (evictions)
+    and with a batch that has a null sender (that one joins)."""
     from detector import tx_features
 
-    rng = np.random.default_rng(8)
-    stats = SenderStats(window_seconds=60.0)
-    for step in range(4):
-        senders = [f"0x{i:04x}" for i in rng.integers(0, 3_000, 2_000)]
-        stats.update(pl.DataFrame({"from_address": senders,
-                                   "nonce": rng.integers(0, 500, 2_000).tolist(),
-                                   "observed_at": (step * 20.0 + rng.random(2_000)).tolist()}))
-    recent = senders[0]  # sent in the last step, inside the window
-    probe = pl.DataFrame({"from_address": [recent, "0xnew", "0x0007", recent, "0x0bb8"],
-                          "observed_at": [70.0] * 5})
-    assert probe.height * tx_features._SMALL_LOOKUP < len(stats)  # the filtering path
-    small = stats.lookup(probe)
-    monkeypatch.setattr(tx_features, "_SMALL_LOOKUP", 10**9)  # never filter: the join
-    assert small.equals(stats.lookup(probe))
-    assert small["last_nonce"][1] is None and small["sender_rate"][0] > 0
+    batches = _sender_batches(seed)
+    probe = pl.DataFrame({"from_address": ["0x0007", "0xnew", "0x0bb8", "0x0007", None],
+                          "observed_at": [200.0] * 5}, schema={"from_address": pl.Utf8,
+                                                               "observed_at": pl.Float64})
+
+    def run() -> list[object]:
+        stats, seen = SenderStats(window_seconds=60.0, max_senders=1_500), []
+        for batch in batches:
+            seen.append(stats.lookup(batch, rate=False))
+            seen.append(stats.lookup(probe))
+            stats.update(batch)
+            seen.append(_by_sender(stats))
+        return seen
+
+    indexed = run()
+    monkeypatch.setattr(tx_features._SenderIndex, "of", classmethod(lambda cls, *a: None))
+    joined = run()
+    assert len(indexed) == len(joined) == 3 * len(batches)
+    for a, b in zip(indexed, joined, strict=True):
+        assert a.equals(b) if isinstance(a, pl.DataFrame) else a == b
+
+
+def test_a_sender_that_shares_a_hash_with_a_remembered_one_is_not_taken_for_it(monkeypatch):
+    """64-bit hashes of two senders can be equal: found by its hash, a sender's string is
+    checked, and another sender with the same hash gets its own last nonce."""
+    from detector import tx_features
+
+    real = tx_features._hashes
+    twin = int(real(pl.Series(["0xaa"]))[0])
+
+    def hashes(strings: pl.Series) -> np.ndarray:
+        out = real(strings).copy()
+        out[(strings == "0xbb").fill_null(False).to_numpy()] = twin
+        return out
+
+    monkeypatch.setattr(tx_features, "_hashes", hashes)
+    stats = SenderStats()
+    stats.update(pl.DataFrame({"from_address": ["0xaa"], "nonce": [7], "observed_at": [1.0]}))
+    probe = pl.DataFrame({"from_address": ["0xbb", "0xaa"], "observed_at": [2.0, 2.0]})
+    assert stats.lookup(probe, rate=False)["last_nonce"].to_list() == [None, 7]
+    stats.update(pl.DataFrame({"from_address": ["0xbb"], "nonce": [3], "observed_at": [2.0]}))
+    assert _by_sender(stats) == [("0xaa", 7, 1.0), ("0xbb", 3, 2.0)]
+    assert stats.lookup(probe, rate=False)["last_nonce"].to_list() == [3, 7]
 
 
 def test_sender_stats_at_their_bound_keep_the_latest_ties_by_address():
