@@ -926,7 +926,7 @@ class SenderStats:
 
     Bounded: at most `max_events` recent (sender, time) events and `max_senders` senders
     (least recently seen ones are forgotten first). Columnar; a batch finds its senders'
-    last nonces through a hash index of the remembered senders (`_SenderIndex`), and
+    last nonces through a hash index of the remembered senders (`KeyIndex`), and
     joins only where that does not apply (nulls, a shared hash).
     """
 
@@ -942,7 +942,7 @@ class SenderStats:
         self.max_events = max_events
         self._events = pl.DataFrame(schema=_EVENTS_SCHEMA)
         self._last = pl.DataFrame(schema=_LAST_SCHEMA)
-        self._index: _SenderIndex | None = _SenderIndex.of(self._last["sender"])
+        self._index: KeyIndex | None = KeyIndex.of(self._last["sender"])
 
     def __len__(self) -> int:
         """Senders remembered (for their last nonce)."""
@@ -979,7 +979,7 @@ class SenderStats:
         if last.height > self.max_senders:  # the most recent; ties (one block) by sender
             last = _latest_senders(last, self.max_senders)
         self._last = last
-        self._index = _SenderIndex.of(last["sender"])
+        self._index = KeyIndex.of(last["sender"])
 
     def _update_by_index(self, frame: pl.DataFrame) -> bool:
         """`update`'s last nonces and times through the index, without the join; False
@@ -993,35 +993,29 @@ class SenderStats:
                 or last["last_nonce"].null_count() or last["last_seen"].null_count()
                 or last["last_seen"].is_nan().any()):
             return False
-        if senders.n_chunks() > 1:
-            senders = senders.rechunk()
-        hashes = _hashes(senders)
-        ids, first = _dense_ids(hashes)
-        if not (senders == senders.gather(first[ids])).all():
-            return False  # two senders of the batch share a hash
-        nonce_max, seen_max = _max_by_id(ids, nonces.to_numpy(), seen.to_numpy(), len(first))
-        names = senders.gather(first)
-        rows = _index_find(index.table, index.hashes, hashes[first])
-        known = rows >= 0
-        if not (names.filter(known) == last["sender"].gather(rows[known])).all():
-            return False  # a sender of the batch shares a hash with a remembered one
+        groups = index.grouped(last["sender"], senders)
+        if groups is None:
+            return False
+        nonce_max, seen_max = _max_by_id(groups.ids, nonces.to_numpy(), seen.to_numpy(),
+                                         len(groups.distinct))
+        known = groups.rows >= 0
         last_nonce = last["last_nonce"].to_numpy().copy()
         last_seen = last["last_seen"].to_numpy().copy()
-        at = rows[known]
+        at = groups.rows[known]
         last_nonce[at] = np.maximum(last_nonce[at], nonce_max[known])
         last_seen[at] = np.maximum(last_seen[at], seen_max[known])
         new = ~known
         updated = pl.DataFrame({
-            "sender": pl.concat([last["sender"], names.filter(new)]),
+            "sender": pl.concat([last["sender"], groups.distinct.filter(new)]),
             "last_nonce": np.concatenate([last_nonce, nonce_max[new]]),
             "last_seen": np.concatenate([last_seen, seen_max[new]]),
         }, schema=_LAST_SCHEMA)
-        kept_hashes = np.concatenate([index.hashes, hashes[first][new]])
+        kept_hashes = np.concatenate([index.hashes, groups.hashes[new]])
         if updated.height > self.max_senders:
             latest = _latest_rows(updated["last_seen"].to_numpy(), updated["sender"],
                                   self.max_senders)
             updated, kept_hashes = updated.filter(latest), kept_hashes[latest]
-        self._index = _SenderIndex.of(updated["sender"], kept_hashes)
+        self._index = KeyIndex.of(updated["sender"], kept_hashes)
         self._last = updated
         return True
 
@@ -1030,14 +1024,12 @@ class SenderStats:
         index (hash, find, check the strings), else a join."""
         index, last = self._index, self._last
         if index is not None and senders.dtype == pl.Utf8 and not senders.null_count():
-            if senders.n_chunks() > 1:
-                senders = senders.rechunk()
-            rows = _index_find(index.table, index.hashes, _hashes(senders))
-            known = rows >= 0
-            if not known.any():
-                return pl.repeat(None, len(senders), dtype=pl.Int64, eager=True).alias(
-                    "last_nonce")
-            if (senders.filter(known) == last["sender"].gather(rows[known])).all():
+            rows = index.rows_of(last["sender"], senders)
+            if rows is not None:
+                known = rows >= 0
+                if not known.any():
+                    return pl.repeat(None, len(senders), dtype=pl.Int64, eager=True).alias(
+                        "last_nonce")
                 nonces = last["last_nonce"].gather(np.maximum(rows, 0))
                 if not known.all():
                     nonces = nonces.scatter(np.flatnonzero(~known), None)
@@ -1145,26 +1137,65 @@ def _hashes(strings: pl.Series) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _SenderIndex:
-    """Where each remembered sender's row is in `SenderStats._last`: an open-addressing
-    table of the senders' 64-bit hashes (`hashes`, row-aligned), at most half full. A
-    batch finds its senders' rows by hash and then checks their strings, instead of a
-    join that hashes all ~100k remembered senders again (twice per batch: ~10 ms for the
-    last nonces, ~15 ms for the update, against ~5 and ~10 ms now)."""
+class KeyIndex:
+    """Where each key (a sender) of a keyed state is among the state's rows: an
+    open-addressing table of the keys' 64-bit hashes (`hashes`, row-aligned), at most
+    half full. A batch finds its keys' rows by hash and then checks their strings,
+    instead of a join that hashes all of a ~100k-row state again (`SenderStats`' two
+    joins per batch took ~10 and ~15 ms, against ~5 and ~10 ms so)."""
 
     table: np.ndarray
     hashes: np.ndarray
 
     @classmethod
-    def of(cls, senders: pl.Series, hashes: np.ndarray | None = None) -> _SenderIndex | None:
-        """The index of these senders (`hashes`: theirs, if known); None if some are null
-        or two share a hash (then every lookup joins)."""
-        if senders.null_count():
+    def of(cls, keys: pl.Series, hashes: np.ndarray | None = None) -> KeyIndex | None:
+        """The index of these keys (`hashes`: theirs, if known); None if some are null
+        or two share a hash (then the state joins)."""
+        if keys.null_count():
             return None
         if hashes is None:
-            hashes = _hashes(senders.rechunk() if senders.n_chunks() > 1 else senders)
+            hashes = _hashes(keys.rechunk() if keys.n_chunks() > 1 else keys)
         table, unique = _index_table(hashes)
         return cls(table, hashes) if unique else None
+
+    def rows_of(self, state_keys: pl.Series, keys: pl.Series) -> np.ndarray | None:
+        """Each key's row in the state (`state_keys`, the keys this index was made of),
+        -1 where absent; None if a key shares its hash with another key of the state."""
+        if keys.n_chunks() > 1:
+            keys = keys.rechunk()
+        rows = _index_find(self.table, self.hashes, _hashes(keys))
+        known = rows >= 0
+        if known.any() and not (keys.filter(known) == state_keys.gather(rows[known])).all():
+            return None
+        return rows
+
+    def grouped(self, state_keys: pl.Series, keys: pl.Series) -> KeyGroups | None:
+        """A batch's keys (no nulls) numbered and found in the state; None if two keys of
+        the batch, or one of the batch and one of the state, share a hash."""
+        if keys.n_chunks() > 1:
+            keys = keys.rechunk()
+        hashes = _hashes(keys)
+        ids, first = _dense_ids(hashes)
+        if not (keys == keys.gather(first[ids])).all():
+            return None
+        distinct, distinct_hashes = keys.gather(first), hashes[first]
+        rows = _index_find(self.table, self.hashes, distinct_hashes)
+        known = rows >= 0
+        if not (distinct.filter(known) == state_keys.gather(rows[known])).all():
+            return None
+        return KeyGroups(ids, distinct, distinct_hashes, rows)
+
+
+@dataclass(frozen=True)
+class KeyGroups:
+    """A batch's keys by `KeyIndex.grouped`: each row's key number (`ids`, 0, 1, ... in
+    order of first appearance), the distinct keys and their hashes in that order, and
+    each one's row in the state (-1: new)."""
+
+    ids: np.ndarray
+    distinct: pl.Series
+    hashes: np.ndarray
+    rows: np.ndarray
 
 
 @compiled

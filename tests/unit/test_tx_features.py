@@ -378,7 +378,7 @@ def test_sender_stats_by_their_index_are_the_joins(monkeypatch, seed):
         return seen
 
     indexed = run()
-    monkeypatch.setattr(tx_features._SenderIndex, "of", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(tx_features.KeyIndex, "of", classmethod(lambda cls, *a: None))
     joined = run()
     assert len(indexed) == len(joined) == 3 * len(batches)
     for a, b in zip(indexed, joined, strict=True):
