@@ -19,13 +19,14 @@ a script that runs a replay needs the `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -99,10 +100,31 @@ def start_worker() -> Future[None] | None:
     global _up
     if _up is None and not _gave_up:
         try:
-            _up = _worker_pool().submit(_load)
+            with _ctrl_c_deferred():
+                _up = _worker_pool().submit(_load)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             _forget_worker(exc, _CANNOT_START, for_good=True)
     return _up
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """A Ctrl-C while the pool starts its worker (the spawn, then the thread that manages
+    the worker) is taken once both are done. In between, the replay would exit without
+    waiting for a worker still reading what it was sent, which then failed with a
+    traceback (the replay's semaphores were gone). The spawn itself ignores it, see
+    `_SpawnIgnoringCtrlC`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's to handle
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # as the handler before would have had it
 
 
 def _forget_worker(exc: BaseException, what: str, *, for_good: bool = False) -> None:

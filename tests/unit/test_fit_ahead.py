@@ -212,3 +212,35 @@ def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, no_worker_ye
         assert fit_ahead.start_fit(inline.blank(), train)().version == inline.version
     assert starts == [1]
     assert sum("could not start" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
+    monkeypatch, no_worker_yet
+):
+    """Ctrl-C between the spawn and the start of the thread that manages the worker:
+    raised then, the replay exited without waiting for a worker still reading what it was
+    sent (a traceback from the worker). It comes once the pool is whole instead."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_manager = ProcessPoolExecutor._start_executor_manager_thread
+
+    def ctrl_c_first(pool: ProcessPoolExecutor) -> None:
+        assert pool._processes  # spawned already
+        os.kill(os.getpid(), signal.SIGINT)
+        start_manager(pool)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "_start_executor_manager_thread", ctrl_c_first)
+    with pytest.raises(KeyboardInterrupt):
+        fit_ahead.start_worker()
+    pool = fit_ahead._pool
+    assert pool is not None
+    try:
+        assert pool._executor_manager_thread is not None  # the worker is waited for
+        assert fit_ahead._up is not None
+        fit_ahead._up.result(timeout=120)  # and comes up
+    finally:
+        if pool._executor_manager_thread is None:  # nobody would ever stop the worker
+            for process in list(pool._processes.values()):
+                process.kill()
+                process.join()
+        pool.shutdown(wait=True)
