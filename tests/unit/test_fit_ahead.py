@@ -230,8 +230,14 @@ def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
         start_manager(pool)
 
     monkeypatch.setattr(ProcessPoolExecutor, "_start_executor_manager_thread", ctrl_c_first)
-    with pytest.raises(KeyboardInterrupt):
-        fit_ahead.start_worker()
+    # Ctrl-C as in a terminal, whatever this run inherited (a background job's, as CI may
+    # start the suite, ignores it, and so does the worker's start then)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_ahead.start_worker()
+    finally:
+        signal.signal(signal.SIGINT, before)
     pool = fit_ahead._pool
     assert pool is not None
     try:
