@@ -1119,10 +1119,18 @@ def _ids(strings: pl.Series) -> np.ndarray:
     longer than that). No nulls: the callers fill them."""
     if strings.n_chunks() > 1:  # gathering across chunks took 2-3x longer than a copy
         strings = strings.rechunk()
-    ids, first = _dense_ids(_hashes(strings))
+    checked = _checked_ids(strings)
+    return checked[0] if checked is not None else _category_ids(strings)
+
+
+def _checked_ids(strings: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`_ids` from the strings' hashes (a series of one chunk, no nulls), with the row
+    where each number first appears and the hashes; None should two strings share one."""
+    hashes = _hashes(strings)
+    ids, first = _dense_ids(hashes)
     if (strings == strings.gather(first[ids])).all():
-        return ids
-    return _category_ids(strings)
+        return ids, first, hashes
+    return None
 
 
 def _category_ids(strings: pl.Series) -> np.ndarray:
@@ -1174,10 +1182,10 @@ class KeyIndex:
         the batch, or one of the batch and one of the state, share a hash."""
         if keys.n_chunks() > 1:
             keys = keys.rechunk()
-        hashes = _hashes(keys)
-        ids, first = _dense_ids(hashes)
-        if not (keys == keys.gather(first[ids])).all():
+        checked = _checked_ids(keys)
+        if checked is None:
             return None
+        ids, first, hashes = checked
         distinct, distinct_hashes = keys.gather(first), hashes[first]
         rows = _index_find(self.table, self.hashes, distinct_hashes)
         known = rows >= 0
