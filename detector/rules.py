@@ -374,8 +374,7 @@ def _bursts(
     # senders with `floor` txs in a block, counted on numbers made from their hashes in
     # one compiled pass (the group-by of (block, hash) took ~5 ms per 75k rows): hash
     # collisions can only add candidates, which the exact count below drops
-    senders = framed["from_address"]
-    ids, _ = _dense_ids(_hashes(senders.rechunk() if senders.n_chunks() > 1 else senders))
+    ids, _ = _dense_ids(_hashes(framed["from_address"]))
     heavy = _heavy_rows(framed["run"].to_numpy(), ids, floor)
     if not heavy.any():
         return []

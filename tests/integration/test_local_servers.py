@@ -115,8 +115,8 @@ def test_kafka_broker_whose_port_was_taken_before_it_bound_starts_on_new_ports(
     monkeypatch: pytest.MonkeyPatch, taken: str
 ) -> None:
     """`free_port` found a port free, then another socket's local end took it (bound,
-    not listening, as a connection's is): the broker starts again on new ports, with its
-    storage formatted for the new controller address, and serves."""
+    not listening, as a connection's is): the broker starts again on new ports, on the
+    storage formatted for the first ones, and serves."""
     from kafka import KafkaConsumer, KafkaProducer
 
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
