@@ -775,20 +775,21 @@ class SelectorStats:
             # rows from each block on to the end; 0 after the last, so one always fits
             tail = np.append(np.cumsum(sizes[::-1])[::-1], 0)
             first = int(np.argmax(tail <= self.capacity))
-            keys = frame.slice(int(tail[0] - tail[first])).select(
-                pl.Series("block", np.repeat(np.arange(first, len(sizes)), sizes[first:])),
-                pl.col("method_id").fill_null(_NO_SELECTOR),
-            )
-            per_block = keys.group_by("block", "method_id").len("n").sort("block")
-            blocks = per_block["block"].to_numpy()
-            selectors, ns = per_block["method_id"].to_list(), per_block["n"].to_list()
-            cuts = np.searchsorted(blocks, np.arange(first, len(sizes) + 1)).tolist()
+            keys = frame["method_id"].slice(int(tail[0] - tail[first])).fill_null(_NO_SELECTOR)
+            block = np.repeat(np.arange(first, len(sizes)), sizes[first:])
+            # (block, selector) pairs counted as numbers: each selector numbered once
+            ids = _category_ids(keys)
+            distinct = keys.gather(_a_row_of_each(ids)).to_list()
+            pairs, ns = np.unique(block * len(distinct) + ids, return_counts=True)
+            selectors = [distinct[i] for i in (pairs % len(distinct)).tolist()]
+            cuts = np.searchsorted(pairs // len(distinct),
+                                   np.arange(first, len(sizes) + 1)).tolist()
+            per_entry = ns.tolist()
 
             def totals() -> tuple[list[str], list[int]]:
-                counted = keys["method_id"].value_counts(name="n")
-                return counted["method_id"].to_list(), counted["n"].to_list()
+                return distinct, np.bincount(ids, minlength=len(distinct)).tolist()
 
-            self._learn([(selectors[a:b], ns[a:b]) for a, b in pairwise(cuts)],
+            self._learn([(selectors[a:b], per_entry[a:b]) for a, b in pairwise(cuts)],
                         left_out=bool(sizes[:first].any()), totals=totals)
             return
         keys = frame["method_id"].fill_null(_NO_SELECTOR).tail(self.capacity)
@@ -860,8 +861,11 @@ class SelectorStats:
         return lowered.replace_strict(seen, return_dtype=pl.Float64).to_numpy()
 
     def rarity(self, method_ids: pl.Series) -> np.ndarray:
-        """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones."""
-        counts = self._window_counts(method_ids.fill_null(_NO_SELECTOR).str.to_lowercase())
+        """-log((count + 1) / (total + 1)): 0 for the only selector seen, high for unseen ones.
+
+        Selectors are compared as given: lower-case, as tx frames carry them
+        (`tx_frame_of`, `pending_to_tx_frame`) and as `update` learns them."""
+        counts = self._window_counts(method_ids.fill_null(_NO_SELECTOR))
         return -np.log((counts + 1.0) / (self.total + 1.0))
 
     def rarity_as_of(self, method_ids: pl.Series, as_of: AsOf) -> np.ndarray:
@@ -878,7 +882,7 @@ class SelectorStats:
         blocks = len(as_of.nows)
         if blocks == 1:
             return self.rarity(method_ids)
-        keys = method_ids.fill_null(_NO_SELECTOR).str.to_lowercase()
+        keys = method_ids.fill_null(_NO_SELECTOR)
         rows_before = np.concatenate([[0], np.cumsum(np.bincount(as_of.block,
                                                                  minlength=blocks))])
         # the window before block k holds the kept batches and rows_before[k] rows, less
@@ -909,11 +913,16 @@ class SelectorStats:
         ]).astype(np.int64)
         weights = np.concatenate([[float(n) for _, ns in leaving for n in ns],
                                   np.ones(len(keys))])
+        every_key = pl.concat([pl.Series(leaving_keys, dtype=pl.Utf8), keys], rechunk=True)
+        ids = _category_ids(every_key)
+        # each selector's count in the window, looked up once per distinct selector
+        get = self._counts.get
+        in_window = np.array([get(k, 0) for k in every_key.gather(_a_row_of_each(ids))],
+                             dtype=np.float64)
         counts = np.empty(len(keys))
-        _selector_counts(_category_ids(pl.concat([pl.Series(leaving_keys, dtype=pl.Utf8),
-                                                  keys])),
-                         entries, weights, len(leaving_keys), starts[as_of.block].astype(
-                             np.int64), self._window_counts(keys), len(leaving), counts)
+        _selector_counts(ids, entries, weights, len(leaving_keys),
+                         starts[as_of.block].astype(np.int64),
+                         in_window[ids[len(leaving_keys):]], len(leaving), counts)
         return -np.log((counts + 1.0) / (total[as_of.block] + 1.0))
 
 
@@ -1138,6 +1147,14 @@ def _category_ids(strings: pl.Series) -> np.ndarray:
     for a few distinct strings repeated (selectors: 3.8 ms per 125k against 6.5 ms)."""
     codes = strings.cast(pl.Categorical(pl.Categories.random())).to_physical()
     return codes.to_numpy().astype(np.int64)
+
+
+def _a_row_of_each(ids: np.ndarray) -> np.ndarray:
+    """For numbers 0 .. n - 1 (each present in `ids`), a row that has it (which of its
+    rows is left to numpy: equal numbers, equal keys)."""
+    rows = np.empty(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
+    rows[ids] = np.arange(len(ids))
+    return rows
 
 
 def _hashes(strings: pl.Series) -> np.ndarray:

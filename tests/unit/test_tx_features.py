@@ -14,6 +14,8 @@ from detector.tx_features import (
     FeeMarket,
     SelectorStats,
     SenderStats,
+    _a_row_of_each,
+    _category_ids,
     _ids,
     _latest_senders,
     _previous_nonce,
@@ -459,6 +461,19 @@ def test_ids_number_equal_strings_alike_and_different_ones_apart(monkeypatch, co
     pairs = set(zip(strings, ids.tolist(), strict=True))
     assert len(pairs) == len(set(strings)) == len(set(ids.tolist()))
     assert ids.max() == len(set(strings)) - 1  # dense: 0 .. distinct - 1
+
+
+def test_a_categorical_numbers_selectors_densely_and_a_row_of_each_names_its_number():
+    """SelectorStats reads each number's selector at one of its rows: that needs the
+    numbers 0 .. distinct - 1, every one used, and the row to hold that number."""
+    rng = np.random.default_rng(5)
+    strings = pl.Series([f"0x{int(i):08x}" for i in rng.zipf(1.5, 20_000) % 700] + [""])
+    ids = _category_ids(strings)
+    assert sorted(set(ids.tolist())) == list(range(strings.n_unique()))
+    rows = _a_row_of_each(ids)
+    assert np.array_equal(ids[rows], np.arange(len(rows)))
+    named = dict(zip(ids.tolist(), strings.to_list(), strict=True))
+    assert strings.gather(rows).to_list() == [named[i] for i in range(len(rows))]
 
 
 @pytest.mark.parametrize("seed", range(5))
