@@ -104,6 +104,14 @@ def test_a_refit_in_the_worker_brings_its_compiled_walk_along(small_fits_ahead, 
     assert np.array_equal(refitted._raw(probe), expected)
 
 
+def test_the_worker_leaves_its_libraries_out_of_the_collectors_passes(small_fits_ahead):
+    """Frozen once loaded: fits do not walk them, and neither does the worker's exit,
+    which the replay's own exit waits for."""
+    import gc
+
+    assert fit_ahead._worker_pool().submit(gc.get_freeze_count).result(timeout=60) > 10_000
+
+
 def test_a_worker_that_dies_costs_its_fit_nothing(small_fits_ahead):
     stream = _stream(3, 12, 40)
     inline = _model(False)
