@@ -21,7 +21,7 @@ import polars as pl
 from chainwatch.schema import Block, Finding, Severity, TxLifecycle
 from detector.compiled import compiled
 from detector.miner_features import Snapshot, empty_with_mempool, window_blocks_frame
-from detector.tx_features import BlockTxs, _dense_ids, _hashes
+from detector.tx_features import BlockTxs, dense_ids, string_hashes
 
 RULE_THRESHOLD = 0.5
 SURGE_MIN_PRIOR = 24  # miner_surge_rule: blocks before a recent window it needs
@@ -374,7 +374,7 @@ def _bursts(
     # senders with `floor` txs in a block, counted on numbers made from their hashes in
     # one compiled pass (the group-by of (block, hash) took ~5 ms per 75k rows): hash
     # collisions can only add candidates, which the exact count below drops
-    ids, _ = _dense_ids(_hashes(framed["from_address"]))
+    ids, _ = dense_ids(string_hashes(framed["from_address"]))
     heavy = _heavy_rows(framed["run"].to_numpy(), ids, floor)
     if not heavy.any():
         return []

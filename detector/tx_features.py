@@ -1135,8 +1135,8 @@ def _ids(strings: pl.Series) -> np.ndarray:
 def _checked_ids(strings: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """`_ids` from the strings' hashes (a series of one chunk, no nulls), with the row
     where each number first appears and the hashes; None should two strings share one."""
-    hashes = _hashes(strings)
-    ids, first = _dense_ids(hashes)
+    hashes = string_hashes(strings)
+    ids, first = dense_ids(hashes)
     if (strings == strings.gather(first[ids])).all():
         return ids, first, hashes
     return None
@@ -1157,7 +1157,8 @@ def _a_row_of_each(ids: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _hashes(strings: pl.Series) -> np.ndarray:
+def string_hashes(strings: pl.Series) -> np.ndarray:
+    """Each string's 64-bit hash (polars', seed 0): equal strings, equal hashes."""
     return strings.hash(0).to_numpy()
 
 
@@ -1179,7 +1180,7 @@ class KeyIndex:
         if keys.null_count():
             return None
         if hashes is None:
-            hashes = _hashes(keys)
+            hashes = string_hashes(keys)
         table, unique = _index_table(hashes)
         return cls(table, hashes) if unique else None
 
@@ -1188,7 +1189,7 @@ class KeyIndex:
         -1 where absent; None if a key shares its hash with another key of the state."""
         if keys.n_chunks() > 1:
             keys = keys.rechunk()
-        rows = _index_find(self.table, self.hashes, _hashes(keys))
+        rows = _index_find(self.table, self.hashes, string_hashes(keys))
         known = rows >= 0
         if known.any() and not (keys.filter(known) == state_keys.gather(rows[known])).all():
             return None
@@ -1271,9 +1272,10 @@ def _max_by_id(
 
 
 @compiled
-def _dense_ids(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+def dense_ids(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Each hash's number (0, 1, ... in order of first appearance; an open-addressing
-    table at most half full), and the row where each number first appears."""
+    table at most half full), and the row where each number first appears. Strings that
+    share a hash share a number: `_ids` checks them where that matters."""
     size = 16
     while size < 2 * len(hashes):
         size <<= 1

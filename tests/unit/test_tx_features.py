@@ -392,7 +392,7 @@ def test_a_sender_that_shares_a_hash_with_a_remembered_one_is_not_taken_for_it(m
     checked, and another sender with the same hash gets its own last nonce."""
     from detector import tx_features
 
-    real = tx_features._hashes
+    real = tx_features.string_hashes
     twin = int(real(pl.Series(["0xaa"]))[0])
 
     def hashes(strings: pl.Series) -> np.ndarray:
@@ -400,7 +400,7 @@ def test_a_sender_that_shares_a_hash_with_a_remembered_one_is_not_taken_for_it(m
         out[(strings == "0xbb").fill_null(False).to_numpy()] = twin
         return out
 
-    monkeypatch.setattr(tx_features, "_hashes", hashes)
+    monkeypatch.setattr(tx_features, "string_hashes", hashes)
     stats = SenderStats()
     stats.update(pl.DataFrame({"from_address": ["0xaa"], "nonce": [7], "observed_at": [1.0]}))
     probe = pl.DataFrame({"from_address": ["0xbb", "0xaa"], "observed_at": [2.0, 2.0]})
@@ -452,7 +452,7 @@ def test_ids_number_equal_strings_alike_and_different_ones_apart(monkeypatch, co
     import detector.tx_features as tx_features
 
     if collide:
-        monkeypatch.setattr(tx_features, "_hashes",
+        monkeypatch.setattr(tx_features, "string_hashes",
                             lambda s: (s.str.len_bytes() % 2).cast(pl.UInt64).to_numpy())
     rng = np.random.default_rng(3)
     strings = [f"0x{int(i):x}" for i in rng.zipf(1.3, 5_000) % 3_000] + ["", ""]
