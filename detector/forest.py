@@ -128,16 +128,15 @@ class CompiledForest:
             value.append(np.where(leaf, depth + np.asarray(c)[order] - 1.0, 0.0))
             self.steps = max(self.steps, int(depth.max()) - 1)  # steps from root to leaf
             offset += len(order)
-        self.feature = np.concatenate(feature).astype(np.int64)
-        self.threshold = np.concatenate(threshold).astype(np.float64)
-        self.child = np.concatenate(child).astype(np.int64)
         self.value = np.concatenate(value).astype(np.float64)
         self.roots = np.asarray(roots, dtype=np.int64)
         self.nan_right = np.concatenate(nan_right).astype(np.int64)
         self.n_features = leaf_column
         self.feature_bits = max(1, leaf_column.bit_length())  # the leaf column included
-        self.node = (self.child << self.feature_bits) | self.feature
-        self.cut = float32_cuts(self.threshold)
+        # only the packed forms are kept: a refit's walk is pickled back from the worker
+        self.node = ((np.concatenate(child).astype(np.int64) << self.feature_bits)
+                     | np.concatenate(feature).astype(np.int64))
+        self.cut = float32_cuts(np.concatenate(threshold).astype(np.float64))
         self.denominator = len(trees) * float(_average_path_length(
             np.array([forest._max_samples]))[0])
 

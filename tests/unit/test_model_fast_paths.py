@@ -94,17 +94,20 @@ def test_children_sit_side_by_side_and_leaves_stay_put():
     x = _data(2_000, seed=3)
     forest = IsolationForest(n_estimators=5, random_state=1).fit(x)
     compiled = CompiledForest(forest)
+    # what the walk reads: each node packed as (left child << feature_bits) | feature
+    child = compiled.node >> compiled.feature_bits
+    feature = compiled.node & ((1 << compiled.feature_bits) - 1)
     ends = [*compiled.roots[1:], len(compiled.value)]
     for t, (start, end) in enumerate(zip(compiled.roots, ends, strict=True)):
         tree = forest.estimators_[t].tree_
         assert end - start == tree.node_count
         nodes = np.arange(start, end)
-        leaf = compiled.threshold[nodes] == np.inf
+        leaf = compiled.cut[nodes] == np.inf
         assert leaf.sum() == (tree.children_left == -1).sum()
-        assert np.array_equal(compiled.child[nodes[leaf]], nodes[leaf])
-        assert (compiled.feature[nodes[leaf]] == x.shape[1]).all()
+        assert np.array_equal(child[nodes[leaf]], nodes[leaf])
+        assert (feature[nodes[leaf]] == x.shape[1]).all()
         inner = nodes[~leaf]
-        kids = np.concatenate([compiled.child[inner], compiled.child[inner] + 1])
+        kids = np.concatenate([child[inner], child[inner] + 1])
         assert len(set(kids.tolist())) == 2 * len(inner)  # every node has one parent
         assert ((kids >= start) & (kids < end)).all()
 
