@@ -51,8 +51,13 @@ def test_pending_transactions_are_followed_to_their_fate(anvil: Anvil, chainwatc
 
     send(anvil, a, 0, tip_gwei=1)  # will be included
     send(anvil, b, 0, tip_gwei=1)  # replaced by the next one
-    send(anvil, b, 0, tip_gwei=5)  # same sender and nonce, higher fees
     doomed = send(anvil, c, 0, tip_gwei=1)
+    # the replacement only once its original was seen: replaced before the collector's
+    # subscription was live and before its first txpool listing, the original would
+    # never be anywhere to be seen (CI once timed out waiting for 4 arrivals)
+    wait_until(lambda: metric(port, "chainwatch_pending_tx_arrivals_total", labels) == 3, 20,
+               "3 pending transactions seen")
+    send(anvil, b, 0, tip_gwei=5)  # same sender and nonce, higher fees
     wait_until(lambda: metric(port, "chainwatch_pending_tx_arrivals_total", labels) == 4, 20,
                "4 pending transactions seen")
     wait_until(lambda: fates(port, "m")["replaced"] == 1, 10, "the replacement")
