@@ -54,16 +54,6 @@ def _fitted(blank: AnomalyDetector, train: np.ndarray, window: dict[str, Any] | 
     return blank
 
 
-def _fitted_with_walk(blank: AnomalyDetector, train: np.ndarray,
-                      window: dict[str, Any] | None,
-                      version: str | None) -> tuple[AnomalyDetector, Any]:
-    """In the worker: the fit, and the forest's compiled walk it built to score the
-    training rows, pickled together (so the walk still points at the same trees): the
-    replay then does not compile it again on its critical path (~13 ms per refit)."""
-    fitted = _fitted(blank, train, window, version)
-    return fitted, fitted.compiled_walk()
-
-
 def _start_worker(parent: int) -> None:
     """In the worker, first: Ctrl-C reaches the whole foreground process group, and it is
     the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
@@ -203,19 +193,19 @@ def start_fit(
         fitted = _fitted(blank, train, window, version)
         return lambda: fitted
     try:
-        future: Future[tuple[AnomalyDetector, Any]] = _worker_pool().submit(
-            _fitted_with_walk, blank, train, window, version)
+        # the fitted model comes back with its compiled walk (not compiled again here,
+        # ~13 ms per refit) and its estimator still pickled (see AnomalyDetector.estimator)
+        future: Future[AnomalyDetector] = _worker_pool().submit(
+            _fitted, blank, train, window, version)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         _forget_worker(exc, "fitting in a worker process failed; fitting inline")
         return lambda: _fitted(blank, train, window, version)
 
     def result() -> AnomalyDetector:
         try:
-            fitted, walk = future.result()
+            return future.result()
         except BrokenProcessPool as exc:
             _forget_worker(exc, "the fitting worker process died; fitting inline")
             return _fitted(blank, train, window, version)
-        fitted.adopt_compiled_walk(walk)
-        return fitted
 
     return result

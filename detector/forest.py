@@ -140,6 +140,12 @@ class CompiledForest:
         self.denominator = len(trees) * float(_average_path_length(
             np.array([forest._max_samples]))[0])
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without `source`: the arrays alone score, and unpickling sklearn's
+        trees would import sklearn (a model's walk goes to and from the fit worker, and
+        into saved models)."""
+        return {**self.__dict__, "source": None}
+
     def score_samples(
         self, x: np.ndarray, pool: Executor | None = None, threads: int = 1
     ) -> np.ndarray:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -124,18 +125,45 @@ def scoring_threads() -> int:
 
 def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:
     """sklearn's `IsolationForest.score_samples(x)`, bit for bit, by the compiled walk
-    (`CompiledForest`); a big batch (a replay batch of 75k transactions, a refit's 50k
-    training rows) has its rows split over several threads."""
-    global _pool
+    (`CompiledForest`)."""
+    return walk_score_samples(_walk_of(forest), x)
+
+
+def _walk_of(forest: Any) -> CompiledForest:
     compiled = _compiled.get(forest)
     if compiled is None or compiled.source is not forest.estimators_:
         compiled = _compiled[forest] = CompiledForest(forest)
+    return compiled
+
+
+def walk_score_samples(compiled: CompiledForest, x: np.ndarray) -> np.ndarray:
+    """A compiled forest's `score_samples(x)`; a big batch (a replay batch of 75k
+    transactions, a refit's 50k training rows) has its rows split over several threads."""
+    global _pool
     threads = scoring_threads() if len(x) >= PARALLEL_MIN_ROWS else 1
     if threads < 2:
         return compiled.score_samples(x)
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
     return compiled.score_samples(x, _pool, threads)
+
+
+def checked_rows(x: np.ndarray) -> np.ndarray:
+    """`sklearn.utils.check_array(x)` as the estimators' decision_function applies it
+    before a forest is walked: the same rows, or the same refusals (a ValueError for rows
+    that are not 2-D, none at all, or not all finite). Here so that scoring with a
+    loaded model does not import sklearn (~1 s of every replay's start)."""
+    rows = np.asarray(x)
+    if rows.dtype.kind not in "biuf":
+        rows = rows.astype(np.float64)
+    if rows.ndim != 2:
+        raise ValueError(f"Expected 2D array, got {rows.ndim}D array instead")
+    if not len(rows) or not rows.shape[1]:
+        raise ValueError(f"Found array with shape {rows.shape}: at least one row and "
+                         "one feature are required")
+    if not np.isfinite(rows).all():
+        raise ValueError("Input contains NaN or infinity")
+    return rows
 
 
 @compiled
@@ -264,7 +292,13 @@ class AnomalyDetector:
         # interval's deviation is measured in slots, not seconds (a missed slot is normal)
         self._median_scale = np.array(median_scale if median_scale
                                       else [0.0] * len(feature_names))
-        self._estimator: _Estimator | None = None
+        # the fitted estimator; a loaded (unpickled) model keeps it pickled until it is
+        # needed (see `estimator`): scoring an isolation forest reads only what follows
+        self._est: _Estimator | None = None
+        self._est_pickle: bytes | None = None
+        self._threshold = 0.0  # the estimator's threshold_ (its raw units)
+        self._walk: CompiledForest | None = None  # an isolation forest's, compiled
+        self._offset = 0.0  # our decision_function = _offset - the walk's score_samples
         self._lo = 0.0
         self._span = 1.0
         self._median = np.zeros(len(feature_names))
@@ -279,7 +313,39 @@ class AnomalyDetector:
 
     @property
     def fitted(self) -> bool:
-        return self._estimator is not None
+        return self._est is not None or self._est_pickle is not None
+
+    @property
+    def estimator(self) -> _Estimator | None:
+        """The fitted PyOD or sklearn estimator. A loaded model unpickles it only here, on
+        first use: that imports PyOD and sklearn (~1 s), which scoring an isolation
+        forest does not need (it walks `_walk`)."""
+        if self._est is None and self._est_pickle is not None:
+            self._est, self._est_pickle = pickle.loads(self._est_pickle), None
+        return self._est
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if state["_est"] is not None:
+            state["_est"] = None
+            state["_est_pickle"] = pickle.dumps(self._est, protocol=pickle.HIGHEST_PROTOCOL)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        older = "_estimator" in state  # saved before the estimator was kept pickled
+        if older:
+            state["_est"], state["_est_pickle"] = state.pop("_estimator"), None
+        self.__dict__.update(state)
+        if older:
+            self._take_scoring_state()
+
+    def _take_scoring_state(self) -> None:
+        """What scoring reads, from the fitted estimator: its threshold and, for an
+        isolation forest, the compiled walk (the one fitting built, if any)."""
+        self._threshold = float(self._est.threshold_) if self._est is not None else 0.0
+        found = self._forest()
+        self._walk, self._offset = ((_walk_of(found[0]), found[1]) if found is not None
+                                    else (None, 0.0))
 
     def blank(self) -> AnomalyDetector:
         """An unfitted model configured as this one (what a refit starts from)."""
@@ -313,7 +379,8 @@ class AnomalyDetector:
         if self.tail_factor > 0 and len(train) and shared.any():
             deviation = np.abs(self.robust_z(train))[:, shared].max(axis=1)
             self.tail_z = float(np.quantile(deviation, 1.0 - self.contamination))
-        self._estimator = estimator
+        self._est, self._est_pickle = estimator, None
+        self._take_scoring_state()
         self.trained_rows = len(train)
         self.training_window = dict(training_window or {})
         self.version = version or self.version_of(train)
@@ -326,25 +393,21 @@ class AnomalyDetector:
     def _raw(self, x: np.ndarray) -> np.ndarray:
         """The estimator's decision_function (higher = more abnormal).
 
-        An isolation forest is scored by the compiled walk (`forest_score_samples`, equal
+        An isolation forest is scored by the compiled walk (`walk_score_samples`, equal
         bit for bit, without sklearn's ~5 ms per call and at twice its speed per row).
         """
-        from sklearn.utils import check_array  # as the estimators' decision_function
-
-        found = self._forest()
-        if found is None:
-            return np.asarray(self._estimator.decision_function(x))  # type: ignore[union-attr]
-        forest, offset = found
-        return offset - forest_score_samples(forest, check_array(x))
+        if self._walk is not None:
+            return self._offset - walk_score_samples(self._walk, checked_rows(x))
+        return np.asarray(self.estimator.decision_function(x))  # type: ignore[union-attr]
 
     def _forest(self) -> tuple[Any, float] | None:
         """The sklearn IsolationForest inside and the offset that makes its negated
         score_samples our decision_function; None for other kinds of model."""
-        if self.kind == "iforest" and _is_pyod_iforest(self._estimator):
-            forest = getattr(self._estimator, "detector_", None)  # PyOD: -(score - offset_)
+        if self.kind == "iforest" and _is_pyod_iforest(self._est):
+            forest = getattr(self._est, "detector_", None)  # PyOD: -(score - offset_)
             offset = float(getattr(forest, "offset_", 0.0))
         elif self.kind == "sk_iforest":  # ours: -score_samples
-            forest = getattr(self._estimator, "_model", None)
+            forest = getattr(self._est, "_model", None)
             offset = 0.0
         else:
             return None
@@ -354,16 +417,8 @@ class AnomalyDetector:
         return (x - self._median) / self._scale
 
     def compiled_walk(self) -> CompiledForest | None:
-        """The compiled walk of this model's forest, if one was built (scoring builds it)."""
-        found = self._forest()
-        return None if found is None else _compiled.get(found[0])
-
-    def adopt_compiled_walk(self, compiled: CompiledForest | None) -> None:
-        """Use a walk compiled elsewhere (a fit-ahead worker) for this model's forest: it
-        must have been built from these very trees (unpickled with them)."""
-        found = self._forest()
-        if compiled is not None and found is not None and compiled.source is found[0].estimators_:
-            _compiled[found[0]] = compiled
+        """The compiled walk of this model's isolation forest (None for other kinds)."""
+        return self._walk
 
     @property
     def z_cut(self) -> float:
@@ -383,16 +438,16 @@ class AnomalyDetector:
         return np.where(own > 0, own, self.z_cut)
 
     def score(self, x: np.ndarray) -> Scored:
-        if self._estimator is None:
+        if not self.fitted:
             raise ModelError(f"the {self.family} model is not fitted")
         raw = self._raw(x)
         scores = np.clip((raw - self._lo) / self._span, 0.0, 1.0)
-        threshold = float(np.clip((self._estimator.threshold_ - self._lo) / self._span, 0, 1))
+        threshold = float(np.clip((self._threshold - self._lo) / self._span, 0, 1))
         largest, past = self._deviations(x)  # past > 1: beyond a cut
         beyond = past > 1.0
         guard = threshold + (1.0 - threshold) * (1.0 - 1.0 / np.maximum(past, 1e-12))
         scores = np.where(beyond, np.maximum(scores, guard), scores)
-        anomalous = (raw > self._estimator.threshold_) | beyond
+        anomalous = (raw > self._threshold) | beyond
         return Scored(scores, anomalous, threshold, largest, beyond)
 
     def _deviations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -447,17 +502,14 @@ class AnomalyDetector:
     @staticmethod
     def load(path: Path, family: str, feature_names: tuple[str, ...]) -> AnomalyDetector:
         """Load a saved model; refuse one trained on other features (one-line ModelError)."""
-        from pyod.utils.persistence import load
-
         if not path.is_file():
             raise ModelError(f"no model file at {path}")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # dependency drift is reported below
-                model, envelope = load(path, return_metadata=True, trusted=True)
+                warnings.simplefilter("ignore")
+                model, meta = _read_saved(path)
         except Exception as exc:  # joblib/pickle errors of every kind
             raise ModelError(f"model file {path} is unreadable: {type(exc).__name__}") from None
-        meta = (envelope or {}).get("metadata") or {}
         expected = feature_schema_hash(family, feature_names)
         if not isinstance(model, AnomalyDetector) or meta.get("feature_schema_hash") != expected:
             raise ModelError(
@@ -466,3 +518,23 @@ class AnomalyDetector:
                 f"{expected} for {family}): retrain with `chainwatch train`"
             )
         return model
+
+
+def _read_saved(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The model in a file written by `AnomalyDetector.save` (PyOD's envelope around it)
+    and the envelope's metadata. Read with joblib, which PyOD's `load` also does first:
+    importing PyOD imports sklearn (~1 s), which a model saved with its estimator pickled
+    apart (see `AnomalyDetector.estimator`) does not need. A file joblib alone cannot read
+    goes to PyOD's `load`, which can repair sklearn trees pickled by another release."""
+    import joblib
+
+    try:
+        saved = joblib.load(path)
+    except ValueError:
+        from pyod.utils.persistence import load
+
+        model, envelope = load(path, return_metadata=True, trusted=True)
+        return model, (envelope or {}).get("metadata") or {}
+    if isinstance(saved, dict) and "model" in saved and "_pyod_persistence_version" in saved:
+        return saved["model"], saved.get("metadata") or {}
+    return saved, {}

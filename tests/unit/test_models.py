@@ -58,6 +58,90 @@ def test_save_and_load_round_trip_with_metadata(tmp_path):
     assert envelope["sklearn_version"] and envelope["pyod_version"]
 
 
+@pytest.mark.parametrize("kind", ["iforest", "sk_iforest"])
+def test_a_saved_forest_loads_and_scores_without_importing_sklearn_or_pyod(kind, tmp_path):
+    """Replay with trained models only scores: importing sklearn and PyOD to unpickle the
+    estimator cost ~1 s of every start. The estimator stays pickled until it is needed."""
+    model = AnomalyDetector("block", FEATURES, kind=kind)
+    model.fit(normal_rows())
+    model.save(tmp_path / "m.joblib")
+    probe = normal_rows(50, seed=6)
+    probe[0, 0] = 30.0
+    np.save(tmp_path / "probe.npy", probe)
+    np.save(tmp_path / "expected.npy", model.score(probe).scores)
+    script = f"""
+import sys
+import numpy as np
+from pathlib import Path
+from detector.models import AnomalyDetector
+loaded = AnomalyDetector.load(Path({str(tmp_path / "m.joblib")!r}), "block", {FEATURES!r})
+scores = loaded.score(np.load({str(tmp_path / "probe.npy")!r})).scores
+assert np.array_equal(scores, np.load({str(tmp_path / "expected.npy")!r})), "other scores"
+print(sorted(m for m in ("sklearn", "pyod", "joblib") if m in sys.modules))
+loaded.estimator  # unpickled on first use
+print(sorted(m for m in ("sklearn", "pyod") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["['joblib']", "['pyod', 'sklearn']"] if (
+        kind == "iforest") else ["['joblib']", "['sklearn']"]
+
+
+def test_a_model_saved_before_the_estimator_was_kept_pickled_still_loads(tmp_path):
+    """Files written by earlier releases hold the estimator itself in the model's state."""
+    import copyreg
+
+    from pyod.utils.persistence import save
+
+    class SavedBefore:  # pickles as an AnomalyDetector with the earlier layout
+        def __init__(self, state: dict) -> None:
+            self.state = state
+
+        def __reduce__(self):
+            return copyreg._reconstructor, (AnomalyDetector, object, None), self.state
+
+    model = AnomalyDetector("block", FEATURES)
+    model.fit(normal_rows())
+    state = {k: v for k, v in vars(model).items()
+             if k not in ("_est", "_est_pickle", "_threshold", "_walk", "_offset")}
+    state["_estimator"] = model.estimator
+    save(SavedBefore(state), tmp_path / "old.joblib", metadata=model.metadata())
+    loaded = AnomalyDetector.load(tmp_path / "old.joblib", "block", FEATURES)
+    probe = normal_rows(50, seed=7)
+    probe[3, 1] = -25.0
+    assert loaded.compiled_walk() is not None  # scored by the walk as a new file is
+    new, old = model.score(probe), loaded.score(probe)
+    assert np.array_equal(new.scores, old.scores)
+    assert np.array_equal(new.anomalous, old.anomalous) and old.anomalous[3]
+
+
+@pytest.mark.parametrize("rows", [
+    np.arange(12, dtype=np.int64).reshape(4, 3),
+    np.arange(12, dtype=np.float32).reshape(4, 3) / 7,
+    np.array([[1, 2.5], [3, 4]], dtype=object),
+    np.array([[1.0, np.nan]]),
+    np.array([[np.inf, 1.0]]),
+    np.empty((0, 3)),
+    np.empty((3, 0)),
+    np.arange(3.0),
+])
+def test_rows_are_checked_as_sklearn_checks_them_before_a_forest(rows):
+    """The walk's rows: sklearn's check_array's, or a ValueError where it raises one."""
+    from sklearn.utils import check_array
+
+    from detector.models import checked_rows
+
+    try:
+        expected = check_array(rows)
+    except ValueError:
+        with pytest.raises(ValueError):
+            checked_rows(rows)
+        return
+    got = checked_rows(rows)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
 def test_a_model_for_other_features_is_refused_with_one_clear_line(tmp_path):
     model = AnomalyDetector("block", FEATURES)
     model.fit(normal_rows())
@@ -157,7 +241,7 @@ def test_train_fits_a_transaction_model_on_live_features_and_detect_runs_it_froz
 @pytest.mark.parametrize("kind", ["iforest", "sk_iforest"])
 def test_the_compiled_forest_scores_exactly_as_sklearn(kind, tmp_path):
     """A small live call takes the compiled walk; it must not change a single score, and
-    a saved model loads into the same scores (the compiled copy is not saved)."""
+    a saved model loads into the same scores, walked (its walk is saved with it)."""
     from detector import models
 
     rng = np.random.default_rng(11)
@@ -166,13 +250,13 @@ def test_the_compiled_forest_scores_exactly_as_sklearn(kind, tmp_path):
     model = AnomalyDetector("block", ("a", "b", "c", "d"), kind=kind, contamination=0.01)
     model.fit(train)
     rows = np.vstack([rng.standard_normal((200, 4)) * 3, [[40.0, -40.0, 5.0, 0.0]]])
-    reference = np.asarray(model._estimator.decision_function(rows))
+    reference = np.asarray(model.estimator.decision_function(rows))
     assert np.array_equal(model._raw(rows), reference)
     assert model._forest()[0] in models._compiled  # the fast path was taken
     path = tmp_path / "m.joblib"
     model.save(path)
     loaded = AnomalyDetector.load(path, "block", ("a", "b", "c", "d"))
-    assert "_compiled" not in vars(loaded)
+    assert loaded.compiled_walk() is not None and loaded._est is None
     assert np.array_equal(loaded.score(rows).scores, model.score(rows).scores)
 
 
