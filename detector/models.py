@@ -130,6 +130,8 @@ def forest_score_samples(forest: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _walk_of(forest: Any) -> CompiledForest:
+    """The forest's compiled walk, compiled once: a fit walks its training rows, and the
+    fitted model then keeps that same walk to score with."""
     compiled = _compiled.get(forest)
     if compiled is None or compiled.source is not forest.estimators_:
         compiled = _compiled[forest] = CompiledForest(forest)
