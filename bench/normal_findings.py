@@ -71,9 +71,10 @@ def run_seed(blocks: int, txs_per_block: float, seed: int) -> dict[str, Any]:
         findings: list[Finding] = [*detector.process(list(batch)), *detector.tick()]
         flagged = {f.subject for f in findings if f.detector == "tx_iforest"}
         for block in batch if flagged else ():
-            tips = [effective_tip(t, block.base_fee_per_gas) or 0 for t in block.transactions]
-            median = statistics.median(tips) if tips else 0
-            for tx, tip in zip(block.transactions, tips, strict=True):
+            block_tips = [effective_tip(t, block.base_fee_per_gas) or 0
+                          for t in block.transactions]
+            median = statistics.median(block_tips) if block_tips else 0
+            for tx, tip in zip(block.transactions, block_tips, strict=True):
                 if tx.hash in flagged and median > 0:
                     tip_multiples.append(tip / median)
         for f in findings:

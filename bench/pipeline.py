@@ -46,7 +46,7 @@ from bench.synthetic import MemoryNode, generate
 from chainwatch.bus import Bus, Consumer, EmbeddedBus, Message, Topics
 from chainwatch.httpserver import Health
 from chainwatch.metrics import Metrics
-from chainwatch.schema import Block, Finding, Reorg, decode, encode
+from chainwatch.schema import AnyRecord, Block, Finding, decode, encode
 from collector.chain import ChainFollower, ChainTracker
 from collector.checkpoint import FileCheckpointStore
 from collector.rpc import NodeRpc
@@ -178,9 +178,9 @@ class CountingDetector(Detector):
         self.batches = 0
         self.findings_total = 0
 
-    def process(self, records: list[Block | Reorg | Finding]) -> list[Finding]:
+    def process(self, records: list[AnyRecord], txs: Any = None) -> list[Finding]:
         started = time.thread_time()
-        findings = super().process(records)
+        findings = super().process(records, txs)
         self.process_cpu += time.thread_time() - started
         self.batches += 1
         self.findings_total += len(findings)
@@ -300,7 +300,7 @@ async def sequential_stages(blocks: Sequence[Block]) -> dict[str, float]:
 
     def drain() -> None:
         t0 = time.perf_counter()
-        records: list[Block | Reorg | Finding] = [decode(p) for p in pending]
+        records = [decode(p) for p in pending]
         t1 = time.perf_counter()
         detector.process(records)
         costs["decode"] += t1 - t0

@@ -333,7 +333,7 @@ class Recorder(threading.Thread):
                 for h in [h for h, (_, b) in self.tx_block.items() if b in dropped]:
                     del self.tx_block[h]
         elif record.type == "pending_tx":
-            self.first_seen.setdefault(record.hash, record.first_seen_at)  # type: ignore[union-attr]
+            self.first_seen.setdefault(record.hash, record.first_seen_at)
 
     def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -800,8 +800,9 @@ class ScenarioRunner:
             block = self.recorder.blocks[numbers[0]]
             index = {tx.hash: tx.transaction_index for tx in block.transactions}
             positions = [index.get(h) for h in label.tx_hashes]
-            ok = len(set(numbers)) == 1 and None not in positions and positions == list(
-                range(positions[0], positions[0] + 3))  # type: ignore[operator]
+            first = positions[0] if positions else None
+            ok = len(set(numbers)) == 1 and first is not None and None not in positions and (
+                positions == list(range(first, first + 3)))
             label = replace(label, details={**label.details, "indices": positions,
                                             "adjacent": ok})
             if not ok:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chainwatch.exceptions import InvalidRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 INT64_MAX = 2**63 - 1
 # chain ids, heights, times, counts: the detectors and the archive keep them in signed

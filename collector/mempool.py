@@ -507,7 +507,7 @@ class MempoolTracker:
             priority_fee_p90=_percentile(tips, 90),
             priority_fee_p99=_percentile(tips, 99),
             max_fee_p50=_percentile(max_fees, 50),
-            source=source,  # type: ignore[arg-type]
+            source=source,
         )
 
     # --- bookkeeping -------------------------------------------------------------------

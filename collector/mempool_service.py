@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,7 +369,7 @@ class MempoolCollector:
                 self._error("internal", repr(exc), exc_info=exc)
         self.outbox.put_nowait(out)
 
-    def _queue(self, records: list[AnyRecord]) -> None:
+    def _queue(self, records: Sequence[AnyRecord]) -> None:
         # at once, not in a task: a save in between would see the tracker's change with
         # its record not yet queued, and run ahead of the bus
         self.outbox.put_nowait(records)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from chainwatch.bus import Bus
 from chainwatch.exceptions import BusError
@@ -32,7 +32,7 @@ log = logging.getLogger("chainwatch.collector")
 OUTBOX_FULL = "outbox_full"  # the reason label of a drop
 
 
-def publish_and_flush(bus: Bus, messages: list[tuple[str, str | None, bytes]]) -> None:
+def publish_and_flush(bus: Bus, messages: Sequence[tuple[str, str | None, bytes]]) -> None:
     """Publish a batch and wait for the acknowledgement (blocking: run it in a thread)."""
     for topic, key, value in messages:
         bus.publish(topic, key, value)
@@ -66,11 +66,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    async def put(self, records: list[AnyRecord]) -> None:
+    async def put(self, records: Sequence[AnyRecord]) -> None:
         """Queue records; never waits. Past the bound, each record is dropped and counted."""
         self.put_nowait(records)
 
-    def put_nowait(self, records: list[AnyRecord]) -> None:
+    def put_nowait(self, records: Sequence[AnyRecord]) -> None:
         """`put` for synchronous callers: the records are queued before it returns."""
         for record in records:
             if len(self._queue) >= self.max_records:

@@ -76,7 +76,7 @@ class NodeRpc:
 
     async def call(self, method: str, params: list[Any]) -> Any:
         try:
-            response = await self._provider.make_request(method, params)  # type: ignore[arg-type]
+            response = await self._provider.make_request(method, params)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # aiohttp, timeouts, JSON decoding: all mean "no answer"
@@ -221,9 +221,9 @@ class Subscription:
                 provider = WebSocketProvider(self.url, max_connection_retries=1)
                 async with AsyncWeb3(provider) as w3:
                     if self.argument is None:
-                        await w3.eth.subscribe(self.kind)  # type: ignore[arg-type]
+                        await w3.eth.subscribe(self.kind)
                     else:
-                        await w3.eth.subscribe(self.kind, self.argument)  # type: ignore[arg-type]
+                        await w3.eth.subscribe(self.kind, self.argument)
                     self.connected = True
                     backoff = 1.0
                     self.on_gap()

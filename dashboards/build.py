@@ -46,7 +46,7 @@ def variables() -> list[dict[str, Any]]:
     ]
 
 
-def annotations() -> list[dict[str, Any]]:
+def alert_annotations() -> list[dict[str, Any]]:
     return [
         {"name": "Alerts", "datasource": DS, "enable": True, "iconColor": "red",
          "expr": 'ALERTS{alertname=~"Chainwatch.*",alertstate="firing"}',
@@ -100,7 +100,7 @@ class Dashboard:
             "schemaVersion": 39, "version": 1, "refresh": "30s",
             "time": {"from": "now-6h", "to": "now"},
             "templating": {"list": variables()},
-            "annotations": {"list": annotations()},
+            "annotations": {"list": alert_annotations()},
             "links": [{"title": "chainwatch dashboards", "type": "dashboards",
                        "tags": ["chainwatch"], "asDropdown": True}],
             "panels": self.panels,

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -362,11 +363,12 @@ class Detector:
         findings: list[Finding] = []
         for chain_id in sorted(chains):
             chain_blocks = [b for b in blocks if b.chain_id == chain_id]
-            findings.extend(self._guarded("tx", lambda c=chain_id, b=chain_blocks: self._txs(
-                c, b, pending.get(c, []), lifecycles.get(c, []), now, txs)))
-            findings.extend(self._guarded("miner", lambda c=chain_id, b=chain_blocks: (
-                self._miners(c, b, now, txs))))
-            findings.extend(self._guarded("fork_risk", lambda c=chain_id: self._fork_risk(c, now)))
+            findings.extend(self._guarded("tx", partial(
+                self._txs, chain_id, chain_blocks, pending.get(chain_id, []),
+                lifecycles.get(chain_id, []), now, txs)))
+            findings.extend(self._guarded("miner", partial(
+                self._miners, chain_id, chain_blocks, now, txs)))
+            findings.extend(self._guarded("fork_risk", partial(self._fork_risk, chain_id, now)))
         return findings
 
     def _guarded(self, step: str, run: Callable[[], list[Finding]]) -> list[Finding]:

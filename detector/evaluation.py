@@ -279,8 +279,8 @@ def evaluate(run: Replay, labels: Sequence[Label]) -> Evaluation:
         head = first.head if first.head is not None else first.finding.block_number
         blocks = max(head - onset, 0) if head is not None and onset is not None else None
         seconds = _latency_seconds(first.finding, label, run)
-        detectors = tuple(sorted({findings[i].finding.detector for i in matched}))
-        outcomes.append(LabelOutcome(label, detectors, first.finding.detector, blocks, seconds))
+        found_by = tuple(sorted({findings[i].finding.detector for i in matched}))
+        outcomes.append(LabelOutcome(label, found_by, first.finding.detector, blocks, seconds))
 
     def score(name: str, finding_ids: list[int], label_ids: list[int],
               detector: str | None = None) -> Score:

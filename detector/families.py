@@ -26,6 +26,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -158,7 +159,7 @@ class Episodes:
         changes nothing."""
         return bool(self._active.get(scope))
 
-    def update(self, scope: Hashable, now_active: Mapping[Hashable, str]) -> dict[Hashable, str]:
+    def update(self, scope: Hashable, now_active: Mapping[Any, str]) -> dict[Hashable, str]:
         """Set a scope's active keys (key -> episode label); return the newly started ones."""
         before = self._active.get(scope, {})
         missed = self._missed.setdefault(scope, {})

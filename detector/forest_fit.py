@@ -116,7 +116,7 @@ def _covered(forest: Any, x: Any) -> bool:
         and forest.n_jobs in (None, 1) and forest.verbose == 0
         and forest.max_features in (1.0, x.shape[1])
         and not (isinstance(forest.max_samples, numbers.Integral)
-                 and forest.max_samples > len(x))  # sklearn warns and takes them all
+                 and int(forest.max_samples) > len(x))  # sklearn warns and takes them all
         and not get_config().get("enable_metadata_routing", False)
     )
 

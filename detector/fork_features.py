@@ -164,9 +164,9 @@ def _block_part(blocks: Sequence[Block], window: int) -> dict[NodeKey, tuple[flo
     """Per node: (median propagation delay, interval_z) over its last `window` heights."""
     latest: dict[tuple[int, str, int], Block] = {}
     for b in blocks:  # one block per height: the last received wins
-        key = (b.chain_id, b.node, b.number)
-        latest.pop(key, None)
-        latest[key] = b
+        height = (b.chain_id, b.node, b.number)
+        latest.pop(height, None)
+        latest[height] = b
     per_node: dict[NodeKey, list[Block]] = {}
     for (chain_id, node, _), b in sorted(latest.items(), key=lambda kv: kv[0]):
         per_node.setdefault((chain_id, node), []).append(b)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -122,10 +123,11 @@ def _columns_of(
     Wei amounts stay Python ints: polars converts them to Float64 exactly as float() does
     (tests/unit/test_tx_bookkeeping.py checks it), without a Python-level pass per column.
     """
-    cols = dict(zip(names, _attribute_columns(txs, attributes), strict=True))
-    nonces = cols["nonce"]
-    if nonces and max(nonces) > _I64_MAX:  # type: ignore[type-var]
-        cols["nonce"] = [min(n, _I64_MAX) for n in nonces]  # type: ignore[type-var]
+    cols: dict[str, Sequence[object]] = dict(
+        zip(names, _attribute_columns(txs, attributes), strict=True))
+    nonces = cast("list[int]", cols["nonce"])
+    if nonces and max(nonces) > _I64_MAX:
+        cols["nonce"] = [min(n, _I64_MAX) for n in nonces]
     return cols
 
 
@@ -151,7 +153,7 @@ _CHUNK = 1_024
 
 
 def _transposed(
-    items: Sequence[object], row_of: Callable[[object], tuple[object, ...]], width: int
+    items: Sequence[Any], row_of: Callable[[Any], tuple[object, ...]], width: int
 ) -> list[list[object]]:
     cols: list[list[object]] = [[] for _ in range(width)]
     for start in range(0, len(items), _CHUNK):
@@ -254,8 +256,8 @@ def included_tx_frame(
         .join(keys, on=["chain_id", "node", "block_hash"], how="inner", maintain_order="left")
         .sort("_block", maintain_order=True)
     )
-    counts = np.bincount(frame["_block"].to_numpy(), minlength=len(blocks))
-    return frame.drop("_block"), counts.tolist()
+    per_block = np.bincount(frame["_block"].to_numpy(), minlength=len(blocks))
+    return frame.drop("_block"), per_block.tolist()
 
 
 def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int] | None:
@@ -1371,7 +1373,7 @@ def _previous_nonces(  # pragma: no cover - compiled; tests compare with polars'
 
 
 def _mapped(
-    frame: pl.DataFrame, column: str, mapping: dict[str, int] | dict[str, float] | None
+    frame: pl.DataFrame, column: str, mapping: Mapping[str, float] | None
 ) -> pl.Series | pl.Expr:
     """The mapping's value (as a float) for each row's `column`, null where absent.
 
@@ -1390,8 +1392,8 @@ def tx_features(
     market: FeeMarket,
     selectors: SelectorStats,
     senders: SenderStats,
-    replacements: dict[str, int] | None = None,
-    pending_since: dict[str, float] | None = None,
+    replacements: Mapping[str, float] | None = None,
+    pending_since: Mapping[str, float] | None = None,
     *,
     now: float | None = None,
     as_of: AsOf | None = None,

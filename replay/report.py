@@ -13,7 +13,7 @@ import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -124,7 +124,8 @@ def plot_miner_share(findings: pl.DataFrame, data: ReportData, path: Path) -> by
     fig, ax = _figure("Miner share of blocks over time (flagged miners marked *)")
     if blocks.is_empty():
         return _finish(fig, ax, path, empty="no blocks")
-    span = float(blocks["observed_at"].max() - blocks["observed_at"].min())  # type: ignore[operator]
+    observed = blocks["observed_at"]
+    span = cast(float, observed.max()) - cast(float, observed.min())
     share = miner_share(blocks, bucket_seconds(span))
     flagged = set(
         findings.filter(pl.col("subject_kind") == "miner")["subject"].str.to_lowercase().to_list()

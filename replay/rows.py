@@ -63,7 +63,7 @@ def get_int(row: Row, *names: str, required: bool = True, default: int | None = 
 
 
 def get_float(row: Row, name: str, *, required: bool = True) -> float | None:
-    value = row.get(name)
+    value: Any = row.get(name)
     if _missing(value):
         if required:
             raise RowError(f"missing {name}")

@@ -181,7 +181,7 @@ class KafkaBus(Bus):
         """This thread's (producer, future) pairs not yet confirmed by a flush."""
         if not hasattr(self._local, "pending"):
             self._local.pending = []
-        return self._local.pending  # type: ignore[no-any-return]
+        return self._local.pending
 
     @_pending.setter
     def _pending(self, value: list[tuple[KafkaProducer, Any]]) -> None:
