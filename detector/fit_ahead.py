@@ -59,6 +59,8 @@ def _start_worker(parent: int) -> None:
     the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
     wait for work forever (it holds its queue's both ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # started with it blocked (see _SpawnIgnoringCtrlC): one pending now is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent",
                      daemon=True).start()
 
@@ -107,7 +109,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
     """A Ctrl-C while the pool starts its worker (the spawn, then the thread that manages
     the worker) is taken once both are done. In between, the replay would exit without
     waiting for a worker still reading what it was sent, which then failed with a
-    traceback (the replay's semaphores were gone). The spawn itself ignores it, see
+    traceback (the replay's semaphores were gone). The spawn blocks it, see
     `_SpawnIgnoringCtrlC`."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals are the main thread's to handle
@@ -145,22 +147,23 @@ def _worker_up() -> bool:
 
 
 class _SpawnIgnoringCtrlC(multiprocessing.context.SpawnProcess):
-    """A spawned process that starts with Ctrl-C ignored, from its first instruction: a
-    process started with SIGINT ignored keeps it so (Python then installs no
-    KeyboardInterrupt handler), so a Ctrl-C during the worker's ~1.5 s of imports, before
-    `_start_worker` runs, prints no traceback there. The replay ignores Ctrl-C only for
-    the few milliseconds of the spawn itself."""
+    """A spawned process that starts with Ctrl-C blocked, from its first instruction: a
+    child keeps its parent's signal mask through fork and exec, so a Ctrl-C during the
+    worker's ~1.5 s of imports, before `_start_worker` ignores it, stays pending there
+    and prints no traceback. The replay blocks Ctrl-C only for the few milliseconds of
+    the spawn itself, and one that comes then is delivered right after (blocked, not
+    ignored: it is not lost)."""
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
         spawn = multiprocessing.context.SpawnProcess._Popen
         if threading.current_thread() is not threading.main_thread():
             return spawn(process_obj)  # signals are the main thread's to set
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             return spawn(process_obj)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _SpawnContext(multiprocessing.context.SpawnContext):

@@ -258,3 +258,44 @@ def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
                 process.kill()
                 process.join()
         pool.shutdown(wait=True)
+
+
+def test_a_ctrl_c_during_the_spawn_itself_is_taken_after_it_not_lost(
+    monkeypatch, no_worker_yet
+):
+    """The spawn blocks Ctrl-C for its few milliseconds (the child starts with it blocked,
+    so its imports cannot be interrupted); one pressed then comes once the pool is whole,
+    where ignoring it used to make the user press again. The worker itself ends up
+    ignoring SIGINT, not holding it pending."""
+    import multiprocessing.context
+
+    spawn = multiprocessing.context.SpawnProcess._Popen
+    blocked_in_spawn = []
+
+    def ctrl_c_in_spawn(process_obj: object) -> object:
+        blocked_in_spawn.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the middle of the spawn
+        return spawn(process_obj)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "_Popen",
+                        staticmethod(ctrl_c_in_spawn))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_ahead.start_worker()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert blocked_in_spawn == [True]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())  # given back
+    pool = fit_ahead._pool
+    assert pool is not None
+    try:
+        assert fit_ahead._up is not None
+        fit_ahead._up.result(timeout=120)  # the worker came up all the same
+        # asked with the standard library's own functions: a function of this module
+        # would make the worker import it, and with it libraries that hook SIGINT
+        blocked = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, ()).result(timeout=60)
+        assert signal.SIGINT not in blocked
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) == signal.SIG_IGN
+    finally:
+        pool.shutdown(wait=True)

@@ -105,9 +105,9 @@ def test_ctrl_c_ends_a_replay_with_status_130_and_no_traceback(history, tmp_path
 
 def test_ctrl_c_while_the_worker_is_starting_prints_no_traceback(history, tmp_path):
     """The worker's first ~1.5 s go to imports, before its own code can ignore SIGINT:
-    it is started with SIGINT ignored already."""
-    # 0.3 s: past the spawn itself (the replay ignores a Ctrl-C within it), well inside
-    # the worker's imports
+    it is started with SIGINT blocked already."""
+    # 0.3 s: past the spawn itself (the replay takes a Ctrl-C within it once spawned),
+    # well inside the worker's imports
     replay = _replay_until_its_worker_runs(history, tmp_path / "out", settle=0.3)
     os.killpg(replay.pid, signal.SIGINT)
     status, err = _ended(replay)
