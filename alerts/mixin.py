@@ -42,7 +42,8 @@ def build_rules(config: dict[str, Any]) -> dict[str, Any]:
     a = config["alerts"]
     runbook = config["runbook_url_prefix"]
 
-    def alert(name: str, expr: str, summary: str, description: str, **extra_labels: str):
+    def alert(name: str, expr: str, summary: str, description: str,
+              **extra_labels: str) -> dict[str, Any]:
         spec = a[name]
         return {
             "alert": name,

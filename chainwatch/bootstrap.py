@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,7 +388,9 @@ def run_train(settings: Settings, inputs: list[Path], out: Path, timeout: float 
     )
 
 
-def _history_records(settings: Settings, inputs: list[Path], history: History):
+def _history_records(
+    settings: Settings, inputs: list[Path], history: History
+) -> Iterator[AnyRecord]:
     """The records of each input, read by replay's sources; skipped rows into history."""
     from replay.app import ReplayOptions, open_source
     from replay.rows import InvalidRows
@@ -404,7 +406,7 @@ def _history_records(settings: Settings, inputs: list[Path], history: History):
         history.invalid_unlisted += invalid.entries - len(invalid.samples)
 
 
-def _read_topic_to_end(settings: Settings, timeout: float):
+def _read_topic_to_end(settings: Settings, timeout: float) -> Iterator[AnyRecord]:
     """Every record on the blocks topic, from the beginning to the current end."""
     from chainwatch.schema import decode
 

@@ -22,7 +22,7 @@ import typer
 from chainwatch import __version__
 from chainwatch.exceptions import ChainwatchError
 from chainwatch.logs import setup_logging
-from chainwatch.settings import load_settings
+from chainwatch.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ AlertSeverity = Annotated[
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR")]
 
 
-def _settings(**flags: object):
+def _settings(**flags: object) -> Settings:
     settings = load_settings(**flags)
     setup_logging(settings.log_level, settings.log_json)
     return settings

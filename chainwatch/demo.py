@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from chainwatch.bootstrap import Runtime, run_all
@@ -37,7 +38,9 @@ def _rpc(url: str, method: str, params: list[Any]) -> Any:
 class Scenario(threading.Thread):
     """Transfers between the dev accounts, then a depth-3 reorg, then a 16 s mining stall."""
 
-    def __init__(self, url: str, duration: float, say, stop: threading.Event) -> None:
+    def __init__(
+        self, url: str, duration: float, say: Callable[[str], None], stop: threading.Event
+    ) -> None:
         super().__init__(name="demo-traffic", daemon=True)
         self.url = url
         self.duration = duration
@@ -122,7 +125,7 @@ def run_demo(duration: float = 60.0, metrics_port: int | None = None) -> None:
     _summary(rt, scenario.sent, say)
 
 
-def _summary(rt: Runtime, sent: int, say) -> None:
+def _summary(rt: Runtime, sent: int, say: Callable[[str], None]) -> None:
     reg = rt.metrics.registry
     labels = {"chain_id": "31337", "node": NODE}
     blocks = reg.get_sample_value("chainwatch_blocks_observed_total", labels) or 0

@@ -91,7 +91,9 @@ class Outbox:
                 extra={"topic": self.topic, "max_records": self.max_records},
             )
 
-    async def flush_forever(self, on_error, batch: int = 2000, linger: float = 0.1) -> None:
+    async def flush_forever(
+        self, on_error: Callable[[str], None], batch: int = 2000, linger: float = 0.1
+    ) -> None:
         """Send what is queued, oldest first; on a bus error keep it and retry."""
         backoff = 0.5
         while True:
