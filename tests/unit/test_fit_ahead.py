@@ -222,6 +222,20 @@ def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, no_worker_ye
     assert sum("could not start" in r.getMessage() for r in caplog.records) == 1
 
 
+def _start_worker_interrupted() -> None:
+    """start_worker ends in the KeyboardInterrupt the test arranged to send during it.
+
+    Ctrl-C as in a terminal, whatever this run inherited (a background job's, as CI may
+    start the suite, ignores it, and so does the worker's start then).
+    """
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_ahead.start_worker()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
     monkeypatch, no_worker_yet
 ):
@@ -238,14 +252,7 @@ def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
         start_manager(pool)
 
     monkeypatch.setattr(ProcessPoolExecutor, "_start_executor_manager_thread", ctrl_c_first)
-    # Ctrl-C as in a terminal, whatever this run inherited (a background job's, as CI may
-    # start the suite, ignores it, and so does the worker's start then)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fit_ahead.start_worker()
-    finally:
-        signal.signal(signal.SIGINT, before)
+    _start_worker_interrupted()
     pool = fit_ahead._pool
     assert pool is not None
     try:
@@ -279,12 +286,7 @@ def test_a_ctrl_c_during_the_spawn_itself_is_taken_after_it_not_lost(
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "_Popen",
                         staticmethod(ctrl_c_in_spawn))
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fit_ahead.start_worker()
-    finally:
-        signal.signal(signal.SIGINT, before)
+    _start_worker_interrupted()
     assert blocked_in_spawn == [True]
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())  # given back
     pool = fit_ahead._pool
