@@ -59,7 +59,7 @@ def _start_worker(parent: int) -> None:
     the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
     wait for work forever (it holds its queue's both ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # started with it blocked (see _SpawnIgnoringCtrlC): one pending now is dropped
+    # started with it blocked (see _SpawnBlockingCtrlC): one pending now is dropped
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent",
                      daemon=True).start()
@@ -110,7 +110,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
     the worker) is taken once both are done. In between, the replay would exit without
     waiting for a worker still reading what it was sent, which then failed with a
     traceback (the replay's semaphores were gone). The spawn blocks it, see
-    `_SpawnIgnoringCtrlC`."""
+    `_SpawnBlockingCtrlC`."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals are the main thread's to handle
         return
@@ -146,7 +146,7 @@ def _worker_up() -> bool:
     return True
 
 
-class _SpawnIgnoringCtrlC(multiprocessing.context.SpawnProcess):
+class _SpawnBlockingCtrlC(multiprocessing.context.SpawnProcess):
     """A spawned process that starts with Ctrl-C blocked, from its first instruction: a
     child keeps its parent's signal mask through fork and exec, so a Ctrl-C during the
     worker's ~1.5 s of imports, before `_start_worker` ignores it, stays pending there
@@ -167,7 +167,7 @@ class _SpawnIgnoringCtrlC(multiprocessing.context.SpawnProcess):
 
 
 class _SpawnContext(multiprocessing.context.SpawnContext):
-    Process = _SpawnIgnoringCtrlC
+    Process = _SpawnBlockingCtrlC
 
 
 def _worker_pool() -> ProcessPoolExecutor:
