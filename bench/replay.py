@@ -35,7 +35,7 @@ import resource
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ def steps(
     from replay.app import ReplayOptions
     from replay.positions import parse_position
 
-    spent: dict[str, float] = {}
+    spent: defaultdict[str, float] = defaultdict(float)
 
     def timed(function: Callable[..., Any], label: str) -> Callable[..., Any]:
         @functools.wraps(function)
@@ -243,7 +243,7 @@ def steps(
             try:
                 return function(*args, **kwargs)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - started
+                spent[label] += time.perf_counter() - started
         return wrapper
 
     for module_name, owner_name, name, label in STEPS:

@@ -801,7 +801,7 @@ class ScenarioRunner:
             index = {tx.hash: tx.transaction_index for tx in block.transactions}
             positions = [index.get(h) for h in label.tx_hashes]
             first = positions[0] if positions else None
-            ok = len(set(numbers)) == 1 and first is not None and None not in positions and (
+            ok = len(set(numbers)) == 1 and first is not None and (
                 positions == list(range(first, first + 3)))
             label = replace(label, details={**label.details, "indices": positions,
                                             "adjacent": ok})
