@@ -60,11 +60,20 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# `python -m chainwatch.cli` that writes every thread's stack to stderr on SIGUSR1: a
+# replay that does not end is shown where it waits (one run in ~80 once took 56 s)
+_CLI_WITH_STACK_DUMPS = (
+    "import faulthandler, runpy, signal, sys; "
+    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "sys.argv[0] = 'chainwatch'; runpy.run_module('chainwatch.cli', run_name='__main__')"
+)
+
+
 def _replay_until_its_worker_runs(
     history: Path, out: Path, *, settle: float = 0.5
 ) -> subprocess.Popen[str]:
     replay = subprocess.Popen(
-        [sys.executable, "-m", "chainwatch.cli", "replay", str(history), "--speed", "400",
+        [sys.executable, "-c", _CLI_WITH_STACK_DUMPS, "replay", str(history), "--speed", "400",
          "--no-progress", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=_as_from_a_terminal,
@@ -82,7 +91,14 @@ def _replay_until_its_worker_runs(
 def _ended(replay: subprocess.Popen[str]) -> tuple[int, str]:
     """Exit status and stderr; every process of the replay's group gone within 10 s."""
     try:
-        _, err = replay.communicate(timeout=30)
+        try:
+            _, err = replay.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(replay.pid, signal.SIGUSR1)
+            time.sleep(1)
+            replay.kill()
+            pytest.fail(f"the replay did not end within 30 s; where it waited:\n"
+                        f"{replay.communicate()[1][-6000:]}")
         deadline = time.monotonic() + 10
         while _group(replay.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
