@@ -178,7 +178,7 @@ class CountingDetector(Detector):
         self.batches = 0
         self.findings_total = 0
 
-    def process(self, records: list[AnyRecord], txs: Any = None) -> list[Finding]:
+    def process(self, records: Sequence[AnyRecord], txs: Any = None) -> list[Finding]:
         started = time.thread_time()
         findings = super().process(records, txs)
         self.process_cpu += time.thread_time() - started

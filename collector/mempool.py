@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -317,7 +317,7 @@ class MempoolTracker:
 
     # --- the canonical chain -----------------------------------------------------------
 
-    def on_blocks(self, records: list[Block | Reorg], now: float) -> list[TxLifecycle]:
+    def on_blocks(self, records: Sequence[Block | Reorg], now: float) -> list[TxLifecycle]:
         """One delivery of the block collector, in its order (a reorg before its branch).
 
         A tx of a dropped block is re-queued unless a later block of the same delivery

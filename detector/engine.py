@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -250,7 +250,7 @@ class Detector:
         return risk
 
     def process(
-        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
     ) -> list[Finding]:
         """Apply a batch in order; return the findings it produced (new ones only).
 

@@ -117,7 +117,7 @@ class RunRecorder:
 def replay(
     records: Iterable[AnyRecord],
     config: DetectorConfig | None = None,
-    make_detector: Callable[[Callable[[], float]], Detector] | None = None,
+    make_detector: Callable[[ReplayClock], Detector] | None = None,
     replay_config: ReplayConfig = EVALUATION_REPLAY,
 ) -> Replay:
     """Feed the recording through a fresh Detector on the recording's clock."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,7 +26,9 @@ class _Failed:
         self.error = error
 
 
-def read_ahead(items: Iterable[T], *, chunk: int = CHUNK, depth: int = DEPTH) -> Iterator[T]:
+def read_ahead(
+    items: Iterable[T], *, chunk: int = CHUNK, depth: int = DEPTH
+) -> Generator[T, None, None]:
     """`items` in order, produced by a reader thread up to chunk x depth items ahead.
 
     An exception in the reader is raised here, where the item it failed on would have

@@ -298,6 +298,7 @@ def test_finding_alerts_name_only_detectors_the_detector_has():
 
 @needs_promtool
 def test_promtool_check_rules():
+    assert PROMTOOL is not None  # needs_promtool
     result = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -305,6 +306,7 @@ def test_promtool_check_rules():
 
 @needs_promtool
 def test_promtool_unit_tests_at_the_for_boundaries(tmp_path):
+    assert PROMTOOL is not None  # needs_promtool
     shutil.copy(RULES, tmp_path / "rules.yaml")
     # no group_eval_order: promtool then evaluates the groups in a random order, as
     # Prometheus runs them independently. An alert must not read a recording from another

@@ -62,7 +62,9 @@ def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=["defaults", *CI])
 def test_helm_lint_strict(values: Path | None) -> None:
-    args = ["lint", "--strict", CHART] + (["-f", values] if values else [])
+    args: list[str | Path] = ["lint", "--strict", CHART]
+    if values:
+        args += ["-f", values]
     result = helm(*args, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
@@ -258,11 +260,13 @@ def test_distributed_env_is_what_chainwatch_settings_read(
     assert settings.kafka_security_protocol == "SASL_SSL"
     assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
     assert settings.kafka_sasl_username == "chainwatch"
+    assert settings.kafka_sasl_password is not None
     assert settings.kafka_sasl_password.get_secret_value() == "ci-sasl-password-9d8e7f"
     assert settings.metrics_port == 9108 == containers(deploy)[0]["ports"][0]["containerPort"]
     assert settings.log_json is True
 
     mounts = _mounts(deploy)
+    assert settings.kafka_ssl_cafile is not None
     ca = Path(settings.kafka_ssl_cafile)
     assert mounts[str(ca.parent)]["secret"]["secretName"] == "kafka-ca"
     assert {"key": "ca.crt", "path": ca.name} in mounts[str(ca.parent)]["secret"]["items"]
@@ -291,6 +295,7 @@ def test_nodes_file_holds_placeholders_that_the_secret_fills(
     nodes = {n.name: n for n in load_nodes(path)}
     assert nodes["geth-1"].rpc.get_secret_value() == (
         "https://geth-1.example.net:8545/ci-rpc-key-4f1b2c")
+    assert nodes["geth-1"].ws is not None
     assert nodes["geth-1"].ws.get_secret_value() == (
         "wss://geth-1.example.net:8546/ci-rpc-key-4f1b2c")
     assert nodes["geth-1"].expected_block_time == 12
@@ -314,6 +319,7 @@ def test_existing_secret_is_referenced_and_no_secret_is_rendered(
     for name, value in _pod_environment(docs, deploy, existing).items():
         monkeypatch.setenv(name, value)
     (node,) = load_nodes(tmp_path / "nodes.yaml")
+    assert node.ws is not None
     assert node.ws.get_secret_value() == "ws://10.0.0.5:8546"
 
     docs = render([CI["everything-on-values"]])

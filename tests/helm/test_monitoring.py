@@ -111,7 +111,7 @@ def test_dashboards_are_config_maps_for_the_grafana_sidecar() -> None:
 
 # -- rendering from whatever the chart holds: a test rules file and a test dashboard -----
 
-TEST_RULES = {
+TEST_RULES: dict[str, Any] = {  # a Prometheus rule file, as YAML loads it
     "groups": [
         {"name": "test.rules", "rules": [
             {"record": "test:up:sum", "expr": "sum(up)"},

@@ -62,11 +62,13 @@ def send_burst(url: str, senders: list[str], to: str, per_sender: int, rounds: i
         last = {s: n + per_sender for s, n in first.items()}
         errors = send(first, last)
         assert not errors, errors[:3]
+
+        def burst_mined(last: dict[str, int] = last) -> bool:
+            return all(n >= last[s] for s, n in nonces("latest").items())
+
         for attempt in range(3):
             try:
-                wait_until(lambda last=last: all(
-                    n >= last[s] for s, n in nonces("latest").items()), 20,
-                    "the burst to be mined")
+                wait_until(burst_mined, 20, "the burst to be mined")
                 break
             except AssertionError:
                 if attempt == 2:
@@ -158,5 +160,5 @@ def test_every_panel_query_returns_series_after_a_scenario(tmp_path, chainwatch_
         prometheus.close()
         for node in (a, b):
             node.stop()
-        for node in (geth_a, geth_b):
-            node.close()
+        for geth in (geth_a, geth_b):
+            geth.close()

@@ -38,8 +38,10 @@ def test_kafka_briefly_down_loses_nothing(anvil: Anvil, chainwatch_procs, tmp_pa
                             {"node": "anvil1", "kind": "bus"}) or 0) >= 1,
             60, "the collector to count the bus failure",
         )
-        assert metric(collector_port, "chainwatch_collector_checkpoint_block_number",
-                      LABELS) < 13, "the checkpoint must not pass unacknowledged blocks"
+        checkpoint = metric(collector_port, "chainwatch_collector_checkpoint_block_number",
+                            LABELS)
+        assert checkpoint is not None, "the collector exports its checkpoint"
+        assert checkpoint < 13, "the checkpoint must not pass unacknowledged blocks"
 
         broker.start()
         wait_until(lambda: metric(port, "chainwatch_head_block_number", LABELS) == 13, 90,

@@ -479,6 +479,7 @@ def test_broker_down_longer_than_the_outbox_drops_and_counts_pending_txs_only(
     assert assert_every_height_delivered(topics, anvil, "chain") == head
     pending = topics.pending()
     assert pending <= sent
+    assert drops["pending_tx"] is not None, "the collector counts its drops"
     assert len(sent - pending) == drops["pending_tx"] > 0, "each missing tx is a counted drop"
     assert metric(p.detect_port, "chainwatch_pending_tx_arrivals_total", pool_labels) == len(
         pending)

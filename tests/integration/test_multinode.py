@@ -55,8 +55,11 @@ def test_a_stopped_node_turns_unreachable_and_comes_back_up(geth_pair, chainwatc
                      "--metrics-host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
                      "--poll-interval", "0.5")
     for node in ("geth-a", "geth-b"):
-        wait_until(lambda node=node: node_state(port, CHAIN_ID, node) == "up", 30,
-                   f"{node} to be up")
+
+        def is_up(node: str = node) -> bool:
+            return node_state(port, CHAIN_ID, node) == "up"
+
+        wait_until(is_up, 30, f"{node} to be up")
 
     b.stop()
     wait_until(lambda: node_state(port, CHAIN_ID, "geth-b") == "unreachable", 20,

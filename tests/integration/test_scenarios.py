@@ -63,7 +63,7 @@ def test_the_recording_holds_what_the_labels_say(recording) -> None:
     assert types["mempool_snapshot"] > 100 and types["tx_lifecycle"] > 3000
     reorgs = [r for r in records if isinstance(r, Reorg)]
     included = {tx.hash: n for n, b in blocks.items() for tx in b.transactions}
-    pending = {r.hash for r in records if r.type == "pending_tx"}  # type: ignore[union-attr]
+    pending = {r.hash for r in records if r.type == "pending_tx"}
     for lb in labels:
         span = range(lb["first_block"], lb["last_block"] + 1)
         kind = lb["kind"]

@@ -276,7 +276,7 @@ def check_txpool(raw: Any) -> None:
     results = []
     for parse in (parse_txpool_content, parse_txpool_status):
         try:
-            results.append(_typed(lambda parse=parse: parse(raw), MalformedRpcPayload))
+            results.append(_typed(functools.partial(parse, raw), MalformedRpcPayload))
         except _Typed:
             results.append(None)
     content, counts = results
@@ -285,7 +285,7 @@ def check_txpool(raw: Any) -> None:
     for tx in [*content[0], *content[1]] if content is not None else []:
         with contextlib.suppress(_Typed):  # each tx is its own skip, as in the collector
             _publishable(_typed(
-                lambda tx=tx: map_pending_tx(tx, chain_id=1, node="n", first_seen_at=1.0),
+                functools.partial(map_pending_tx, tx, chain_id=1, node="n", first_seen_at=1.0),
                 MalformedRpcPayload,
             ))
     if content is None and counts is None:
@@ -314,9 +314,11 @@ def check_nodes_file(content: bytes) -> None:
         path.write_bytes(content)
         nodes = _typed(lambda: load_nodes(path), ConfigError)
     for node in nodes:
-        _typed_or_ok(lambda n=node: check_url(n.rpc.get_secret_value(), ("http", "https"), "RPC"))
+        _typed_or_ok(functools.partial(
+            check_url, node.rpc.get_secret_value(), ("http", "https"), "RPC"))
         if node.ws is not None:
-            _typed_or_ok(lambda n=node: check_url(n.ws.get_secret_value(), ("ws", "wss"), "WS"))
+            _typed_or_ok(functools.partial(
+                check_url, node.ws.get_secret_value(), ("ws", "wss"), "WS"))
 
 
 def check_url_parsing(url: str) -> None:

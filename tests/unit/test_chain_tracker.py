@@ -29,6 +29,7 @@ def test_follows_a_growing_chain_block_by_block():
     assert numbers(drain(f)) == [9]
     chain.mine(3)
     assert numbers(drain(f)) == [10, 11, 12]
+    assert f.tracker.head is not None
     assert f.tracker.head.hash == chain.head.hash
 
 
@@ -61,6 +62,7 @@ def test_reorg_to_a_longer_branch_drops_exactly_the_replaced_blocks():
     assert reorg.common_ancestor_number == 16
     assert list(reorg.dropped_block_hashes) == dropped
     assert numbers(records[1:]) == [17, 18, 19, 20, 21]
+    assert f.tracker.head is not None
     assert f.tracker.head.hash == chain.head.hash
 
 
@@ -86,6 +88,7 @@ def test_reorg_deeper_than_the_window_is_found_over_rpc():
     assert (reorg.depth, reorg.common_ancestor_number) == (6, 23)
     assert len(reorg.dropped_block_hashes) == 6
     assert numbers(records[1:]) == list(range(24, 30))
+    assert f.tracker.head is not None
     assert f.tracker.head.hash == chain.head.hash
 
 
@@ -99,6 +102,7 @@ def test_reorg_past_the_limit_is_still_reported_without_ancestor():
     assert isinstance(reorg, Reorg)
     assert not reorg.ancestor_found and reorg.common_ancestor_number is None
     assert reorg.depth >= 8
+    assert f.tracker.head is not None
     assert f.tracker.head.hash == chain.head.hash  # it still follows the new chain
 
 

@@ -113,7 +113,10 @@ def test_a_batch_at_once_finds_what_one_block_at_a_time_found(seed):
     family, txs = MinerFamily(config), TxFamily(config, kind="iforest", seed=1)
     stamps: deque[Stamp] = deque(maxlen=config.miner_window)
     blocks: deque[Block] = deque(maxlen=config.miner_window)
-    expected, found, start = [], [], 0
+    # (detector, height, summary, score) for drift; (detector, height) for jumps
+    expected: list[tuple[object, ...]] = []
+    found: list[tuple[object, ...]] = []
+    start = 0
     while start < len(history):
         batch = history[start:start + rng.choice([1, 1, 2, 7, 50, 150])]
         start += len(batch)

@@ -78,8 +78,9 @@ def delivered(consumer) -> list[int]:
 
 
 def test_timeouts_rpc_errors_and_malformed_payloads_are_counted_and_nothing_is_skipped(tmp_path):
-    failures = [None, None, RpcError("timeout"), None, RpcError("error -32000: busy"), None,
-                MalformedRpcPayload("missing field hash"), None, None, RpcError("refused")]
+    failures: list[Exception | None] = [
+        None, None, RpcError("timeout"), None, RpcError("error -32000: busy"), None,
+        MalformedRpcPayload("missing field hash"), None, None, RpcError("refused")]
     node = FlakyNode(30, failures)
     bus = EmbeddedBus()
     consumer = bus.consumer([Topics().blocks], "test")
@@ -140,5 +141,6 @@ def test_a_refused_heartbeat_keeps_an_idle_collector_unready(tmp_path):
     asyncio.run(main())
     ready, _ = health.ready()
     assert not ready
-    assert metrics.registry.get_sample_value(
-        "chainwatch_collector_errors_total", {"node": "flaky", "kind": "bus"}) >= 3
+    bus_errors = metrics.registry.get_sample_value(
+        "chainwatch_collector_errors_total", {"node": "flaky", "kind": "bus"})
+    assert bus_errors is not None and bus_errors >= 3

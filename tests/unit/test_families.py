@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
 from bench.synthetic import generate
@@ -18,6 +21,7 @@ from chainwatch.schema import (
 )
 from detector.engine import Detector, DetectorConfig
 from detector.families import Episodes, MinerFamily
+from detector.rules import RuleHit
 
 VICTIM = "0x" + "ee" * 20
 SPAMMER = "0x" + "5a" * 20
@@ -26,12 +30,12 @@ SPAMMER = "0x" + "5a" * 20
 class Run:
     """A detector on a clock that follows the records (as a replay does)."""
 
-    def __init__(self, **config: object) -> None:
+    def __init__(self, **config: Any) -> None:
         self.now = 0.0
         self.detector = Detector(DetectorConfig(**config), Metrics(), clock=lambda: self.now)
         self.findings: list[Finding] = []
 
-    def feed(self, records: list[AnyRecord]) -> list[Finding]:
+    def feed(self, records: Sequence[AnyRecord]) -> list[Finding]:
         out: list[Finding] = []
         for r in records:
             self.now = max(self.now, r.observed_at)
@@ -39,8 +43,10 @@ class Run:
         self.findings.extend(out)
         return out
 
-    def metric(self, name: str, **labels: str) -> float | None:
-        return self.detector.metrics.registry.get_sample_value(name, labels)
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.detector.metrics.registry.get_sample_value(name, labels)
+        assert value is not None, f"no sample {name}{labels}"
+        return value
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +178,7 @@ def test_a_sudden_takeover_is_flagged_within_six_blocks_once(normal):
              for i, b in enumerate(normal[60:100])]
     found = by(run.feed(taken), "miner_surge_rule")
     assert [f.subject for f in found] == [taker]  # one episode despite the honest blocks
+    assert found[0].block_number is not None
     assert found[0].block_number <= 65  # 5 of the 6 blocks 60-65 (63 is honest)
 
 
@@ -398,10 +405,14 @@ def test_empty_blocks_are_flagged_only_after_a_full_pool_and_checked_only_then(
     rule cannot fire and is not even run."""
     from detector import families
 
-    calls = []
+    calls: list[int] = []
     rule = families.empty_blocks_rule
-    monkeypatch.setattr(families, "empty_blocks_rule",
-                        lambda *a, **k: calls.append(1) or rule(*a, **k))
+
+    def counting_rule(*args: Any, **kwargs: Any) -> list[RuleHit]:
+        calls.append(1)
+        return rule(*args, **kwargs)
+
+    monkeypatch.setattr(families, "empty_blocks_rule", counting_rule)
     blocks = generate(30, 20, seed=4)
     blocks = [b.model_copy(update={"transactions": (), "tx_count": 0}) if b.number % 3 == 0
               else b for b in blocks]

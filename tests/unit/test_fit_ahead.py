@@ -22,7 +22,9 @@ from detector.models import AnomalyDetector
 def small_fits_ahead(monkeypatch):
     """Hand even the tests' small fits to the worker process, once it is up."""
     monkeypatch.setattr(fit_ahead, "FIT_AHEAD_MIN_ROWS", 50)
-    fit_ahead.start_worker().result(timeout=120)
+    started = fit_ahead.start_worker()
+    assert started is not None  # a worker can start here
+    started.result(timeout=120)
 
 
 @pytest.fixture
@@ -275,11 +277,12 @@ def test_a_ctrl_c_during_the_spawn_itself_is_taken_after_it_not_lost(
     where ignoring it used to make the user press again. The worker itself ends up
     ignoring SIGINT, not holding it pending."""
     import multiprocessing.context
+    from multiprocessing.process import BaseProcess
 
     spawn = multiprocessing.context.SpawnProcess._Popen
     blocked_in_spawn = []
 
-    def ctrl_c_in_spawn(process_obj: object) -> object:
+    def ctrl_c_in_spawn(process_obj: BaseProcess) -> object:
         blocked_in_spawn.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()))
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the middle of the spawn
         return spawn(process_obj)

@@ -88,10 +88,14 @@ def test_a_refit_of_the_same_object_replaces_every_tree():
      {"contamination": 0.05}, {"max_samples": 10**6}],
 )
 def test_settings_it_does_not_cover_go_to_sklearns_fit(settings, monkeypatch):
-    calls = []
+    calls: list[int] = []
     original = IsolationForest.fit
-    monkeypatch.setattr(
-        IsolationForest, "fit", lambda self, x: calls.append(1) or original(self, x))
+
+    def counting_fit(self: IsolationForest, x: np.ndarray) -> IsolationForest:
+        calls.append(1)
+        return original(self, x)
+
+    monkeypatch.setattr(IsolationForest, "fit", counting_fit)
     x = _rows(1_000, seed=2)
     forest = IsolationForest(**{"random_state": 1, **settings})
     with pytest.warns(UserWarning) if "max_samples" in settings else nullcontext():

@@ -71,7 +71,7 @@ def test_a_commit_refused_after_an_eviction_is_dropped_so_the_next_poll_rejoins(
     metrics = Metrics()
     service = DetectorService(EmbeddedBus(), Topics("test"), Detector(DetectorConfig(), metrics),
                               Health(time.time), poll_timeout=0.05)
-    service.consumer = _KafkaConsumer(raw)  # type: ignore[arg-type]
+    service.consumer = _KafkaConsumer(raw)
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
     thread.start()
@@ -92,14 +92,14 @@ def test_a_commit_refused_after_an_eviction_is_dropped_so_the_next_poll_rejoins(
 def test_rebalance_errors_do_not_raise(error: Exception) -> None:
     raw = GroupConsumer([])
     raw.commit = lambda: (_ for _ in ()).throw(error)  # type: ignore[method-assign]
-    _KafkaConsumer(raw).commit()  # type: ignore[arg-type]
+    _KafkaConsumer(raw).commit()
 
 
 def test_an_unreachable_broker_still_fails_the_commit() -> None:
     raw = GroupConsumer([])
     raw.commit = lambda: (_ for _ in ()).throw(KafkaTimeoutError())  # type: ignore[method-assign]
     with pytest.raises(BusError, match="Kafka commit failed"):
-        _KafkaConsumer(raw).commit()  # type: ignore[arg-type]
+        _KafkaConsumer(raw).commit()
 
 
 class FakeFuture:

@@ -3,6 +3,7 @@
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -286,7 +287,7 @@ def mutated_real_block(draw):
     raw = copy.deepcopy(REAL_BLOCK)
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         path = draw(st.sampled_from(REAL_PATHS))
-        parent = raw
+        parent: Any = raw  # a dict or list along the JSON document
         try:
             for step in path[:-1]:
                 parent = parent[step]

@@ -262,6 +262,7 @@ def test_same_sender_and_nonce_with_a_new_hash_is_a_replacement_with_its_fee_bum
     tracker = tracking(old)
     out = tracker.on_pending(new)
     assert fates(out) == [("replaced", old.hash)] and out[1] == new
+    assert isinstance(out[0], TxLifecycle)
     assert out[0].replaced_by == new.hash and out[0].fee_bump_ratio == pytest.approx(2.5)
     assert out[0].observed_at == 2.0
     assert tracker.tracked_count == 1 and tracker.replaced == 1
@@ -276,16 +277,19 @@ def test_the_fee_bump_compares_like_with_like():
                                    gasPrice=hex(11 * GWEI), type="0x0"),
                             chain_id=1, node="n", first_seen_at=2.0)
     [replaced, _] = tracking(old).on_pending(legacy)
+    assert isinstance(replaced, TxLifecycle)
     assert replaced.fee_bump_ratio == pytest.approx(1.1)
 
 
 def test_no_fee_bump_ratio_when_the_old_fee_is_zero_or_unknown():
     zero = pending(4, tip=0)
     [replaced, _] = tracking(zero).on_pending(pending(4, tip=5))
+    assert isinstance(replaced, TxLifecycle)
     assert replaced.fate == "replaced" and replaced.fee_bump_ratio is None
     bare = map_pending_tx(raw_tx(5, maxPriorityFeePerGas=None, maxFeePerGas=None,
                                  gasPrice=None), chain_id=1, node="n", first_seen_at=1.0)
     [replaced, _] = tracking(bare).on_pending(pending(5, tip=5))
+    assert isinstance(replaced, TxLifecycle)
     assert replaced.fee_bump_ratio is None
 
 

@@ -337,7 +337,7 @@ def test_after_a_kill_the_blocks_since_the_saved_head_are_fetched_again(tmp_path
     consumer = bus.consumer([Topics().mempool], "test")
     node = ChainPool(blocks=[one, two, three, four])  # A mined in 2, B left the pool
     # the block collector's checkpoint was at block 3: it goes on with block 4
-    run_until_tracked(collector(node, bus, tmp_path, config), 0,  # type: ignore[arg-type]
+    run_until_tracked(collector(node, bus, tmp_path, config), 0,
                       "B dropped", backfill=[four])
     records = [decode(m.value) for m in consumer.poll(0.01, 1000)]
     assert sorted(fates(records)) == [("dropped", b), ("included", a)]
@@ -376,7 +376,7 @@ def test_a_state_older_than_the_refetch_limit_fetches_the_limit_and_warns(
     quick = MempoolConfig(poll_interval=0.02, reconcile_interval=0.05, drop_grace=0.2)
     with caplog.at_level(logging.WARNING, logger="chainwatch.collector.mempool"):
         # the block collector goes on from block 5 (its checkpoint was at 4)
-        run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick, metrics),  # type: ignore[arg-type]
+        run_until_tracked(collector(node, EmbeddedBus(), tmp_path, quick, metrics),
                           0, "A dropped", backfill=chain[4:])
     assert node.fetched == [2, 3, 3, 4]
     warnings = [r.error for r in caplog.records if r.levelno >= logging.WARNING]  # type: ignore[attr-defined]

@@ -78,9 +78,12 @@ def test_a_models_scores_are_its_estimators_bit_for_bit(kind, rows, threads, mon
     model = AnomalyDetector("block", tuple("abcdef"), kind=kind, contamination=0.01)
     model.fit(x[:2_000])
     probe = _data(rows, seed=13)
+    assert model.estimator is not None  # fitted
     expected = np.asarray(model.estimator.decision_function(probe))
     # the walk scores, compiled from these very trees; sklearn's own is not called
-    assert model.compiled_walk().source is model._forest()[0].estimators_
+    walk, forest = model.compiled_walk(), model._forest()
+    assert walk is not None and forest is not None  # an isolation forest, walked
+    assert walk.source is forest[0].estimators_
     monkeypatch.setattr(model.estimator, "decision_function", None)
     assert np.array_equal(model._raw(probe), expected)
 

@@ -99,7 +99,9 @@ def test_a_model_saved_before_the_estimator_was_kept_pickled_still_loads(tmp_pat
             self.state = state
 
         def __reduce__(self):
-            return copyreg._reconstructor, (AnomalyDetector, object, None), self.state
+            # copyreg._reconstructor is private: typeshed leaves it out
+            return (copyreg._reconstructor,  # type: ignore[attr-defined]
+                    (AnomalyDetector, object, None), self.state)
 
     model = AnomalyDetector("block", FEATURES)
     model.fit(normal_rows())
@@ -250,9 +252,11 @@ def test_the_compiled_forest_scores_exactly_as_sklearn(kind, tmp_path):
     model = AnomalyDetector("block", ("a", "b", "c", "d"), kind=kind, contamination=0.01)
     model.fit(train)
     rows = np.vstack([rng.standard_normal((200, 4)) * 3, [[40.0, -40.0, 5.0, 0.0]]])
+    assert model.estimator is not None  # fitted
     reference = np.asarray(model.estimator.decision_function(rows))
     assert np.array_equal(model._raw(rows), reference)
-    assert model._forest()[0] in models._compiled  # the fast path was taken
+    forest = model._forest()
+    assert forest is not None and forest[0] in models._compiled  # the fast path was taken
     path = tmp_path / "m.joblib"
     model.save(path)
     loaded = AnomalyDetector.load(path, "block", ("a", "b", "c", "d"))

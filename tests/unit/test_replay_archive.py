@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
 from bench.synthetic import generate
-from chainwatch.schema import Reorg, encode
+from chainwatch.schema import AnyRecord, Block, Finding, Reorg, encode
 from replay.archive import ArchiveSource, ArchiveWriter, archive_row
+from replay.driver import ReplayConfig
 from replay.exceptions import ReplayError
 from replay.rows import InvalidRows
 
 
-def _rows(partition: int, start: int, blocks: list) -> list[dict]:
+def _rows(partition: int, start: int, blocks: list[Block]) -> list[dict[str, Any]]:
     return [archive_row("cw.blocks", partition, start + i, "1:n", encode(b), 0)
             for i, b in enumerate(blocks)]
 
@@ -69,7 +72,9 @@ def test_reading_keeps_partition_order_and_merges_by_time(tmp_path: Path) -> Non
     assert invalid.count == 1 and invalid.samples[0][0].startswith("chain_id=unknown/")
 
 
-def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int, int]:
+def _replay(
+    root: Path, config: ReplayConfig, *, screen: bool
+) -> tuple[list[str], int, int, int]:
     """(kept event ids, filtered out, invalid rows, payloads not read) of a replay of the
     archive at root."""
     from replay.driver import ReplayClock, Replayer
@@ -77,11 +82,13 @@ def _replay(root: Path, config, *, screen: bool) -> tuple[list[str], int, int, i
     kept: list[str] = []
 
     class Recorder:
-        def process(self, records: list) -> list:
+        def process(
+            self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+        ) -> list[Finding]:
             kept.extend(r.event_id for r in records)
             return []
 
-        def tick(self) -> list:
+        def tick(self) -> list[Finding]:
             return []
 
     invalid = InvalidRows()
@@ -99,10 +106,9 @@ def test_from_to_skips_decoding_rows_outside_and_keeps_the_same_records(
 ) -> None:
     from chainwatch.schema import PeerSnapshot
     from replay import archive
-    from replay.driver import ReplayConfig
 
     blocks = generate(30, 3, seed=4)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in blocks:
         rows.append(archive_row("cw.blocks", 0, len(rows), "1:n", encode(b), 0))
         peers = PeerSnapshot(chain_id=1, node="n", event_id=f"p{b.number}",
@@ -119,9 +125,14 @@ def test_from_to_skips_decoding_rows_outside_and_keeps_the_same_records(
     for row in rows:
         writer.add(row)
     writer.flush()
-    decoded = []
+    decoded: list[int] = []
     real_decode = archive.decode
-    monkeypatch.setattr(archive, "decode", lambda p: decoded.append(1) or real_decode(p))
+
+    def counting_decode(payload: bytes | str) -> AnyRecord:
+        decoded.append(1)
+        return real_decode(payload)
+
+    monkeypatch.setattr(archive, "decode", counting_decode)
     configs = [
         ReplayConfig(from_block=10, to_block=15),
         ReplayConfig(to_block=22),
@@ -171,7 +182,6 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
     the first block above --to are left out) as row by row."""
     from chainwatch.schema import PeerSnapshot
     from replay import archive
-    from replay.driver import ReplayConfig
 
     blocks = generate(60, 2, seed=6)
     writer = ArchiveWriter(tmp_path)
@@ -186,10 +196,12 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
         if i % 7 == 6:
             writer.flush()  # a file per partition every 7 blocks
     writer.flush()
-    skipped = []
+    skipped: list[bool] = []
     real = archive.ArchiveSource._outside
 
-    def counting(self, small):  # type: ignore[no-untyped-def]
+    def counting(
+        self: archive.ArchiveSource, small: pl.DataFrame
+    ) -> tuple[float, list[int]] | None:
         found = real(self, small)
         skipped.append(found is not None)
         return found
@@ -208,7 +220,16 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
             for e in kept_peers), config
 
 
-def _three_files(root: Path) -> tuple[list, list[Path]]:
+def _block_numbers(records: Iterable[AnyRecord]) -> list[int]:
+    """The heights of records that are all blocks (the archives `_three_files` writes)."""
+    numbers = []
+    for record in records:
+        assert isinstance(record, Block), record
+        numbers.append(record.number)
+    return numbers
+
+
+def _three_files(root: Path) -> tuple[list[Block], list[Path]]:
     """An archive of one stream in three files of 40 blocks each."""
     blocks = generate(120, 1, seed=8)
     writer = ArchiveWriter(root)
@@ -224,7 +245,7 @@ def test_a_file_without_its_footer_is_reported_and_the_others_replayed(tmp_path:
     files[1].write_bytes(files[1].read_bytes()[:300])  # a copy cut short
     invalid = InvalidRows()
     source = ArchiveSource(tmp_path, invalid)
-    numbers = [r.number for r in source.records()]
+    numbers = _block_numbers(source.records())
     assert numbers == [b.number for b in blocks[:40] + blocks[80:]]
     assert (invalid.count, invalid.files) == (0, 1)  # its rows are not known: not one row
     where, reason = invalid.samples[0]
@@ -240,7 +261,7 @@ def test_a_file_damaged_inside_keeps_the_rows_before_and_reports_the_rest(
     data[4:len(data) // 2] = bytes(len(data) // 2 - 4)  # the pages zeroed, the footer intact
     files[1].write_bytes(bytes(data))
     invalid = InvalidRows()
-    numbers = [r.number for r in ArchiveSource(tmp_path, invalid).records()]
+    numbers = _block_numbers(ArchiveSource(tmp_path, invalid).records())
     assert numbers[:40] == [b.number for b in blocks[:40]]
     assert numbers[-40:] == [b.number for b in blocks[80:]]
     assert (invalid.count, invalid.files) == (0, 1)

@@ -4,7 +4,9 @@ replayed as headers plus one tx frame per batch with the findings whole blocks g
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -20,7 +22,7 @@ from replay.rows import InvalidRows
 BOT, VICTIM, ROUTER = "0x" + "b0" * 20, "0x" + "71" * 20, "0x" + "7a" * 20
 
 
-def _write(root: Path, records: list[AnyRecord]) -> list[dict]:
+def _write(root: Path, records: Sequence[AnyRecord]) -> list[dict[str, Any]]:
     writer = ArchiveWriter(root)
     rows = [archive_row("cw.blocks", 0, i, "1:n", encode(r), 0) for i, r in enumerate(records)]
     for row in rows:
@@ -214,7 +216,7 @@ def test_scoring_on_the_scoring_thread_changes_no_finding(tmp_path: Path, monkey
     real_pool = families.ThreadPoolExecutor
 
     class CountingPool(real_pool):  # type: ignore[misc, valid-type]
-        def submit(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def submit(self, fn, *args, **kwargs):
             submitted.append(len(args[0]))
             return super().submit(fn, *args, **kwargs)
 
@@ -247,10 +249,15 @@ def test_a_given_frame_of_exactly_the_blocks_is_taken_as_it_is(monkeypatch) -> N
         "another order": ([headers[3], headers[1]], False),
         "one block twice": ([headers[1], headers[1]], False),
     }
-    taken = []
+    taken: list[bool] = []
     real = tx_features._counts_if_exactly
-    monkeypatch.setattr(tx_features, "_counts_if_exactly",
-                        lambda f, b: taken.append(real(f, b) is not None) or real(f, b))
+
+    def noting(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int] | None:
+        counts = real(frame, blocks)
+        taken.append(counts is not None)
+        return counts
+
+    monkeypatch.setattr(tx_features, "_counts_if_exactly", noting)
     for name, (wanted, shortcut) in cases.items():
         taken.clear()
         fast = included_tx_frame(wanted, given)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -18,6 +20,7 @@ from chainwatch.exceptions import ChainwatchError
 from chainwatch.labels import Label
 from chainwatch.schema import AnyRecord, Finding, PeerSnapshot, Reorg, decode, encode
 from chainwatch.settings import load_settings
+from detector.engine import Detector
 from detector.evaluation import evaluate, replay
 from replay.app import ReplayOptions, make_detector, run_replay
 from replay.driver import ReplayClock, ReplayConfig, Replayer
@@ -29,7 +32,9 @@ class FakeDetector:
         self.batches: list[tuple[float, list[str]]] = []
         self.ticks: list[float] = []
 
-    def process(self, records: list[AnyRecord]) -> list[Finding]:
+    def process(
+        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+    ) -> list[Finding]:
         self.batches.append((self.clock(), [r.event_id for r in records]))
         return []
 
@@ -210,7 +215,12 @@ def test_replay_labels_score_as_evaluate_does(tmp_path: Path) -> None:
     assert "One batch per block" in report
 
     records = [decode(line) for line in source.read_bytes().splitlines()[:-1]]
-    ev = evaluate(replay(records, make_detector=lambda c: make_detector(settings, c)),
+
+    def on_replay_clock(clock: Callable[[], float]) -> Detector:
+        assert isinstance(clock, ReplayClock)  # `replay` gives its detector a ReplayClock
+        return make_detector(settings, clock)
+
+    ev = evaluate(replay(records, make_detector=on_replay_clock),
                   [Label(family="fork_risk", kind="reorg", node="bench", first_block=248,
                          last_block=250),
                    Label(family="fork_risk", kind="reorg", first_block=100)])
@@ -335,6 +345,7 @@ def test_a_takeover_inside_one_batch_is_found_as_one_block_at_a_time_finds_it() 
     batched = window_findings(ReplayConfig())
     assert batched == window_findings(ReplayConfig(per_block=True))
     [(_, subject, number, at)] = [f for f in batched if f[1] == newcomer]
+    assert number is not None
     assert (subject, at) == (newcomer, blocks[number - blocks[0].number].observed_at)
 
 
@@ -346,7 +357,8 @@ def test_objects_from_before_a_replay_are_frozen_while_it_runs_and_given_back_af
     from replay.driver import fewer_collections
 
     frozen_before, threshold_before = gc.get_freeze_count(), gc.get_threshold()
-    held = [[] for _ in range(1_000)]  # tracked objects that exist before the replay
+    # tracked objects that exist before the replay
+    held: list[list[object]] = [[] for _ in range(1_000)]
     with fewer_collections():
         assert gc.get_freeze_count() >= frozen_before + len(held)
         assert gc.get_threshold()[0] >= 100_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -38,6 +38,7 @@ def test_the_reader_stays_at_most_chunk_times_depth_ahead() -> None:
             yield i
 
     stream = read_ahead(items(), chunk=10, depth=3)
+    assert isinstance(stream, Generator)  # closable, as a consumer that stops early closes it
     assert next(stream) == 0
     time.sleep(0.3)  # let the reader run as far as it may
     # one chunk taken, three queued, one being filled while the queue is full
@@ -54,6 +55,7 @@ def test_closing_early_stops_the_reader_thread() -> None:
 
     before = threading.active_count()
     stream = read_ahead(endless(), chunk=5, depth=2)
+    assert isinstance(stream, Generator)
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()
     deadline = time.monotonic() + 5

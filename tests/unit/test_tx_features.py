@@ -322,7 +322,8 @@ def test_sender_stats_remember_each_senders_highest_nonce_and_latest_time():
     import random
 
     rng = random.Random(4)
-    stats, expected = SenderStats(), {}
+    stats = SenderStats()
+    expected: dict[str, tuple[int, float]] = {}
     for step in range(6):
         senders = [f"0x{rng.randrange(40):02x}" for _ in range(200)]
         nonces = [rng.randrange(10**6) for _ in senders]
@@ -370,8 +371,9 @@ def test_sender_stats_by_their_index_are_the_joins(monkeypatch, seed):
                           "observed_at": [200.0] * 5}, schema={"from_address": pl.Utf8,
                                                                "observed_at": pl.Float64})
 
-    def run() -> list[object]:
-        stats, seen = SenderStats(window_seconds=60.0, max_senders=1_500), []
+    def run() -> list[pl.DataFrame | list[tuple]]:
+        stats = SenderStats(window_seconds=60.0, max_senders=1_500)
+        seen: list[pl.DataFrame | list[tuple]] = []
         for batch in batches:
             seen.append(stats.lookup(batch, rate=False))
             seen.append(stats.lookup(probe))
@@ -384,7 +386,10 @@ def test_sender_stats_by_their_index_are_the_joins(monkeypatch, seed):
     joined = run()
     assert len(indexed) == len(joined) == 3 * len(batches)
     for a, b in zip(indexed, joined, strict=True):
-        assert a.equals(b) if isinstance(a, pl.DataFrame) else a == b
+        if isinstance(a, pl.DataFrame):
+            assert isinstance(b, pl.DataFrame) and a.equals(b)
+        else:
+            assert a == b
 
 
 def test_a_sender_that_shares_a_hash_with_a_remembered_one_is_not_taken_for_it(monkeypatch):

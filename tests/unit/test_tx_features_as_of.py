@@ -37,7 +37,7 @@ def test_fee_windows_as_of_each_block_are_pushing_block_by_block(prior_blocks, c
         wanted_quartiles.append(np.quantile(window, [0.25, 0.5, 0.75]) if len(window)
                                 else np.full(3, np.nan))
         one_by_one.push(values)
-    as_of = AsOf.of([len(v) for v in batch], np.arange(len(batch), dtype=float))
+    as_of = AsOf.of([len(v) for v in batch], [float(i) for i in range(len(batch))])
     percentile, quartiles = batched.as_of(np.concatenate(batch), as_of)
     assert np.array_equal(percentile, np.concatenate(wanted_percentiles), equal_nan=True)
     assert np.array_equal(quartiles, np.array(wanted_quartiles), equal_nan=True)
@@ -55,7 +55,7 @@ def test_fee_market_as_of_gives_the_log_z_of_each_blocks_window():
                        reference.fee_cap_log_z(values * 3.0)))
         reference._tips.push(values)
         reference._caps.push(values * 3.0)
-    got = market.as_of(tips, caps, AsOf.of([5] * 12, np.zeros(12)))
+    got = market.as_of(tips, caps, AsOf.of([5] * 12, [0.0] * 12))
     for i in range(3):
         assert np.array_equal(got[i], np.concatenate([w[i] for w in wanted]), equal_nan=True)
     assert np.isnan(got[1][:5]).all() and not np.isnan(got[1][5:]).any()  # empty at first
@@ -131,7 +131,7 @@ def test_selector_rarity_as_of_each_block_is_rarity_then_update_block_by_block(
         wanted.append(one_by_one.rarity(part["method_id"]))
         one_by_one.update(part)
         start += n
-    got = batched.rarity_as_of(batch["method_id"], AsOf.of(counts, np.zeros(len(counts))))
+    got = batched.rarity_as_of(batch["method_id"], AsOf.of(counts, [0.0] * len(counts)))
     assert np.array_equal(got, np.concatenate(wanted))
     batched.update(batch, counts)  # and the batch learnt block by block: the same window
     assert batched.total == one_by_one.total and batched._counts == one_by_one._counts
@@ -156,7 +156,7 @@ def test_a_detector_scores_a_batch_of_blocks_as_it_scores_them_one_at_a_time(mon
     rows: dict[int, dict[str, np.ndarray]] = {}
     matrix = TxFamily._matrix
 
-    def kept(self, frame, now, as_of=None):  # type: ignore[no-untyped-def]
+    def kept(self, frame, now, as_of=None):
         x, ok = matrix(self, frame, now, as_of)
         store = rows.setdefault(self._run, {})
         for h, row in zip(frame.filter(pl.Series(ok))["hash"].to_list(), x, strict=True):
@@ -191,7 +191,7 @@ def test_a_block_delivered_twice_in_a_batch_is_scored_at_its_first_delivery(monk
     seen: list[np.ndarray] = []
     features = families.tx_features
 
-    def spy(*args, as_of=None, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(*args, as_of=None, **kwargs):
         seen.append(as_of.nows)
         return features(*args, as_of=as_of, **kwargs)
 
