@@ -90,6 +90,14 @@ def test_blocks_to_tx_frame_has_one_row_per_tx_with_its_block_columns():
     assert blocks_to_tx_frame([]).schema == pl.Schema(TX_FRAME_SCHEMA)
 
 
+def test_blocks_without_txs_give_the_empty_tx_frame_and_a_zero_count_each():
+    empty = [block(3, ()), block(4, ())]
+    frame, counts = included_tx_frame(empty)
+    assert frame.equals(blocks_to_tx_frame(empty)) and frame.height == 0
+    assert frame.schema == pl.Schema(TX_FRAME_SCHEMA)
+    assert counts == [0, 0]
+
+
 def test_pending_to_tx_frame_has_the_same_columns_with_block_fields_null():
     frame = pending_to_tx_frame([pending("0x1"), pending("0x2", sender="0xDD", nonce=3)])
     assert frame.schema == pl.Schema(TX_FRAME_SCHEMA)
