@@ -21,7 +21,7 @@ import contextlib
 import gc
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,7 +67,7 @@ class DetectorLike(Protocol):
     """What replay needs of `detector.engine.Detector`."""
 
     def process(
-        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
     ) -> list[Finding]: ...
 
     def tick(self) -> list[Finding]: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def _replay(
 
     class Recorder:
         def process(
-            self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+            self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
         ) -> list[Finding]:
             kept.extend(r.event_id for r in records)
             return []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -33,7 +33,7 @@ class FakeDetector:
         self.ticks: list[float] = []
 
     def process(
-        self, records: list[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
     ) -> list[Finding]:
         self.batches.append((self.clock(), [r.event_id for r in records]))
         return []
