@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from chainwatch.bus import Bus, Consumer
 from chainwatch.exceptions import BusError
-from chainwatch.schema import Block, make_event_id
+from chainwatch.schema import AnyRecord, Block, make_event_id
 
 
 def make_block(
@@ -100,3 +102,12 @@ class FlakyBus(Bus):
 
     def consumer(self, topics: list[str], group: str) -> Consumer:
         raise NotImplementedError
+
+
+def only_blocks(records: Iterable[AnyRecord]) -> list[Block]:
+    """The records of a source a test knows gives blocks only, typed as blocks."""
+    blocks = []
+    for record in records:
+        assert isinstance(record, Block), record
+        blocks.append(record)
+    return blocks

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from replay.archive import ArchiveSource, ArchiveWriter, archive_row
 from replay.driver import ReplayConfig
 from replay.exceptions import ReplayError
 from replay.rows import InvalidRows
+from tests.fakes import only_blocks
 
 
 def _rows(partition: int, start: int, blocks: list[Block]) -> list[dict[str, Any]]:
@@ -220,15 +221,6 @@ def test_files_wholly_outside_the_heights_are_screened_without_reading_rows(
             for e in kept_peers), config
 
 
-def _block_numbers(records: Iterable[AnyRecord]) -> list[int]:
-    """The heights of records that are all blocks (the archives `_three_files` writes)."""
-    numbers = []
-    for record in records:
-        assert isinstance(record, Block), record
-        numbers.append(record.number)
-    return numbers
-
-
 def _three_files(root: Path) -> tuple[list[Block], list[Path]]:
     """An archive of one stream in three files of 40 blocks each."""
     blocks = generate(120, 1, seed=8)
@@ -245,7 +237,7 @@ def test_a_file_without_its_footer_is_reported_and_the_others_replayed(tmp_path:
     files[1].write_bytes(files[1].read_bytes()[:300])  # a copy cut short
     invalid = InvalidRows()
     source = ArchiveSource(tmp_path, invalid)
-    numbers = _block_numbers(source.records())
+    numbers = [b.number for b in only_blocks(source.records())]
     assert numbers == [b.number for b in blocks[:40] + blocks[80:]]
     assert (invalid.count, invalid.files) == (0, 1)  # its rows are not known: not one row
     where, reason = invalid.samples[0]
@@ -261,7 +253,7 @@ def test_a_file_damaged_inside_keeps_the_rows_before_and_reports_the_rest(
     data[4:len(data) // 2] = bytes(len(data) // 2 - 4)  # the pages zeroed, the footer intact
     files[1].write_bytes(bytes(data))
     invalid = InvalidRows()
-    numbers = _block_numbers(ArchiveSource(tmp_path, invalid).records())
+    numbers = [b.number for b in only_blocks(ArchiveSource(tmp_path, invalid).records())]
     assert numbers[:40] == [b.number for b in blocks[:40]]
     assert numbers[-40:] == [b.number for b in blocks[80:]]
     assert (invalid.count, invalid.files) == (0, 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -20,7 +20,6 @@ from chainwatch.exceptions import ChainwatchError
 from chainwatch.labels import Label
 from chainwatch.schema import AnyRecord, Finding, PeerSnapshot, Reorg, decode, encode
 from chainwatch.settings import load_settings
-from detector.engine import Detector
 from detector.evaluation import evaluate, replay
 from replay.app import ReplayOptions, make_detector, run_replay
 from replay.driver import ReplayClock, ReplayConfig, Replayer
@@ -216,11 +215,7 @@ def test_replay_labels_score_as_evaluate_does(tmp_path: Path) -> None:
 
     records = [decode(line) for line in source.read_bytes().splitlines()[:-1]]
 
-    def on_replay_clock(clock: Callable[[], float]) -> Detector:
-        assert isinstance(clock, ReplayClock)  # `replay` gives its detector a ReplayClock
-        return make_detector(settings, clock)
-
-    ev = evaluate(replay(records, make_detector=on_replay_clock),
+    ev = evaluate(replay(records, make_detector=lambda c: make_detector(settings, c)),
                   [Label(family="fork_risk", kind="reorg", node="bench", first_block=248,
                          last_block=250),
                    Label(family="fork_risk", kind="reorg", first_block=100)])

@@ -5,20 +5,20 @@ bounds cut an export on its block timestamps."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from chainwatch.exceptions import ConfigError
-from chainwatch.schema import AnyRecord, Block, PeerSnapshot, Reorg, encode
+from chainwatch.schema import Block, PeerSnapshot, Reorg, encode
 from chainwatch.settings import load_settings
 from replay.app import ReplayOptions, run_replay
 from replay.exceptions import ReplayError
 from replay.positions import parse_range
 from replay.rows import Defaults, InvalidRows
 from replay.sources import STOP_MARGIN_SECONDS, JsonlSource, TableSource, find_tables
+from tests.fakes import only_blocks
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # a copy of ../shared/fixtures
 FIXTURE = FIXTURES / "ethereum-etl-mainnet-17173049"
@@ -30,19 +30,10 @@ def _hash(n: int) -> str:
     return f"0x{n:064x}"
 
 
-def _blocks(records: Iterable[AnyRecord]) -> list[Block]:
-    """The records, which these block-only inputs give as blocks only."""
-    blocks = []
-    for record in records:
-        assert isinstance(record, Block), record
-        blocks.append(record)
-    return blocks
-
-
 def test_ethereum_etl_export_becomes_blocks_with_their_transactions() -> None:
     invalid = InvalidRows()
     source = TableSource(find_tables(FIXTURE), invalid, Defaults(chain_id=1, node="etl"))
-    blocks = _blocks(source.records())
+    blocks = only_blocks(source.records())
     assert invalid.count == 0
     assert [b.number for b in blocks] == [17173049, 17173050]
     first = blocks[0]
@@ -89,7 +80,7 @@ def test_invalid_rows_are_reported_with_line_and_reason_and_skipped(tmp_path: Pa
     _write(tmp_path / "transactions.csv", TX_HEADER + _tx_line(1, 0) + _tx_line(2, 0)
            + _tx_line(3, 0, value="-1") + _tx_line(5, 0) + _tx_line(5, 1) + _tx_line(9, 0))
     invalid = InvalidRows()
-    blocks = _blocks(TableSource(find_tables(tmp_path), invalid, Defaults()).records())
+    blocks = only_blocks(TableSource(find_tables(tmp_path), invalid, Defaults()).records())
     assert [b.number for b in blocks] == [1, 3, 5]
     assert len(blocks[2].transactions) == 2
     # block 3 lost its only transaction row: it says so instead of pretending it had none
@@ -108,7 +99,7 @@ def test_transactions_with_a_hash_of_another_block_are_not_attached(tmp_path: Pa
     _write(tmp_path / "blocks.csv", BLOCK_HEADER + _block_line(1, 1))
     _write(tmp_path / "transactions.csv", TX_HEADER + _tx_line(1, 0, block_hash=H))
     invalid = InvalidRows()
-    (block,) = _blocks(TableSource(find_tables(tmp_path), invalid, Defaults()).records())
+    (block,) = only_blocks(TableSource(find_tables(tmp_path), invalid, Defaults()).records())
     assert block.transactions == ()
     assert invalid.samples == [("transactions.csv:2", "no block row for this transaction's block")]
 
