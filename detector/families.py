@@ -447,15 +447,13 @@ class TxFamily:
         # a big batch is scored on other threads meanwhile: the bookkeeping below changes
         # only what the features read, and they are computed
         scoring = self._start_scoring(x)
-        # blocks without txs move the fee market's window only
-        findings = ([h.to_finding(now) for h in block_tx_rules(frame, as_of.block)]
-                    if frame.height else [])
-        if frame.height:
+        findings: list[Finding] = []
+        if frame.height:  # blocks without txs move the fee market's window only
+            findings = [h.to_finding(now) for h in block_tx_rules(frame, as_of.block)]
             self.selectors.update(frame, counts)
             self.senders.update(frame, now)
-        self.market.update(fresh, frame, counts)
-        if frame.height:
             self._learn_included(frame)
+        self.market.update(fresh, frame, counts)
         if x is not None and ok is not None:
             findings.extend(self._verdicts(frame, x, ok, scoring(), now, included=True))
             self.model.learn(x)

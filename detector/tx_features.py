@@ -171,6 +171,8 @@ def _tx_columns(txs: Sequence[TxSummary] | Sequence[PendingTx]) -> dict[str, Seq
 def blocks_to_tx_frame(blocks: Sequence[Block]) -> pl.DataFrame:
     """One row per included transaction, in block order then transaction order."""
     txs = [tx for b in blocks for tx in b.transactions]
+    if not txs:  # the same empty frame, without building one (~1.5 ms per 500 blocks)
+        return pl.DataFrame(schema=TX_FRAME_SCHEMA)
     names = ("tx_index", *_TX_COLUMNS)
     tx_cols = pl.DataFrame(
         _columns_of(txs, _INCLUDED_COLUMNS, names),
@@ -235,8 +237,6 @@ def included_tx_frame(
     does carry its transactions adds them. Either way the detectors read the same frame.
     """
     if given is None:
-        if not any(b.transactions for b in blocks):  # empty blocks: ~1.5 ms per 500 saved
-            return pl.DataFrame(schema=TX_FRAME_SCHEMA), [0] * len(blocks)
         return blocks_to_tx_frame(blocks), [len(b.transactions) for b in blocks]
     counts = _counts_if_exactly(given, blocks)
     if counts is not None:  # the usual replay batch: these blocks' txs, in this order

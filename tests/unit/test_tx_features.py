@@ -8,6 +8,7 @@ import pytest
 
 from chainwatch.schema import Block, PendingTx, TxSummary
 from detector.tx_features import (
+    _TX_COLUMNS,
     TX_FEATURE_MIN_SCALE,
     TX_FEATURES,
     TX_FRAME_SCHEMA,
@@ -26,6 +27,7 @@ from detector.tx_features import (
     included_tx_frame,
     pending_to_tx_frame,
     tx_features,
+    tx_frame_of,
 )
 from tests.fakes import make_block
 
@@ -93,7 +95,9 @@ def test_blocks_to_tx_frame_has_one_row_per_tx_with_its_block_columns():
 def test_blocks_without_txs_give_the_empty_tx_frame_and_a_zero_count_each():
     empty = [block(3, ()), block(4, ())]
     frame, counts = included_tx_frame(empty)
-    assert frame.equals(blocks_to_tx_frame(empty)) and frame.height == 0
+    # what blocks_to_tx_frame built before its shortcut: block columns, no tx rows
+    no_txs = pl.DataFrame(schema={k: TX_FRAME_SCHEMA[k] for k in ("tx_index", *_TX_COLUMNS)})
+    assert frame.equals(tx_frame_of(empty, [0, 0], no_txs)) and frame.height == 0
     assert frame.schema == pl.Schema(TX_FRAME_SCHEMA)
     assert counts == [0, 0]
 
