@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import (
     CommitFailedError,
     KafkaError,
@@ -110,6 +110,24 @@ def _discard(producer: KafkaProducer) -> None:
 
 def _describe(exc: BaseException) -> str:
     return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+class _LogAssignments(ConsumerRebalanceListener):
+    """Logs each change of the partitions this member holds: an operator scaling the
+    detector group sees the rebalance, and a member left with none says so."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            log.info("partitions revoked", extra={"group": self.group,
+                                                 "partitions": len(revoked)})
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        topics = sorted({tp.topic for tp in assigned})
+        log.info("partitions assigned", extra={"group": self.group,
+                                              "partitions": len(assigned), "topics": topics})
 
 
 class _KafkaConsumer(Consumer):
@@ -297,7 +315,6 @@ class KafkaBus(Bus):
     def consumer(self, topics: list[str], group: str) -> Consumer:
         try:
             consumer = KafkaConsumer(
-                *topics,
                 **self.config.common(),
                 group_id=group,
                 enable_auto_commit=False,
@@ -308,6 +325,7 @@ class KafkaBus(Bus):
                 fetch_max_bytes=32 * 1024 * 1024,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
             )
+            consumer.subscribe(topics, listener=_LogAssignments(group))
         except KafkaTimeoutError:
             raise _no_session(self.config) from None
         except KafkaError as exc:

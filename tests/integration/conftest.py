@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,15 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
+# The CLI, able to print every thread's stack on SIGUSR1: a failed test asks each process
+# it started for one before stopping it, so a stall shows where each thread was waiting.
+_CLI_WITH_STACK_DUMPS = (
+    "import faulthandler, runpy, signal, sys; "
+    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "sys.argv[0] = 'chainwatch'; runpy.run_module('chainwatch.cli', run_name='__main__')"
+)
+
+
 class ChainwatchProcess:
     """A `chainwatch` CLI process with its output in a file (shown when a test fails)."""
 
@@ -82,7 +92,7 @@ class ChainwatchProcess:
     def start(self) -> ChainwatchProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "CHAINWATCH_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = spawn([sys.executable, "-m", "chainwatch.cli", *self.args],
+        self.proc = spawn([sys.executable, "-c", _CLI_WITH_STACK_DUMPS, *self.args],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
@@ -95,6 +105,29 @@ class ChainwatchProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             stop_pid(self.proc.pid, timeout=10)
+
+    def metrics_snapshot(self) -> str:
+        """The process's chainwatch_* counters and gauges that say how far the data got
+        (published, processed, lag, errors), or why they could not be read."""
+        if "--metrics-port" not in self.args:
+            return ""
+        port = self.args[self.args.index("--metrics-port") + 1]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError as exc:
+            return f"(metrics on :{port} unreadable: {exc})"
+        wanted = ("chainwatch_collector_blocks_published", "chainwatch_collector_errors",
+                  "chainwatch_collector_checkpoint", "chainwatch_events_processed",
+                  "chainwatch_head_block_number", "chainwatch_consumer_lag",
+                  "chainwatch_invalid_records", "chainwatch_processing_errors")
+        return "\n".join(line for line in text.splitlines() if line.startswith(wanted))
+
+    def dump_stacks(self) -> None:
+        """Have the process write every thread's stack to its log, if it still runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -112,12 +145,19 @@ def chainwatch_procs(tmp_path: Path, request: pytest.FixtureRequest):
     try:
         yield start
     finally:
-        for proc in started:
-            proc.stop()
         failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
+        failed = failed is not None and failed.failed
+        snapshots = {}
+        for proc in started:
+            if failed:
+                snapshots[proc.log_path.name] = proc.metrics_snapshot()
+                proc.dump_stacks()
+            proc.stop()
+        if failed:
             for proc in started:
-                sys.stderr.write(f"\n--- {proc.log_path.name} ---\n{proc.output()[-4000:]}\n")
+                sys.stderr.write(f"\n--- {proc.log_path.name} ---\n{proc.output()[-12000:]}\n"
+                                 f"--- its metrics when the test failed ---\n"
+                                 f"{snapshots.get(proc.log_path.name, '')}\n")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
