@@ -5,6 +5,10 @@ wedged once the broker is back. Both were found by tests/integration/test_faults
   commit forever without polling never came back;
 - kafka-python 3.0.12 leaves an idempotent producer without a producer id for good once
   a sent batch expires; a collector that kept that producer never published again.
+
+And one found by tests/integration/test_spine.py: a new member's first assignment is often
+empty (its metadata did not hold the topics yet), and now and then the rejoin that should
+follow never came, so the detector held no partitions for minutes.
 """
 
 from __future__ import annotations
@@ -100,6 +104,75 @@ def test_an_unreachable_broker_still_fails_the_commit() -> None:
     raw.commit = lambda: (_ for _ in ()).throw(KafkaTimeoutError())  # type: ignore[method-assign]
     with pytest.raises(BusError, match="Kafka commit failed"):
         _KafkaConsumer(raw).commit()
+
+
+class MemberWithoutPartitions:
+    """kafka-python's consumer in a group that assigned it nothing; a metadata refresh
+    (`topics()`) makes it rejoin and get a partition when `refresh_fixes` is set."""
+
+    def __init__(self, refresh_fixes: bool) -> None:
+        self.refresh_fixes = refresh_fixes
+        self.refreshes = 0
+        self.calls: list[str] = []
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Rec]]:
+        return {}
+
+    def assignment(self) -> set[Any]:
+        return {TP("test.blocks", 0)} if self.refresh_fixes and self.refreshes else set()
+
+    def topics(self) -> set[str]:
+        self.refreshes += 1
+        return {"test.blocks"}
+
+
+def polls_at(consumer: _KafkaConsumer, clock: list[float], times: list[float]) -> None:
+    for t in times:
+        clock[0] = t
+        consumer.poll(0.01)
+
+
+def test_a_member_without_partitions_refreshes_the_metadata_until_it_holds_some() -> None:
+    raw, clock = MemberWithoutPartitions(refresh_fixes=True), [0.0]
+    consumer = _KafkaConsumer(raw, recheck_empty_s=10, clock=lambda: clock[0])
+    polls_at(consumer, clock, [0, 4, 9.9])
+    assert raw.refreshes == 0, "a new member gets time to join first"
+    polls_at(consumer, clock, [10])
+    assert raw.refreshes == 1
+    polls_at(consumer, clock, [15, 25, 60])
+    assert raw.refreshes == 1, "holding a partition now: no more refreshes"
+
+
+def test_a_member_the_group_has_no_partition_for_refreshes_only_now_and_then() -> None:
+    raw, clock = MemberWithoutPartitions(refresh_fixes=False), [0.0]
+    consumer = _KafkaConsumer(raw, recheck_empty_s=10, clock=lambda: clock[0])
+    polls_at(consumer, clock, [0.5 * i for i in range(121)])  # 60 s of polling
+    assert raw.refreshes == 6
+
+
+def test_a_new_consumer_reads_the_topic_metadata_after_subscribing_before_any_poll(
+    monkeypatch,
+) -> None:
+    calls: list[str] = []
+
+    class RecordingConsumer:
+        def __init__(self, **config: Any) -> None:
+            calls.append("create")
+
+        def subscribe(self, topics: list[str], listener: Any = None) -> None:
+            calls.append("subscribe")
+
+        def topics(self) -> set[str]:
+            calls.append("topics")
+            return set(calls)
+
+        def poll(self, **kwargs: Any) -> dict[Any, Any]:
+            calls.append("poll")
+            return {}
+
+    monkeypatch.setattr("chainwatch.bus.kafka.KafkaConsumer", RecordingConsumer)
+    KafkaBus(KafkaConfig("127.0.0.1:9")).consumer(["test.blocks"], "g")
+    assert calls == ["create", "subscribe", "topics"]
 
 
 class FakeFuture:
