@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from chainwatch.local.procs import free_port, spawn, stop_pid
+from tests.cli import cli_with_stack_dumps
 from tests.servers import anvil_fixture, kafka_fixture
 
 kafka = kafka_fixture(scope="session", num_partitions=3)
@@ -69,15 +70,6 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-# The CLI, able to print every thread's stack on SIGUSR1: a failed test asks each process
-# it started for one before stopping it, so a stall shows where each thread was waiting.
-_CLI_WITH_STACK_DUMPS = (
-    "import faulthandler, runpy, signal, sys; "
-    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-    "sys.argv[0] = 'chainwatch'; runpy.run_module('chainwatch.cli', run_name='__main__')"
-)
-
-
 class ChainwatchProcess:
     """A `chainwatch` CLI process with its output in a file (shown when a test fails)."""
 
@@ -92,7 +84,7 @@ class ChainwatchProcess:
     def start(self) -> ChainwatchProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "CHAINWATCH_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = spawn([sys.executable, "-c", _CLI_WITH_STACK_DUMPS, *self.args],
+        self.proc = spawn(cli_with_stack_dumps(*self.args),
                           stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
@@ -145,8 +137,8 @@ def chainwatch_procs(tmp_path: Path, request: pytest.FixtureRequest):
     try:
         yield start
     finally:
-        failed = getattr(request.node, "rep_call", None)
-        failed = failed is not None and failed.failed
+        report = getattr(request.node, "rep_call", None)
+        failed = report is not None and report.failed
         snapshots = {}
         for proc in started:
             if failed:

@@ -16,6 +16,7 @@ import pytest
 
 from bench.synthetic import generate
 from chainwatch.schema import encode
+from tests.cli import cli_with_stack_dumps
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +61,13 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-# `python -m chainwatch.cli` that writes every thread's stack to stderr on SIGUSR1: a
-# replay that does not end is shown where it waits (one run in ~80 once took 56 s)
-_CLI_WITH_STACK_DUMPS = (
-    "import faulthandler, runpy, signal, sys; "
-    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-    "sys.argv[0] = 'chainwatch'; runpy.run_module('chainwatch.cli', run_name='__main__')"
-)
-
-
 def _replay_until_its_worker_runs(
     history: Path, out: Path, *, settle: float = 0.5
 ) -> subprocess.Popen[str]:
+    # a replay that does not end is shown where it waits (one run in ~80 once took 56 s)
     replay = subprocess.Popen(
-        [sys.executable, "-c", _CLI_WITH_STACK_DUMPS, "replay", str(history), "--speed", "400",
-         "--no-progress", "--out", str(out)],
+        cli_with_stack_dumps("replay", str(history), "--speed", "400", "--no-progress",
+                             "--out", str(out)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=_as_from_a_terminal,
     )
