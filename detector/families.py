@@ -85,6 +85,7 @@ from detector.tx_features import (
 )
 
 ASYNC_MIN_ROWS = 16_384  # a tx batch this big is scored on the scoring thread
+_JUMP_MIN_BLOCKS = 10  # blocks a node must have seen before a timestamp jump is judged
 _scorer: ThreadPoolExecutor | None = None
 NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 
@@ -616,12 +617,14 @@ class MinerFamily:
         stamps = [*self.stamps, *map(_stamp, blocks)]
         first = len(self.stamps)
         clock = ClockWindow.of(stamps, first, self.config.miner_window)
+        suspects = self._clock_suspects(clock).tolist()
         heads = self._rule_heads(blocks)
         empty = heads.empty.tolist()
         share = heads.share.tolist() if heads.share is not None else None
         surge = heads.surge.tolist() if heads.surge is not None else None
         for i, b in enumerate(blocks):
-            findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
+            if suspects[i]:  # elsewhere neither clock check can fire
+                findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
             if included is not None:
                 self._count_skips(included[i], txs, next_nonces)
             self.blocks.append(b)
@@ -708,6 +711,14 @@ class MinerFamily:
         by_height = {b.number: b.miner.lower() for b in self.blocks}
         return [by_height[n] for n in sorted(by_height)]
 
+    def _clock_suspects(self, clock: ClockWindow) -> np.ndarray:
+        """The batch's rows where `_clock` may find something (a superset, from the
+        window's figures in one numpy pass): the per-block checks run only there."""
+        c = self.config
+        jump = (clock.follows & (clock.known >= _JUMP_MIN_BLOCKS)
+                & ~(clock.interval - clock.usual_interval <= c.timestamp_jump_seconds - 1e-6))
+        return clock.drift_suspects(c.timestamp_future_seconds) | jump
+
     def _clock(
         self, block: Block, stamp: Stamp, clock: ClockWindow, i: int, now: float
     ) -> Finding | None:
@@ -726,7 +737,7 @@ class MinerFamily:
     def _jump(self, block: Block, clock: ClockWindow, i: int, now: float) -> Finding | None:
         """A timestamp far beyond the usual interval (also when arrival times are unknown)."""
         previous = self.blocks[-1] if self.blocks else None
-        if previous is None or not clock.follows[i] or clock.known[i] < 10:
+        if previous is None or not clock.follows[i] or clock.known[i] < _JUMP_MIN_BLOCKS:
             return None
         usual = float(clock.usual_interval[i])
         interval = block.timestamp - previous.timestamp

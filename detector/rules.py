@@ -550,7 +550,9 @@ class ClockWindow:
     - `usual_lead`: median lead (timestamp - arrival) of the window's blocks that arrived
       live (as far apart on arrival as in their stamps), `leads` how many;
     - `usual_interval`: median interval between the window's neighbours, heights or not;
-    - `follows`: the block's height is its predecessor's + 1; `known`: blocks before it.
+    - `follows`: the block's height is its predecessor's + 1; `known`: blocks before it;
+    - `interval`: its timestamp less its predecessor's, `lead`: its timestamp less its
+      arrival.
     """
 
     usual_gap: np.ndarray
@@ -560,6 +562,8 @@ class ClockWindow:
     usual_interval: np.ndarray
     follows: np.ndarray
     known: np.ndarray
+    interval: np.ndarray
+    lead: np.ndarray
 
     @staticmethod
     def of(stamps: Sequence[Stamp], first: int, window: int) -> ClockWindow:
@@ -583,8 +587,23 @@ class ClockWindow:
         usual_interval, _ = _row_medians(np.where(inside, gap, np.nan))
         follows = (positions > 0) & (numbers[np.maximum(positions - 1, 0)]
                                      == numbers[positions] - 1)
+        before = np.maximum(positions - 1, 0)
+        interval = np.where(positions > 0, ts[positions] - ts[before], np.nan)
         return ClockWindow(usual_gap, gaps, usual_lead, leads, usual_interval, follows,
-                           np.minimum(positions, window))
+                           np.minimum(positions, window), interval,
+                           ts[positions] - seen[positions])
+
+    def drift_suspects(self, future_limit: float, min_blocks: int = 10) -> np.ndarray:
+        """Rows where `drift_hit` may fire: its conditions on the row's figures, with a
+        little slack, so that the exact check runs only there (a superset, never fewer)."""
+        slack = 1e-6
+        excess = self.lead - self.usual_lead
+        half_gap = np.maximum(self.usual_gap / 2, 1.0)
+        return (
+            (self.known >= min_blocks) & self.follows
+            & (self.gaps >= min_blocks // 2) & (self.leads >= min_blocks // 2)
+            & ((excess > future_limit - slack) | (-excess > half_gap - slack))
+        )
 
 
 def timestamp_drift_rule(

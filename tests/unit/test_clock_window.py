@@ -148,3 +148,40 @@ def test_the_one_window_rule_is_the_former_rule(seed):
         window = stamps[max(0, end - 101):end]
         assert timestamp_drift_rule(window, chain_id=1, node="n") == _drift_reference(
             window, chain_id=1, node="n")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_clock_checks_skip_only_blocks_they_cannot_flag(seed, monkeypatch):
+    """`_clock_suspects` narrows the per-block checks to a few rows; running them on
+    every row instead finds exactly the same."""
+    history = _history(seed, 600)
+    config = FamilyConfig()
+
+    def run() -> list[tuple[object, ...]]:
+        family, txs = MinerFamily(config), TxFamily(config, kind="iforest", seed=1)
+        rng = random.Random(seed)
+        out: list[tuple[object, ...]] = []
+        start = 0
+        while start < len(history):
+            batch = history[start:start + rng.choice([1, 3, 50, 200])]
+            start += len(batch)
+            out += [(f.detector, f.block_number, f.summary, f.score)
+                    for f in family.on_blocks(batch, txs, now=batch[-1].observed_at)
+                    if f.detector in ("timestamp_drift_rule", "timestamp_jump_rule")]
+        return out
+
+    checked: list[int] = []
+    narrowed = MinerFamily._clock_suspects
+
+    def counting(self, clock):
+        mask = narrowed(self, clock)
+        checked.append(int(mask.sum()))
+        return mask
+
+    monkeypatch.setattr(MinerFamily, "_clock_suspects", counting)
+    found = run()
+    monkeypatch.setattr(MinerFamily, "_clock_suspects",
+                        lambda self, clock: np.ones(len(clock.known), dtype=bool))
+    assert found == run()
+    assert found  # the histories hold made-up stamps and jumps
+    assert sum(checked) < len(history) / 4  # most blocks skip the per-block checks
