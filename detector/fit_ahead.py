@@ -57,7 +57,12 @@ def _fitted(blank: AnomalyDetector, train: np.ndarray, window: dict[str, Any] | 
 def _start_worker(parent: int) -> None:
     """In the worker, first: Ctrl-C reaches the whole foreground process group, and it is
     the replay's to handle; and a worker whose replay died (SIGKILL, OOM) would otherwise
-    wait for work forever (it holds its queue's both ends)."""
+    wait for work forever (it holds its queue's both ends).
+
+    polars is imported first: importing it installs its own SIGINT handler over an
+    ignored SIGINT, and a Ctrl-C would then raise KeyboardInterrupt out of a query."""
+    import polars  # noqa: F401
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # started with it blocked (see _SpawnBlockingCtrlC): one pending now is dropped
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

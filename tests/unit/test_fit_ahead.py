@@ -114,6 +114,23 @@ def test_the_worker_leaves_its_libraries_out_of_the_collectors_passes(small_fits
     assert fit_ahead._worker_pool().submit(gc.get_freeze_count).result(timeout=60) > 10_000
 
 
+def _sigint_ignored_in_a_query() -> bool:
+    """In the worker: whether the kernel still ignores SIGINT once polars is in use
+    (its import installs a handler that raises KeyboardInterrupt out of queries)."""
+    import polars as pl
+
+    pl.DataFrame({"a": [1, 2]}).lazy().select(pl.col("a").sum()).collect()
+    with open("/proc/self/status") as status:
+        ignored = next(line for line in status if line.startswith("SigIgn:"))
+    return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_the_worker_ignores_ctrl_c_even_once_polars_is_in_use(small_fits_ahead):
+    """Ctrl-C is the replay's to handle, whatever the worker has imported since."""
+    future = fit_ahead._worker_pool().submit(_sigint_ignored_in_a_query)
+    assert future.result(timeout=60) is True
+
+
 def test_a_worker_that_dies_costs_its_fit_nothing(small_fits_ahead):
     stream = _stream(3, 12, 40)
     inline = _model(False)
