@@ -490,18 +490,17 @@ class TxFamily:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The model's rows of a tx frame (those with every feature known), and which
         rows of the frame they are (a boolean mask)."""
+        filled = {  # unknown gap: first tx of a sender we never saw; never pending: mined
+            "nonce_gap": pl.col("nonce_gap").fill_null(0.0),  # at once
+            "time_pending_seconds": pl.col("time_pending_seconds").fill_null(0.0),
+        }
+        columns = [filled.get(name, pl.col(name)) for name in TX_FEATURES]
         features = tx_features(
             frame, self.market, self.selectors, self.senders, self.replacements,
             self.pending_since, now=now, as_of=as_of,
-        ).with_columns(
-            # unknown gap: first tx of a sender we never saw; never pending: mined at once
-            pl.col("nonce_gap").fill_null(0.0),
-            pl.col("time_pending_seconds").fill_null(0.0),
-        )
-        ok = features.select(
-            pl.all_horizontal(pl.col(list(TX_FEATURES)).is_not_null()).alias("ok")
-        )["ok"].to_numpy()
-        return features.select(TX_FEATURES).to_numpy()[ok], ok
+        ).select(*columns, pl.all_horizontal(c.is_not_null() for c in columns).alias("_ok"))
+        ok = features["_ok"].to_numpy()
+        return features.drop("_ok").to_numpy()[ok], ok
 
     def _score(self, frame: pl.DataFrame, now: float) -> list[Finding]:
         """Score pending txs (nothing is learnt from them)."""
