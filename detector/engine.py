@@ -360,8 +360,7 @@ class Detector:
     ) -> list[Finding]:
         """Transactions, miners and fork risk for the chains this batch touched."""
         now = self.clock()
-        # each block's time, read once for both families (block_time per block was ~3 %
-        # of a thin-block replay)
+        # each block's time, read once here for both families rather than by each
         times = [self.block_time(b, now) for b in blocks]
         findings: list[Finding] = []
         for chain_id in sorted(chains):
