@@ -53,6 +53,7 @@ from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
 from detector.rule_heads import RuleHeads, rule_heads, window_candidates
 from detector.rules import (
+    SUSPECT_SLACK,
     ClockWindow,
     Offer,
     RuleHit,
@@ -715,7 +716,8 @@ class MinerFamily:
         window's figures in one numpy pass): the per-block checks run only there."""
         c = self.config
         jump = (clock.follows & (clock.known >= _JUMP_MIN_BLOCKS)
-                & ~(clock.interval - clock.usual_interval <= c.timestamp_jump_seconds - 1e-6))
+                & ~(clock.interval - clock.usual_interval
+                    <= c.timestamp_jump_seconds - SUSPECT_SLACK))
         return clock.drift_suspects(c.timestamp_future_seconds) | jump
 
     def _clock(

@@ -540,6 +540,10 @@ def _row_medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(counts > 0, middle, np.nan), counts
 
 
+# seconds by which a clock check's batch-wide pre-selection errs towards checking a block
+SUSPECT_SLACK = 1e-6
+
+
 @dataclass(frozen=True)
 class ClockWindow:
     """What the timestamp rules compare a block with: its node's window of the `window`
@@ -585,9 +589,8 @@ class ClockWindow:
         lead = np.append(ts[1:] - seen[1:], np.nan)[at]
         usual_lead, leads = _row_medians(np.where(live, lead, np.nan))
         usual_interval, _ = _row_medians(np.where(inside, gap, np.nan))
-        follows = (positions > 0) & (numbers[np.maximum(positions - 1, 0)]
-                                     == numbers[positions] - 1)
         before = np.maximum(positions - 1, 0)
+        follows = (positions > 0) & (numbers[before] == numbers[positions] - 1)
         interval = np.where(positions > 0, ts[positions] - ts[before], np.nan)
         return ClockWindow(usual_gap, gaps, usual_lead, leads, usual_interval, follows,
                            np.minimum(positions, window), interval,
@@ -596,13 +599,12 @@ class ClockWindow:
     def drift_suspects(self, future_limit: float, min_blocks: int = 10) -> np.ndarray:
         """Rows where `drift_hit` may fire: its conditions on the row's figures, with a
         little slack, so that the exact check runs only there (a superset, never fewer)."""
-        slack = 1e-6
         excess = self.lead - self.usual_lead
         half_gap = np.maximum(self.usual_gap / 2, 1.0)
         return (
             (self.known >= min_blocks) & self.follows
             & (self.gaps >= min_blocks // 2) & (self.leads >= min_blocks // 2)
-            & ((excess > future_limit - slack) | (-excess > half_gap - slack))
+            & ((excess > future_limit - SUSPECT_SLACK) | (-excess > half_gap - SUSPECT_SLACK))
         )
 
 

@@ -219,21 +219,15 @@ def tx_frame_of(
     owner = np.repeat(np.arange(len(blocks)), counts)
     block_cols = per_block[owner] if len(owner) else per_block.clear()
     names = ("tx_index", *_TX_COLUMNS)
-    # one query: on thin blocks a batch's frame is small and each query's fixed cost
-    # (~0.1-0.2 ms) was most of building it
+    # the casts, the lower-casing and the constant columns in one query
     exprs = {k: pl.col(k).cast(TX_FRAME_SCHEMA[k]) for k in names}
     if not lowercase:
         exprs |= {k: _lowercase(exprs[k]) for k in _LOWERCASED}
+    exprs |= {"source": pl.lit("block", pl.Utf8), "first_seen_at": pl.lit(None, pl.Float64)}
     if set(tx_cols.columns) != set(names):
         tx_cols = tx_cols.select(names)
     return pl.concat([block_cols, tx_cols], how="horizontal").select(
-        pl.lit("block", pl.Utf8).alias("source"),
-        *(exprs.get(k, pl.col(k)) for k in TX_FRAME_SCHEMA if k not in _ADDED),
-        pl.lit(None, pl.Float64).alias("first_seen_at"),
-    )
-
-
-_ADDED = ("source", "first_seen_at")  # tx_frame_of's constant columns, first and last
+        exprs.get(k, pl.col(k)).alias(k) for k in TX_FRAME_SCHEMA)
 
 
 def included_tx_frame(
