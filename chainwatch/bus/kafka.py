@@ -30,6 +30,11 @@ from chainwatch.exceptions import BusError
 
 log = logging.getLogger(__name__)
 
+# How old a consumer's topic metadata may get (kafka-python's default is 5 min). A new
+# partition is assigned only once the member that makes the group's assignments has seen
+# it in its metadata; a request this often is nothing to the broker.
+METADATA_MAX_AGE_MS = 30_000
+
 
 @dataclass(frozen=True)
 class KafkaConfig:
@@ -362,6 +367,9 @@ class KafkaBus(Bus):
                 max_poll_interval_ms=300_000,
                 fetch_max_bytes=32 * 1024 * 1024,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
+                # the group leader sees partitions added to the topics at its next metadata
+                # refresh and then rebalances: within 30 s, not kafka-python's 5 min
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
             )
             consumer.subscribe(topics, listener=_LogAssignments(group))
             # The topics' partitions in the metadata before the first JoinGroup, so that
