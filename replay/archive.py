@@ -375,7 +375,14 @@ def archive_topics(
             break
         if not config.until_end and now - last_refresh >= config.refresh_seconds:
             last_refresh = now
-            parts = assign(partitions())
+            try:
+                # partitions_for_topic answers from cached metadata (up to 5 min old):
+                # fetch it anew, or a partition added meanwhile waits that long
+                consumer.topics()
+                parts = assign(partitions())
+            except KafkaError as exc:
+                log.error("Kafka metadata refresh failed, retrying",
+                          extra={"error": str(exc)})
     flushed = writer.flush()
     if on_flush is not None and flushed:
         on_flush(flushed, writer.written)

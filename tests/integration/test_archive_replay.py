@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -211,3 +212,51 @@ def test_replay_of_kafka_source_by_offsets_and_times(kafka: KafkaBroker, tmp_pat
     assert empty.returncode == 2 and empty.stderr.strip() == (
         "chainwatch: error: nothing to replay: the topics hold no message between --from "
         "and --to")
+
+
+def test_archive_takes_up_partitions_added_while_it_runs(
+    kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """The archive re-reads the topics' partitions every `refresh_seconds`: one added
+    meanwhile is archived from its first message. (kafka-python answers partitions from
+    its cached metadata, up to 5 min old: the refresh must fetch it anew.)"""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewPartitions
+
+    from chainwatch.settings import Settings
+    from replay.app import run_archive
+    from replay.archive import ArchiveConfig
+
+    prefix = f"cw-{uuid.uuid4().hex[:8]}"
+    topics = Topics(prefix)
+    bus = KafkaBus(KafkaConfig(bootstrap_servers=kafka.bootstrap, partitions=1))
+    bus.ensure_topics(topics.all())
+    first, second = generate(2, 1, seed=11)
+    bus.publish(topics.blocks, first.stream_key(), encode(first))
+    bus.flush()
+    bus.close()
+    out = tmp_path / "archive"
+    config = ArchiveConfig(flush_seconds=0.2, refresh_seconds=1.0)
+    archiving = threading.Thread(target=run_archive, args=(
+        Settings(topic_prefix=prefix), kafka.bootstrap, out), kwargs={
+        "duration": 12.0, "config": config, "echo": lambda _: None})
+    archiving.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob("chain_id=*/day=*/*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the first block archived: the archive runs, on partition 0
+        admin = KafkaAdminClient(bootstrap_servers=[kafka.bootstrap])
+        try:
+            admin.create_partitions({topics.blocks: NewPartitions(total_count=2)})
+        finally:
+            admin.close()
+        producer = KafkaProducer(bootstrap_servers=[kafka.bootstrap])  # metadata anew
+        try:
+            producer.send(topics.blocks, encode(second), partition=1).get(timeout=10)
+        finally:
+            producer.close()
+    finally:
+        archiving.join(timeout=60)
+    rows = _archived(out).filter(pl.col("topic") == topics.blocks).sort("partition")
+    assert rows.select("partition", "event_id").rows() == [
+        (0, first.event_id), (1, second.event_id)]
