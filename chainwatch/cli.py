@@ -6,14 +6,10 @@ non-zero; they never show a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -337,6 +333,7 @@ def replay(
 ) -> None:
     """Replay history through the live detectors; findings and a report, deterministically."""
     from chainwatch.exceptions import ConfigError
+    from chainwatch.stopping import stops_quietly
     from replay.app import ReplayOptions, run_replay
     from replay.positions import parse_range
 
@@ -354,45 +351,8 @@ def replay(
     )
     if batch is not None and per_block:
         raise ConfigError("--batch and --per-block exclude each other: give one")
-    with _stops_quietly():
+    with stops_quietly():
         run_replay(settings, source, options, echo=typer.echo)
-
-
-def _quiet_finalizer_errors(unraisable: sys.UnraisableHookArgs) -> None:
-    """After a stop was asked, a finalizer failing on an object the interrupt left
-    half-built (llvmlite's, when Ctrl-C lands inside numba's first compile) is noise."""
-    log.debug("finalizer error after a stop: %s", unraisable.exc_type.__name__)
-
-
-@contextlib.contextmanager
-def _stops_quietly() -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the command through its clean-up (a replay's fit-ahead
-    worker shut down, its resource tracker told) instead of killing the process where it
-    stands: exit status 130 or 143 (128 + the signal), as the default actions give.
-
-    The signal lands wherever the process is; finalizers of objects it left half-built
-    would print "Exception ignored in ... Traceback" at the user, so from then on they
-    are logged at debug level instead. A Ctrl-C ignored on entry (a background job's)
-    stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def exit_now(signum: int, frame: object) -> None:
-        sys.unraisablehook = _quiet_finalizer_errors
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-    handled = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handled.append(signal.SIGINT)
-    before = {sig: signal.signal(sig, exit_now) for sig in handled}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 @app.command()

@@ -24,6 +24,7 @@ from chainwatch.metrics import Metrics
 from chainwatch.paths import output_directory, written
 from chainwatch.schema import Finding, encode
 from chainwatch.settings import Settings
+from chainwatch.stopping import raise_if_stopped
 from detector.engine import Detector, DetectorConfig
 from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.fit_ahead import load_model_libraries, start_worker
@@ -332,6 +333,7 @@ def run_replay(
                 failed += len(detector.failed)  # reset by every process()
                 data.observe(batch)
                 progress.update(stats.records, stats.transactions)
+                raise_if_stopped()  # a Ctrl-C that landed in a finalizer, dropped there
 
             source.columnar = True  # an archive's transactions go to the detector as frames
             replayer = Replayer(

@@ -142,7 +142,7 @@ def test_the_worker_of_a_killed_replay_exits_too(history, tmp_path):
 
 _HALF_BUILT = """
 import os, signal, sys
-from chainwatch.cli import _stops_quietly
+from chainwatch.stopping import stops_quietly
 
 class Ref:  # as llvmlite's ObjectRef: its finalizer needs what __init__ sets last
     def __init__(self):
@@ -159,7 +159,7 @@ def build():
 
 try:
     if sys.argv[1] == "quiet":
-        with _stops_quietly():
+        with stops_quietly():
             build()
     else:
         build()
@@ -182,3 +182,51 @@ def test_a_ctrl_c_that_leaves_an_object_half_built_prints_no_finalizer_traceback
         assert "Exception ignored in" in done.stderr
     else:
         assert done.stderr == ""
+
+
+_IN_A_FINALIZER = """
+import os, signal, sys, time
+from chainwatch.stopping import raise_if_stopped, stops_quietly
+
+class Ref:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while a finalizer runs
+        self.gone = True
+
+def batches():
+    Ref()
+    for number in range(20):
+        if sys.argv[1] != "end":
+            raise_if_stopped()
+        time.sleep(0.01)
+        print(number)
+
+try:
+    if sys.argv[1] == "plain":
+        batches()
+    else:
+        with stops_quietly():
+            batches()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "batch", "end"])
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_replay(mode):
+    """The CI failure of 2026-12-03 (a replay Ctrl-C'd during its start exited 0): Python
+    drops an exception raised inside a finalizer, so a Ctrl-C handled there was lost and
+    the command ran on (plain Python, the control, does so). Under the replay's signal
+    handling the stop is kept and taken at the next batch, or at the latest at the end."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IN_A_FINALIZER, mode], capture_output=True, text=True,
+        timeout=60, preexec_fn=_as_from_a_terminal,
+    )
+    if mode == "plain":
+        assert done.returncode == 0
+        assert "KeyboardInterrupt" in done.stderr
+        assert done.stdout.split() == [str(n) for n in range(20)]
+        return
+    assert done.returncode == 130
+    assert done.stderr == ""
+    assert done.stdout.split() == ([] if mode == "batch" else [str(n) for n in range(20)])
