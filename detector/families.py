@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,7 @@ from detector.fork_features import (
 from detector.miner_features import share_frame
 from detector.model import BlockAnomalyModel, Scored
 from detector.models import AnomalyDetector
+from detector.pools import pool
 from detector.rule_heads import RuleHeads, rule_heads, window_candidates
 from detector.rules import (
     SUSPECT_SLACK,
@@ -87,7 +87,6 @@ from detector.tx_features import (
 
 ASYNC_MIN_ROWS = 16_384  # a tx batch this big is scored on the scoring thread
 _JUMP_MIN_BLOCKS = 10  # blocks a node must have seen before a timestamp jump is judged
-_scorer: ThreadPoolExecutor | None = None
 NONCE_SENDERS = 200_000  # senders TxFamily.next_nonce remembers (the least recent go first)
 
 
@@ -469,10 +468,7 @@ class TxFamily:
         if len(x) < ASYNC_MIN_ROWS:
             scored = self.model.score(x)
             return lambda: scored
-        global _scorer
-        if _scorer is None:
-            _scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tx-score")
-        return _scorer.submit(self.model.score, x).result
+        return pool("tx-score").submit(self.model.score, x).result
 
     def _learn_included(self, frame: pl.DataFrame) -> None:
         """The batch's mined txs left the pool, are remembered as mined (`_included`), and

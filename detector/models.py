@@ -30,7 +30,6 @@ import os
 import pickle
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +42,7 @@ from chainwatch.schema import FeatureDeviation
 from detector.compiled import compiled
 from detector.forest import CompiledForest
 from detector.forest_fit import fit_isolation_forest
+from detector.pools import pool
 
 MODEL_KINDS: tuple[str, ...] = ("iforest", "hbos", "ecod", "copod", "sk_iforest")
 
@@ -105,7 +105,6 @@ def make_estimator(kind: str, contamination: float, seed: int, n_estimators: int
 
 
 PARALLEL_MIN_ROWS = 2_048  # fewer rows are walked on the caller's thread (handing over costs more)
-_pool: ThreadPoolExecutor | None = None
 # each fitted forest compiled, for as long as the forest lives (a refit makes a new one)
 _compiled: weakref.WeakKeyDictionary[Any, CompiledForest] = weakref.WeakKeyDictionary()
 
@@ -141,13 +140,10 @@ def _walk_of(forest: Any) -> CompiledForest:
 def walk_score_samples(compiled: CompiledForest, x: np.ndarray) -> np.ndarray:
     """A compiled forest's `score_samples(x)`; a big batch (a replay batch of 75k
     transactions, a refit's 50k training rows) has its rows split over several threads."""
-    global _pool
     threads = scoring_threads() if len(x) >= PARALLEL_MIN_ROWS else 1
     if threads < 2:
         return compiled.score_samples(x)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="forest-score")
-    return compiled.score_samples(x, _pool, threads)
+    return compiled.score_samples(x, pool("forest-score", threads), threads)
 
 
 def checked_rows(x: np.ndarray) -> np.ndarray:

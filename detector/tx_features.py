@@ -20,7 +20,6 @@ from __future__ import annotations
 import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, cast
@@ -30,6 +29,7 @@ import polars as pl
 
 from chainwatch.schema import Block, PendingTx, TxSummary
 from detector.compiled import compiled
+from detector.pools import pool
 
 TX_FEATURES: tuple[str, ...] = (
     "priority_fee_percentile",
@@ -1317,14 +1317,6 @@ def dense_ids(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: n
 
 
 _SIDE_THREAD_MIN_ROWS = 4_096  # a smaller batch's fee windows cost less than a hand-over
-_side: ThreadPoolExecutor | None = None
-
-
-def _side_thread() -> ThreadPoolExecutor:
-    global _side
-    if _side is None:
-        _side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tx-features")
-    return _side
 
 
 def _frame_now(frame: pl.DataFrame, now: float | None) -> float:
@@ -1431,7 +1423,7 @@ def tx_features(
     else:
         # a big batch's fee windows are walked on another thread meanwhile (compiled, no
         # GIL held): the second core is otherwise idle until the model scores the batch
-        fees_later = (_side_thread().submit(market.as_of, tips, caps, as_of)
+        fees_later = (pool("tx-features").submit(market.as_of, tips, caps, as_of)
                       if frame.height >= _SIDE_THREAD_MIN_ROWS else None)
         sender = senders.lookup(frame, now, rate=False)
         rates, sender_ids = senders.rate_as_of(frame, as_of)

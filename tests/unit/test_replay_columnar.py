@@ -207,23 +207,25 @@ def test_a_columnar_replay_finds_what_whole_blocks_find(tmp_path: Path, config) 
 
 def test_scoring_on_the_scoring_thread_changes_no_finding(tmp_path: Path, monkeypatch) -> None:
     """A big batch's txs are scored on another thread while the bookkeeping runs."""
-    from detector import families
+    from detector import families, pools
 
     _write(tmp_path, _history())
     config = ReplayConfig(batch_records=40)
     inline, _ = _replay(tmp_path, config, columnar=True)
     submitted = []
-    real_pool = families.ThreadPoolExecutor
+    real_pool = pools.ThreadPoolExecutor
 
     class CountingPool(real_pool):  # type: ignore[misc, valid-type]
         def submit(self, fn, *args, **kwargs):
-            submitted.append(len(args[0]))
+            if self._thread_name_prefix == "tx-score":
+                submitted.append(len(args[0]))
             return super().submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(families, "ASYNC_MIN_ROWS", 1)
-    monkeypatch.setattr(families, "ThreadPoolExecutor", CountingPool)
-    monkeypatch.setattr(families, "_scorer", None)
+    monkeypatch.setattr(pools, "ThreadPoolExecutor", CountingPool)
+    pools.shut_down_pools()  # the pools are made anew, counting
     threaded, _ = _replay(tmp_path, config, columnar=True)
+    pools.shut_down_pools()
     assert len(submitted) >= 3 and sum(submitted) > 4_000
     assert [f.model_dump_json() for f in threaded] == [f.model_dump_json() for f in inline]
     assert any(f.detector == "tx_iforest" for f in threaded)

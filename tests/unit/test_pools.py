@@ -1,0 +1,78 @@
+"""The detector's helper threads end with the replay that used them, also one whose
+start a Ctrl-C cut short (the replay then hung at exit instead of exiting)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.synthetic import generate
+from chainwatch.schema import encode
+from chainwatch.settings import load_settings
+from detector import families, pools
+from replay.app import ReplayOptions, run_replay
+
+_CUT_SHORT = """
+import sys, threading
+from detector.pools import pool, shut_down_pools
+
+start = threading.Thread.start
+
+def start_then_ctrl_c(thread):
+    start(thread)
+    raise KeyboardInterrupt  # as a Ctrl-C landing while start() waits for the thread
+
+threading.Thread.start = start_then_ctrl_c
+try:
+    pool("tx-score").submit(sum, [1, 2])
+except KeyboardInterrupt:
+    pass
+threading.Thread.start = start
+if sys.argv[1] == "shut":
+    shut_down_pools()
+sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "shut"])
+def test_a_helper_thread_whose_start_was_cut_short_lets_the_process_exit(mode):
+    """Plain, the control: concurrent.futures' exit hook never heard of the thread,
+    which waits for work forever, and so does the interpreter's exit."""
+    child = subprocess.Popen([sys.executable, "-c", _CUT_SHORT, mode],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = child.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        assert mode == "plain", "the process did not exit within 15 s"
+        return
+    assert mode == "shut", f"the control exited ({child.returncode}): {err[-500:]}"
+    assert child.returncode == 130 and err == ""
+
+
+def _helpers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name.startswith(("tx-score", "tx-features", "forest-score"))]
+
+
+def test_a_replay_ends_the_helper_threads_it_started(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(families, "ASYNC_MIN_ROWS", 1)  # every tx batch scored on a helper
+    used: list[str] = []
+    monkeypatch.setattr(families, "pool",
+                        lambda name, workers=1: used.append(name) or pools.pool(name, workers))
+    source = tmp_path / "history.jsonl"
+    source.write_bytes(b"\n".join(encode(b) for b in generate(120, 20, seed=5)) + b"\n")
+    before = set(_helpers())
+    run_replay(load_settings(warmup_blocks=50), str(source), ReplayOptions(progress=False),
+               echo=lambda _: None)
+    deadline = time.monotonic() + 10
+    while set(_helpers()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "tx-score" in used
+    assert not set(_helpers()) - before
