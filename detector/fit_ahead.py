@@ -102,7 +102,7 @@ def start_worker() -> Future[None] | None:
     global _up
     if _up is None and not _gave_up:
         try:
-            with _ctrl_c_deferred():
+            with _stops_deferred():
                 _up = _worker_pool().submit(_load)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             _forget_worker(exc, _CANNOT_START, for_good=True)
@@ -110,23 +110,27 @@ def start_worker() -> Future[None] | None:
 
 
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """A Ctrl-C while the pool starts its worker (the spawn, then the thread that manages
-    the worker) is taken once both are done. In between, the replay would exit without
-    waiting for a worker still reading what it was sent, which then failed with a
-    traceback (the replay's semaphores were gone). The spawn blocks it, see
-    `_SpawnBlockingCtrlC`."""
+def _stops_deferred() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM while the pool starts its worker (the spawn, then the thread
+    that manages the worker) is taken once both are done. In between, the replay would
+    exit without waiting for a worker still reading what it was sent, which then failed
+    with a traceback (the replay's semaphores were gone); and a manager thread whose
+    start the stop cut short is unknown to Python's exit hook, which then waits for it
+    forever. The spawn also blocks Ctrl-C, see `_SpawnBlockingCtrlC`."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals are the main thread's to handle
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if caught:
-            signal.raise_signal(signal.SIGINT)  # as the handler before would have had it
+            signal.raise_signal(caught[0])  # as the handler before would have had it
 
 
 def _forget_worker(exc: BaseException, what: str, *, for_good: bool = False) -> None:

@@ -241,37 +241,45 @@ def test_a_worker_that_cannot_start_is_not_tried_again(monkeypatch, no_worker_ye
     assert sum("could not start" in r.getMessage() for r in caplog.records) == 1
 
 
-def _start_worker_interrupted() -> None:
-    """start_worker ends in the KeyboardInterrupt the test arranged to send during it.
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # as the replay's SIGTERM handler
+
+
+def _start_worker_interrupted(sig: int = signal.SIGINT) -> None:
+    """start_worker ends in the stop the test arranged to send during it: Ctrl-C's
+    KeyboardInterrupt, or SIGTERM's SystemExit as the replay raises it.
 
     Ctrl-C as in a terminal, whatever this run inherited (a background job's, as CI may
     start the suite, ignores it, and so does the worker's start then).
     """
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handler = signal.default_int_handler if sig == signal.SIGINT else _raise_exit
+    before = signal.signal(sig, handler)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit):
             fit_ahead.start_worker()
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(sig, before)
 
 
-def test_a_ctrl_c_while_the_worker_starts_comes_once_its_manager_runs(
-    monkeypatch, no_worker_yet
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_worker_starts_comes_once_its_manager_runs(
+    monkeypatch, no_worker_yet, sig
 ):
-    """Ctrl-C between the spawn and the start of the thread that manages the worker:
+    """A stop between the spawn and the start of the thread that manages the worker:
     raised then, the replay exited without waiting for a worker still reading what it was
-    sent (a traceback from the worker). It comes once the pool is whole instead."""
+    sent (a traceback from the worker), or hung at exit on a manager thread whose start
+    it cut short. It comes once the pool is whole instead."""
     from concurrent.futures import ProcessPoolExecutor
 
     start_manager = ProcessPoolExecutor._start_executor_manager_thread
 
-    def ctrl_c_first(pool: ProcessPoolExecutor) -> None:
+    def stop_first(pool: ProcessPoolExecutor) -> None:
         assert pool._processes  # spawned already
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
         start_manager(pool)
 
-    monkeypatch.setattr(ProcessPoolExecutor, "_start_executor_manager_thread", ctrl_c_first)
-    _start_worker_interrupted()
+    monkeypatch.setattr(ProcessPoolExecutor, "_start_executor_manager_thread", stop_first)
+    _start_worker_interrupted(sig)
     pool = fit_ahead._pool
     assert pool is not None
     try:

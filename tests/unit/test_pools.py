@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,12 @@ def _helpers() -> list[threading.Thread]:
 def test_a_replay_ends_the_helper_threads_it_started(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(families, "ASYNC_MIN_ROWS", 1)  # every tx batch scored on a helper
     used: list[str] = []
-    monkeypatch.setattr(families, "pool",
-                        lambda name, workers=1: used.append(name) or pools.pool(name, workers))
+
+    def counted_pool(name: str, workers: int = 1) -> ThreadPoolExecutor:
+        used.append(name)
+        return pools.pool(name, workers)
+
+    monkeypatch.setattr(families, "pool", counted_pool)
     source = tmp_path / "history.jsonl"
     source.write_bytes(b"\n".join(encode(b) for b in generate(120, 20, seed=5)) + b"\n")
     before = set(_helpers())
