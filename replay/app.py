@@ -29,7 +29,6 @@ from detector.engine import Detector, DetectorConfig
 from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.fit_ahead import load_model_libraries, start_worker
 from detector.models import usable_cpus
-from detector.pools import shut_down_pools
 from detector.training import load_models
 from replay.archive import (
     ArchiveConfig,
@@ -349,7 +348,6 @@ def run_replay(
             progress.close(stats.records, stats.transactions)
             description = source.description
     finally:
-        shut_down_pools()  # also a helper thread whose start a Ctrl-C cut short
         if emitter is not None:
             emitter.close()
         if server is not None:

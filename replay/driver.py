@@ -33,6 +33,7 @@ from chainwatch.schema import (
     Reorg,
     TxLifecycle,
 )
+from detector.pools import shut_down_pools
 
 if TYPE_CHECKING:
     import polars as pl
@@ -315,10 +316,13 @@ class Replayer:
 
     def run(self, records: Iterable[AnyRecord]) -> ReplayStats:
         started = self.monotonic()
-        with fewer_collections():
-            for batch, next_at in self.batches(records):
-                self._process(batch)
-                self._tick_through(next_at)
+        try:
+            with fewer_collections():
+                for batch, next_at in self.batches(records):
+                    self._process(batch)
+                    self._tick_through(next_at)
+        finally:
+            shut_down_pools()  # also a helper thread whose start a Ctrl-C cut short
         self.stats.wall_seconds = self.monotonic() - started
         return self.stats
 

@@ -16,6 +16,8 @@ from bench.synthetic import generate
 from chainwatch.schema import encode
 from chainwatch.settings import load_settings
 from detector import families, pools
+from detector.engine import DetectorConfig
+from detector.evaluation import replay
 from replay.app import ReplayOptions, run_replay
 
 _CUT_SHORT = """
@@ -62,7 +64,14 @@ def _helpers() -> list[threading.Thread]:
             if t.name.startswith(("tx-score", "tx-features", "forest-score"))]
 
 
-def test_a_replay_ends_the_helper_threads_it_started(tmp_path: Path, monkeypatch) -> None:
+def _wait_for_no_helpers(seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while _helpers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["chainwatch replay", "chainwatch evaluate"])
+def test_a_replay_ends_the_helper_threads_it_started(tmp_path: Path, monkeypatch, how) -> None:
     monkeypatch.setattr(families, "ASYNC_MIN_ROWS", 1)  # every tx batch scored on a helper
     used: list[str] = []
 
@@ -71,13 +80,17 @@ def test_a_replay_ends_the_helper_threads_it_started(tmp_path: Path, monkeypatch
         return pools.pool(name, workers)
 
     monkeypatch.setattr(families, "pool", counted_pool)
-    source = tmp_path / "history.jsonl"
-    source.write_bytes(b"\n".join(encode(b) for b in generate(120, 20, seed=5)) + b"\n")
-    before = set(_helpers())
-    run_replay(load_settings(warmup_blocks=50), str(source), ReplayOptions(progress=False),
-               echo=lambda _: None)
-    deadline = time.monotonic() + 10
-    while set(_helpers()) - before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    blocks = generate(120, 20, seed=5)
+    pools.shut_down_pools()  # none left by an earlier test
+    _wait_for_no_helpers()
+    assert not _helpers()
+    if how == "chainwatch replay":
+        source = tmp_path / "history.jsonl"
+        source.write_bytes(b"\n".join(encode(b) for b in blocks) + b"\n")
+        run_replay(load_settings(warmup_blocks=50), str(source),
+                   ReplayOptions(progress=False), echo=lambda _: None)
+    else:  # evaluate scores its recordings through this replay
+        replay(blocks, DetectorConfig(warmup_blocks=50))
+    _wait_for_no_helpers()
     assert "tx-score" in used
-    assert not set(_helpers()) - before
+    assert not _helpers()
