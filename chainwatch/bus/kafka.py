@@ -30,9 +30,11 @@ from chainwatch.exceptions import BusError
 
 log = logging.getLogger(__name__)
 
-# How old a consumer's topic metadata may get (kafka-python's default is 5 min). A new
+# How old a client's topic metadata may get (kafka-python's default is 5 min). A new
 # partition is assigned only once the member that makes the group's assignments has seen
-# it in its metadata; a request this often is nothing to the broker.
+# it in its metadata, and a producer sends keyed records to it only once it has seen it;
+# the same age for both keeps a node's records moving to their new partition close to
+# the detectors' rebalance. A request this often is nothing to the broker.
 METADATA_MAX_AGE_MS = 30_000
 
 
@@ -267,6 +269,8 @@ class KafkaBus(Bus):
                     linger_ms=5,
                     batch_size=256 * 1024,
                     max_request_size=8 * 1024 * 1024,
+                    # keyed records follow partitions added to a topic within 30 s
+                    metadata_max_age_ms=METADATA_MAX_AGE_MS,
                 )
             except KafkaTimeoutError:
                 raise _no_session(self.config) from None

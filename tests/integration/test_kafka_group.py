@@ -1,6 +1,6 @@
-"""Detector replicas in one consumer group on the real broker: partitions added to the
-topics while a replica held none are taken up without a restart, through the bus's own
-consumer (`chainwatch.bus.kafka`, its settings as shipped)."""
+"""Partitions added to the topics on the real broker, through the bus's own consumer and
+producer (`chainwatch.bus.kafka`, their settings as shipped): detector replicas in one
+consumer group take them up without a restart, and keyed records move to them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions
 from kafka.coordinator.base import MemberState
+from kafka.partitioner.default import murmur2
 
 from chainwatch.bus.base import Consumer, Message
 from chainwatch.bus.kafka import KafkaBus, KafkaConfig
@@ -107,3 +108,60 @@ def test_a_partition_added_later_is_taken_up_by_the_idle_replica(
     finally:
         for member in members:
             member.close()
+
+
+def _partition_of(key: str, partitions: int) -> int:
+    """The partition kafka's default partitioner gives a key (murmur2, as Java's)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def test_keyed_records_move_to_partitions_added_later(kafka: KafkaBroker) -> None:
+    """Records are keyed by chain and node. Once an operator adds partitions, the bus's
+    producer sends a key to its new partition only when its own metadata shows them:
+    within 30 s (kafka-python refreshes it every 5 min by default, so a node's records
+    would change partition minutes after the detectors rebalanced). Checked: with the
+    default age no record reached an added partition in 60 s."""
+    topic = f"cw-keys-{uuid.uuid4().hex[:8]}"
+    KafkaBus(KafkaConfig(bootstrap_servers=kafka.bootstrap, partitions=1)).ensure_topics([topic])
+    keys = [f"1/node-{i}" for i in range(8)]
+    moving = {k: _partition_of(k, 4) for k in keys if _partition_of(k, 4) != 0}
+    assert moving, "no key would move: pick other keys"
+    bus = KafkaBus(KafkaConfig(bootstrap_servers=kafka.bootstrap))
+    reader: KafkaConsumer | None = None
+    try:
+        for key in keys:  # the producer's metadata now shows one partition
+            bus.publish(topic, key, b"before")
+        bus.flush()
+        admin = KafkaAdminClient(bootstrap_servers=[kafka.bootstrap])
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=4)})
+        finally:
+            admin.close()
+        added = [TopicPartition(topic, p) for p in (1, 2, 3)]
+        reader = KafkaConsumer(bootstrap_servers=[kafka.bootstrap], enable_auto_commit=False)
+        started = time.monotonic()
+        waited = 0.0
+        while waited < 60:
+            for key in keys:
+                bus.publish(topic, key, b"after")
+            bus.flush()
+            if sum(reader.end_offsets(added).values()):
+                break
+            time.sleep(1)
+            waited = time.monotonic() - started
+        assert waited < 45, f"no keyed record reached an added partition in {waited:.0f} s"
+
+        reader.assign(added)
+        reader.seek_to_beginning()
+        landed: dict[str, set[int]] = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and set(landed) != set(moving):
+            for tp, records in reader.poll(timeout_ms=500).items():
+                for r in records:
+                    landed.setdefault(r.key.decode(), set()).add(tp.partition)
+        # each moved key on its own new partition, and no other key on an added one
+        assert landed == {k: {p} for k, p in moving.items()}
+    finally:
+        if reader is not None:
+            reader.close()
+        bus.close()
