@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ def _quiet_finalizer_errors(unraisable: sys.UnraisableHookArgs) -> None:
     half-built (llvmlite's, when Ctrl-C lands inside numba's first compile) is noise;
     so is the stop itself when it was raised inside a finalizer (taken again later)."""
     log.debug("finalizer error after a stop: %s", unraisable.exc_type.__name__)
+
+
+def restore_handlers(before: dict[signal.Signals, Any]) -> None:
+    """Put every signal handler back, even when a signal lands between two of them.
+
+    A handler just put back (Ctrl-C's raises KeyboardInterrupt) can run before the next
+    is: the loop ends there, and the handlers after it would stay in place, for the rest
+    of a process that goes on (a test run, a notebook). Only a second signal landing in
+    this function's own `finally` can still leave one."""
+    try:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    finally:
+        for sig, handler in before.items():
+            if signal.getsignal(sig) != handler:
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -69,6 +86,7 @@ def stops_quietly() -> Iterator[None]:
         yield
         raise_if_stopped()  # a stop dropped in a finalizer after the last batch
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-        _asked.clear()
+        try:
+            restore_handlers(before)
+        finally:
+            _asked.clear()  # after: `exit_now` stays in place until then

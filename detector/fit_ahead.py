@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from chainwatch.stopping import restore_handlers
 from detector.models import AnomalyDetector
 
 log = logging.getLogger("chainwatch.detector")
@@ -127,8 +128,7 @@ def _stops_deferred() -> Iterator[None]:
             previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(previous)
         if caught:
             signal.raise_signal(caught[0])  # as the handler before would have had it
 
