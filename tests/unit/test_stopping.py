@@ -26,19 +26,17 @@ def handlers_kept() -> Iterator[None]:
         stopping._asked.clear()
 
 
-def _interrupted_after_first_restore(
-    monkeypatch: pytest.MonkeyPatch, puts: list[signal.Signals]
-) -> None:
+def _interrupted_after_first_restore(monkeypatch: pytest.MonkeyPatch, installs: int) -> None:
     """`signal.signal` as if a Ctrl-C landed right after the first handler was put back,
     and that handler (now in place) raised: what a real signal does at that moment, made
-    certain. Calls made while setting the context up are not counted."""
+    certain. The context's own `installs` calls, setting its handlers up, come first."""
     real: Callable[..., Any] = signal.signal
     calls = {"n": 0}
 
     def put(sig: signal.Signals, handler: Any) -> Any:
         previous = real(sig, handler)
         calls["n"] += 1
-        if calls["n"] == len(puts) + 1:  # the first put back, after the installs
+        if calls["n"] == installs + 1:  # the first put back
             raise KeyboardInterrupt
         return previous
 
@@ -56,7 +54,7 @@ def test_a_signal_between_two_restores_leaves_no_handler_behind(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     enter: Callable[[], contextlib.AbstractContextManager[None]] = (
         stopping.stops_quietly if context == "stops_quietly" else fit_ahead._stops_deferred)
-    _interrupted_after_first_restore(monkeypatch, [signal.SIGINT, signal.SIGTERM])
+    _interrupted_after_first_restore(monkeypatch, installs=2)  # SIGINT and SIGTERM
     with pytest.raises(KeyboardInterrupt), enter():
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) is not original_term
