@@ -525,23 +525,130 @@ class Stamp:
     observed_at: float
 
 
-def _row_medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's median over its non-NaN values (as np.median of those values computes
-    it: the middle one, or the mean of the two middle ones) and their count; NaN where a
-    row has none."""
-    counts = np.count_nonzero(~np.isnan(values), axis=1)
-    if values.shape[1] == 0:
-        return np.full(len(values), np.nan), counts
-    ordered = np.sort(values, axis=1)  # NaN last
-    rows = np.arange(len(values))
-    low = ordered[rows, np.maximum(counts - 1, 0) // 2]
-    high = ordered[rows, np.minimum(counts // 2, values.shape[1] - 1)]
-    middle = np.where(counts % 2 == 1, low, (low + high) / 2.0)
-    return np.where(counts > 0, middle, np.nan), counts
-
-
 # seconds by which a clock check's batch-wide pre-selection errs towards checking a block
 SUSPECT_SLACK = 1e-6
+
+
+@compiled
+def _insert_sorted(values: np.ndarray, n: int, value: float) -> None:  # pragma: no cover
+    """Put `value` into the ascending values[:n] (room for one more)."""
+    at = np.searchsorted(values[:n], value)
+    values[at + 1 : n + 1] = values[at:n].copy()
+    values[at] = value
+
+
+@compiled
+def _remove_sorted(values: np.ndarray, n: int, value: float) -> None:  # pragma: no cover
+    """Take one `value` out of the ascending values[:n] (it is there)."""
+    at = np.searchsorted(values[:n], value)
+    values[at : n - 1] = values[at + 1 : n].copy()
+
+
+@compiled
+def _middle(values: np.ndarray, n: int) -> float:  # pragma: no cover - compiled
+    """The median of the ascending values[:n] as np.median computes it: the middle one,
+    or the mean of the two middle ones; NaN when n is 0."""
+    if n == 0:
+        return np.nan
+    return values[(n - 1) // 2] if n % 2 == 1 else (values[(n - 1) // 2] + values[n // 2]) / 2.0
+
+
+@compiled
+def _clock_figures(  # pragma: no cover - compiled; tests compare it with numpy's steps
+    ts: np.ndarray, seen: np.ndarray, numbers: np.ndarray, first: int, window: int,
+    figures: np.ndarray, counts: np.ndarray,
+) -> None:
+    """`ClockWindow.of`'s figures of each stamp from `first` on. Row r (stamp q = first
+    + r) reads the pairs (p, p + 1) for p from q - window to q - 2 that exist: figures
+    rows usual_gap, usual_lead, usual_interval, follows (1.0 or 0.0) and interval;
+    counts rows gaps and leads.
+
+    The window slides one pair per row: its intervals, its consecutive heights' gaps and
+    those pairs' leads are kept sorted (one insertion and one removal a row), so a median
+    is read, not sorted for. The pairs that count for the lead (arrived live) depend on
+    the row's usual gap: the sorted leads are scanned for them. The same floats as
+    sorting each row's values gives (a median is an order statistic)."""
+    n = len(ts)
+    room = max(window, 1)
+    intervals = np.empty(room)  # every pair's gap, ascending
+    gaps = np.empty(room)  # the gaps of consecutive heights, ascending
+    leads = np.empty(room)  # those pairs' leads, ascending, with their mismatch and pair
+    mismatches = np.empty(room)
+    owners = np.empty(room, dtype=np.int64)
+    n_intervals = n_gaps = n_leads_kept = 0
+    low = high = max(first - window, 0)  # the pairs [low, high) are in the window
+    for r in range(n - first):
+        q = first + r
+        start = max(q - window, 0)
+        end = max(q - 1, start)
+        while low < start:  # the oldest pairs leave
+            gap = ts[low + 1] - ts[low]
+            if low < high and not np.isnan(gap):
+                _remove_sorted(intervals, n_intervals, gap)
+                n_intervals -= 1
+                if numbers[low + 1] == numbers[low] + 1:
+                    _remove_sorted(gaps, n_gaps, gap)
+                    n_gaps -= 1
+                    for k in range(n_leads_kept):
+                        if owners[k] == low:
+                            leads[k : n_leads_kept - 1] = leads[k + 1 : n_leads_kept].copy()
+                            mismatches[k : n_leads_kept - 1] = (
+                                mismatches[k + 1 : n_leads_kept].copy())
+                            owners[k : n_leads_kept - 1] = owners[k + 1 : n_leads_kept].copy()
+                            n_leads_kept -= 1
+                            break
+            low += 1
+        high = max(high, low)
+        while high < end:  # the newest pairs come in
+            gap = ts[high + 1] - ts[high]
+            if not np.isnan(gap):  # (never from valid records) unknown, as numpy skips it
+                _insert_sorted(intervals, n_intervals, gap)
+                n_intervals += 1
+                if numbers[high + 1] == numbers[high] + 1:
+                    _insert_sorted(gaps, n_gaps, gap)
+                    n_gaps += 1
+                    lead = ts[high + 1] - seen[high + 1]
+                    mismatch = abs((seen[high + 1] - seen[high]) - gap)
+                    if not (np.isnan(lead) or np.isnan(mismatch)):
+                        at = np.searchsorted(leads[:n_leads_kept], lead)
+                        leads[at + 1 : n_leads_kept + 1] = leads[at:n_leads_kept].copy()
+                        mismatches[at + 1 : n_leads_kept + 1] = (
+                            mismatches[at:n_leads_kept].copy())
+                        owners[at + 1 : n_leads_kept + 1] = owners[at:n_leads_kept].copy()
+                        leads[at] = lead
+                        mismatches[at] = mismatch
+                        owners[at] = high
+                        n_leads_kept += 1
+            high += 1
+        usual_gap = _middle(gaps, n_gaps)
+        # blocks that arrived live: as far apart on arrival as in their stamps
+        limit = max(usual_gap / 2, 1.0)
+        n_leads = 0
+        for k in range(n_leads_kept):
+            if mismatches[k] < limit:
+                n_leads += 1
+        usual_lead = np.nan
+        if n_leads > 0:
+            want_low, want_high = (n_leads - 1) // 2, n_leads // 2
+            seen_live = 0
+            lead_low = lead_high = np.nan
+            for k in range(n_leads_kept):
+                if mismatches[k] < limit:
+                    if seen_live == want_low:
+                        lead_low = leads[k]
+                    if seen_live == want_high:
+                        lead_high = leads[k]
+                        break
+                    seen_live += 1
+            usual_lead = lead_low if n_leads % 2 == 1 else (lead_low + lead_high) / 2.0
+        figures[0, r] = usual_gap
+        figures[1, r] = usual_lead
+        figures[2, r] = _middle(intervals, n_intervals)
+        follows = q > 0 and numbers[q - 1] == numbers[q] - 1
+        figures[3, r] = 1.0 if follows else 0.0
+        figures[4, r] = ts[q] - ts[q - 1] if q > 0 else np.nan
+        counts[0, r] = n_gaps
+        counts[1, r] = n_leads
 
 
 @dataclass(frozen=True)
@@ -572,28 +679,17 @@ class ClockWindow:
     @staticmethod
     def of(stamps: Sequence[Stamp], first: int, window: int) -> ClockWindow:
         """For each of `stamps[first:]`, its window being the (up to) `window` stamps
-        before it: one numpy pass for a batch instead of a Python pass per block."""
+        before it: one compiled pass for a batch instead of a Python pass per block."""
         ts = np.array([s.timestamp for s in stamps], dtype=np.float64)
         seen = np.array([s.observed_at for s in stamps], dtype=np.float64)
         numbers = np.array([s.number for s in stamps], dtype=np.int64)
+        rows = max(len(stamps) - first, 0)
+        figures = np.empty((5, rows))
+        counts = np.empty((2, rows), dtype=np.int64)
+        _clock_figures(ts, seen, numbers, first, window, figures, counts)
         positions = np.arange(first, len(stamps))
-        # pair i: stamps i and i+1; a block at q has the pairs q-window .. q-2 (those >= 0)
-        pair = positions[:, None] - window + np.arange(max(window - 1, 0))[None, :]
-        inside = pair >= 0
-        at = np.clip(pair, 0, max(len(stamps) - 2, 0))
-        consecutive = np.append(numbers[1:] == numbers[:-1] + 1, False)[at] & inside
-        gap = np.append(ts[1:] - ts[:-1], np.nan)[at]
-        usual_gap, gaps = _row_medians(np.where(consecutive, gap, np.nan))
-        mismatch = np.append(np.abs((seen[1:] - seen[:-1]) - (ts[1:] - ts[:-1])), np.nan)[at]
-        live = consecutive & (mismatch < np.maximum(usual_gap / 2, 1.0)[:, None])
-        lead = np.append(ts[1:] - seen[1:], np.nan)[at]
-        usual_lead, leads = _row_medians(np.where(live, lead, np.nan))
-        usual_interval, _ = _row_medians(np.where(inside, gap, np.nan))
-        before = np.maximum(positions - 1, 0)
-        follows = (positions > 0) & (numbers[before] == numbers[positions] - 1)
-        interval = np.where(positions > 0, ts[positions] - ts[before], np.nan)
-        return ClockWindow(usual_gap, gaps, usual_lead, leads, usual_interval, follows,
-                           np.minimum(positions, window), interval,
+        return ClockWindow(figures[0], counts[0], figures[1], counts[1], figures[2],
+                           figures[3] == 1.0, np.minimum(positions, window), figures[4],
                            ts[positions] - seen[positions])
 
     def drift_suspects(self, future_limit: float, min_blocks: int = 10) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.ensemble import IsolationForest
 
 from chainwatch.schema import Block, TxSummary
-from detector.families import FamilyConfig, TxFamily
+from detector.families import FamilyConfig, MinerFamily, TxFamily
 from detector.forest import CompiledForest
 from detector.models import _deviations_of
 
@@ -63,6 +63,7 @@ def compile_kernels() -> float:
     family = TxFamily(FamilyConfig(), kind="iforest", seed=0)
     blocks = _blocks()
     family.on_blocks(blocks, blocks[-1].observed_at, block_nows=[b.observed_at for b in blocks])
+    MinerFamily(FamilyConfig()).on_blocks(blocks, family, blocks[-1].observed_at)  # clock
     x = np.random.default_rng(0).random((64, 4))
     forest = IsolationForest(n_estimators=2, max_samples=32, random_state=0).fit(x)
     CompiledForest(forest).score_samples(x)

@@ -14,7 +14,7 @@ import pytest
 
 from chainwatch.schema import Block
 from detector.families import FamilyConfig, MinerFamily, TxFamily, _stamp
-from detector.rules import RuleHit, Stamp, count_score, timestamp_drift_rule
+from detector.rules import ClockWindow, RuleHit, Stamp, count_score, timestamp_drift_rule
 
 
 def _drift_reference(
@@ -185,3 +185,58 @@ def test_the_clock_checks_skip_only_blocks_they_cannot_flag(seed, monkeypatch):
     assert found == run()
     assert found  # the histories hold made-up stamps and jumps
     assert sum(checked) < len(history) / 4  # most blocks skip the per-block checks
+
+
+def _row_medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's median over its non-NaN values (np.median's) and their count."""
+    counts = np.count_nonzero(~np.isnan(values), axis=1)
+    if values.shape[1] == 0:
+        return np.full(len(values), np.nan), counts
+    ordered = np.sort(values, axis=1)  # NaN last
+    rows = np.arange(len(values))
+    low = ordered[rows, np.maximum(counts - 1, 0) // 2]
+    high = ordered[rows, np.minimum(counts // 2, values.shape[1] - 1)]
+    middle = np.where(counts % 2 == 1, low, (low + high) / 2.0)
+    return np.where(counts > 0, middle, np.nan), counts
+
+
+def _clock_window_numpy(stamps: Sequence[Stamp], first: int, window: int) -> ClockWindow:
+    """`ClockWindow.of` in numpy's steps (as it was before the compiled pass): each row's
+    window of pairs as a matrix, medians by sorting its rows."""
+    ts = np.array([s.timestamp for s in stamps], dtype=np.float64)
+    seen = np.array([s.observed_at for s in stamps], dtype=np.float64)
+    numbers = np.array([s.number for s in stamps], dtype=np.int64)
+    positions = np.arange(first, len(stamps))
+    pair = positions[:, None] - window + np.arange(max(window - 1, 0))[None, :]
+    inside = pair >= 0
+    at = np.clip(pair, 0, max(len(stamps) - 2, 0))
+    consecutive = np.append(numbers[1:] == numbers[:-1] + 1, False)[at] & inside
+    gap = np.append(ts[1:] - ts[:-1], np.nan)[at]
+    usual_gap, gaps = _row_medians(np.where(consecutive, gap, np.nan))
+    mismatch = np.append(np.abs((seen[1:] - seen[:-1]) - (ts[1:] - ts[:-1])), np.nan)[at]
+    live = consecutive & (mismatch < np.maximum(usual_gap / 2, 1.0)[:, None])
+    lead = np.append(ts[1:] - seen[1:], np.nan)[at]
+    usual_lead, leads = _row_medians(np.where(live, lead, np.nan))
+    usual_interval, _ = _row_medians(np.where(inside, gap, np.nan))
+    before = np.maximum(positions - 1, 0)
+    follows = (positions > 0) & (numbers[before] == numbers[positions] - 1)
+    interval = np.where(positions > 0, ts[positions] - ts[before], np.nan)
+    return ClockWindow(usual_gap, gaps, usual_lead, leads, usual_interval, follows,
+                       np.minimum(positions, window), interval,
+                       ts[positions] - seen[positions])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_window_figures_are_numpys(seed):
+    """Every figure of the compiled pass equals numpy's steps bit for bit, for windows
+    and batch starts of every size (gaps, repeated heights, bursts, halts)."""
+    rng = random.Random(seed)
+    stamps = [_stamp(b) for b in _history(seed, 300)]
+    for window in (0, 1, 2, 3, 10, 100, 400):
+        for first in (0, 1, 2, rng.randrange(len(stamps)), len(stamps) - 1, len(stamps)):
+            got = ClockWindow.of(stamps, first, window)
+            want = _clock_window_numpy(stamps, first, window)
+            for name in ClockWindow.__dataclass_fields__:
+                a, b = getattr(got, name), getattr(want, name)
+                assert a.dtype.kind == b.dtype.kind, name
+                assert np.array_equal(a, b, equal_nan=True), (name, window, first)

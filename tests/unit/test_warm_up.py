@@ -73,7 +73,7 @@ def test_a_detector_and_a_replay_compile_nothing_after_the_warm_up(tmp_path: Pat
     assert not any(got["before_warm_up"].values())  # nothing compiled at import
     assert set(got["warm"]) >= {"_walk", "_windows_as_of", "_groups", "_sender_counts",
                                 "_previous_nonces", "_deviations_of", "dense_ids",
-                                "_selector_counts"}
+                                "_selector_counts", "_clock_figures"}
     assert all(got["warm"].values()), got["warm"]  # the warm-up ran every kernel
     assert got["after"] == got["warm"]
     # the forests really scored blocks and txs in both (their walk is a kernel)
