@@ -205,7 +205,7 @@ def run(directory: Path, warmup: int) -> dict[str, object]:
 # (module, class or None, function, label) timed by `steps`
 STEPS: tuple[tuple[str, str | None, str, str], ...] = (
     ("replay.app", None, "make_detector", "start-up: detector and models"),
-    ("replay.archive", "ArchiveSource", "tx_frame", "tx frame from the archive's columns"),
+    ("replay.archive", None, "_frame_of", "tx frame from the archive's columns"),
     ("detector.engine", "Detector", "process", "Detector.process (all of it)"),
     ("detector.engine", "Detector", "_score", "block model"),
     ("detector.families", "TxFamily", "on_blocks", "tx family (all of it)"),

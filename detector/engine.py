@@ -41,6 +41,7 @@ from detector.features import (
 from detector.fork_features import split_lengths
 from detector.health import HealthConfig, NodeHealth, Split, Transition
 from detector.model import BlockAnomalyModel, Scored
+from detector.tx_features import TxColumns
 
 if TYPE_CHECKING:
     from chainwatch.settings import Settings
@@ -161,6 +162,48 @@ class _BlockTally:
                             np.array(node.intervals, dtype=np.float64))
 
 
+@dataclass
+class _TxRun:
+    """One chain's blocks whose transactions wait to be scored together (see
+    `Detector.run_blocks`), with each block's time and the batches' tx frames."""
+
+    blocks: list[Block] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    frames: list[pl.DataFrame | TxColumns] = field(default_factory=list)
+    heights: dict[int, str] = field(default_factory=dict)  # height -> the hash it holds
+    txs: int = 0
+
+    def add(self, blocks: list[Block], times: list[float],
+            frame: pl.DataFrame | TxColumns | None) -> None:
+        self.blocks.extend(blocks)
+        self.times.extend(times)
+        if frame is not None and blocks:
+            self.frames.append(frame)
+        for b in blocks:
+            self.heights.setdefault(b.number, b.hash)
+            self.txs += b.tx_count
+
+    def holds_other_block_at(self, blocks: list[Block]) -> bool:
+        """A block at a height the run holds another block at (a reorg, a split)."""
+        return any(self.heights.get(b.number, b.hash) != b.hash for b in blocks)
+
+    def frame(self) -> pl.DataFrame | None:
+        return TxColumns.frame_of(self.frames)
+
+
+TX_RUN_MAX_TXS = 16_384  # a run is scored once it holds this many txs (~100 mainnet blocks)
+
+
+@dataclass
+class _BlockRun:
+    """Blocks whose block-model rows wait to be scored together (see
+    `Detector.run_blocks`), each with the stamp its finding gets (its `block_time`)."""
+
+    rows: list[dict[str, object]] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)
+
+
 class Detector:
     def __init__(
         self,
@@ -198,6 +241,17 @@ class Detector:
         # contamination, how well it fits what it sees (replay reports it)
         self.scored_rows: Counter[str] = Counter()
         self.flagged_rows: Counter[str] = Counter()
+        # replay only, where nothing watches when a finding comes out (no --speed, --emit,
+        # --labels): blocks wait to be scored by the block model and the tx family in
+        # runs of up to this many blocks (0: every batch at once). Both cost mostly per
+        # call (the tx family ~10 ms), which thin blocks pay 500 blocks at a time
+        # otherwise. Only frozen models (trained, --models) are scored so, and
+        # transactions only while nothing else reads their family's state (`_defers_txs`):
+        # the same findings with the same stamps, out later.
+        self.run_blocks = 0
+        self._tx_runs: dict[int, _TxRun] = {}
+        self._block_run = _BlockRun()
+        self._run_findings: list[Finding] = []  # stamped already (see _flush_txs)
 
     def _series(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: the per-record metrics took ~3 us per
@@ -250,13 +304,14 @@ class Detector:
         return risk
 
     def process(
-        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | TxColumns | None = None
     ) -> list[Finding]:
         """Apply a batch in order; return the findings it produced (new ones only).
 
-        `txs`: the included transactions of the batch's blocks as one tx frame, when the
-        source holds them in columns (replay of an archive: its blocks come without
-        `transactions`); see `detector.tx_features.included_tx_frame`.
+        `txs`: the included transactions of the batch's blocks as one tx frame (or the
+        columns to build it from), when the source holds them in columns (replay of an
+        archive: its blocks come without `transactions`); see
+        `detector.tx_features.included_tx_frame`.
         """
         findings: list[Finding] = []
         rows: list[dict[str, object]] = []
@@ -269,6 +324,7 @@ class Detector:
         tally = _BlockTally()
         events: Counter[str] = Counter()
         self._block_now = {}
+        self._run_findings = []
         latest = self._last_now
         for record in records:
             if isinstance(record, Finding):
@@ -315,14 +371,33 @@ class Detector:
             findings.extend(self._on_splits(chain_id))
         if touched_chains:
             findings.extend(self._on_transitions(self.health.evaluate(self.state, self.clock())))
-        if rows:
+        if rows and self.run_blocks and self.clock_follows_records and (
+                "block" in self.pretrained):  # the frozen block model: rows wait in a run
+            run = self._block_run
+            now = self.clock()
+            run.rows.extend(rows)
+            run.blocks.extend(block_of_row)
+            run.stamps.extend(self.block_time(b, now) for b in block_of_row)
+            if len(run.blocks) >= self.run_blocks:
+                self._guarded("block", self._flush_blocks)
+        elif rows:
             findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))
         findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles, txs))
         now = self.clock()
         if records:
             self.metrics.last_event_processed.set(now)
         self._last_now = now
-        return self._count(self._stamped(findings, block_of_row, now))
+        return self._count(self._stamped(findings, block_of_row, now) + self._run_findings)
+
+    def flush(self) -> list[Finding]:
+        """The findings of blocks and transactions still waiting in runs (`run_blocks`):
+        replay calls this at its end."""
+        now = self.clock()
+        self._run_findings = []
+        self._guarded("block", self._flush_blocks)
+        for chain_id in sorted(self._tx_runs):
+            self._guarded("tx", partial(self._flush_txs, chain_id, now))
+        return self._count(self._run_findings)
 
     def block_time(self, block: Block, now: float) -> float:
         """When a finding about this block of the current batch is stamped (see
@@ -337,43 +412,108 @@ class Detector:
     def _stamped(
         self, findings: list[Finding], blocks: list[Block], now: float
     ) -> list[Finding]:
-        """Block and transaction findings about a block of this batch, stamped with that
-        block's time (`block_time`; the first block delivered at a height wins)."""
+        """Block and transaction findings about a block of this batch, stamped with the
+        time of the delivery that caused them (`block_time`): a block finding with its
+        node's block, a transaction finding with the first block delivered at its height
+        (the one its family scored). Neither depends on which other records share the
+        batch, so runs (`run_blocks`) stamp the same."""
         if not self.clock_follows_records or not findings or not blocks:
             return findings
-        by_hash = {b.hash: self.block_time(b, now) for b in blocks}
+        by_block: dict[tuple[int, str, str], float] = {}
         by_height: dict[tuple[int, int], float] = {}
         for b in blocks:
-            by_height.setdefault((b.chain_id, b.number), by_hash[b.hash])
+            when = self.block_time(b, now)
+            by_block.setdefault((b.chain_id, b.node, b.hash), when)
+            by_height.setdefault((b.chain_id, b.number), when)
         out: list[Finding] = []
         for f in findings:
-            when = (by_hash.get(f.subject) if f.family == "block"
-                    else by_height.get((f.chain_id, f.block_number))
-                    if f.family == "tx" and f.block_number is not None else None)
-            out.append(f if when is None or when == f.observed_at
-                       else f.model_copy(update={"observed_at": when}))
+            at = (by_block.get((f.chain_id, f.node, f.subject)) if f.family == "block"
+                  else by_height.get((f.chain_id, f.block_number))
+                  if f.family == "tx" and f.block_number is not None else None)
+            out.append(f if at is None or at == f.observed_at
+                       else f.model_copy(update={"observed_at": at}))
         return out
 
     def _families(
         self, chains: set[int], blocks: list[Block], pending: dict[int, list[PendingTx]],
-        lifecycles: dict[int, list[TxLifecycle]], txs: pl.DataFrame | None = None,
+        lifecycles: dict[int, list[TxLifecycle]], txs: pl.DataFrame | TxColumns | None = None,
     ) -> list[Finding]:
         """Transactions, miners and fork risk for the chains this batch touched."""
         now = self.clock()
         # each block's time, read once here for both families rather than by each
         times = [self.block_time(b, now) for b in blocks]
-        findings: list[Finding] = []
+        by_chain: dict[int, tuple[list[Block], list[float]]] = {}
         for chain_id in sorted(chains):
             chain = [i for i, b in enumerate(blocks) if b.chain_id == chain_id]
-            chain_blocks = [blocks[i] for i in chain]
-            chain_times = [times[i] for i in chain]
-            findings.extend(self._guarded("tx", partial(
-                self._txs, chain_id, chain_blocks, chain_times, pending.get(chain_id, []),
-                lifecycles.get(chain_id, []), now, txs)))
+            by_chain[chain_id] = ([blocks[i] for i in chain], [times[i] for i in chain])
+        waits = {chain_id: self._defers_txs(chain_id, chain_blocks, pending.get(chain_id, []),
+                                            lifecycles.get(chain_id, []))
+                 for chain_id, (chain_blocks, _) in by_chain.items()}
+        # built now only if some chain scores its txs now; a chain whose txs wait has no
+        # high-fee tx watched, so its miner family does not read the frame either
+        frame = txs.frame() if isinstance(txs, TxColumns) and not all(waits.values()) else txs
+        now_frame = frame if isinstance(frame, pl.DataFrame) else None
+        findings: list[Finding] = []
+        for chain_id, (chain_blocks, chain_times) in by_chain.items():
+            if waits[chain_id]:
+                run = self._tx_runs.setdefault(chain_id, _TxRun())
+                run.add(chain_blocks, chain_times, frame)
+                if len(run.blocks) >= self.run_blocks or run.txs >= TX_RUN_MAX_TXS:
+                    self._guarded("tx", partial(self._flush_txs, chain_id, now))
+            else:
+                if chain_id in self._tx_runs:  # what waits goes first, in order
+                    self._guarded("tx", partial(self._flush_txs, chain_id, now))
+                findings.extend(self._guarded("tx", partial(
+                    self._txs, chain_id, chain_blocks, chain_times, pending.get(chain_id, []),
+                    lifecycles.get(chain_id, []), now, now_frame)))
             findings.extend(self._guarded("miner", partial(
-                self._miners, chain_id, chain_blocks, chain_times, now, txs)))
+                self._miners, chain_id, chain_blocks, chain_times, now, now_frame)))
             findings.extend(self._guarded("fork_risk", partial(self._fork_risk, chain_id, now)))
         return findings
+
+    def _defers_txs(
+        self, chain_id: int, blocks: list[Block], pending: list[PendingTx],
+        lifecycles: list[TxLifecycle],
+    ) -> bool:
+        """Whether this batch's blocks may wait in the chain's run: the findings come out
+        later but the same. Only when nothing else reads the tx family's state meanwhile
+        and scoring many blocks at once is what scoring them batch by batch gives: no
+        pending txs or lifecycles (the pool state), no high-fee tx watched (the censorship
+        rule reads the family's offers every block), a frozen model (a live one refits
+        between batches), and no block at a height the run holds another block at (a
+        finding's stamp is its height's first block)."""
+        if not self.run_blocks or not self.clock_follows_records or pending or lifecycles:
+            return False
+        family = self.tx_family(chain_id)
+        if family.offers or not family.model.frozen:
+            return False
+        run = self._tx_runs.get(chain_id)
+        return run is None or not run.holds_other_block_at(blocks)
+
+    def _flush_blocks(self) -> list[Finding]:
+        """Score the waiting block run; its findings, stamped as `_stamped` stamps a
+        batch's, go out with this batch's (`_run_findings`)."""
+        run, self._block_run = self._block_run, _BlockRun()
+        if run.rows:
+            self._run_findings.extend(self._score(run.rows, run.blocks, run.stamps))
+        return []
+
+    def _flush_txs(self, chain_id: int, now: float) -> list[Finding]:
+        """Score a chain's waiting run; its findings, stamped with their blocks' times as
+        `_stamped` stamps a batch's, go out with this batch's (`_run_findings`)."""
+        run = self._tx_runs.pop(chain_id, None)
+        if run is None or not run.blocks:
+            return []
+        findings = self._txs(chain_id, run.blocks, run.times, [], [], now, run.frame())
+        by_height: dict[int, float] = {}
+        for b, when in zip(run.blocks, run.times, strict=True):
+            by_height.setdefault(b.number, when)
+        for f in findings:
+            at = by_height.get(f.block_number) if f.block_number is not None else None
+            self._run_findings.append(
+                f if at is None or at == f.observed_at
+                else f.model_copy(update={"observed_at": at}))
+        return []
 
     def _guarded(self, step: str, run: Callable[[], list[Finding]]) -> list[Finding]:
         """A bug in one batch-level step costs that step's findings for this batch only.
@@ -614,7 +754,12 @@ class Detector:
             )
         ]
 
-    def _score(self, rows: list[dict[str, object]], blocks: list[Block]) -> list[Finding]:
+    def _score(
+        self, rows: list[dict[str, object]], blocks: list[Block],
+        stamps: list[float] | None = None,
+    ) -> list[Finding]:
+        """The block model's findings; `stamps`: each row's finding time (else the
+        clock's, which `_stamped` then replaces)."""
         frame = pl.DataFrame(rows, schema=BLOCK_INPUT_SCHEMA)
         features = block_features(frame)
         complete = features.select(
@@ -640,7 +785,9 @@ class Detector:
                     block = blocks[i]
                     score = last_score[block.node] = float(scored.scores[j])
                     if scored.anomalous[j] and far[j]:
-                        findings.append(self._block_finding(block, score, scored.threshold, x[j]))
+                        findings.append(self._block_finding(
+                            block, score, scored.threshold, x[j],
+                            stamps[i] if stamps is not None else self.clock()))
                 for node, score in last_score.items():
                     self.metrics.block_anomaly_score.labels(str(chain_id), node).set(score)
             if model.learn(x):
@@ -661,7 +808,7 @@ class Detector:
         self.flagged_rows[family] += flagged
 
     def _block_finding(
-        self, block: Block, score: float, threshold: float, row: np.ndarray
+        self, block: Block, score: float, threshold: float, row: np.ndarray, at: float
     ) -> Finding:
         model = self.model_for(block.chain_id)
         explanation = model.explain(row)
@@ -670,7 +817,7 @@ class Detector:
             chain_id=block.chain_id,
             node=block.node,
             event_id=Finding.id_for(block.chain_id, block.node, "block_iforest", block.hash),
-            observed_at=self.clock(),
+            observed_at=at,
             detector="block_iforest",
             family="block",
             severity="info",

@@ -230,6 +230,37 @@ def tx_frame_of(
         exprs.get(k, pl.col(k)).alias(k) for k in TX_FRAME_SCHEMA)
 
 
+@dataclass(frozen=True)
+class TxColumns:
+    """Blocks' transactions as a source holds them (`parts`, opaque here), made into one
+    tx frame by `build` only when scored: a run of batches (`Detector.run_blocks`)
+    is built in one go instead of batch by batch (~5 ms a batch, most of it fixed)."""
+
+    parts: tuple[Any, ...]
+    build: Callable[[Sequence[Any]], pl.DataFrame]
+
+    def frame(self) -> pl.DataFrame:
+        return self.build(self.parts)
+
+    @staticmethod
+    def frame_of(items: Sequence[pl.DataFrame | TxColumns]) -> pl.DataFrame | None:
+        """The rows of several batches' transactions, in order, as one tx frame."""
+        frames: list[pl.DataFrame] = []
+        waiting: list[TxColumns] = []  # consecutive ones of one source, built together
+        for item in [*items, None]:
+            if isinstance(item, TxColumns) and (not waiting or item.build is waiting[0].build):
+                waiting.append(item)
+                continue
+            if waiting:
+                frames.append(waiting[0].build([p for w in waiting for p in w.parts]))
+            waiting = [item] if isinstance(item, TxColumns) else []
+            if isinstance(item, pl.DataFrame):
+                frames.append(item)
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
+
+
 def included_tx_frame(
     blocks: Sequence[Block], given: pl.DataFrame | None = None
 ) -> tuple[pl.DataFrame, list[int]]:

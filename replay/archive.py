@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
@@ -44,7 +44,7 @@ import polars as pl
 
 from chainwatch.exceptions import InvalidRecord, first_line
 from chainwatch.schema import AnyRecord, Block, TxSummary, decode, encode
-from detector.tx_features import tx_frame_of
+from detector.tx_features import TxColumns, tx_frame_of
 from replay.driver import block_number_of
 from replay.exceptions import UNREADABLE, ReplayError, one_line
 from replay.positions import Position
@@ -463,6 +463,16 @@ def _tx_runs(ranges: list[_TxRange]) -> list[pl.DataFrame]:
     return runs
 
 
+def _frame_of(parts: Sequence[tuple[Block, _TxRange]]) -> pl.DataFrame:
+    """The tx frame (`detector.tx_features.tx_frame_of`) of blocks and their txs' rows."""
+    # one chunk per column: a frame of 500 blocks' slices kept them as 500 chunks,
+    # which made every later step over it a third slower
+    txs = pl.concat(_tx_runs([t for _, t in parts]), rechunk=True).rename(
+        {"transaction_index": "tx_index"})
+    return tx_frame_of([h for h, _ in parts], [t.count for _, t in parts], txs,
+                       lowercase=all(t.lowercase for _, t in parts))
+
+
 @dataclass(frozen=True, slots=True)
 class _Row:
     """An archive row before decoding: what --from/--to can be decided on."""
@@ -727,23 +737,16 @@ class ArchiveSource(Source):
                 continue
             yield record
 
-    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
-        """The transactions of the batch's blocks read in columns, as one tx frame
-        (`detector.tx_features.tx_frame_of`); None when it has none."""
+    def tx_columns(self, batch: list[AnyRecord]) -> TxColumns | None:
+        """The transactions of the batch's blocks read in columns, to be made into one tx
+        frame (`_frame_of`) when the detector scores them; None when it has none."""
         parts = []
         for record in batch:
             if isinstance(record, Block):
                 part = self._columns.pop(record.event_id, None)
                 if part is not None:
                     parts.append(part)
-        if not parts:
-            return None
-        # one chunk per column: a frame of 500 blocks' slices kept them as 500 chunks,
-        # which made every later step over it a third slower
-        txs = pl.concat(_tx_runs([t for _, t in parts]), rechunk=True).rename(
-            {"transaction_index": "tx_index"})
-        return tx_frame_of([h for h, _ in parts], [t.count for _, t in parts], txs,
-                           lowercase=all(t.lowercase for _, t in parts))
+        return TxColumns(tuple(parts), _frame_of) if parts else None
 
     def discard(self, record: AnyRecord) -> None:
         if isinstance(record, Block):

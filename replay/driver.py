@@ -38,6 +38,8 @@ from detector.pools import shut_down_pools
 if TYPE_CHECKING:
     import polars as pl
 
+    from detector.tx_features import TxColumns
+
 GC_YOUNG_THRESHOLD = 100_000  # allocations between young collections (CPython's is 700)
 
 
@@ -68,16 +70,18 @@ class DetectorLike(Protocol):
     """What replay needs of `detector.engine.Detector`."""
 
     def process(
-        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | TxColumns | None = None
     ) -> list[Finding]: ...
 
     def tick(self) -> list[Finding]: ...
+
+    def flush(self) -> list[Finding]: ...
 
 
 class ColumnarTxs(Protocol):
     """A source that sends blocks without their transactions (`replay.sources.Source`)."""
 
-    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None: ...
+    def tx_columns(self, batch: list[AnyRecord]) -> TxColumns | None: ...
 
     def discard(self, record: AnyRecord) -> None: ...
 
@@ -321,6 +325,7 @@ class Replayer:
                 for batch, next_at in self.batches(records):
                     self._process(batch)
                     self._tick_through(next_at)
+                self._emit(self.detector.flush())  # what the detector kept back to the end
         finally:
             shut_down_pools()  # also a helper thread whose start a Ctrl-C cut short
         self.stats.wall_seconds = self.monotonic() - started
@@ -333,7 +338,7 @@ class Replayer:
         self._pace(self.clock.now)
         if self.before_batch is not None:
             self.before_batch(batch)
-        txs = self.columns.tx_frame(batch) if self.columns is not None else None
+        txs = self.columns.tx_columns(batch) if self.columns is not None else None
         findings = (self.detector.process(batch) if txs is None
                     else self.detector.process(batch, txs))
         s.batches += 1

@@ -170,7 +170,10 @@ def plot_findings_per_detector(findings: pl.DataFrame, data: ReportData, path: P
 
 
 def write_findings(findings: Sequence[Finding], out: Path) -> pl.DataFrame:
-    """findings.jsonl (records as on the bus), findings.parquet and findings.csv."""
+    """findings.jsonl (records as on the bus), findings.parquet and findings.csv, in the
+    order they were observed (their stamps; ties by event id): not the order the replay
+    happened to emit them in, which depends on its batches and runs."""
+    findings = sorted(findings, key=lambda f: (f.observed_at, f.event_id))
     with (out / "findings.jsonl").open("wb") as handle:
         for f in findings:
             handle.write(encode(f) + b"\n")

@@ -21,6 +21,7 @@ import polars as pl
 
 from chainwatch.exceptions import InvalidRecord
 from chainwatch.schema import AnyRecord, TxSummary, decode
+from detector.tx_features import TxColumns
 from replay.exceptions import UNREADABLE, ReplayError, RowError, one_line
 from replay.rows import (
     Defaults,
@@ -54,7 +55,7 @@ class Source:
     `block_window` (first, last), when set, says more: `screen` rejects every block row
     whose height is outside it from the height alone, so its payload need not be read.
     With `columnar` set (by the replay), a source that holds transactions in columns may
-    send blocks without their `transactions` and give them per batch from `tx_frame`.
+    send blocks without their `transactions` and give them per batch from `tx_columns`.
     """
 
     description: str = ""
@@ -65,7 +66,7 @@ class Source:
     def records(self) -> Iterator[AnyRecord]:
         raise NotImplementedError
 
-    def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
+    def tx_columns(self, batch: list[AnyRecord]) -> TxColumns | None:
         """The transactions of the batch's blocks sent without them (see `columnar`)."""
         return None
 

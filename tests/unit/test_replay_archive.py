@@ -15,6 +15,7 @@ import pytest
 
 from bench.synthetic import generate
 from chainwatch.schema import AnyRecord, Block, Finding, Reorg, encode
+from detector.tx_features import TxColumns
 from replay.archive import ArchiveSource, ArchiveWriter, archive_row
 from replay.driver import ReplayConfig
 from replay.exceptions import ReplayError
@@ -84,12 +85,15 @@ def _replay(
 
     class Recorder:
         def process(
-            self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
+            self, records: Sequence[AnyRecord], txs: pl.DataFrame | TxColumns | None = None
         ) -> list[Finding]:
             kept.extend(r.event_id for r in records)
             return []
 
         def tick(self) -> list[Finding]:
+            return []
+
+        def flush(self) -> list[Finding]:
             return []
 
     invalid = InvalidRows()

@@ -14,6 +14,7 @@ import pytest
 from bench.synthetic import generate
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, TxSummary, encode
 from chainwatch.settings import load_settings
+from detector.tx_features import TxColumns
 from replay.app import make_detector
 from replay.archive import ARCHIVE_SCHEMA, ArchiveSource, ArchiveWriter, archive_row
 from replay.driver import ReplayClock, ReplayConfig, Replayer
@@ -71,7 +72,8 @@ def test_the_archive_gives_back_every_block_written(tmp_path: Path) -> None:
 def _tx_frame_of_all(root: Path) -> pl.DataFrame | None:
     source = ArchiveSource(root, InvalidRows())
     source.columnar = True
-    return source.tx_frame(list(source.records()))
+    columns = source.tx_columns(list(source.records()))
+    return columns.frame() if columns is not None else None
 
 
 def test_lowercase_files_say_so_and_their_txs_are_not_lowercased_again(
@@ -119,7 +121,7 @@ def test_archives_written_before_the_columns_still_read(tmp_path: Path) -> None:
         source.columnar = columnar
         records = list(source.records())
         assert records == blocks
-        assert source.tx_frame(records) is None  # whole blocks: nothing in columns
+        assert source.tx_columns(records) is None  # whole blocks: nothing in columns
 
 
 def test_wei_amounts_read_from_decimal_strings_are_the_floats_of_the_ints() -> None:
@@ -171,15 +173,16 @@ def _replay(root: Path, config: ReplayConfig, columnar: bool) -> tuple[list[Find
     framed = 0
 
     class Counted:
-        def tx_frame(self, batch: list[AnyRecord]) -> pl.DataFrame | None:
+        def tx_columns(self, batch: list[AnyRecord]) -> TxColumns | None:
             nonlocal framed
-            frame = source.tx_frame(batch)
+            columns = source.tx_columns(batch)
+            frame = columns.frame() if columns is not None else None
             framed += frame.height if frame is not None else 0
             if frame is not None:  # blocks read in columns come without their txs
                 framed_blocks = set(frame.select("node", "block_hash").unique().iter_rows())
                 assert not any(r.transactions for r in batch if isinstance(r, Block)
                                and (r.node, r.hash) in framed_blocks)
-            return frame
+            return columns
 
         def discard(self, record: AnyRecord) -> None:
             source.discard(record)

@@ -21,8 +21,10 @@ from chainwatch.labels import Label
 from chainwatch.schema import AnyRecord, Finding, PeerSnapshot, Reorg, decode, encode
 from chainwatch.settings import load_settings
 from detector.evaluation import evaluate, replay
+from detector.tx_features import TxColumns
 from replay.app import ReplayOptions, make_detector, run_replay
 from replay.driver import ReplayClock, ReplayConfig, Replayer
+from tests.models import train_models
 
 
 class FakeDetector:
@@ -32,13 +34,16 @@ class FakeDetector:
         self.ticks: list[float] = []
 
     def process(
-        self, records: Sequence[AnyRecord], txs: pl.DataFrame | None = None
+        self, records: Sequence[AnyRecord], txs: pl.DataFrame | TxColumns | None = None
     ) -> list[Finding]:
         self.batches.append((self.clock(), [r.event_id for r in records]))
         return []
 
     def tick(self) -> list[Finding]:
         self.ticks.append(self.clock())
+        return []
+
+    def flush(self) -> list[Finding]:
         return []
 
 
@@ -274,17 +279,7 @@ def test_per_block_batches_also_cut_at_max_batch_seconds() -> None:
 def trained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Block and tx models trained on mainnet-shaped blocks of 10 txs, as `chainwatch
     train` saves them."""
-    from detector.training import MODEL_FILES, gather, train_block_model, train_tx_model
-
-    history = gather(generate(2_000, 10, seed=21))
-    directory = tmp_path_factory.mktemp("models")
-    for family, model in (
-        ("block", train_block_model(history, kind="iforest", contamination=0.001, seed=1)),
-        ("tx", train_tx_model(history, kind="iforest", contamination=0.001, seed=1)),
-    ):
-        assert model is not None
-        model.save(directory / MODEL_FILES[family])
-    return directory
+    return train_models(tmp_path_factory.mktemp("models"), 2_000, contamination=0.001)
 
 
 def _jsonl(path: Path, blocks: list) -> Path:
