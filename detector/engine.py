@@ -202,6 +202,7 @@ class _BlockRun:
     rows: list[dict[str, object]] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     stamps: list[float] = field(default_factory=list)
+    held_txs: int = 0  # the blocks' own `transactions`
 
 
 class Detector:
@@ -378,7 +379,10 @@ class Detector:
             run.rows.extend(rows)
             run.blocks.extend(block_of_row)
             run.stamps.extend(self.block_time(b, now) for b in block_of_row)
-            if len(run.blocks) >= self.run_blocks:
+            # blocks that carry their transactions (not read in columns) hold them in
+            # memory while they wait: a mainnet block's ~150
+            run.held_txs += sum(len(b.transactions) for b in block_of_row)
+            if len(run.blocks) >= self.run_blocks or run.held_txs >= TX_RUN_MAX_TXS:
                 self._guarded("block", self._flush_blocks)
         elif rows:
             findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))

@@ -15,7 +15,7 @@ import pytest
 from bench.synthetic import generate
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, encode
 from chainwatch.settings import load_settings
-from detector.engine import Detector
+from detector.engine import TX_RUN_MAX_TXS, Detector
 from detector.families import TxFamily
 from detector.tx_features import TxColumns
 from replay.app import ReplayOptions, make_detector
@@ -205,3 +205,22 @@ def test_a_plain_replay_scores_in_runs(models: Path, tmp_path: Path,
     app.run_replay(load_settings(models=models), str(history),
                    ReplayOptions(progress=False, speed=1e9), echo=lambda _: None)
     assert [d.run_blocks for d in made] == [app.RUN_BLOCKS, 0]
+
+
+def test_runs_hold_a_bounded_number_of_transactions(models: Path) -> None:
+    """Blocks that carry their transactions (JSONL, Kafka) keep them in memory while they
+    wait: a run is scored once it holds TX_RUN_MAX_TXS of them (~100 mainnet blocks)."""
+    clock = ReplayClock()
+    detector = make_detector(load_settings(models=models), clock)
+    detector.run_blocks = 10_000
+    blocks = generate(300, 150, seed=2)
+    most = 0
+    for start in range(0, len(blocks), 20):
+        batch = blocks[start:start + 20]
+        clock.now = batch[-1].observed_at
+        detector.process(batch)
+        held = sum(len(b.transactions) for b in detector._block_run.blocks) + sum(
+            len(b.transactions) for run in detector._tx_runs.values() for b in run.blocks)
+        most = max(most, held)
+    assert 0 < most < 2 * (TX_RUN_MAX_TXS + 20 * 150)  # both kinds of run, each bounded
+    assert detector.tx_family(1).scored_rows > 0
