@@ -13,7 +13,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -515,9 +515,9 @@ def miner_surge_rule(
     return out
 
 
-@dataclass(frozen=True)
-class Stamp:
-    """A block's clock facts as one node saw them (all seconds)."""
+class Stamp(NamedTuple):
+    """A block's clock facts as one node saw them (all seconds). A named tuple: one is
+    made per block, ~0.4 us against a frozen dataclass's ~0.9."""
 
     number: int
     miner: str

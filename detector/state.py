@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from chainwatch.schema import Block, NodeStatus, Reorg
 
 NodeKey = tuple[int, str]  # (chain_id, node)
 
 
-@dataclass(frozen=True, slots=True)
-class CanonicalEntry:
+class CanonicalEntry(NamedTuple):  # (named tuples: one of each per block, ~2x quicker made)
     hash: str
     parent_hash: str
     timestamp: int
@@ -47,8 +47,7 @@ class NodeState:
             self.canonical.popitem(last=False)
 
 
-@dataclass(frozen=True, slots=True)
-class BlockUpdate:
+class BlockUpdate(NamedTuple):
     """What a new block changed, with the parent facts the features need."""
 
     node: NodeState

@@ -30,6 +30,7 @@ from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.fit_ahead import load_model_libraries, start_worker
 from detector.models import usable_cpus
 from detector.training import load_models
+from detector.warm_up import start_numba
 from replay.archive import (
     ArchiveConfig,
     ArchiveSource,
@@ -62,6 +63,7 @@ def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
     if fit_ahead:
         load_model_libraries()  # what the first (inline) fit would import, ~1 s
         start_worker()  # boots while the replay opens its source and warms up
+    start_numba()  # counted in the start-up, not in the replay's first batch
     return Detector(
         replace(DetectorConfig.from_settings(settings), fit_ahead=fit_ahead),
         Metrics(),
