@@ -72,10 +72,7 @@ def complete_rows(features: pl.DataFrame) -> pl.DataFrame:
 
 def block_row(block: Block, update: BlockUpdate) -> dict[str, object]:
     """One input row for `block_features`, from a block and what ChainState knew of it."""
-
-    def as_float(value: int | None) -> float | None:
-        return None if value is None else float(value)
-
+    base_fee, parent_base_fee = block.base_fee_per_gas, update.parent_base_fee_per_gas
     return {
         "number": block.number,
         "timestamp": block.timestamp,
@@ -83,7 +80,7 @@ def block_row(block: Block, update: BlockUpdate) -> dict[str, object]:
         "gas_used": float(block.gas_used),
         "gas_limit": float(block.gas_limit),
         "tx_count": block.tx_count,
-        "base_fee_per_gas": as_float(block.base_fee_per_gas),
-        "parent_base_fee_per_gas": as_float(update.parent_base_fee_per_gas),
+        "base_fee_per_gas": None if base_fee is None else float(base_fee),
+        "parent_base_fee_per_gas": None if parent_base_fee is None else float(parent_base_fee),
         "observed_at": block.observed_at,
     }

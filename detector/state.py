@@ -99,7 +99,8 @@ class ChainState:
         state.canonical[block.number] = CanonicalEntry(
             block.hash, block.parent_hash, block.timestamp, block.base_fee_per_gas
         )
-        state.trim()
+        if len(state.canonical) > state.window:
+            state.trim()
         state.blocks_observed += 1
         if state.first_seen_at is None:
             state.first_seen_at = block.observed_at

@@ -191,6 +191,10 @@ _BLOCK_COLUMNS: tuple[str, ...] = (
 )
 
 
+_HEADER_FIELDS = operator.attrgetter(  # a block's values of _BLOCK_COLUMNS, in order
+    "chain_id", "node", "number", "hash", "base_fee_per_gas", "timestamp", "observed_at")
+
+
 def tx_frame_of(
     blocks: Sequence[Block], counts: Sequence[int], tx_cols: pl.DataFrame,
     *, lowercase: bool = False,
@@ -204,16 +208,11 @@ def tx_frame_of(
     `lowercase`: the addresses and selectors of `tx_cols` are lower-cased already (an
     archive's files say so), so they are not lower-cased again.
     """
+    # the headers' fields as columns, in one pass (a replay's run has thousands of blocks)
+    columns = list(zip(*map(_HEADER_FIELDS, blocks), strict=True)) or [()] * 7
+    columns[4] = tuple(map(_opt_float, columns[4]))  # base fee: wei beyond Int64 too
     per_block = pl.DataFrame(
-        {
-            "chain_id": [b.chain_id for b in blocks],
-            "node": [b.node for b in blocks],
-            "block_number": [b.number for b in blocks],
-            "block_hash": [b.hash for b in blocks],
-            "base_fee_per_gas": [_opt_float(b.base_fee_per_gas) for b in blocks],
-            "timestamp": [b.timestamp for b in blocks],
-            "observed_at": [b.observed_at for b in blocks],
-        },
+        dict(zip(_BLOCK_COLUMNS, columns, strict=True)),
         schema={k: TX_FRAME_SCHEMA[k] for k in _BLOCK_COLUMNS},
     )
     owner = np.repeat(np.arange(len(blocks)), counts)
@@ -298,6 +297,9 @@ def included_tx_frame(
     return frame.drop("_block"), per_block.tolist()
 
 
+_BLOCK_KEY = operator.attrgetter("chain_id", "node", "hash")
+
+
 def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int] | None:
     """Each block's row count when `frame` holds the txs of `blocks` and nothing else, in
     their order (runs of one block after another); None otherwise."""
@@ -307,7 +309,7 @@ def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int
         pl.struct("chain_id", "node", "block_hash").rle().alias("run")
     ).unnest("run")
     keys = runs["value"].struct.unnest()
-    wanted = {(b.chain_id, b.node, b.hash): i for i, b in enumerate(blocks)}
+    wanted = dict(zip(map(_BLOCK_KEY, blocks), range(len(blocks)), strict=True))
     if len(wanted) != len(blocks):
         return None
     positions = [wanted.get(k) for k in zip(keys["chain_id"].to_list(), keys["node"].to_list(),
@@ -709,19 +711,7 @@ class FeeMarket:
         `frame`, `counts`: `included_tx_frame(blocks)` when the caller built it already
         (the tx family scores that frame first); without them, the blocks' own txs.
         """
-        fresh: list[Block] = []
-        kept: list[int] = []
-        for i, b in enumerate(blocks):
-            if b.hash in self._seen:
-                continue
-            self._seen[b.hash] = None
-            if len(self._seen) > 4 * self.window_blocks:
-                self._seen.popitem(last=False)
-            fresh.append(b)
-            kept.append(i)
-            if self._head is None or b.number >= self._head:
-                self._head = b.number
-                self.base_fee = _opt_float(b.base_fee_per_gas)
+        fresh, kept = self._learn_heads(blocks)
         if not fresh:
             return
         if frame is None or counts is None:
@@ -744,6 +734,41 @@ class FeeMarket:
         ):
             self._tips.push(block_tips)
             self._caps.push(block_caps)
+
+    def _learn_heads(self, blocks: Sequence[Block]) -> tuple[list[Block], list[int]]:
+        """The blocks not seen before and their positions; remembers their hashes (the
+        last 4 windows' worth) and the highest one's base fee (the last block at the
+        highest height, as taking them one by one gives)."""
+        seen, most = self._seen, 4 * self.window_blocks
+        hashes = [b.hash for b in blocks]
+        if blocks and len(set(hashes)) == len(hashes) and seen.keys().isdisjoint(hashes):
+            # all new, as a replay's run of thousands of blocks is: no step per block
+            top = max(b.number for b in blocks)
+            if self._head is None or top >= self._head:
+                self._head = top
+                highest = next(b for b in reversed(blocks) if b.number == top)
+                self.base_fee = _opt_float(highest.base_fee_per_gas)
+            if len(hashes) >= most:
+                self._seen = OrderedDict.fromkeys(hashes[-most:])
+            else:
+                seen.update(dict.fromkeys(hashes))
+                while len(seen) > most:
+                    seen.popitem(last=False)
+            return list(blocks), list(range(len(blocks)))
+        fresh: list[Block] = []
+        kept: list[int] = []
+        for i, b in enumerate(blocks):
+            if b.hash in self._seen:
+                continue
+            self._seen[b.hash] = None
+            if len(self._seen) > most:
+                self._seen.popitem(last=False)
+            fresh.append(b)
+            kept.append(i)
+            if self._head is None or b.number >= self._head:
+                self._head = b.number
+                self.base_fee = _opt_float(b.base_fee_per_gas)
+        return fresh, kept
 
     def percentile_of(self, tips: np.ndarray) -> np.ndarray:
         """Empirical (mid-rank) percentile in [0, 1] of each tip; NaN while the window is empty."""

@@ -188,6 +188,37 @@ def test_fee_market_learns_a_long_batch_as_its_blocks_one_by_one():
         assert np.array_equal(batched.fee_cap_log_z(probe), one_by_one.fee_cap_log_z(probe))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fee_market_learns_runs_of_new_blocks_as_one_at_a_time(seed):
+    """A call whose blocks are all new (a replay's run) takes a shortcut: the same hashes
+    remembered, the same head and base fee, the same window, as the blocks one by one,
+    also with heights going back (a reorg) and calls mixing new and seen blocks."""
+    rng = np.random.default_rng(seed)
+    blocks: list[Block] = []
+    for i in range(400):
+        number = int(rng.integers(1, 300)) if rng.random() < 0.1 else i  # some go back
+        if i % 7 == 6:
+            number = blocks[-1].number  # a sibling: the last block at a height wins
+        blocks.append(block(number, (legacy(0, float(rng.integers(1, 50)), tag=f"{i}x"),),
+                            hash=f"0x{i:064x}",
+                            base_fee_per_gas=int(rng.integers(1, 10**6)) * GWEI))
+    probe = np.arange(0.0, 60.0, 0.5) * GWEI
+    runs, one_by_one = FeeMarket(window_blocks=9), FeeMarket(window_blocks=9)
+    start = 0
+    while start < len(blocks):
+        size = int(rng.choice([1, 2, 30, 35, 36, 37, 80]))
+        chunk = blocks[start:start + size]
+        if rng.random() < 0.3:  # a seen block again: the careful path
+            chunk = [*chunk, blocks[max(start - 3, 0)]]
+        runs.update(chunk)
+        for b in chunk:
+            one_by_one.update([b, b])  # (a hash twice: never the shortcut; skipped twice)
+        start += size
+        assert list(runs._seen) == list(one_by_one._seen)
+        assert (runs._head, runs.base_fee) == (one_by_one._head, one_by_one.base_fee)
+        assert np.array_equal(runs.percentile_of(probe), one_by_one.percentile_of(probe))
+
+
 def test_fee_market_is_unknown_before_any_block():
     market = FeeMarket()
     assert np.isnan(market.percentile_of(np.array([1.0]))).all()
