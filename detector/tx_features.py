@@ -191,10 +191,6 @@ _BLOCK_COLUMNS: tuple[str, ...] = (
 )
 
 
-_HEADER_FIELDS = operator.attrgetter(  # a block's values of _BLOCK_COLUMNS, in order
-    "chain_id", "node", "number", "hash", "base_fee_per_gas", "timestamp", "observed_at")
-
-
 def tx_frame_of(
     blocks: Sequence[Block], counts: Sequence[int], tx_cols: pl.DataFrame,
     *, lowercase: bool = False,
@@ -208,11 +204,16 @@ def tx_frame_of(
     `lowercase`: the addresses and selectors of `tx_cols` are lower-cased already (an
     archive's files say so), so they are not lower-cased again.
     """
-    # the headers' fields as columns, in one pass (a replay's run has thousands of blocks)
-    columns = list(zip(*map(_HEADER_FIELDS, blocks), strict=True)) or [()] * 7
-    columns[4] = tuple(map(_opt_float, columns[4]))  # base fee: wei beyond Int64 too
     per_block = pl.DataFrame(
-        dict(zip(_BLOCK_COLUMNS, columns, strict=True)),
+        {
+            "chain_id": [b.chain_id for b in blocks],
+            "node": [b.node for b in blocks],
+            "block_number": [b.number for b in blocks],
+            "block_hash": [b.hash for b in blocks],
+            "base_fee_per_gas": [_opt_float(b.base_fee_per_gas) for b in blocks],
+            "timestamp": [b.timestamp for b in blocks],
+            "observed_at": [b.observed_at for b in blocks],
+        },
         schema={k: TX_FRAME_SCHEMA[k] for k in _BLOCK_COLUMNS},
     )
     owner = np.repeat(np.arange(len(blocks)), counts)
