@@ -123,11 +123,15 @@ def test_runs_find_what_batch_by_batch_scoring_finds(models: Path) -> None:
 
 def test_runs_of_an_archives_columns_find_the_same(models: Path, tmp_path: Path) -> None:
     """From an archive, the batches' transactions come as columns (`TxColumns`) and a run
-    builds its frame once: the same findings as batch by batch."""
-    records = [r for r in _history() if isinstance(r, Block)]
+    builds its frame once: the same findings as batch by batch. Two chains share the
+    batches (each chain's run reads its own blocks' rows out of the shared columns)."""
+    other = [_whale(b) if b.number % 40 == 7 else b
+             for b in generate(300, 10, seed=9, chain_id=5, node="other")]
+    records = sorted([*(r for r in _history() if isinstance(r, Block)), *other],
+                     key=lambda r: r.observed_at)
     writer = ArchiveWriter(tmp_path)
     for i, r in enumerate(records):
-        writer.add(archive_row("cw.blocks", 0, i, f"1:{r.node}", encode(r), 0))
+        writer.add(archive_row("cw.blocks", 0, i, f"{r.chain_id}:{r.node}", encode(r), 0))
     writer.flush()
 
     def source() -> ArchiveSource:
@@ -147,7 +151,7 @@ def test_runs_of_an_archives_columns_find_the_same(models: Path, tmp_path: Path)
         patch.setattr(TxColumns, "frame_of", staticmethod(counting))
         runs, _ = _replay(models, records, run_blocks=150, source=source())
     assert _canonical(runs) == _canonical(each)
-    assert "tx_iforest" in {f.detector for f in each}
+    assert {f.chain_id for f in each if f.detector == "tx_iforest"} == {1, 5}
     assert max(built) > 1  # several batches' columns made into one frame
 
 
