@@ -191,7 +191,7 @@ class _TxRun:
         return TxColumns.frame_of(self.frames)
 
 
-TX_RUN_MAX_TXS = 16_384  # a run is scored once it holds this many txs (~100 mainnet blocks)
+RUN_MAX_TXS = 16_384  # a run is scored once it holds this many txs (~100 mainnet blocks)
 
 
 @dataclass
@@ -203,6 +203,13 @@ class _BlockRun:
     blocks: list[Block] = field(default_factory=list)
     stamps: list[float] = field(default_factory=list)
     held_txs: int = 0  # the blocks' own `transactions`
+
+
+def _restamped(finding: Finding, at: float | None) -> Finding:
+    """The finding observed at `at` (itself when None or already so)."""
+    if at is None or at == finding.observed_at:
+        return finding
+    return finding.model_copy(update={"observed_at": at})
 
 
 class Detector:
@@ -382,8 +389,8 @@ class Detector:
             # blocks that carry their transactions (not read in columns) hold them in
             # memory while they wait: a mainnet block's ~150
             run.held_txs += sum(len(b.transactions) for b in block_of_row)
-            if len(run.blocks) >= self.run_blocks or run.held_txs >= TX_RUN_MAX_TXS:
-                self._guarded("block", self._flush_blocks)
+            if len(run.blocks) >= self.run_blocks or run.held_txs >= RUN_MAX_TXS:
+                self._run_findings.extend(self._guarded("block", self._flush_blocks))
         elif rows:
             findings.extend(self._guarded("block", lambda: self._score(rows, block_of_row)))
         findings.extend(self._families(touched_chains, block_of_row, pending, lifecycles, txs))
@@ -397,11 +404,10 @@ class Detector:
         """The findings of blocks and transactions still waiting in runs (`run_blocks`):
         replay calls this at its end."""
         now = self.clock()
-        self._run_findings = []
-        self._guarded("block", self._flush_blocks)
+        findings = self._guarded("block", self._flush_blocks)
         for chain_id in sorted(self._tx_runs):
-            self._guarded("tx", partial(self._flush_txs, chain_id, now))
-        return self._count(self._run_findings)
+            findings.extend(self._guarded("tx", partial(self._flush_txs, chain_id, now)))
+        return self._count(findings)
 
     def block_time(self, block: Block, now: float) -> float:
         """When a finding about this block of the current batch is stamped (see
@@ -434,8 +440,7 @@ class Detector:
             at = (by_block.get((f.chain_id, f.node, f.subject)) if f.family == "block"
                   else by_height.get((f.chain_id, f.block_number))
                   if f.family == "tx" and f.block_number is not None else None)
-            out.append(f if at is None or at == f.observed_at
-                       else f.model_copy(update={"observed_at": at}))
+            out.append(_restamped(f, at))
         return out
 
     def _families(
@@ -462,11 +467,13 @@ class Detector:
             if waits[chain_id]:
                 run = self._tx_runs.setdefault(chain_id, _TxRun())
                 run.add(chain_blocks, chain_times, frame)
-                if len(run.blocks) >= self.run_blocks or run.txs >= TX_RUN_MAX_TXS:
-                    self._guarded("tx", partial(self._flush_txs, chain_id, now))
+                if len(run.blocks) >= self.run_blocks or run.txs >= RUN_MAX_TXS:
+                    self._run_findings.extend(
+                        self._guarded("tx", partial(self._flush_txs, chain_id, now)))
             else:
                 if chain_id in self._tx_runs:  # what waits goes first, in order
-                    self._guarded("tx", partial(self._flush_txs, chain_id, now))
+                    self._run_findings.extend(
+                        self._guarded("tx", partial(self._flush_txs, chain_id, now)))
                 findings.extend(self._guarded("tx", partial(
                     self._txs, chain_id, chain_blocks, chain_times, pending.get(chain_id, []),
                     lifecycles.get(chain_id, []), now, now_frame)))
@@ -495,16 +502,14 @@ class Detector:
         return run is None or not run.holds_other_block_at(blocks)
 
     def _flush_blocks(self) -> list[Finding]:
-        """Score the waiting block run; its findings, stamped as `_stamped` stamps a
-        batch's, go out with this batch's (`_run_findings`)."""
+        """Score the waiting block run: its findings, stamped as `_stamped` stamps a
+        batch's (they go out with this batch's, past `_stamped`: `_run_findings`)."""
         run, self._block_run = self._block_run, _BlockRun()
-        if run.rows:
-            self._run_findings.extend(self._score(run.rows, run.blocks, run.stamps))
-        return []
+        return self._score(run.rows, run.blocks, run.stamps) if run.rows else []
 
     def _flush_txs(self, chain_id: int, now: float) -> list[Finding]:
-        """Score a chain's waiting run; its findings, stamped with their blocks' times as
-        `_stamped` stamps a batch's, go out with this batch's (`_run_findings`)."""
+        """Score a chain's waiting run: its findings, stamped with their blocks' times as
+        `_stamped` stamps a batch's (they go out past `_stamped`: `_run_findings`)."""
         run = self._tx_runs.pop(chain_id, None)
         if run is None or not run.blocks:
             return []
@@ -512,12 +517,8 @@ class Detector:
         by_height: dict[int, float] = {}
         for b, when in zip(run.blocks, run.times, strict=True):
             by_height.setdefault(b.number, when)
-        for f in findings:
-            at = by_height.get(f.block_number) if f.block_number is not None else None
-            self._run_findings.append(
-                f if at is None or at == f.observed_at
-                else f.model_copy(update={"observed_at": at}))
-        return []
+        return [_restamped(f, by_height.get(f.block_number)
+                           if f.block_number is not None else None) for f in findings]
 
     def _guarded(self, step: str, run: Callable[[], list[Finding]]) -> list[Finding]:
         """A bug in one batch-level step costs that step's findings for this batch only.

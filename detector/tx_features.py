@@ -21,7 +21,7 @@ import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import groupby, pairwise
 from typing import Any, cast
 
 import numpy as np
@@ -246,16 +246,13 @@ class TxColumns:
     def frame_of(items: Sequence[pl.DataFrame | TxColumns]) -> pl.DataFrame | None:
         """The rows of several batches' transactions, in order, as one tx frame."""
         frames: list[pl.DataFrame] = []
-        waiting: list[TxColumns] = []  # consecutive ones of one source, built together
-        for item in [*items, None]:
-            if isinstance(item, TxColumns) and (not waiting or item.build is waiting[0].build):
-                waiting.append(item)
-                continue
-            if waiting:
-                frames.append(waiting[0].build([p for w in waiting for p in w.parts]))
-            waiting = [item] if isinstance(item, TxColumns) else []
-            if isinstance(item, pl.DataFrame):
-                frames.append(item)
+        # consecutive columns of one source are built together; frames are taken as they are
+        for build, group in groupby(
+                items, key=lambda item: item.build if isinstance(item, TxColumns) else None):
+            if build is None:
+                frames.extend(cast(list[pl.DataFrame], list(group)))
+            else:
+                frames.append(build([p for c in cast(list[TxColumns], group) for p in c.parts]))
         if not frames:
             return None
         return frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
@@ -298,9 +295,6 @@ def included_tx_frame(
     return frame.drop("_block"), per_block.tolist()
 
 
-_BLOCK_KEY = operator.attrgetter("chain_id", "node", "hash")
-
-
 def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int] | None:
     """Each block's row count when `frame` holds the txs of `blocks` and nothing else, in
     their order (runs of one block after another); None otherwise."""
@@ -310,7 +304,7 @@ def _counts_if_exactly(frame: pl.DataFrame, blocks: Sequence[Block]) -> list[int
         pl.struct("chain_id", "node", "block_hash").rle().alias("run")
     ).unnest("run")
     keys = runs["value"].struct.unnest()
-    wanted = dict(zip(map(_BLOCK_KEY, blocks), range(len(blocks)), strict=True))
+    wanted = {(b.chain_id, b.node, b.hash): i for i, b in enumerate(blocks)}
     if len(wanted) != len(blocks):
         return None
     positions = [wanted.get(k) for k in zip(keys["chain_id"].to_list(), keys["node"].to_list(),

@@ -15,7 +15,7 @@ import pytest
 from bench.synthetic import generate
 from chainwatch.schema import AnyRecord, Block, Finding, PendingTx, encode
 from chainwatch.settings import load_settings
-from detector.engine import TX_RUN_MAX_TXS, Detector
+from detector.engine import RUN_MAX_TXS, Detector
 from detector.families import TxFamily
 from detector.tx_features import TxColumns
 from replay.app import ReplayOptions, make_detector
@@ -213,7 +213,7 @@ def test_a_plain_replay_scores_in_runs(models: Path, tmp_path: Path,
 
 def test_runs_hold_a_bounded_number_of_transactions(models: Path) -> None:
     """Blocks that carry their transactions (JSONL, Kafka) keep them in memory while they
-    wait: a run is scored once it holds TX_RUN_MAX_TXS of them (~100 mainnet blocks)."""
+    wait: a run is scored once it holds RUN_MAX_TXS of them (~100 mainnet blocks)."""
     clock = ReplayClock()
     detector = make_detector(load_settings(models=models), clock)
     detector.run_blocks = 10_000
@@ -226,5 +226,5 @@ def test_runs_hold_a_bounded_number_of_transactions(models: Path) -> None:
         held = sum(len(b.transactions) for b in detector._block_run.blocks) + sum(
             len(b.transactions) for run in detector._tx_runs.values() for b in run.blocks)
         most = max(most, held)
-    assert 0 < most < 2 * (TX_RUN_MAX_TXS + 20 * 150)  # both kinds of run, each bounded
+    assert 0 < most < 2 * (RUN_MAX_TXS + 20 * 150)  # both kinds of run, each bounded
     assert detector.tx_family(1).scored_rows > 0
