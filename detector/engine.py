@@ -34,8 +34,9 @@ from detector.features import (
     BLOCK_FEATURE_MEDIAN_SCALE,
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
-    BLOCK_INPUT_SCHEMA,
+    BlockRow,
     block_features,
+    block_input_frame,
     block_row,
 )
 from detector.fork_features import split_lengths
@@ -135,10 +136,10 @@ class _BlockTally:
     """
 
     def __init__(self) -> None:
-        self.nodes: dict[tuple[str, str], _NodeBlocks] = {}
+        self.nodes: dict[tuple[int, str], _NodeBlocks] = {}
 
     def add(self, block: Block, new_head: bool, parent_timestamp: int | None) -> None:
-        key = (str(block.chain_id), block.node)
+        key = (block.chain_id, block.node)  # labels made once per node, at flush
         node = self.nodes.get(key)
         if node is None:
             node = self.nodes[key] = _NodeBlocks()
@@ -151,7 +152,8 @@ class _BlockTally:
             node.intervals.append(max(block.timestamp - parent_timestamp, 0))
 
     def flush(self, m: Metrics, series: Callable[..., Any]) -> None:
-        for labels, node in self.nodes.items():
+        for (chain_id, node_name), node in self.nodes.items():
+            labels = (str(chain_id), node_name)
             series(m.blocks_observed, *labels).inc(node.count)
             series(m.head_block_number, *labels).set(node.number)
             series(m.last_block_timestamp, *labels).set(node.timestamp)
@@ -199,7 +201,7 @@ class _BlockRun:
     """Blocks whose block-model rows wait to be scored together (see
     `Detector.run_blocks`), each with the stamp its finding gets (its `block_time`)."""
 
-    rows: list[dict[str, object]] = field(default_factory=list)
+    rows: list[BlockRow] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     stamps: list[float] = field(default_factory=list)
     held_txs: int = 0  # the blocks' own `transactions`
@@ -322,7 +324,7 @@ class Detector:
         `detector.tx_features.included_tx_frame`.
         """
         findings: list[Finding] = []
-        rows: list[dict[str, object]] = []
+        rows: list[BlockRow] = []
         block_of_row: list[Block] = []
         touched_chains: set[int] = set()
         pending: dict[int, list[PendingTx]] = {}
@@ -385,7 +387,7 @@ class Detector:
             now = self.clock()
             run.rows.extend(rows)
             run.blocks.extend(block_of_row)
-            run.stamps.extend(self.block_time(b, now) for b in block_of_row)
+            run.stamps.extend(self._block_times(block_of_row, now))
             # blocks that carry their transactions (not read in columns) hold them in
             # memory while they wait: a mainnet block's ~150
             run.held_txs += sum(len(b.transactions) for b in block_of_row)
@@ -414,6 +416,13 @@ class Detector:
         `_record_time`)."""
         return self._record_time(self._block_now.get(id(block), now), now)
 
+    def _block_times(self, blocks: list[Block], now: float) -> list[float]:
+        """`block_time` of each block (one pass: three per block of a batch)."""
+        if not self.clock_follows_records:
+            return [now] * len(blocks)
+        get = self._block_now.get
+        return [min(get(id(b), now), now) for b in blocks]
+
     def _record_time(self, latest: float, now: float) -> float:
         """A finding caused by a record: stamped with the clock as it read once that record
         was in (`latest`) when the clock follows the records (replay), else with `now`."""
@@ -431,8 +440,7 @@ class Detector:
             return findings
         by_block: dict[tuple[int, str, str], float] = {}
         by_height: dict[tuple[int, int], float] = {}
-        for b in blocks:
-            when = self.block_time(b, now)
+        for b, when in zip(blocks, self._block_times(blocks, now), strict=True):
             by_block.setdefault((b.chain_id, b.node, b.hash), when)
             by_height.setdefault((b.chain_id, b.number), when)
         out: list[Finding] = []
@@ -450,11 +458,14 @@ class Detector:
         """Transactions, miners and fork risk for the chains this batch touched."""
         now = self.clock()
         # each block's time, read once here for both families rather than by each
-        times = [self.block_time(b, now) for b in blocks]
+        times = self._block_times(blocks, now)
         by_chain: dict[int, tuple[list[Block], list[float]]] = {}
-        for chain_id in sorted(chains):
-            chain = [i for i, b in enumerate(blocks) if b.chain_id == chain_id]
-            by_chain[chain_id] = ([blocks[i] for i in chain], [times[i] for i in chain])
+        if len(chains) == 1:  # the usual case: one chain, all of the blocks
+            by_chain[next(iter(chains))] = (blocks, times)
+        else:
+            for chain_id in sorted(chains):
+                chain = [i for i, b in enumerate(blocks) if b.chain_id == chain_id]
+                by_chain[chain_id] = ([blocks[i] for i in chain], [times[i] for i in chain])
         waits = {chain_id: self._defers_txs(chain_id, chain_blocks, pending.get(chain_id, []),
                                             lifecycles.get(chain_id, []))
                  for chain_id, (chain_blocks, _) in by_chain.items()}
@@ -711,7 +722,7 @@ class Detector:
                 m.peer_connects.labels(*labels).inc(len(record.connected))
                 m.peer_disconnects.labels(*labels).inc(len(record.disconnected))
 
-    def _on_block(self, block: Block, tally: _BlockTally) -> dict[str, object]:
+    def _on_block(self, block: Block, tally: _BlockTally) -> BlockRow:
         update = self.state.apply_block(block)
         self.fork_risk_of(block.chain_id).add(block)
         tally.add(block, update.new_head, update.parent_timestamp)
@@ -760,12 +771,12 @@ class Detector:
         ]
 
     def _score(
-        self, rows: list[dict[str, object]], blocks: list[Block],
+        self, rows: list[BlockRow], blocks: list[Block],
         stamps: list[float] | None = None,
     ) -> list[Finding]:
         """The block model's findings; `stamps`: each row's finding time (else the
         clock's, which `_stamped` then replaces)."""
-        frame = pl.DataFrame(rows, schema=BLOCK_INPUT_SCHEMA)
+        frame = block_input_frame(rows)
         features = block_features(frame)
         complete = features.select(
             pl.all_horizontal(pl.col(list(BLOCK_FEATURES)).is_not_null()).alias("ok")

@@ -7,6 +7,8 @@ gas_limit, tx_count, base_fee_per_gas, parent_base_fee_per_gas, observed_at.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from chainwatch.schema import Block
@@ -70,17 +72,30 @@ def complete_rows(features: pl.DataFrame) -> pl.DataFrame:
     return features.drop_nulls(subset=list(BLOCK_FEATURES))
 
 
-def block_row(block: Block, update: BlockUpdate) -> dict[str, object]:
+BlockRow = tuple[int, int, int | None, float, float, int, float | None, float | None, float]
+"""One block's input row: `BLOCK_INPUT_SCHEMA`'s columns in order (a tuple: made per block,
+and columns of tuples make a frame ~2x quicker than a list of dicts)."""
+
+
+def block_row(block: Block, update: BlockUpdate) -> BlockRow:
     """One input row for `block_features`, from a block and what ChainState knew of it."""
     base_fee, parent_base_fee = block.base_fee_per_gas, update.parent_base_fee_per_gas
-    return {
-        "number": block.number,
-        "timestamp": block.timestamp,
-        "parent_timestamp": update.parent_timestamp,
-        "gas_used": float(block.gas_used),
-        "gas_limit": float(block.gas_limit),
-        "tx_count": block.tx_count,
-        "base_fee_per_gas": None if base_fee is None else float(base_fee),
-        "parent_base_fee_per_gas": None if parent_base_fee is None else float(parent_base_fee),
-        "observed_at": block.observed_at,
-    }
+    return (
+        block.number,
+        block.timestamp,
+        update.parent_timestamp,
+        float(block.gas_used),
+        float(block.gas_limit),
+        block.tx_count,
+        None if base_fee is None else float(base_fee),
+        None if parent_base_fee is None else float(parent_base_fee),
+        block.observed_at,
+    )
+
+
+def block_input_frame(rows: Sequence[BlockRow]) -> pl.DataFrame:
+    """The input frame of `block_features` from `block_row`s."""
+    if not rows:
+        return pl.DataFrame(schema=BLOCK_INPUT_SCHEMA)
+    return pl.DataFrame(dict(zip(BLOCK_INPUT_SCHEMA, zip(*rows, strict=True), strict=True)),
+                        schema=BLOCK_INPUT_SCHEMA)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from chainwatch.exceptions import ChainwatchError, InvalidRecord
 from chainwatch.schema import AnyRecord, Block, Reorg, decode
@@ -22,8 +21,9 @@ from detector.features import (
     BLOCK_FEATURE_MEDIAN_SCALE,
     BLOCK_FEATURE_MIN_SCALE,
     BLOCK_FEATURES,
-    BLOCK_INPUT_SCHEMA,
+    BlockRow,
     block_features,
+    block_input_frame,
     block_row,
 )
 from detector.models import AnomalyDetector
@@ -40,7 +40,7 @@ TX_TRAIN_ROWS = 200_000  # the most recent transactions are the ones that say wh
 class History:
     """Feature rows gathered from records, with what was read and skipped."""
 
-    block_rows: list[dict[str, object]] = field(default_factory=list)
+    block_rows: list[BlockRow] = field(default_factory=list)
     records: int = 0
     duplicates: int = 0
     invalid: list[str] = field(default_factory=list)  # where and why, of each kept sample
@@ -111,7 +111,7 @@ def read_jsonl(path: Path, history: History) -> Iterable[AnyRecord]:
 def block_matrix(history: History) -> np.ndarray:
     if not history.block_rows:
         return np.empty((0, len(BLOCK_FEATURES)))
-    frame = block_features(pl.DataFrame(history.block_rows, schema=BLOCK_INPUT_SCHEMA))
+    frame = block_features(block_input_frame(history.block_rows))
     return frame.drop_nulls(subset=list(BLOCK_FEATURES)).select(BLOCK_FEATURES).to_numpy()
 
 

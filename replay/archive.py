@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 
@@ -428,9 +428,8 @@ def _no_time() -> float | None:
 _HEADER_TIME = re.compile(r'"timestamp"\s*:\s*(\d+)')
 
 
-@dataclass(frozen=True, slots=True)
-class _TxRange:
-    """A block's transactions: `count` rows of a chunk's exploded column from `start`.
+class _TxRange(NamedTuple):  # (named tuples: one per row, ~3x quicker made)
+    """A block's transactions: `length` rows of a chunk's exploded column from `start`.
 
     Kept as a reference until needed: the blocks of a replay batch are mostly adjacent
     rows of one chunk, and one slice of the run is cheaper than a slice per block plus a
@@ -439,11 +438,11 @@ class _TxRange:
 
     flat: pl.DataFrame
     start: int
-    count: int
+    length: int
     lowercase: bool = False  # the file says its addresses and selectors are lower-case
 
     def frame(self) -> pl.DataFrame:
-        return self.flat.slice(self.start, self.count)
+        return self.flat.slice(self.start, self.length)
 
 
 def _tx_runs(ranges: list[_TxRange]) -> list[pl.DataFrame]:
@@ -453,11 +452,11 @@ def _tx_runs(ranges: list[_TxRange]) -> list[pl.DataFrame]:
     start = end = 0
     for r in ranges:
         if r.flat is flat and r.start == end:
-            end += r.count
+            end += r.length
             continue
         if flat is not None:
             runs.append(flat.slice(start, end - start))
-        flat, start, end = r.flat, r.start, r.start + r.count
+        flat, start, end = r.flat, r.start, r.start + r.length
     if flat is not None:
         runs.append(flat.slice(start, end - start))
     return runs
@@ -469,12 +468,11 @@ def _frame_of(parts: Sequence[tuple[Block, _TxRange]]) -> pl.DataFrame:
     # which made every later step over it a third slower
     txs = pl.concat(_tx_runs([t for _, t in parts]), rechunk=True).rename(
         {"transaction_index": "tx_index"})
-    return tx_frame_of([h for h, _ in parts], [t.count for _, t in parts], txs,
+    return tx_frame_of([h for h, _ in parts], [t.length for _, t in parts], txs,
                        lowercase=all(t.lowercase for _, t in parts))
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
+class _Row(NamedTuple):
     """An archive row before decoding: what --from/--to can be decided on."""
 
     kind: str

@@ -156,6 +156,12 @@ class RecordRange:
         self.past = False
 
     @property
+    def unbounded(self) -> bool:
+        """No bound at all: every record is kept."""
+        return (self.first is None and self.last is None and self.first_time is None
+                and self.last_time is None)
+
+    @property
     def timed(self) -> bool:
         return self.first_time is not None or self.last_time is not None
 
@@ -294,8 +300,9 @@ class Replayer:
         c = self.config
         batch: list[AnyRecord] = []
         last: float | None = None
+        keep = None if self.range.unbounded else self.range.keep  # a call per record saved
         for record in records:
-            if not self.range.keep(record):
+            if keep is not None and not keep(record):
                 self.stats.filtered_out += 1
                 if self.columns is not None:
                     self.columns.discard(record)
@@ -333,7 +340,8 @@ class Replayer:
 
     def _process(self, batch: list[AnyRecord]) -> None:
         s = self.stats
-        batch_end = max(r.observed_at for r in batch)
+        times = [r.observed_at for r in batch]
+        batch_end = max(times)
         self.clock.now = max(self.clock.now, batch_end)
         self._pace(self.clock.now)
         if self.before_batch is not None:
@@ -352,7 +360,7 @@ class Replayer:
             low, high = min(numbers), max(numbers)
             s.first_block = low if s.first_block is None else min(s.first_block, low)
             s.last_block = high if s.last_block is None else max(s.last_block, high)
-        first = min(r.observed_at for r in batch)
+        first = min(times)
         s.first_observed_at = first if s.first_observed_at is None else s.first_observed_at
         s.last_observed_at = self.clock.now
         self._emit(findings)
