@@ -30,7 +30,7 @@ from detector.evaluation import Evaluation, RunRecorder, evaluate
 from detector.fit_ahead import load_model_libraries, start_worker
 from detector.models import usable_cpus
 from detector.training import load_models
-from detector.warm_up import start_numba
+from detector.warm_up import compile_kernels, load_kernels
 from replay.archive import (
     ArchiveConfig,
     ArchiveSource,
@@ -63,12 +63,18 @@ def make_detector(settings: Settings, clock: ReplayClock) -> Detector:
     if fit_ahead:
         load_model_libraries()  # what the first (inline) fit would import, ~1 s
         start_worker()  # boots while the replay opens its source and warms up
-    start_numba()  # counted in the start-up, not in the replay's first batch
+    pretrained = load_models(settings.models) if settings.models else None
+    # the kernels loaded (numba's start-up too): counted in the start-up, not spread over
+    # the replay's first batches; live models fit forests anyway (scikit-learn)
+    if pretrained:
+        load_kernels(pretrained.values())
+    else:
+        compile_kernels()
     return Detector(
         replace(DetectorConfig.from_settings(settings), fit_ahead=fit_ahead),
         Metrics(),
         clock=clock,
-        pretrained=load_models(settings.models) if settings.models else None,
+        pretrained=pretrained,
         clock_follows_records=True,
     )
 

@@ -13,7 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.models import train_models
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def numba_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module: a kernel compiles once, and each test's fresh interpreter
+    still starts with no kernel loaded."""
+    return tmp_path_factory.mktemp("numba-cache")
 
 _SCRIPT = r"""
 import json, sys
@@ -63,9 +74,10 @@ print(json.dumps({
 """
 
 
-def test_a_detector_and_a_replay_compile_nothing_after_the_warm_up(tmp_path: Path) -> None:
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
-           "PYTHONPATH": str(ROOT)}
+def test_a_detector_and_a_replay_compile_nothing_after_the_warm_up(
+    tmp_path: Path, numba_cache: Path
+) -> None:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "archive")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,3 +91,59 @@ def test_a_detector_and_a_replay_compile_nothing_after_the_warm_up(tmp_path: Pat
     # the forests really scored blocks and txs in both (their walk is a kernel)
     for scored in got["scored"].values():
         assert scored.get("tx", 0) > 1_000 and scored.get("block", 0) > 10, got["scored"]
+
+
+_TRAINED_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+from bench.synthetic import generate
+from chainwatch.schema import encode
+from chainwatch.settings import load_settings
+from detector.compiled import KERNELS
+from replay.app import make_detector
+from replay.archive import ArchiveSource, ArchiveWriter, archive_row
+from replay.driver import ReplayClock, ReplayConfig, Replayer
+from replay.rows import InvalidRows
+
+
+def signatures():
+    return {k.py_func.__name__: sorted(map(str, k.signatures)) for k in KERNELS}
+
+
+before = signatures()
+root, models = Path(sys.argv[1]), sys.argv[2]
+writer = ArchiveWriter(root)
+for i, block in enumerate(generate(60, 80, seed=3)):
+    writer.add(archive_row("cw.blocks", 0, i, "1:n", encode(block), 0))
+writer.flush()
+clock = ReplayClock()
+replayed = make_detector(load_settings(models=models), clock)  # loads the kernels
+loaded = signatures()
+source = ArchiveSource(root, InvalidRows())
+Replayer(replayed, clock, ReplayConfig(batch_records=13), lambda findings: None,
+         columns=source).run(source.records())
+print(json.dumps({"before": before, "loaded": loaded, "after": signatures(),
+                  "sklearn": "sklearn" in sys.modules, "scored": dict(replayed.scored_rows)}))
+"""
+
+
+def test_a_replay_of_trained_models_loads_its_kernels_before_the_first_batch(
+    tmp_path: Path, numba_cache: Path
+) -> None:
+    """`load_kernels`: with trained models the replay's kernels are loaded while the
+    detector is made (no forest fitted, scikit-learn not imported), none in a batch."""
+    models = train_models(tmp_path / "models", blocks=200, contamination=0.02)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _TRAINED_SCRIPT, str(tmp_path / "archive"), str(models)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not any(got["before"].values())
+    for kernel in ("_walk", "_deviations_of", "_windows_as_of", "_sender_counts",
+                   "_previous_nonces", "_selector_counts", "_clock_figures"):
+        assert got["loaded"][kernel], kernel
+    assert got["after"] == got["loaded"]
+    assert not got["sklearn"]
+    assert got["scored"].get("tx", 0) > 1_000 and got["scored"].get("block", 0) > 10
