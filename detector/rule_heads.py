@@ -140,15 +140,22 @@ def _surge_candidates(
     miner_surge_rule's test: its beta-binomial tail P(X >= k) under `alpha` x
     SURGE_MARGIN, looked up in `_surge_k_min`'s table for that window."""
     found = np.zeros(len(heads), dtype=bool)
+    at_head, at_start = counts[heads + 1], counts[start]  # the same for every window
     for n in windows:
-        rows = np.nonzero(total - n >= SURGE_MIN_PRIOR)[0]
-        if len(rows) == 0:
-            continue
-        cut = heads[rows] + 1 - n
-        recent = counts[heads[rows] + 1] - counts[cut]
-        before = counts[cut] - counts[start[rows]]
+        full = total - n >= SURGE_MIN_PRIOR
+        rows: slice | np.ndarray
+        if full.all():  # the usual case (a full window): every row, nothing selected
+            rows, head, begin = slice(None), at_head, at_start
+        else:
+            rows = np.nonzero(full)[0]
+            if len(rows) == 0:
+                continue
+            head, begin = at_head[rows], at_start[rows]
+        at_cut = counts[heads[rows] + 1 - n]
         k_min = _surge_k_min(n, window_size - n, alpha * SURGE_MARGIN)
-        found[rows] |= (recent >= k_min[before]).any(axis=1)
+        # a miner's count in the window's last n blocks against the smallest that could
+        # fail the test, given its count in the blocks before them
+        found[rows] |= (head - at_cut >= k_min[at_cut - begin]).any(axis=1)
     return found
 
 
