@@ -866,8 +866,8 @@ class SelectorStats:
         batches that fit, so only those are counted in, and only counted ones taken out.
         (A block of more than `capacity` txs learnt with others is left out whole.)
         `left_out`: older batches of the same call did not fit (the caller left them
-        out). `totals`: the batches' counts summed, asked for when the window was
-        emptied (faster than counting their entries one by one)."""
+        out). `totals`: the batches' counts summed, asked for when they all fit
+        (one step per distinct selector instead of one per batch's entry)."""
         batches = [b for b in batches if b[0]]
         sizes = [sum(ns) for _, ns in batches]
         fit, room = 0, self.capacity
@@ -887,11 +887,14 @@ class SelectorStats:
         while self._batches and self.total + incoming > self.capacity:
             self._count(self._batches.popleft(), -1)
             self.total -= self._sizes.popleft()
-        if not self._batches and totals is not None and fit == len(batches):
-            self._counts = dict(zip(*totals(), strict=True))
+        if totals is not None and fit == len(batches):  # one step per distinct selector
+            if self._batches:
+                self._count(totals(), +1)
+            else:
+                self._counts = dict(zip(*totals(), strict=True))
             self._batches.extend(batches)
             self._sizes.extend(sizes)
-            self.total = incoming
+            self.total += incoming
             return
         for batch, size in zip(batches[len(batches) - fit:], sizes[len(sizes) - fit:],
                                strict=True):
