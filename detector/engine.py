@@ -339,7 +339,8 @@ class Detector:
         for record in records:
             if isinstance(record, Finding):
                 continue  # findings are outputs; other detectors' findings are not inputs
-            latest = max(latest, record.observed_at)
+            if record.observed_at > latest:
+                latest = record.observed_at
             if not self.seen.add(record.event_id):
                 self.metrics.duplicate_events.labels(record.type).inc()
                 continue
@@ -563,10 +564,13 @@ class Detector:
         tx_frame: pl.DataFrame | None = None,
     ) -> list[Finding]:
         by_node: dict[str, tuple[list[Block], list[float]]] = {}
-        for b, block_now in zip(blocks, block_nows, strict=True):
-            node_blocks, node_nows = by_node.setdefault(b.node, ([], []))
-            node_blocks.append(b)
-            node_nows.append(block_now)
+        if len({b.node for b in blocks}) == 1:  # the usual case: one node, all of them
+            by_node[blocks[0].node] = (blocks, block_nows)
+        else:
+            for b, block_now in zip(blocks, block_nows, strict=True):
+                node_blocks, node_nows = by_node.setdefault(b.node, ([], []))
+                node_blocks.append(b)
+                node_nows.append(block_now)
         findings: list[Finding] = []
         for node, (node_blocks, node_nows) in by_node.items():
             miners = self.miner_family(chain_id, node)
@@ -784,9 +788,12 @@ class Detector:
         matrix = features.select(BLOCK_FEATURES).to_numpy()
         findings: list[Finding] = []
         by_chain: dict[int, list[int]] = {}
-        for i, block in enumerate(blocks):
-            if complete[i]:
-                by_chain.setdefault(block.chain_id, []).append(i)
+        if len({b.chain_id for b in blocks}) == 1:  # the usual case: one chain
+            by_chain[blocks[0].chain_id] = np.flatnonzero(complete).tolist()
+        else:
+            for i, block in enumerate(blocks):
+                if complete[i]:
+                    by_chain.setdefault(block.chain_id, []).append(i)
         c = self.config
         for chain_id, idx in by_chain.items():
             model = self.model_for(chain_id)
@@ -796,16 +803,16 @@ class Detector:
                 self.metrics.block_anomaly_threshold.labels(str(chain_id)).set(scored.threshold)
                 self._export_scores(chain_id, "block", scored)
                 far = scored.max_z >= c.block_min_deviation
-                last_score: dict[str, float] = {}  # the gauge shows each node's latest
-                for j, i in enumerate(idx):
-                    block = blocks[i]
-                    score = last_score[block.node] = float(scored.scores[j])
-                    if scored.anomalous[j] and far[j]:
-                        findings.append(self._block_finding(
-                            block, score, scored.threshold, x[j],
-                            stamps[i] if stamps is not None else self.clock()))
-                for node, score in last_score.items():
-                    self.metrics.block_anomaly_score.labels(str(chain_id), node).set(score)
+                for j in np.flatnonzero(scored.anomalous & far).tolist():
+                    i = idx[j]
+                    findings.append(self._block_finding(
+                        blocks[i], float(scored.scores[j]), scored.threshold, x[j],
+                        stamps[i] if stamps is not None else self.clock()))
+                # the gauge shows each node's latest score (its last row)
+                last_row = {blocks[i].node: j for j, i in enumerate(idx)}
+                for node, j in last_row.items():
+                    self.metrics.block_anomaly_score.labels(str(chain_id), node).set(
+                        float(scored.scores[j]))
             if model.learn(x):
                 self.metrics.model_info.labels("block", model.kind,
                                                model.version or "unknown").set(1)

@@ -190,6 +190,13 @@ class _Bounded(OrderedDict[str, float]):
         if len(self) > self.limit:
             self.popitem(last=False)
 
+    def put_new(self, keys: Iterable[str], value: float) -> None:
+        """`put` of each key in order, for distinct keys not in yet: one update, then the
+        oldest beyond `limit` dropped (the same entries, without a step per key)."""
+        self.update(dict.fromkeys(keys, value))
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
 
 class RecentKeys:
     """Keys added lately, for membership: every one of the last `limit` keys added
@@ -431,14 +438,14 @@ class TxFamily:
         """
         self.last_scored = None  # what this call scored, for the metrics: nothing yet
         first: dict[str, Block] = {}  # several nodes deliver a block: the first one wins
+        seen = self._seen_blocks
         for b in blocks:
-            if b.hash not in self._seen_blocks:
+            if b.hash not in seen:
                 first.setdefault(b.hash, b)
         if not first:
             return []
         fresh = sorted(first.values(), key=lambda b: b.number)
-        for b in fresh:
-            self._seen_blocks.put(b.hash, 0.0)
+        seen.put_new([b.hash for b in fresh], 0.0)
         frame, counts = included_tx_frame(fresh, txs)
         nows: dict[str, float] = {}  # a block's clock at its first delivery, as `first`
         for b, block_now in zip(blocks, block_nows or [], strict=False):
@@ -618,6 +625,7 @@ class MinerFamily:
         empty = heads.empty.tolist()
         share = heads.share.tolist() if heads.share is not None else None
         surge = heads.surge.tolist() if heads.surge is not None else None
+        active = self.episodes.has_active("rules")  # changes only where the rules run
         for i, b in enumerate(blocks):
             if suspects[i]:  # elsewhere neither clock check can fire
                 findings.append(self._clock(b, stamps[first + i], clock, i, nows[i]))
@@ -628,8 +636,9 @@ class MinerFamily:
             may_share, may_surge = ((share[i], surge[i]) if share is not None
                                     and surge is not None else self._candidates_now())
             # elsewhere no rule holds: nothing starts, and with none active nothing ends
-            if may_share or empty[i] or may_surge or self.episodes.has_active("rules"):
+            if may_share or empty[i] or may_surge or active:
                 findings.extend(self._window_rules(may_share, empty[i], may_surge, nows[i]))
+                active = self.episodes.has_active("rules")
         self.top_share, self.hhi = _concentration(self._producers())
         findings.extend(self._censored(txs, now))
         return [f for f in findings if f is not None]

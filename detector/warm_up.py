@@ -88,7 +88,8 @@ def load_kernels(models: Iterable[AnomalyDetector]) -> float:
     started = time.perf_counter()
     _run_family_kernels()
     for model in models:
-        model.score(np.zeros((2, len(model.feature_names))))
+        if model.fitted:  # (a saved model always is)
+            model.score(np.zeros((2, len(model.feature_names))))
     return time.perf_counter() - started
 
 

@@ -384,3 +384,21 @@ def test_attributes_are_read_without_an_instance_dict_too():
     slotted = [Slotted(*(getattr(t, n) for n in _INCLUDED_COLUMNS)) for t in rows]
     # (ignore: stand-ins for the transactions, on purpose; the function reads them by name)
     assert _attribute_columns(slotted, _INCLUDED_COLUMNS) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("held", "added", "limit"), [(0, 5, 8), (6, 5, 8), (3, 20, 8), (8, 8, 8)])
+def test_putting_new_keys_at_once_keeps_what_putting_them_one_by_one_keeps(
+    held: int, added: int, limit: int
+) -> None:
+    """`_Bounded.put_new` (the tx family's blocks seen, a run at a time) ends with the
+    same entries in the same order as `put` per key, also past the limit."""
+    one_by_one, at_once = _Bounded(limit), _Bounded(limit)
+    for i in range(held):
+        one_by_one.put(f"old{i}", 1.0)
+        at_once.put(f"old{i}", 1.0)
+    keys = [f"new{i}" for i in range(added)]
+    for key in keys:
+        one_by_one.put(key, 0.0)
+    at_once.put_new(keys, 0.0)
+    assert list(at_once.items()) == list(one_by_one.items())
+    assert len(at_once) == min(held + added, limit)
