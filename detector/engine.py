@@ -437,7 +437,8 @@ class Detector:
         node's block, a transaction finding with the first block delivered at its height
         (the one its family scored). Neither depends on which other records share the
         batch, so runs (`run_blocks`) stamp the same."""
-        if not self.clock_follows_records or not findings or not blocks:
+        if not self.clock_follows_records or not findings or not blocks or not any(
+                f.family in ("block", "tx") for f in findings):  # (others keep theirs)
             return findings
         by_block: dict[tuple[int, str, str], float] = {}
         by_height: dict[tuple[int, int], float] = {}
