@@ -199,7 +199,7 @@ RUN_MAX_TXS = 16_384  # a run is scored once it holds this many txs (~100 mainne
 @dataclass
 class _BlockRun:
     """Blocks whose block-model rows wait to be scored together (see
-    `Detector.run_blocks`), each with the stamp its finding gets (its `block_time`)."""
+    `Detector.run_blocks`), each with the stamp its finding gets (`_block_times`)."""
 
     rows: list[BlockRow] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
@@ -412,13 +412,9 @@ class Detector:
             findings.extend(self._guarded("tx", partial(self._flush_txs, chain_id, now)))
         return self._count(findings)
 
-    def block_time(self, block: Block, now: float) -> float:
-        """When a finding about this block of the current batch is stamped (see
-        `_record_time`)."""
-        return self._record_time(self._block_now.get(id(block), now), now)
-
     def _block_times(self, blocks: list[Block], now: float) -> list[float]:
-        """`block_time` of each block (one pass: three per block of a batch)."""
+        """When a finding about each block of the current batch is stamped: `_record_time`
+        of the block, in one pass (it is asked for each block up to three times)."""
         if not self.clock_follows_records:
             return [now] * len(blocks)
         get = self._block_now.get
@@ -433,7 +429,7 @@ class Detector:
         self, findings: list[Finding], blocks: list[Block], now: float
     ) -> list[Finding]:
         """Block and transaction findings about a block of this batch, stamped with the
-        time of the delivery that caused them (`block_time`): a block finding with its
+        time of the delivery that caused them (`_block_times`): a block finding with its
         node's block, a transaction finding with the first block delivered at its height
         (the one its family scored). Neither depends on which other records share the
         batch, so runs (`run_blocks`) stamp the same."""
@@ -734,7 +730,8 @@ class Detector:
         return block_row(block, update)
 
     def _on_reorg(self, reorg: Reorg, latest: float) -> list[Finding]:
-        """`latest`: the clock as it read once the reorg was in (replay), see block_time."""
+        """`latest`: the clock as it read once the reorg was in (replay), see
+        `_record_time`."""
         self.state.apply_reorg(reorg)
         self.fork_risk_of(reorg.chain_id).add(reorg)
         labels = (str(reorg.chain_id), reorg.node)
