@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -205,6 +206,22 @@ class _BlockRun:
     blocks: list[Block] = field(default_factory=list)
     stamps: list[float] = field(default_factory=list)
     held_txs: int = 0  # the blocks' own `transactions`
+
+
+def _split_by(
+    blocks: list[Block], times: list[float], key: Callable[[Block], Any]
+) -> dict[Any, tuple[list[Block], list[float]]]:
+    """The blocks and their times by `key` (a chain, a node), in order of first
+    appearance; a batch of one key (the usual case) is handed on whole, not copied."""
+    keys = {key(b) for b in blocks}
+    if len(keys) == 1:
+        return {keys.pop(): (blocks, times)}
+    split: dict[Any, tuple[list[Block], list[float]]] = {}
+    for b, t in zip(blocks, times, strict=True):
+        group_blocks, group_times = split.setdefault(key(b), ([], []))
+        group_blocks.append(b)
+        group_times.append(t)
+    return split
 
 
 def _restamped(finding: Finding, at: float | None) -> Finding:
@@ -457,13 +474,9 @@ class Detector:
         now = self.clock()
         # each block's time, read once here for both families rather than by each
         times = self._block_times(blocks, now)
-        by_chain: dict[int, tuple[list[Block], list[float]]] = {}
-        if len(chains) == 1:  # the usual case: one chain, all of the blocks
-            by_chain[next(iter(chains))] = (blocks, times)
-        else:
-            for chain_id in sorted(chains):
-                chain = [i for i, b in enumerate(blocks) if b.chain_id == chain_id]
-                by_chain[chain_id] = ([blocks[i] for i in chain], [times[i] for i in chain])
+        split = _split_by(blocks, times, attrgetter("chain_id"))
+        # every chain touched, also one whose records held no block (its fork risk)
+        by_chain = {chain_id: split.get(chain_id, ([], [])) for chain_id in sorted(chains)}
         waits = {chain_id: self._defers_txs(chain_id, chain_blocks, pending.get(chain_id, []),
                                             lifecycles.get(chain_id, []))
                  for chain_id, (chain_blocks, _) in by_chain.items()}
@@ -560,16 +573,9 @@ class Detector:
         self, chain_id: int, blocks: list[Block], block_nows: list[float], now: float,
         tx_frame: pl.DataFrame | None = None,
     ) -> list[Finding]:
-        by_node: dict[str, tuple[list[Block], list[float]]] = {}
-        if len({b.node for b in blocks}) == 1:  # the usual case: one node, all of them
-            by_node[blocks[0].node] = (blocks, block_nows)
-        else:
-            for b, block_now in zip(blocks, block_nows, strict=True):
-                node_blocks, node_nows = by_node.setdefault(b.node, ([], []))
-                node_blocks.append(b)
-                node_nows.append(block_now)
         findings: list[Finding] = []
-        for node, (node_blocks, node_nows) in by_node.items():
+        for node, (node_blocks, node_nows) in _split_by(
+                blocks, block_nows, attrgetter("node")).items():
             miners = self.miner_family(chain_id, node)
             findings.extend(miners.on_blocks(
                 node_blocks, self.tx_family(chain_id), now, tx_frame, block_nows=node_nows))

@@ -376,3 +376,25 @@ def test_a_transaction_finding_in_block_zero_is_stamped_at_that_block():
     d._block_now = {id(genesis): genesis.observed_at, id(later): later.observed_at}
     [stamped] = d._stamped([found], [genesis, later], CLOCK)
     assert stamped.observed_at == genesis.observed_at
+
+
+def test_a_batch_of_several_chains_and_nodes_feeds_each_its_own_blocks():
+    """One batch mixing two chains, and two nodes of one chain: each node's miner family
+    gets that node's blocks, each chain's tx family that chain's (`_split_by`)."""
+    one, two = [], []
+    parent_one, parent_two = GENESIS_PARENT, GENESIS_PARENT
+    for n in range(6):
+        one.append(make_block(n, parent_one, chain_id=1))
+        two.append(make_block(n, parent_two, "b", chain_id=2))
+        parent_one, parent_two = one[-1].hash, two[-1].hash
+    copies = [make_block(b.number, b.parent_hash, chain_id=1, node="n2") for b in one]
+    batch = [b for trio in zip(one, two, copies, strict=True) for b in trio]
+    d = Detector(DetectorConfig(), Metrics(), clock=lambda: CLOCK)
+    d.process(batch)
+    assert [b.event_id for b in d.miners[(1, "n1")].blocks] == [b.event_id for b in one]
+    assert [b.event_id for b in d.miners[(1, "n2")].blocks] == [b.event_id for b in copies]
+    assert [b.event_id for b in d.miners[(2, "n1")].blocks] == [b.event_id for b in two]
+    assert list(d.tx[1]._seen_blocks) == [b.hash for b in one]
+    assert list(d.tx[2]._seen_blocks) == [b.hash for b in two]
+    d.process([make_block(6, one[-1].hash, chain_id=1)])  # one key: the batch handed on
+    assert d.miners[(1, "n1")].blocks[-1].number == 6
